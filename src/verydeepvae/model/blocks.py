@@ -1,0 +1,126 @@
+"""Convolutions and residual blocks shared by the encoder and the decoder.
+
+Pre-activation (GELU before every convolution), no normalisation layers, biases zero at
+initialisation, and the last convolution of every residual branch scaled by 1/sqrt(depth) so the
+variance of the residual stream does not grow with the number of blocks (Child 2021).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Conv3d(nn.Module):
+    """A 3D convolution that keeps the spatial size for any kernel size from 1 to 7.
+
+    Odd kernels pad symmetrically; even kernels pad one more voxel before than after (the
+    original project's choice for its 2³ kernels).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, zero_init: bool = False):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=0)
+        before, after = kernel_size // 2, (kernel_size - 1) // 2
+        self.padding = (before, after) * 3
+        self.needs_pad = kernel_size > 1
+        nn.init.zeros_(self.conv.bias)
+        if zero_init:
+            nn.init.zeros_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.needs_pad:
+            x = F.pad(x, self.padding)
+        return self.conv(x)
+
+    def scale_weight_(self, factor: float) -> None:
+        with torch.no_grad():
+            self.conv.weight.mul_(factor)
+
+
+class ConvStack(nn.Module):
+    """GELU → 1×1 → GELU → k³ → GELU → k³ → GELU → 1×1: the bottleneck used everywhere."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int, kernel_size: int,
+                 zero_last: bool = False):
+        super().__init__()
+        self.c1 = Conv3d(in_channels, hidden, 1)
+        self.c2 = Conv3d(hidden, hidden, kernel_size)
+        self.c3 = Conv3d(hidden, hidden, kernel_size)
+        self.c4 = Conv3d(hidden, out_channels, 1, zero_init=zero_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.c1(F.gelu(x))
+        x = self.c2(F.gelu(x))
+        x = self.c3(F.gelu(x))
+        return self.c4(F.gelu(x))
+
+    @property
+    def last(self) -> Conv3d:
+        return self.c4
+
+
+class PlainStack(nn.Module):
+    """GELU → k³ → GELU → k³: the original's non-bottleneck encoder block branch."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.c1 = Conv3d(in_channels, out_channels, kernel_size)
+        self.c2 = Conv3d(out_channels, out_channels, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(F.gelu(self.c1(F.gelu(x))))
+
+    @property
+    def last(self) -> Conv3d:
+        return self.c2
+
+
+class ResBlock(nn.Module):
+    """x + branch(x), with a 1×1 projection on the skip when the width changes."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int, kernel_size: int,
+                 residual_scale: float, bottleneck: bool = True):
+        super().__init__()
+        if bottleneck:
+            self.branch: nn.Module = ConvStack(in_channels, hidden, out_channels, kernel_size)
+        else:
+            self.branch = PlainStack(in_channels, out_channels, kernel_size)
+        self.branch.last.scale_weight_(residual_scale)
+        self.residual_scale = residual_scale
+        self.skip = nn.Identity() if in_channels == out_channels else Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.branch(x)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution: average pooling (default), nearest subsampling (the original's
+    default) or a learned stride-2 convolution (the original's ``convolutional_downsampling``)."""
+
+    def __init__(self, channels: int, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.conv = nn.Conv3d(channels, channels, 2, stride=2) if mode == "conv" else None
+        if self.conv is not None:
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "avgpool":
+            return F.avg_pool3d(x, 2)
+        if self.mode == "nearest":
+            return x[:, :, ::2, ::2, ::2]
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2, then a 1×1 projection when the decoder width changes."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.project = None if in_channels == out_channels else Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return x if self.project is None else self.project(x)

@@ -1,0 +1,64 @@
+"""Top-down decoder: from a learned constant at the coarsest level to the full resolution.
+
+Per level (coarse to fine): ×2 nearest upsampling (except at the top), then the configured number
+of latent layers.  Residual branches and z projections are scaled by 1/sqrt(number of latent
+layers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ..config import Config
+from .blocks import Upsample
+from .latent_layer import LatentChoice, LatentLayer
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        width = cfg.resolved("channels_top_down")
+        hidden = cfg.resolved("channels_hidden_top_down")
+        encoder_width = cfg.resolved("channels")
+        latents = cfg.latent_feature_maps_per_resolution
+        z_channels = cfg.channels_per_latent
+        kernels = cfg.kernel_sizes_top_down
+        n = cfg.num_levels
+        self.num_levels = n
+        self.depth = sum(latents)
+        scale = 1.0 / math.sqrt(self.depth)
+        top_size = cfg.level_resolutions()[-1]
+        self.h_top = nn.Parameter(torch.zeros(1, width[-1], top_size, top_size, top_size))
+        self.layers = nn.ModuleList()
+        self.layer_levels: list[int] = []
+        self.upsamples = nn.ModuleDict()
+        for level in reversed(range(n)):
+            if level < n - 1:
+                self.upsamples[str(level)] = Upsample(width[level + 1], width[level])
+            for _ in range(latents[level]):
+                self.layers.append(LatentLayer(width[level], hidden[level], encoder_width[level],
+                                               z_channels[level], kernels[level], scale))
+                self.layer_levels.append(level)
+
+    def forward(self, activations: Sequence[torch.Tensor] | None, choices: Sequence[LatentChoice],
+                batch_size: int, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor]]:
+        """Run the hierarchy; returns the final state, the per-layer KLs and the z of every layer."""
+        h = self.h_top.expand(batch_size, -1, -1, -1, -1)
+        kls: list[torch.Tensor | None] = []
+        zs: list[torch.Tensor] = []
+        index = 0
+        for level in reversed(range(self.num_levels)):
+            if level < self.num_levels - 1:
+                h = self.upsamples[str(level)](h)
+            e = None if activations is None else activations[level]
+            while index < len(self.layers) and self.layer_levels[index] == level:
+                h, kl, z = self.layers[index](h, e, choices[index], generator)
+                kls.append(kl)
+                zs.append(z)
+                index += 1
+        return h, kls, zs

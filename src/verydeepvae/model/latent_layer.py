@@ -1,0 +1,70 @@
+"""One stochastic layer of the top-down decoder (VDVAE's DecBlock).
+
+prior p(z | h) and its feature residual from the decoder state h; posterior q(z | x, h) from the
+encoder activation at the same resolution and h; z is projected back into h; one residual block
+follows.  The prior's output convolution starts at zero, so every prior is N(0, 1) at
+initialisation and contributes nothing to h.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import gaussian
+from .blocks import Conv3d, ConvStack, ResBlock
+
+
+@dataclass
+class LatentChoice:
+    """How a layer picks z: from the posterior (sample or mean) or from the prior at a temperature."""
+
+    use_posterior: bool = True
+    posterior_mean: bool = False
+    temperature: float = 1.0
+    z: torch.Tensor | None = None  # a given latent (decoding stored codes) overrides all else
+
+
+class LatentLayer(nn.Module):
+    def __init__(self, width: int, hidden: int, encoder_width: int, z_channels: int,
+                 kernel_size: int, residual_scale: float):
+        super().__init__()
+        self.z_channels = z_channels
+        self.width = width
+        self.prior = ConvStack(width, hidden, 2 * z_channels + width, kernel_size, zero_last=True)
+        self.posterior = ConvStack(encoder_width + width, hidden, 2 * z_channels, kernel_size)
+        self.z_proj = Conv3d(z_channels, width, 1)
+        self.z_proj.scale_weight_(residual_scale)
+        self.res = ResBlock(width, hidden, width, kernel_size, residual_scale)
+
+    def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.prior(h)
+        zc = self.z_channels
+        p_mean, p_raw, feature = out[:, :zc], out[:, zc:2 * zc], out[:, 2 * zc:]
+        return p_mean, gaussian.std_from_raw(p_raw), feature
+
+    def posterior_params(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.posterior(torch.cat([e, h], dim=1))
+        q_mean, q_raw = out.chunk(2, dim=1)
+        return q_mean, gaussian.std_from_raw(q_raw)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor | None, choice: LatentChoice,
+                generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns (new h, KL per sample summed over this layer's elements or None, z used)."""
+        p_mean, p_std, feature = self.prior_params(h)
+        kl = None
+        if choice.z is not None:
+            z = choice.z.float()
+        elif choice.use_posterior:
+            if e is None:
+                raise ValueError("the posterior needs encoder activations")
+            q_mean, q_std = self.posterior_params(h, e)
+            z = q_mean.float() if choice.posterior_mean else gaussian.draw(q_mean, q_std, 1.0, generator)
+            kl = gaussian.kl_diagonal_gaussians(q_mean, q_std, p_mean, p_std).flatten(1).sum(1)
+        else:
+            z = gaussian.draw(p_mean, p_std, choice.temperature, generator)
+        h = h + feature + self.z_proj(z.to(h.dtype))
+        return self.res(h), kl, z

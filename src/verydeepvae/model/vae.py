@@ -1,0 +1,138 @@
+"""The very deep VAE: encoder + decoder + output head + likelihood, and what users do with it.
+
+Intensities enter and leave in [0, 1]; inside, the model works on [-1, 1].  The loss is the
+negative ELBO per voxel (nats), so thresholds such as the gradient clip mean the same at 32³ and
+128³.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Config
+from .blocks import Conv3d
+from .decoder import Decoder
+from .encoder import Encoder
+from .latent_layer import LatentChoice
+from .likelihood import build_likelihood
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor  # scalar to minimise: mean over the batch of nll + kl_weight * kl (nats/voxel)
+    elbo: torch.Tensor  # (B,) negative ELBO per voxel, nats (kl weight 1)
+    nll: torch.Tensor  # (B,) reconstruction term per voxel, nats
+    kl_per_layer: torch.Tensor  # (B, layers) KL of each latent layer per image voxel, nats
+    params: torch.Tensor  # output distribution parameters (B, 2, R, R, R)
+
+
+class VeryDeepVAE(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.resolution = cfg.resolution
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.likelihood = build_likelihood(cfg.likelihood, cfg.num_bins)
+        self.output_head = Conv3d(cfg.resolved("channels_top_down")[0], self.likelihood.num_params, 1)
+        self.num_voxels = cfg.resolution ** 3
+
+    # -- structure -------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    @property
+    def layer_levels(self) -> list[int]:
+        return list(self.decoder.layer_levels)
+
+    def latent_shapes(self) -> list[tuple[int, int, int, int]]:
+        """(channels, size, size, size) of every latent layer, coarsest first."""
+        shapes = []
+        for layer, level in zip(self.decoder.layers, self.decoder.layer_levels):
+            s = self.resolution >> level
+            shapes.append((layer.z_channels, s, s, s))
+        return shapes
+
+    def latent_dimensions(self) -> int:
+        return sum(math.prod(s) for s in self.latent_shapes())
+
+    # -- training --------------------------------------------------------------------------------
+    def forward(self, x01: torch.Tensor, kl_weight: float = 1.0) -> ModelOutput:
+        x = x01 * 2.0 - 1.0
+        activations = self.encoder(x)
+        choices = [LatentChoice()] * self.num_layers
+        h, kls, _ = self.decoder(activations, choices, x.shape[0])
+        params = self.output_head(F.gelu(h))
+        nll = -self.likelihood.log_prob(params, x).flatten(1).sum(1) / self.num_voxels
+        kl = torch.stack(kls, dim=1) / self.num_voxels
+        elbo = nll + kl.sum(1)
+        loss = (nll + kl_weight * kl.sum(1)).mean()
+        return ModelOutput(loss=loss, elbo=elbo, nll=nll, kl_per_layer=kl, params=params)
+
+    # -- generation ------------------------------------------------------------------------------
+    def layer_temperatures(self, temperature: float | Sequence[float]) -> list[float]:
+        """One temperature per layer from a scalar or one value per resolution level."""
+        if isinstance(temperature, (int, float)):
+            return [float(temperature)] * self.num_layers
+        values = list(temperature)
+        if len(values) != self.decoder.num_levels:
+            raise ValueError(
+                f"expected one temperature per resolution level ({self.decoder.num_levels}, "
+                f"highest resolution first), got {len(values)}"
+            )
+        return [float(values[level]) for level in self.decoder.layer_levels]
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float | Sequence[float] = 1.0,
+               generator: torch.Generator | None = None, draw_voxels: bool = False) -> torch.Tensor:
+        """n volumes in [0, 1] from the prior; the output is the likelihood's mean unless
+        ``draw_voxels`` (then each voxel is drawn from p(x | z) too)."""
+        temps = self.layer_temperatures(temperature)
+        choices = [LatentChoice(use_posterior=False, temperature=t) for t in temps]
+        h, _, _ = self.decoder(None, choices, n, generator)
+        return self._to_volume(self.output_head(F.gelu(h)), draw_voxels, generator)
+
+    @torch.no_grad()
+    def reconstruct(self, x01: torch.Tensor, prior_from_level: int | None = None,
+                    posterior_mean: bool = True, temperature: float = 0.0,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reconstruction in [0, 1].  With ``prior_from_level`` = m, latent layers at levels < m
+        (resolutions finer than R/2^m) come from the prior at ``temperature`` instead of the
+        posterior: the original's "progressive reconstructions"."""
+        x = x01 * 2.0 - 1.0
+        activations = self.encoder(x)
+        choices = []
+        for level in self.decoder.layer_levels:
+            from_prior = prior_from_level is not None and level < prior_from_level
+            choices.append(LatentChoice(use_posterior=not from_prior, posterior_mean=posterior_mean,
+                                        temperature=temperature))
+        h, _, _ = self.decoder(activations, choices, x.shape[0], generator)
+        return self._to_volume(self.output_head(F.gelu(h)), False, generator)
+
+    @torch.no_grad()
+    def encode(self, x01: torch.Tensor) -> list[torch.Tensor]:
+        """Posterior means of every latent layer, coarsest first."""
+        x = x01 * 2.0 - 1.0
+        activations = self.encoder(x)
+        choices = [LatentChoice(posterior_mean=True)] * self.num_layers
+        _, _, zs = self.decoder(activations, choices, x.shape[0])
+        return zs
+
+    @torch.no_grad()
+    def decode(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Volumes in [0, 1] from given latents of every layer (as returned by ``encode``)."""
+        if len(latents) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} latent tensors, got {len(latents)}")
+        choices = [LatentChoice(z=z) for z in latents]
+        h, _, _ = self.decoder(None, choices, latents[0].shape[0])
+        return self._to_volume(self.output_head(F.gelu(h)), False, None)
+
+    def _to_volume(self, params: torch.Tensor, draw: bool, generator: torch.Generator | None) -> torch.Tensor:
+        x = self.likelihood.sample(params, generator) if draw else self.likelihood.mean(params)
+        return (x + 1.0) / 2.0

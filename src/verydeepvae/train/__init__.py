@@ -1,0 +1,1 @@
+"""Training: optimisation policy, checkpoints, distributed helpers and the loop itself."""

@@ -1,0 +1,192 @@
+"""Checkpoints that cannot run code: tensors in safetensors, everything else as JSON metadata.
+
+One file per checkpoint, ``<run>/checkpoints/step_XXXXXXXX.safetensors``, written atomically,
+with a SHA-256 sidecar checked on load.  The newest K are kept, plus the best by validation loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..atomic import write_json, write_text, write_with
+from ..config import LAYER_LISTS, Config, config_from_dict
+from ..errors import CheckpointError
+
+FORMAT = "verydeepvae-checkpoint-1"
+META_KEY = "verydeepvae"
+PREFIX = "step_"
+SUFFIX = ".safetensors"
+
+ARCHITECTURE_KEYS = ("resolution",) + LAYER_LISTS + (
+    "bottleneck_resnet_encoder", "only_use_one_conv_block_at_top", "downsampling", "likelihood", "num_bins",
+)
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def config(self) -> Config:
+        return config_from_dict(self.meta["config"])
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors stored under ``prefix.`` (e.g. ``model``, ``ema``), prefix removed."""
+        cut = len(prefix) + 1
+        return {k[cut:]: v for k, v in self.tensors.items() if k.startswith(prefix + ".")}
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}{SUFFIX}"
+
+
+def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """Write one checkpoint atomically; returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / checkpoint_name(step)
+    meta = dict(meta, format=FORMAT, step=step)
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    digest: dict[str, str] = {}
+
+    def writer(tmp: Path) -> None:
+        save_file(flat, str(tmp), metadata={META_KEY: json.dumps(meta)})
+        digest["sha256"] = _sha256(tmp)
+
+    write_with(path, writer)
+    write_text(_sidecar(path), digest["sha256"] + "\n")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify one checkpoint file.  Never unpickles anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise CheckpointError(
+            f"checkpoint {path} is a pickle/zip file; it is refused because loading it could run "
+            "code (verydeepvae checkpoints are .safetensors files)"
+        )
+    sidecar = _sidecar(path)
+    if sidecar.is_file():
+        expected = sidecar.read_text().strip()
+        if expected and expected != _sha256(path):
+            raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match {sidecar.name}")
+    try:
+        tensors = load_file(str(path), device=str(device))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            raw_meta = (handle.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {str(error).splitlines()[0]}") from None
+    if raw_meta is None:
+        raise CheckpointError(f"checkpoint {path} is a safetensors file but not a verydeepvae checkpoint")
+    meta = json.loads(raw_meta)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has unknown format {meta.get('format')!r}")
+    return Checkpoint(path=path, meta=meta, tensors=tensors)
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoint files in a folder, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.glob(f"{PREFIX}*{SUFFIX}") if p.name[len(PREFIX):-len(SUFFIX)].isdigit())
+
+
+def newest_loadable(directory: Path, notices: list[str] | None = None,
+                    device: str | torch.device = "cpu") -> Checkpoint | None:
+    """The newest checkpoint that loads and verifies; corrupt newer ones are reported and passed over."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return load_checkpoint(path, device)
+        except CheckpointError as error:
+            if notices is not None:
+                notices.append(f"{error}; falling back to the previous checkpoint")
+    return None
+
+
+def resolve_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A checkpoint file, or a run folder / checkpoints folder (its newest loadable checkpoint)."""
+    path = Path(path)
+    if path.is_file():
+        return load_checkpoint(path, device)
+    if path.is_dir():
+        directory = path if list_checkpoints(path) else checkpoint_dir(path)
+        found = newest_loadable(directory, device=device)
+        if found is not None:
+            return found
+        raise CheckpointError(f"no loadable checkpoint in {path}")
+    raise CheckpointError(f"checkpoint {path} does not exist")
+
+
+def prune(directory: Path, keep: int, best: Path | None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (0 keeps all), never the best one."""
+    if keep <= 0:
+        return
+    for path in list_checkpoints(directory)[:-keep]:
+        if best is not None and path.name == best.name:
+            continue
+        path.unlink(missing_ok=True)
+        _sidecar(path).unlink(missing_ok=True)
+
+
+def record_best(directory: Path, path: Path, value: float, step: int) -> None:
+    write_json(directory / "best.json", {"checkpoint": path.name, "validation_loss": value, "step": step})
+
+
+def read_best(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def architecture_difference(a: Config, b: Config) -> list[str]:
+    """Architecture keys whose values differ, as 'key: a != b'."""
+    out = []
+    for key in ARCHITECTURE_KEYS:
+        va, vb = _arch_value(a, key), _arch_value(b, key)
+        if va != vb:
+            out.append(f"{key}: {va} != {vb}")
+    return out
+
+
+def _arch_value(c: Config, key: str) -> Any:
+    if key in ("channels_hidden", "channels_top_down", "channels_hidden_top_down"):
+        return c.resolved(key)
+    return getattr(c, key)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

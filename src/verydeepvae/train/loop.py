@@ -1,0 +1,421 @@
+"""The training loop: one library function, ``train``, that the CLI and tests call.
+
+Per optimiser step: forward (optionally under bf16/fp16 autocast), backward (optionally
+accumulated over micro-batches), gradient clipping, the skip decision (taken by all ranks
+together), the update, the EMA update and the learning-rate schedule.  Validation, figures and
+checkpoints happen every N steps on rank 0's behalf; everything needed to continue exactly is in
+the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import secrets
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from ..config import Config
+from ..errors import CheckpointError, UserError
+from ..model import VeryDeepVAE
+from . import checkpoint as ckpt
+from . import distributed
+from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor
+from .reporting import Reporter, to_bits
+from .sampler import EpochSampler
+from .state import capture_state, restore_state
+
+
+class TrainingStopped(UserError):
+    """Training ended early on purpose (signal) or because it could not go on (divergence)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    checkpoint: Path | None
+    validation: list[dict[str, float]] = field(default_factory=list)
+
+
+def total_steps(cfg: Config, steps_per_epoch: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return (cfg.total_epochs or 10) * steps_per_epoch
+
+
+def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
+          show_progress: bool | None = None) -> TrainResult:
+    """Train (or resume) the model described by ``cfg``; returns where the results are."""
+    notices = [] if notices is None else notices
+    runtime = distributed.setup(cfg)
+    try:
+        return _Trainer(cfg, runtime, bundle, notices, show_progress).run()
+    finally:
+        distributed.teardown()
+
+
+class _Trainer:
+    def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
+                 show_progress: bool | None):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.notices = notices
+        self.output_dir = Path(cfg.output_dir)
+        if runtime.is_main:
+            _check_writable(self.output_dir)
+        self.ckpt_dir = ckpt.checkpoint_dir(self.output_dir)
+        self.seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
+        _seed_everything(self.seed + runtime.rank)
+        resume_from = self._find_resume_checkpoint()
+        if bundle is None:
+            from ..data import build_datasets
+
+            bundle = build_datasets(cfg, self.output_dir, notices)
+        self.bundle = bundle
+        self.device = runtime.device
+        self.model = VeryDeepVAE(cfg).to(self.device)
+        self.ema = EMA(self.model, cfg.ema_rate)
+        self.optimiser = build_optimiser(self.model, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.skipper = UpdateSkipper(cfg)
+        self.sampler = EpochSampler(len(bundle.train), self.seed, runtime.rank, runtime.world_size, cfg.batch_size)
+        self.steps_per_epoch = max(1, self.sampler.batches_per_epoch // cfg.grad_accumulation)
+        self.total_steps = total_steps(cfg, self.steps_per_epoch)
+        self.step = 0
+        self.best: float | None = None
+        self.history: list[dict[str, float]] = []
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.net = self.model
+        if runtime.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.reporter = Reporter(self.output_dir, runtime.is_main)
+        self.show_progress = runtime.is_main if show_progress is None else (show_progress and runtime.is_main)
+        self.stop_signal: int | None = None
+        self.periods = self._periods()
+
+    # -- set-up ----------------------------------------------------------------------------------
+    def _find_resume_checkpoint(self) -> ckpt.Checkpoint | None:
+        if not self.cfg.resume:
+            return None
+        found = ckpt.newest_loadable(self.ckpt_dir, self.notices)
+        if found is None:
+            self.notices.append(f"--resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
+        return found
+
+    def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
+        differences = ckpt.architecture_difference(self.cfg, checkpoint.config)
+        if differences:
+            raise CheckpointError(
+                f"checkpoint {checkpoint.path} is of another architecture ({'; '.join(differences)})"
+            )
+        self.model.load_state_dict(checkpoint.state("model"))
+        self.ema.model.load_state_dict(checkpoint.state("ema"))
+        meta = checkpoint.meta
+        self.step = checkpoint.step
+        self.best = meta.get("best_validation")
+        self.history = meta.get("validation_history", [])
+        self.ema.updates = meta.get("ema_updates", self.step)
+        if self.cfg.restore_optimiser:
+            restore_state(checkpoint, self.optimiser, self.scaler, self.skipper, self.runtime.rank)
+        self.notices.append(f"resumed from {checkpoint.path} at step {self.step}")
+
+    def _periods(self) -> dict[str, int]:
+        c, spe = self.cfg, self.steps_per_epoch
+        return {
+            "validation": c.validation_period_epochs * spe if c.validation_period_epochs else c.validation_every,
+            "checkpoint": c.checkpoint_period_epochs * spe if c.checkpoint_period_epochs else c.checkpoint_every,
+            "figures": c.figures_period_epochs * spe if c.figures_period_epochs else c.figures_every,
+        }
+
+    # -- main loop -------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.runtime.is_main:
+            self._print_start()
+        batches = self._batches()
+        last_checkpoint = None
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.show_progress,
+                   unit="step", dynamic_ncols=True, desc="train")
+        window: list[torch.Tensor] = []
+        with self._signal_handlers():
+            while self.step < self.total_steps:
+                stats = self._train_step(batches)
+                self.step += 1
+                bar.update(1)
+                window.append(stats)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    self._log_train(window, bar)
+                    window = []
+                done = self.step == self.total_steps
+                stop = distributed.any_rank(self.stop_signal is not None, self.runtime)
+                if self.step % self.periods["validation"] == 0 or done:
+                    self._validate()
+                if self.step % self.periods["figures"] == 0 or done:
+                    self._figures()
+                if self.step % self.periods["checkpoint"] == 0 or done or stop:
+                    last_checkpoint = self._save_checkpoint()
+                if stop:
+                    bar.close()
+                    self.reporter.close()
+                    raise TrainingStopped(
+                        f"training stopped by signal at step {self.step}; state saved in {self.ckpt_dir}; "
+                        "continue with --resume", exit_code=128 + (self.stop_signal or signal.SIGTERM))
+                if self.skipper.too_many:
+                    bar.close()
+                    self.reporter.close()
+                    raise TrainingStopped(
+                        f"training stopped at step {self.step}: {self.skipper.consecutive} consecutive updates "
+                        "were skipped (non-finite or extreme gradients); the last good checkpoint is kept in "
+                        f"{self.ckpt_dir}; try a lower learning_rate or a smaller grad_clip")
+        bar.close()
+        if self.runtime.is_main:
+            self._final_samples()
+        self.reporter.close()
+        return TrainResult(self.output_dir, self.step, last_checkpoint, self.history)
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        """Micro-batches forever, starting where the step count says the data order is."""
+        micro = self.step * self.cfg.grad_accumulation
+        epoch, start = divmod(micro, self.sampler.batches_per_epoch)
+        while True:
+            self.sampler.set_position(epoch, start)
+            loader = DataLoader(
+                self.bundle.train, batch_size=self.cfg.batch_size, sampler=self.sampler,
+                num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
+                drop_last=False,
+            )
+            for batch in loader:
+                yield batch
+            epoch, start = epoch + 1, 0
+
+    def _autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _train_step(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:
+        cfg = self.cfg
+        self.net.train()
+        for group in self.optimiser.param_groups:
+            group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg, self.total_steps)
+        weight = kl_weight(self.step, cfg)
+        totals = torch.zeros(3 + self.model.num_layers, dtype=torch.float64)
+        finite = True
+        for micro in range(cfg.grad_accumulation):
+            x = next(batches).to(self.device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if self.runtime.distributed and micro < cfg.grad_accumulation - 1:
+                sync = self.net.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.net(x, weight)
+                loss = out.loss / cfg.grad_accumulation
+                if cfg.l2_reg_coeff:
+                    loss = loss + cfg.l2_reg_coeff * _l2_penalty(self.model) / cfg.grad_accumulation
+                finite &= bool(torch.isfinite(out.loss).item())
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            totals[0] += out.elbo.mean().item() / cfg.grad_accumulation
+            totals[1] += out.nll.mean().item() / cfg.grad_accumulation
+            totals[3:] += out.kl_per_layer.mean(0).detach().double().cpu() / cfg.grad_accumulation
+        if self.scaler:
+            self.scaler.unscale_(self.optimiser)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = float(norm.item())
+        all_finite = not distributed.any_rank(not finite, self.runtime)
+        skip, _ = self.skipper.should_skip(grad_norm, all_finite, self.step)
+        if skip:
+            self.optimiser.zero_grad(set_to_none=True)
+            if self.scaler:
+                self.scaler.update(self.scaler.get_scale() / 2.0)
+        else:
+            if self.scaler:
+                self.scaler.step(self.optimiser)
+                self.scaler.update()
+            else:
+                self.optimiser.step()
+            self.optimiser.zero_grad(set_to_none=True)
+            self.ema.update(self.model)
+        totals[2] = grad_norm if math.isfinite(grad_norm) else float("nan")
+        return totals
+
+    # -- side work -------------------------------------------------------------------------------
+    def _log_train(self, window: list[torch.Tensor], bar: tqdm) -> None:
+        stats = torch.stack(window).nanmean(0).to(self.device, torch.float64)
+        stats = distributed.all_reduce_mean(stats, self.runtime).cpu()
+        elbo, nll, grad_norm = stats[0].item(), stats[1].item(), stats[2].item()
+        kl = stats[3:]
+        lr = self.optimiser.param_groups[0]["lr"]
+        voxels = self.cfg.batch_size * self.cfg.grad_accumulation * self.runtime.world_size * self.model.num_voxels
+        rate = bar.format_dict.get("rate") or 0.0
+        values = {
+            "loss_nats_per_voxel": elbo, "elbo_bits_per_voxel": to_bits(elbo), "nll_bits_per_voxel": to_bits(nll),
+            "kl_bits_per_voxel": to_bits(kl.sum().item()), "grad_norm": grad_norm, "learning_rate": lr,
+            "skipped_nonfinite": self.skipper.skipped_nonfinite, "skipped_large": self.skipper.skipped_large,
+            "voxels_per_second": rate * voxels,
+        }
+        for i, (level, value) in enumerate(zip(self.model.layer_levels, kl.tolist())):
+            values[f"kl_layer/{i:02d}_res{self.cfg.resolution >> level}"] = to_bits(value)
+        self.reporter.scalars(self.step, values, "train")
+        bar.set_postfix(bits=f"{to_bits(elbo):.3f}", kl=f"{to_bits(kl.sum().item()):.3f}",
+                        gnorm=f"{grad_norm:.1f}", skips=self.skipper.skipped_nonfinite + self.skipper.skipped_large,
+                        refresh=False)
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        model = self.ema.model
+        model.eval()
+        data = self.bundle.val
+        indices = list(range(self.runtime.rank, len(data), self.runtime.world_size))
+        sums = torch.zeros(3 + model.num_layers, dtype=torch.float64, device=self.device)
+        limit = self.cfg.max_validation_batches
+        for b, start in enumerate(range(0, len(indices), self.cfg.batch_size)):
+            if limit is not None and b >= limit:
+                break
+            x = torch.stack([data[i] for i in indices[start:start + self.cfg.batch_size]]).to(self.device)
+            with self._autocast():
+                out = model(x)
+            sums[0] += out.elbo.double().sum()
+            sums[1] += out.nll.double().sum()
+            sums[2] += x.shape[0]
+            sums[3:] += out.kl_per_layer.double().sum(0)
+        sums = distributed.all_reduce_mean(sums, self.runtime)
+        count = max(sums[2].item(), 1.0)
+        elbo, nll = sums[0].item() / count, sums[1].item() / count
+        kl = (sums[3:] / count).tolist()
+        values = {"loss_nats_per_voxel": elbo, "elbo_bits_per_voxel": to_bits(elbo),
+                  "nll_bits_per_voxel": to_bits(nll), "kl_bits_per_voxel": to_bits(sum(kl))}
+        for i, (level, value) in enumerate(zip(model.layer_levels, kl)):
+            values[f"kl_layer/{i:02d}_res{self.cfg.resolution >> level}"] = to_bits(value)
+        self.reporter.scalars(self.step, values, "validation")
+        self.history.append({"step": self.step, "elbo_bits_per_voxel": to_bits(elbo)})
+        self.last_validation = elbo
+        if self.runtime.is_main:
+            self.reporter.curves_figure()
+            self.reporter.flush()
+
+    @torch.no_grad()
+    def _figures(self) -> None:
+        if not self.runtime.is_main or self.cfg.subjects_to_plot == 0:
+            return
+        model = self.ema.model.eval()
+        n = min(self.cfg.subjects_to_plot, len(self.bundle.val))
+        if n > 0:
+            x = torch.stack([self.bundle.val[i] for i in range(n)]).to(self.device)
+            rows = [("reconstruction", model.reconstruct(x))]
+            for level in range(1, model.decoder.num_levels):
+                rows.append((f"prior <{self.cfg.resolution >> (level - 1)}³",
+                             model.reconstruct(x, prior_from_level=level, temperature=0.0)))
+            self.reporter.reconstruction_figure(self.step, x, rows)
+        generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        samples = model.sample(max(1, self.cfg.subjects_to_plot), 1.0, generator=generator)
+        self.reporter.sample_figure(self.step, samples, 1.0)
+
+    def _save_checkpoint(self) -> Path | None:
+        is_best = False
+        value = getattr(self, "last_validation", None)
+        if value is not None and (self.best is None or value < self.best):
+            self.best, is_best = value, True
+        path = None
+        if self.runtime.is_main:
+            tensors, meta = capture_state(self.model, self.ema, self.optimiser, self.scaler, self.skipper)
+            meta.update({
+                "config": self.cfg.to_dict(), "seed": self.seed, "world_size": self.runtime.world_size,
+                "best_validation": self.best, "validation_history": self.history,
+                "ema_updates": self.ema.updates, "steps_per_epoch": self.steps_per_epoch,
+                "data": {"voxel_size_mm": float(self.bundle.voxel_size_mm),
+                         "intensity_reference": dict(getattr(self.bundle, "intensity_reference", {}) or {}),
+                         "num_train": len(self.bundle.train), "num_val": len(self.bundle.val)},
+            })
+            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta)
+            best_path = None
+            if is_best:
+                ckpt.record_best(self.ckpt_dir, path, value, self.step)
+                best_path = path
+            else:
+                recorded = ckpt.read_best(self.ckpt_dir)
+                best_path = self.ckpt_dir / recorded["checkpoint"] if recorded else None
+            ckpt.prune(self.ckpt_dir, self.cfg.keep_checkpoints, best_path)
+        distributed.barrier(self.runtime)
+        return path
+
+    def _final_samples(self) -> None:
+        from ..generate import write_samples
+
+        write_samples(self.ema.model, self.output_dir / "samples", num=max(1, self.cfg.subjects_to_plot),
+                      temperature=1.0, seed=self.seed, voxel_size_mm=float(self.bundle.voxel_size_mm),
+                      batch_size=self.cfg.batch_size, device=self.device, show_progress=False)
+
+    def _print_start(self) -> None:
+        c, r = self.cfg, self.runtime
+        effective = c.batch_size * c.grad_accumulation * r.world_size
+        lines = [
+            f"verydeepvae: training {c.resolution}³ model, {sum(p.numel() for p in self.model.parameters()):,} "
+            f"parameters, {self.model.num_layers} latent layers, {self.model.latent_dimensions():,} latent dims",
+            f"  data: {len(self.bundle.train)} training / {len(self.bundle.val)} validation volumes; "
+            f"device {self.device}; {r.world_size} process(es)",
+            f"  effective batch {effective} = batch_size {c.batch_size} x grad_accumulation "
+            f"{c.grad_accumulation} x world size {r.world_size}; learning rate {c.learning_rate:g} "
+            "(not rescaled with the effective batch)",
+            f"  steps {self.step} -> {self.total_steps} ({self.steps_per_epoch} per epoch); output {self.output_dir}",
+        ]
+        for notice in self.notices:
+            lines.append(f"  notice: {notice}")
+        tqdm.write("\n".join(lines))
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, _frame):
+            if self.stop_signal is not None:  # second signal: stop now
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _l2_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """The original's regulariser: sum over weight tensors of mean(W²)."""
+    return sum(p.pow(2).mean() for p in model.parameters() if p.dim() > 1)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"output directory {directory} is not writable: {error.strerror or error}") from None
