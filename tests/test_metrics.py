@@ -138,3 +138,199 @@ def test_random_distinct_pairs():
     assert np.all(p[:, 0] < p[:, 1]) and p.max() < 50
     assert len({tuple(r) for r in p}) == 300
     assert len(random_distinct_pairs(5, 100, seed=1)) == 10
+
+
+# ---------------------------------------------------------------- features
+
+
+def test_random_conv_features_deterministic_and_rng_independent():
+    x = blob_volumes(3, 32, seed=7)
+    state = torch.get_rng_state()
+    f1 = M.RandomConvFeatures(seed=0)(x)
+    assert torch.equal(state, torch.get_rng_state())  # building/using it leaves the global RNG alone
+    torch.manual_seed(1234)
+    torch.rand(100)
+    f2 = M.RandomConvFeatures(seed=0)(torch.from_numpy(x))
+    np.testing.assert_array_equal(f1, f2)
+    np.testing.assert_array_equal(f1, M.extract_features(x, "random_cnn"))
+    assert f1.shape == (3, M.RandomConvFeatures().dim) and np.all(np.isfinite(f1))
+    assert np.all(f1.std(axis=0) > 0) or f1.std(axis=0).mean() > 0
+    assert not np.allclose(f1, M.RandomConvFeatures(seed=1)(x))
+    # per-volume: the same volume gives the same features whatever its batch companions are
+    np.testing.assert_allclose(M.RandomConvFeatures(seed=0)(x[1]), f1[1:2], rtol=1e-5, atol=1e-6)
+
+
+def test_random_conv_features_sizes():
+    ext = M.RandomConvFeatures()
+    rng = np.random.default_rng(0)
+    for shape in [(16, 16, 16), (20, 24, 28), (96, 96, 96)]:
+        assert ext(rng.random(shape)).shape == (1, ext.dim)
+    with pytest.raises(ValueError):
+        ext(rng.random((8, 8, 8)))
+
+
+def test_intensity_features():
+    x = blob_volumes(4, 32, seed=8)
+    f = M.intensity_features(x)
+    assert f.shape == (4, len(M.intensity_feature_names()))
+    np.testing.assert_array_equal(f, M.extract_features(x, "intensity"))
+    names = M.intensity_feature_names()
+    hist = f[:, [i for i, n in enumerate(names) if n.startswith("hist_")]]
+    np.testing.assert_allclose(hist.sum(axis=1), 1.0)
+    assert np.all(M.intensity_features(np.zeros((16, 16, 16))) == 0)
+    with pytest.raises(ValueError):
+        M.extract_features(x, "inception")
+
+
+# ---------------------------------------------------------------- distances
+
+
+def test_frechet_matches_classical_estimate():
+    from monai.metrics import FIDMetric
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((400, 8)), rng.standard_normal((400, 8)) * 1.2 + 0.3
+    ref = FIDMetric()(torch.from_numpy(a), torch.from_numpy(b)).item()
+    assert M.frechet_distance(a, b, shrinkage=None) == pytest.approx(ref, rel=1e-6)
+    assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # N < F: still finite and zero for identical sets
+    small = rng.standard_normal((5, 50))
+    assert M.frechet_distance(small, small) == pytest.approx(0.0, abs=1e-8)
+    assert np.isfinite(M.frechet_distance(small, rng.standard_normal((6, 50))))
+
+
+def test_ledoit_wolf_matches_sklearn():
+    sk = pytest.importorskip("sklearn.covariance")
+    x = np.random.default_rng(1).standard_normal((12, 30))
+    cov, shrink = M.ledoit_wolf_covariance(x)
+    cov_ref, shrink_ref = sk.ledoit_wolf(x)
+    np.testing.assert_allclose(cov, cov_ref, atol=1e-10)
+    assert shrink == pytest.approx(shrink_ref)
+
+
+def test_mmd_basic():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((60, 5))
+    assert abs(M.mmd(a, a)) < 0.05
+    same = M.mmd(a, rng.standard_normal((60, 5)))
+    shifted = M.mmd(a, rng.standard_normal((60, 5)) + 1.0)
+    assert shifted > 0.1 > abs(same)
+    for kernel in ("polynomial", "linear"):
+        assert M.mmd(a, rng.standard_normal((60, 5)) + 1.0, kernel=kernel) > abs(M.mmd(a, a, kernel=kernel))
+    with pytest.raises(ValueError):
+        M.mmd(a, a, kernel="laplace")
+
+
+@pytest.mark.parametrize("kind,kwargs", [("random_cnn", {"input_size": 32}), ("intensity", {})])
+def test_distances_on_volume_features(kind, kwargs):
+    real = M.extract_features(blob_volumes(24, 32, seed=10), kind, **kwargs)
+    other = M.extract_features(blob_volumes(12, 32, seed=11, shift=0.1), kind, **kwargs)
+    z_real, z_other = M.standardize_features(real, real), M.standardize_features(other, real)
+    assert M.frechet_distance(z_real, z_real) == pytest.approx(0.0, abs=1e-8)
+    assert abs(M.mmd(z_real, z_real)) < 0.1
+    for fn in (M.frechet_distance, M.mmd):
+        base = M.real_vs_real_baseline(z_real, fn, seed=0, repeats=3)
+        assert fn(z_real[:12], z_other) > base
+    assert M.real_vs_real_baseline(z_real, M.mmd, seed=3) == M.real_vs_real_baseline(z_real, M.mmd, seed=3)
+
+
+# ---------------------------------------------------------------- memorisation
+
+
+def test_memorisation_flags_copies():
+    train = blob_volumes(12, 32, seed=20)
+    heldout = blob_volumes(8, 32, seed=21)
+    copies = noisy(train[[0, 3, 5, 7, 9, 11]], 0.002, seed=1)
+    novel = blob_volumes(6, 32, seed=22)
+    d_h, _ = M.nearest_neighbour_distances(heldout, train)
+    d_c, idx = M.nearest_neighbour_distances(copies, train, batch_size=4)
+    d_n, _ = M.nearest_neighbour_distances(novel, train)
+    np.testing.assert_array_equal(idx, [0, 3, 5, 7, 9, 11])
+    copied = M.memorisation_summary(d_c, d_h)
+    fresh = M.memorisation_summary(d_n, d_h)
+    assert copied["fraction_below_p5"] == 1.0 and copied["median_ratio"] < 0.2
+    assert copied["mannwhitney_p"] < 0.01
+    assert fresh["fraction_below_p5"] <= 0.5 and fresh["median_ratio"] > 0.5
+
+
+def test_nearest_neighbour_batching_and_self_exclusion():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(3)
+    q, r = rng.standard_normal((7, 10)), rng.standard_normal((11, 10))
+    full = cdist(q, r)
+    for bs in (1, 3, 64):
+        d, i = M.nearest_neighbour_distances(q, r, batch_size=bs)
+        np.testing.assert_allclose(d, full.min(axis=1), rtol=1e-5)
+        np.testing.assert_array_equal(i, full.argmin(axis=1))
+    d, i = M.nearest_neighbour_distances(r, r, batch_size=4, exclude_self=True)
+    self_d = cdist(r, r) + np.diag(np.full(len(r), np.inf))
+    np.testing.assert_allclose(d, self_d.min(axis=1), rtol=1e-5)
+    assert np.all(i != np.arange(len(r)))
+
+
+# ---------------------------------------------------------------- likelihood helpers
+
+
+def test_active_units():
+    rng = np.random.default_rng(4)
+    layer0 = np.concatenate([rng.standard_normal((50, 2)), 0.01 * rng.standard_normal((50, 3))], axis=1)
+    layer1 = torch.from_numpy(rng.standard_normal((50, 2, 2, 2, 2)))
+    r = M.active_units([layer0, layer1], threshold=0.01, names=["top", "8^3"])
+    assert [p["active"] for p in r["per_layer"]] == [2, 16]
+    assert [p["units"] for p in r["per_layer"]] == [5, 16]
+    assert r["total_active"] == 18 and r["total_units"] == 21 and r["per_layer"][0]["name"] == "top"
+    with pytest.raises(ValueError):
+        M.active_units([layer0, layer0[:10]])
+
+
+# ---------------------------------------------------------------- tissue volumes
+
+
+def shell_phantom(size, r_csf, r_wm, r_brain, lesions, seed, noise=0.02, blur=0.6):
+    """Nested spheres: CSF core < WM < GM < a 2-voxel outer CSF layer, plus bright lesion balls.
+
+    Returns the blurred, noisy, skull-stripped volume and the label map (1 CSF, 2 GM, 3 WM, 4 lesion).
+    """
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    g = np.arange(size) - size / 2 + 0.5
+    zz, yy, xx = np.meshgrid(g, g, g, indexing="ij")
+    r = np.sqrt(zz**2 + yy**2 + xx**2)
+    lab = np.zeros((size,) * 3, dtype=int)
+    lab[r < r_brain] = 1
+    lab[r < r_brain - 2], lab[r < r_wm], lab[r < r_csf] = 2, 3, 1
+    for c, rad in lesions:
+        lab[np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < rad] = 4
+    v = np.array([0.0, 0.15, 0.55, 0.42, 0.9])[lab]
+    v = gaussian_filter(v, blur) + noise * rng.standard_normal(v.shape)
+    v = np.where(r < r_brain, np.clip(v, 0.06, 1), 0.0)  # skull-stripped: background exactly 0
+    return v, lab
+
+
+def test_tissue_volumes_recover_known_volumes():
+    vox_ml = 0.008  # 2 mm isotropic
+    for i, (r_csf, r_wm, lesions) in enumerate([(6, 16, []), (9, 19, [((0, 10, 0), 3.5), ((4, -12, 3), 2.5)])]):
+        v, lab = shell_phantom(64, r_csf, r_wm, 28, lesions, seed=i)
+        est = M.tissue_volumes(v, vox_ml)
+        for k, cls in [("csf_ml", 1), ("gm_ml", 2), ("wm_ml", 3)]:
+            true = np.sum(lab == cls) * vox_ml
+            assert est[k] == pytest.approx(true, rel=0.1), k  # measured errors are 1-8 %
+        true_les = np.sum(lab == 4) * vox_ml
+        assert est["lesion_ml"] == pytest.approx(true_les, rel=0.35, abs=0.05)
+        assert est["brain_ml"] == pytest.approx(np.sum(lab > 0) * vox_ml, rel=0.02)
+
+
+def test_tissue_table_and_wasserstein():
+    vols = np.stack([shell_phantom(32, 3 + i % 3, 9, 14, [], seed=i)[0] for i in range(6)])
+    table = M.tissue_volume_table(vols, 0.001)
+    assert set(table) == {"csf_ml", "gm_ml", "wm_ml", "lesion_ml", "brain_ml"}
+    assert table["csf_ml"].shape == (6,) and np.all(np.diff(table["csf_ml"][:3]) > 0)
+    w0 = M.wasserstein_by_feature(table, table)
+    assert all(v == 0 for v in w0.values())
+    shifted = {k: v + 1.5 for k, v in table.items()}
+    w = M.wasserstein_by_feature(shifted, table)
+    assert all(v == pytest.approx(1.5) for v in w.values())
+    with pytest.raises(ValueError):
+        M.wasserstein_by_feature({"a": [1.0]}, {"b": [1.0]})

@@ -1,18 +1,59 @@
 """Offline metrics for the evaluation report (no downloaded weights, CPU friendly).
 
 Volumes are (N, D, H, W) or (D, H, W) numpy arrays or torch tensors with intensities in [0, 1];
-feature matrices are (N, F).
+feature matrices are (N, F). Report-facing results are floats, per-volume arrays, or JSON-ready
+dicts. Modules, by job:
+
+* ``reconstruction``: :func:`psnr`, :func:`ssim3d`, :func:`mae` (per-volume, paired volumes);
+* ``diversity``: :func:`ms_ssim3d`, :func:`pairwise_ms_ssim` with size-valid settings
+  (:func:`ms_ssim_settings`);
+* ``features``: :class:`RandomConvFeatures`, :func:`intensity_features`, :func:`extract_features`,
+  :func:`standardize_features`;
+* ``distances``: :func:`frechet_distance`, :func:`mmd`, :func:`real_vs_real_baseline`;
+* ``memorisation``: :func:`nearest_neighbour_distances`, :func:`memorisation_summary`;
+* ``likelihood``: :func:`active_units`;
+* ``tissue``: :func:`tissue_volumes`, :func:`tissue_volume_table`, :func:`wasserstein_by_feature`.
+
+Naming: distances on random-3D-CNN features are "Fréchet distance on random-3D-CNN features" and
+"MMD on random-3D-CNN features", never FID/KID, which imply pretrained Inception/Med3D networks.
 """
 
+from .distances import frechet_distance, ledoit_wolf_covariance, mmd, real_vs_real_baseline
 from .diversity import MSSSIMSettings, ms_ssim3d, ms_ssim_settings, pairwise_ms_ssim
+from .features import (
+    RandomConvFeatures,
+    extract_features,
+    intensity_feature_names,
+    intensity_features,
+    standardize_features,
+)
+from .likelihood import active_units
+from .memorisation import memorisation_summary, nearest_neighbour_distances
 from .reconstruction import mae, psnr, ssim3d
+from .tissue import TISSUE_CLASSES, tissue_volume_table, tissue_volumes, wasserstein_by_feature
 
 __all__ = [
     "MSSSIMSettings",
+    "RandomConvFeatures",
+    "TISSUE_CLASSES",
+    "active_units",
+    "extract_features",
+    "frechet_distance",
+    "intensity_feature_names",
+    "intensity_features",
+    "ledoit_wolf_covariance",
     "mae",
+    "memorisation_summary",
+    "mmd",
     "ms_ssim3d",
     "ms_ssim_settings",
+    "nearest_neighbour_distances",
     "pairwise_ms_ssim",
     "psnr",
+    "real_vs_real_baseline",
     "ssim3d",
+    "standardize_features",
+    "tissue_volume_table",
+    "tissue_volumes",
+    "wasserstein_by_feature",
 ]
