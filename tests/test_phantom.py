@@ -1,0 +1,156 @@
+"""The built-in phantom population: files, determinism, and factors visible in the images."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+from verydeepvae.data import atlas as atlas_mod
+from verydeepvae.data.phantom import (
+    LABELS,
+    generate_population,
+    generate_volume,
+    read_participants,
+    sample_factors,
+    subject_seed,
+    voxel_size_mm,
+    write_phantom_montage,
+)
+from verydeepvae.errors import ConfigError
+from verydeepvae.volume_io import grid_affine
+
+R = 32
+
+
+@pytest.fixture(scope="module")
+def population():
+    """16 in-memory subjects at 32^3: (volume, factors, labels)."""
+    return [generate_volume(subject_seed(7, i), R, return_labels=True) for i in range(16)]
+
+
+def test_population_files(tmp_path):
+    paths = generate_population(3, R, tmp_path / "phantom", seed=5, progress=False)
+    assert [p.name for p in paths] == ["sub-0001.nii.gz", "sub-0002.nii.gz", "sub-0003.nii.gz"]
+    for path in paths:
+        image = nib.load(str(path))
+        assert image.shape == (R, R, R)
+        assert image.get_data_dtype() == np.float32
+        assert np.allclose(image.header.get_zooms(), voxel_size_mm(R))
+        assert voxel_size_mm(R) == pytest.approx(6.0)
+        assert np.allclose(image.affine, grid_affine((R, R, R), 6.0))
+        data = image.get_fdata()
+        assert data.min() >= 0.0 and data.max() <= 1.0
+        assert data[0, 0, 0] == 0.0 and (data > 0).mean() > 0.15  # skull-stripped, brain fills the cube
+    rows = read_participants(tmp_path / "phantom" / "participants.tsv")
+    assert [r["participant_id"] for r in rows] == ["sub-0001", "sub-0002", "sub-0003"]
+    for key in ("seed", "brain_scale", "atrophy", "ventricle_enlargement_mm", "cortical_thinning", "lesion_count",
+                "lesion_volume_ml", "csf_intensity", "wm_intensity", "gm_intensity", "lesion_intensity",
+                "bias_field_strength", "noise_level", "rotation_x_deg", "translation_z_mm"):
+        assert key in rows[0]
+    assert int(rows[1]["seed"]) == subject_seed(5, 1)
+    assert (tmp_path / "phantom" / "phantom_montage.png").stat().st_size > 1000
+
+
+def test_deterministic_and_seed_recorded(tmp_path):
+    a, fa = generate_volume(123, R)
+    b, fb = generate_volume(np.random.default_rng(123), R)
+    assert a.dtype == np.float32 and a.shape == (R, R, R)
+    assert np.array_equal(a, b) and fa == fb
+    assert not np.array_equal(a, generate_volume(124, R)[0])
+    first = generate_population(2, 16, tmp_path / "a", seed=3, montage=False, progress=False)
+    again = generate_population(3, 16, tmp_path / "b", seed=3, montage=False, progress=False)
+    for p, q in zip(first, again):  # the first subjects do not depend on the population size
+        assert np.array_equal(nib.load(str(p)).get_fdata(), nib.load(str(q)).get_fdata())
+    row = read_participants(tmp_path / "a" / "participants.tsv")[1]
+    assert np.array_equal(generate_volume(int(row["seed"]), 16)[0], nib.load(str(first[1])).get_fdata(dtype=np.float32))
+
+
+def test_same_subject_at_every_resolution():
+    drawn = set(sample_factors(np.random.default_rng(0)))
+    f16 = generate_volume(11, 16)[1]
+    f32 = generate_volume(11, 32)[1]
+    assert {k: f16[k] for k in drawn} == {k: f32[k] for k in drawn}
+    assert f16["brain_volume_ml"] == pytest.approx(f32["brain_volume_ml"], rel=0.1)
+
+
+def test_labels_match_image(population):
+    for volume, factors, labels in population:
+        assert labels.dtype == np.uint8 and labels.shape == volume.shape
+        assert set(np.unique(labels)) <= set(LABELS)
+        assert np.all(volume[labels == 0] == 0.0)
+        assert (labels == 5).any() and (labels == 2).any() and (labels == 3).any()
+        if factors["lesion_count"] == 0:
+            assert not (labels == 4).any()
+
+
+def test_contrast_ordering(population):
+    for volume, factors, labels in population:
+        groups = {"csf": (1, 5), "gm": (2,), "wm": (3,), "lesion": (4,)}
+        mean = {k: volume[np.isin(labels, c)].mean() for k, c in groups.items() if np.isin(labels, c).any()}
+        assert mean["csf"] < mean["wm"] < mean["gm"], (factors, mean)
+        if "lesion" in mean:
+            assert mean["lesion"] > mean["gm"], (factors, mean)
+        intensity = [factors[f"{k}_intensity"] for k in ("csf", "wm", "gm", "lesion")]
+        assert intensity == sorted(intensity)
+
+
+def test_atrophy_enlarges_csf_and_ventricles(population):
+    atrophy = [f["atrophy"] for _, f, _ in population]
+    csf_fraction = [np.isin(lab, (1, 5)).sum() / (lab > 0).sum() for _, _, lab in population]
+    ventricles = [(lab == 5).sum() / (lab > 0).sum() for _, _, lab in population]
+    assert spearmanr(atrophy, csf_fraction)[0] > 0.6
+    assert spearmanr(atrophy, ventricles)[0] > 0.6
+    # Measured volumes recorded with the factors agree with the label maps.
+    assert spearmanr([f["ventricle_volume_ml"] for _, f, _ in population], ventricles)[0] > 0.8
+
+
+def test_lesion_load_brightens_white_matter(population):
+    load = [f["lesion_load"] for _, f, _ in population]
+    bright = [
+        ((vol > 1.1 * f["gm_intensity"]) & np.isin(lab, (3, 4))).sum() for vol, f, lab in population
+    ]
+    assert spearmanr(load, bright)[0] > 0.6
+    assert spearmanr(load, [f["lesion_volume_ml"] for _, f, _ in population])[0] > 0.6
+
+
+def test_montage_from_paths_and_arrays(tmp_path, population):
+    write_phantom_montage([v for v, _, _ in population[:2]], tmp_path / "m.png")
+    path = tmp_path / "one.nii.gz"
+    nib.save(nib.Nifti1Image(population[0][0], grid_affine((R,) * 3, 6.0)), str(path))
+    write_phantom_montage([path], tmp_path / "n.png")
+    assert (tmp_path / "m.png").stat().st_size > 1000 and (tmp_path / "n.png").stat().st_size > 1000
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ConfigError, match="resolution"):
+        generate_volume(0, 4)
+    with pytest.raises(ConfigError, match="number of subjects"):
+        generate_population(0, R, tmp_path)
+
+
+def test_packaged_atlas_and_notice():
+    atlas = atlas_mod.load_atlas()
+    assert atlas.source.endswith(atlas_mod.ATLAS_FILENAME)
+    assert atlas.voxel_mm == 2.0
+    ml = {k: getattr(atlas, k).sum() * 8 / 1000 for k in ("gm", "wm", "csf", "ventricle")}
+    assert 800 < ml["gm"] < 1200 and 500 < ml["wm"] < 800 and 10 < ml["ventricle"] < 30 < ml["csf"]
+    assert atlas_mod.packaged_atlas_path().stat().st_size < 1_500_000
+    notice = (atlas_mod.packaged_atlas_path().parent / "NOTICE").read_text()
+    assert "Louis Collins" in notice and "Fonov" in notice
+
+
+@pytest.mark.slow
+def test_atlas_rebuilt_from_nilearn_when_missing(monkeypatch, tmp_path):
+    packaged = atlas_mod.load_atlas()
+    monkeypatch.setattr(atlas_mod, "packaged_atlas_path", lambda: tmp_path / "missing.nii.gz")
+    atlas_mod.load_atlas.cache_clear()
+    try:
+        rebuilt = atlas_mod.load_atlas()
+    finally:
+        atlas_mod.load_atlas.cache_clear()
+    assert rebuilt.source == "nilearn"
+    assert np.allclose(rebuilt.affine, packaged.affine)
+    for key in ("gm", "wm", "csf", "ventricle"):
+        assert np.array_equal(getattr(rebuilt, key), getattr(packaged, key))
