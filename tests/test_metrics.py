@@ -154,7 +154,7 @@ def test_random_conv_features_deterministic_and_rng_independent():
     np.testing.assert_array_equal(f1, f2)
     np.testing.assert_array_equal(f1, M.extract_features(x, "random_cnn"))
     assert f1.shape == (3, M.RandomConvFeatures().dim) and np.all(np.isfinite(f1))
-    assert np.all(f1.std(axis=0) > 0) or f1.std(axis=0).mean() > 0
+    assert np.mean(f1.std(axis=0) > 1e-6) > 0.9  # features vary between volumes
     assert not np.allclose(f1, M.RandomConvFeatures(seed=1)(x))
     # per-volume: the same volume gives the same features whatever its batch companions are
     np.testing.assert_allclose(M.RandomConvFeatures(seed=0)(x[1]), f1[1:2], rtol=1e-5, atol=1e-6)
@@ -185,6 +185,7 @@ def test_intensity_features():
 # ---------------------------------------------------------------- distances
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # MONAI's reference calls sqrtm(disp=...)
 def test_frechet_matches_classical_estimate():
     from monai.metrics import FIDMetric
 
@@ -320,6 +321,37 @@ def test_tissue_volumes_recover_known_volumes():
         true_les = np.sum(lab == 4) * vox_ml
         assert est["lesion_ml"] == pytest.approx(true_les, rel=0.35, abs=0.05)
         assert est["brain_ml"] == pytest.approx(np.sum(lab > 0) * vox_ml, rel=0.02)
+
+
+def _phantom_tissue_correlations(resolution: int, n: int) -> dict[str, float]:
+    """Pearson r between estimated tissue volumes and the phantom's recorded partial-volume sums."""
+    phantom = pytest.importorskip("verydeepvae.data.phantom")
+    if not all(hasattr(phantom, a) for a in ("generate_volume", "voxel_size_mm")):
+        pytest.skip("phantom generator API not available")
+    ml = phantom.voxel_size_mm(resolution) ** 3 / 1000.0
+    est, true = [], []
+    for seed in range(n):
+        vol, factors = phantom.generate_volume(seed, resolution)[:2]
+        est.append(M.tissue_volumes(vol, ml))
+        true.append(factors)
+    out = {}
+    for cls in ("csf", "gm", "wm", "lesion"):
+        a = np.array([e[f"{cls}_ml"] for e in est])
+        b = np.array([t[f"{cls}_volume_ml"] for t in true])
+        out[cls] = float(np.corrcoef(a, b)[0, 1])
+    assert np.allclose([e["brain_ml"] for e in est], [t["brain_volume_ml"] for t in true], rtol=0.02)
+    return out
+
+
+def test_tissue_volumes_track_phantom_factors_32():
+    r = _phantom_tissue_correlations(32, 12)  # measured: csf 0.92, gm 0.97, wm 0.88
+    assert r["csf"] > 0.7 and r["gm"] > 0.7 and r["wm"] > 0.6, r
+
+
+@pytest.mark.slow
+def test_tissue_volumes_track_phantom_factors_64():
+    r = _phantom_tissue_correlations(64, 12)  # measured: csf 0.96, gm 0.96, wm 0.88, lesion 0.97
+    assert r["csf"] > 0.8 and r["gm"] > 0.8 and r["wm"] > 0.6 and r["lesion"] > 0.7, r
 
 
 def test_tissue_table_and_wasserstein():

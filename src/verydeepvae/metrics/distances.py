@@ -124,7 +124,7 @@ def mmd(
 
     Kernels: ``"rbf"`` k = exp(-|a - b|^2 / (2 sigma^2)) with ``bandwidth`` sigma, by default the
     median pairwise distance of the pooled sets (median heuristic); ``"polynomial"``
-    k = (a.b / F + 1)^3 (the KID kernel); ``"linear"`` k = a.b (equal to the squared distance of
+    k = (a.b / F + 1)^3 (the cubic kernel of Bińkowski et al. 2018); ``"linear"`` k = a.b (equal to the squared distance of
     the means up to the unbiased correction; MONAI's ``MMDMetric`` default). Standardise features
     first (:func:`~verydeepvae.metrics.features.standardize_features`) so the scale is meaningful.
     """

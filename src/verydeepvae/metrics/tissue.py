@@ -10,7 +10,9 @@ WM > GM) without changing the class order.
 
 Method (:func:`tissue_volumes`), deliberately simple and fully deterministic:
 
-1. brain = voxels above ``brain_threshold``;
+1. brain = voxels above ``brain_threshold`` (default 0.02: skull-stripped inputs have an exact-zero
+   background, while FLAIR CSF can be as dark as ~0.03 with white matter at ~0.4, as in the
+   phantom population; generated volumes with a faint non-zero background may need a higher value);
 2. a 3-class multi-Otsu threshold (``skimage.filters.threshold_multiotsu``) on brain intensities
    splits them into CSF (< t1), WM (t1..t2) and GM (>= t2);
 3. partial-volume correction: in FLAIR a voxel half CSF, half GM has a WM-like intensity, so the
@@ -46,7 +48,7 @@ TISSUE_CLASSES = ("csf", "gm", "wm", "lesion")
 def tissue_volumes(
     volume: ArrayLike,
     voxel_volume_ml: float,
-    brain_threshold: float = 0.05,
+    brain_threshold: float = 0.02,
     lesion_k: float = 4.0,
 ) -> dict:
     """Estimated tissue volumes of one FLAIR-like volume (D, H, W), in millilitres.
