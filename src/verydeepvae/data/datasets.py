@@ -1,0 +1,324 @@
+"""From a configuration to training and validation datasets (``build_datasets``).
+
+The order of work, all before training starts so a bad file can never stop an epoch halfway:
+
+1. the file list: ``split.json`` in the output folder if it exists (a resumed run uses exactly
+   the same files), else discovery under ``data_path`` (or the built-in phantom population,
+   generated once into the cache folder), capped by ``max_niis_to_use``;
+2. the content hash of every file; files already in the cache are done (they were checked when
+   they were preprocessed), the others get a quick header check (readable NIfTI, 3D or 4D with
+   one volume, sane affine) and, if all pass, are preprocessed into the cache (in
+   ``num_workers`` processes), which also catches unreadable voxel data and empty volumes;
+3. bad files stop the run with one ``DataError`` listing them, or with ``skip_bad_files`` are
+   left out, reported in ``notices`` and written to ``<output_dir>/skipped_files.txt``;
+4. the seeded split, written to ``split.json`` (first run only).
+
+Afterwards a dataset item is one cache read (plus augmentation for the training set): no NIfTI
+is decoded or resampled again, in this run or later ones with the same settings.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..atomic import write_text
+from ..errors import ConfigError, DataError
+from . import discover
+from .augment import AugmentSettings, Augmenter, sample_generator
+from .cache import VolumeCache, file_digest, prepare_entry
+from .nifti_load import PreprocessSettings, open_image, preprocess_file
+
+MAX_LISTED_PROBLEMS = 10
+
+
+@dataclass
+class DataBundle:
+    train: "VolumeDataset"
+    val: "VolumeDataset"
+    voxel_size_mm: float  # isotropic voxel of the model's grid (median over training volumes)
+    train_files: list[str]
+    val_files: list[str]
+    skipped_files: list[str]
+    intensity_reference: dict[str, Any]
+    data_source: str = ""
+    cache_dir: str = ""
+    split_file: str = ""
+    notices: list[str] = field(default_factory=list)
+
+
+class VolumeDataset(Dataset):
+    """Preprocessed volumes from the cache; ``dataset[i]`` is a float32 (1, R, R, R) tensor in [0, 1]."""
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        digests: Sequence[str],
+        cache: VolumeCache,
+        augmenter: Augmenter | None = None,
+        metas: Sequence[dict[str, Any]] | None = None,
+    ):
+        self.files = list(files)
+        self.digests = list(digests)
+        self.cache = cache
+        self.augmenter = augmenter
+        self.metas = list(metas) if metas is not None else [{} for _ in self.files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def volume(self, index: int) -> np.ndarray:
+        """The unaugmented preprocessed volume (R, R, R)."""
+        digest = self.digests[index]
+        try:
+            return self.cache.load(digest)
+        except Exception:  # entry deleted or damaged since the check: rebuild it from the source
+            volume, meta = preprocess_file(self.files[index], self.cache.settings)
+            return self.cache.store(digest, volume, meta)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x = torch.from_numpy(self.volume(index))[None]
+        if self.augmenter is not None:
+            x = self.augmenter(x, sample_generator(index))
+        return x
+
+
+# --- the whole build -------------------------------------------------------------------------------
+
+
+def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None = None) -> DataBundle:
+    """Everything the training loop needs from the data (see the module notes)."""
+    notices = [] if notices is None else notices
+    output_dir = Path(output_dir)
+    show = _show_progress()
+    settings = PreprocessSettings.from_config(cfg)
+    cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else output_dir / "cache"
+    cache = VolumeCache(cache_root, settings)
+    split_path = output_dir / discover.SPLIT_FILE
+    seed = int(cfg.seed) if cfg.seed is not None else 0
+
+    saved = None
+    if split_path.exists():
+        train_names, val_names, info = discover.load_split(split_path)
+        saved = (train_names, val_names)
+        files = [Path(f) for f in dict.fromkeys(train_names + val_names)]
+        source = str(info.get("data_source", split_path))
+        current = _describe_source(cfg)
+        if current is not None and info.get("data_source") not in (None, current):
+            notices.append(
+                f"using the saved split {split_path} (made from {info.get('data_source')}), not {current}; "
+                "delete it or use a new output_dir to split other data"
+            )
+    else:
+        root = Path(cfg.data_path).expanduser() if cfg.data_path else phantom_folder(cfg, cache_root, show)
+        source = str(root.resolve())
+        files = discover.cap_files(discover.discover_files(root, cfg.nifti_filename_pattern), cfg.max_niis_to_use)
+
+    prepared, bad = prepare_files(files, cache, workers=cfg.num_workers, show_progress=show,
+                                  stop_early=not cfg.skip_bad_files)
+    for meta in prepared.values():
+        notices.extend(meta[1].get("warnings", []))
+    if bad:
+        _handle_bad(bad, len(files), cfg.skip_bad_files, output_dir, notices)
+    good = [str(f) for f in files if str(f) in prepared]
+    if not good:
+        raise DataError(f"none of the {len(files)} input files from {source} can be used")
+
+    if saved is None:
+        train_names, val_names = discover.split_files(good, cfg.train_fraction, seed)
+        discover.save_split(split_path, train_names, val_names, {
+            "data_source": source, "seed": seed, "train_fraction": cfg.train_fraction,
+            "max_niis_to_use": cfg.max_niis_to_use, "nifti_filename_pattern": cfg.nifti_filename_pattern,
+        })
+    else:
+        train_names = [f for f in saved[0] if f in prepared]
+        val_names = [f for f in saved[1] if f in prepared]
+        if not train_names:
+            raise DataError(f"no training file of {split_path} can be used")
+        if not val_names:
+            val_names = train_names[:1]
+            notices.append("no validation file of the saved split can be used; validating on a training file")
+    if len(good) == 1:
+        notices.append("only one usable input file: it is used for both training and validation")
+
+    augmenter = None
+    aug = AugmentSettings.from_config(cfg)
+    if cfg.augment and aug.any():
+        augmenter = Augmenter(aug, cfg.resolution)
+    train = _dataset(train_names, prepared, cache, augmenter)
+    val = _dataset(val_names, prepared, cache, None)
+    train_metas = train.metas
+    voxel = float(np.median([m["voxel_size_mm"] for m in train_metas]))
+    reference = {
+        "low": float(np.median([m["clamp_low"] for m in train_metas])),
+        "high": float(np.median([m["clamp_high"] for m in train_metas])),
+        "clamp_percentiles": list(settings.clamp_percentiles),
+        "voxel_size_mm_range": [float(min(m["voxel_size_mm"] for m in train_metas)),
+                                float(max(m["voxel_size_mm"] for m in train_metas))],
+        "mapping": "data = low + model * (high - low); low/high are medians over training files of the "
+                   "per-file intensity clamp values (0 maps to background)",
+    }
+    return DataBundle(
+        train=train, val=val, voxel_size_mm=voxel, train_files=list(train_names), val_files=list(val_names),
+        skipped_files=[p for p, _ in bad] if bad else [], intensity_reference=reference,
+        data_source=source, cache_dir=str(cache_root), split_file=str(split_path), notices=notices,
+    )
+
+
+def _dataset(names: list[str], prepared: dict[str, tuple[str, dict]], cache: VolumeCache,
+             augmenter: Augmenter | None) -> VolumeDataset:
+    return VolumeDataset(names, [prepared[n][0] for n in names], cache, augmenter, [prepared[n][1] for n in names])
+
+
+def _describe_source(cfg: Any) -> str | None:
+    if cfg.data_path is None:
+        return None
+    return str(Path(cfg.data_path).expanduser().resolve())
+
+
+def _show_progress() -> bool | None:
+    """Bars on rank 0 only (None lets tqdm decide: only on a terminal)."""
+    rank = os.environ.get("RANK")
+    return False if rank not in (None, "0") else None
+
+
+def _handle_bad(bad: list[tuple[str, str]], total: int, skip: bool, output_dir: Path, notices: list[str]) -> None:
+    listed = "\n".join(f"  {reason}" for _, reason in bad[:MAX_LISTED_PROBLEMS])
+    more = f"\n  ... and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
+    if not skip:
+        if len(bad) == 1:
+            raise DataError(f"{bad[0][1]} (set skip_bad_files: true to leave bad files out)")
+        raise DataError(
+            f"{len(bad)} of {total} input files cannot be used (set skip_bad_files: true to leave them out):\n"
+            f"{listed}{more}"
+        )
+    report = output_dir / "skipped_files.txt"
+    write_text(report, "".join(f"{path}\t{reason}\n" for path, reason in bad))
+    for _, reason in bad[:MAX_LISTED_PROBLEMS]:
+        notices.append(f"skipped bad file: {reason}")
+    notices.append(f"skipped {len(bad)} of {total} input files; the list is in {report}")
+
+
+# --- checking and preprocessing every file up front ------------------------------------------------
+
+
+def prepare_files(
+    files: Iterable[Path | str],
+    cache: VolumeCache,
+    workers: int = 1,
+    show_progress: bool | None = None,
+    stop_early: bool = False,
+) -> tuple[dict[str, tuple[str, dict[str, Any]]], list[tuple[str, str]]]:
+    """Hash every file; check and preprocess the ones not in the cache yet.
+
+    Returns ``{path: (content digest, metadata)}`` for usable files and ``[(path, reason)]`` for
+    bad ones, in input order.  Bad files never raise here; the caller decides.  With
+    ``stop_early``, a failed header check returns before any (long) preprocessing starts.
+    """
+    from tqdm.auto import tqdm
+
+    files = [str(f) for f in files]
+    bad: dict[str, str] = {}
+    digests: dict[str, str] = {}
+    prepared: dict[str, tuple[str, dict[str, Any]]] = {}
+    todo: dict[str, str] = {}  # digest -> one path with that content
+    for path in tqdm(files, desc="checking NIfTI files", unit="file", disable=_disable(show_progress, len(files))):
+        try:
+            digest = file_digest(path)
+            meta = cache.read_meta(digest)
+            if meta is not None:  # preprocessed (so checked) before: nothing to decode
+                prepared[path] = (digest, meta)
+                continue
+            open_image(path)  # the quick header check, before any long preprocessing
+        except DataError as error:
+            bad[path] = str(error)
+            continue
+        except OSError as error:
+            bad[path] = f"{path}: cannot be read ({error.strerror or error})"
+            continue
+        digests[path] = digest
+        todo.setdefault(digest, path)
+
+    if bad and stop_early:
+        return prepared, [(p, bad[p]) for p in files if p in bad]
+    if todo:
+        cache.ensure_folder()
+        results = _run_jobs(list(todo.items()), cache, workers, show_progress)
+        for path, digest in digests.items():
+            ok, value = results[digest]
+            if ok:
+                prepared[path] = (digest, value)
+            else:
+                bad[path] = value.replace(todo[digest], path, 1)
+    ordered_bad = [(p, bad[p]) for p in files if p in bad]
+    return prepared, ordered_bad
+
+
+def _disable(show: bool | None, n: int) -> bool | None:
+    if show is None:
+        return None if n > 1 else True
+    return not show
+
+
+def _run_jobs(jobs: list[tuple[str, str]], cache: VolumeCache, workers: int,
+              show_progress: bool | None) -> dict[str, tuple[bool, Any]]:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc="preprocessing volumes", unit="vol",
+               disable=_disable(show_progress, len(jobs)))
+    results: dict[str, tuple[bool, Any]] = {}
+    workers = max(1, min(int(workers or 1), len(jobs), os.cpu_count() or 1))
+    try:
+        if workers == 1:
+            for digest, path in jobs:
+                results[digest] = prepare_entry(digest, path, cache)
+                bar.update()
+        else:
+            # spawn: the parent may hold torch/OpenMP threads, which fork does not copy safely
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = {pool.submit(prepare_entry, digest, path, cache): digest for digest, path in jobs}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update()
+    finally:
+        bar.close()
+    return results
+
+
+# --- the built-in phantom population ----------------------------------------------------------------
+
+
+def phantom_folder(cfg: Any, cache_root: Path, show_progress: bool | None = None) -> Path:
+    """The phantom population for this configuration, generated once (atomically) into the cache."""
+    if cfg.phantom_num < 1:
+        raise ConfigError("phantom_num must be >= 1 when data_path is not set (the built-in phantom data)")
+    seed = int(cfg.seed) if cfg.seed is not None else 0
+    folder = cache_root / f"phantom_{cfg.resolution}_{cfg.phantom_num}_{seed}"
+    if folder.is_dir():
+        return folder
+    from .phantom import generate_population  # lazy: only needed without data_path
+
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root))
+    try:
+        generate_population(cfg.phantom_num, cfg.resolution, tmp, seed, progress=show_progress)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.is_dir():  # someone else (another rank) finishing first is fine
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
