@@ -5,8 +5,10 @@ white matter, CSF, lateral ventricles) put through random anatomy, pathology and
 The field of view is a 192 mm cube centred on the origin, so a volume of resolution R has
 isotropic voxels of 192/R mm (32 -> 6 mm, 64 -> 3 mm, 128 -> 1.5 mm) and the brain fills it.
 
-Per-subject factors (all drawn independently, so their effects can be told apart; every one is
-written to ``participants.tsv``):
+Per-subject factors, every one written to ``participants.tsv``. Atrophy, lesion load and the
+remaining (size, shape, contrast, scanner) factors are drawn independently of each other, so
+their effects can be told apart; ventricle enlargement and cortical thinning follow atrophy, and
+lesion count and size follow lesion load:
 
 =============================  ==============================================================
 factor                         distribution
@@ -19,13 +21,15 @@ deformation_mm                 U(1, 3): s.d. of a smooth random displacement fie
 atrophy                        Beta(2, 3), 0 = none, 1 = severe
 ventricle_enlargement_mm       6 * clip(atrophy + N(0, 0.1), 0, 1): tissue is pulled towards
                                the lateral ventricles by up to this many mm (they widen)
-cortical_thinning              0.7 * clip(atrophy + N(0, 0.1), 0, 1): fraction of the grey
-                               matter next to sulcal CSF that becomes CSF (sulci widen)
+cortical_thinning_mm           1.5 * clip(atrophy + N(0, 0.1), 0, 1): grey matter closer than
+                               this to sulcal CSF or the brain surface becomes CSF (1 mm ramp),
+                               so sulci widen and the cortex thins
 lesion_load                    Beta(1, 3)
 lesion_count                   Poisson(40 * lesion_load) white-matter hyperintensities, each
                                periventricular with p = 0.6 (white matter 2-8 mm from the
-                               ventricles; ellipsoid radius LogNormal(ln 3 mm, 0.4) clipped
-                               to [1.5, 8] mm, one axis elongated by U(1.2, 2.5)) or deep
+                               ventricles; ellipsoid radius LogNormal(ln(2.5 + 3 *
+                               lesion_load) mm, 0.35) clipped to [1.5, 10] mm, so heavy loads
+                               are confluent, one axis elongated by U(1.2, 2.5)) or deep
                                (white matter > 12 mm from ventricles, > 4 mm from grey matter;
                                radius LogNormal(ln 2 mm, 0.35) clipped to [1, 5] mm), random
                                orientation; lesions only replace white matter
@@ -40,10 +44,17 @@ rotation_x/y/z_deg             N(0, 2) clipped to [-6, 6] (residual misregistrat
 translation_x/y/z_mm           N(0, 2) clipped to [-6, 6]
 =============================  ==============================================================
 
-So the FLAIR ordering CSF < WM < GM < lesion always holds for the tissue means. The image is the
-partial-volume mixture of tissue intensities, times the bias field, with Rician noise
+So the FLAIR ordering CSF < WM < GM < lesion always holds for the tissue means.
+
+Rendering: each output voxel is mapped to the atlas through misregistration, the nonlinear
+field, brain size and the ventricle pull (one composed map, trilinear interpolation). The
+template's population-averaged tissue fractions are sharpened (``f**2``, renormalised) so
+boundaries are about as crisp as in one brain, then cortical thinning and lesions are applied.
+The image is the partial-volume mixture of tissue intensities, times the bias field, with Rician noise
 (``|I + sigma (n1 + i n2)|``), then zeroed outside the brain mask (skull-stripped), clipped to
 [0, 1] and stored as float32: values are in [0, 1], background exactly 0, white matter ~0.4.
+The brain mask (labels > 0) is where the tissue fractions sum to at least 0.5. The largest
+brains (about 5 %) touch the edge of the field of view by a voxel.
 
 Also recorded (measured on the rendered subject, in ml): brain_volume_ml (everything inside the
 mask), gm/wm/csf/ventricle/lesion_volume_ml (partial-volume sums; csf includes the ventricles,
@@ -94,7 +105,7 @@ def sample_factors(rng: np.random.Generator) -> dict[str, Any]:
     f["deformation_mm"] = float(rng.uniform(1.0, 3.0))
     f["atrophy"] = float(rng.beta(2.0, 3.0))
     f["ventricle_enlargement_mm"] = 6.0 * float(np.clip(f["atrophy"] + rng.normal(0, 0.1), 0, 1))
-    f["cortical_thinning"] = 0.7 * float(np.clip(f["atrophy"] + rng.normal(0, 0.1), 0, 1))
+    f["cortical_thinning_mm"] = 1.5 * float(np.clip(f["atrophy"] + rng.normal(0, 0.1), 0, 1))
     f["lesion_load"] = float(rng.beta(1.0, 3.0))
     f["lesion_count"] = int(rng.poisson(40.0 * f["lesion_load"]))
     wm = 0.42 * float(np.exp(rng.normal(0, 0.05)))
@@ -116,14 +127,14 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def _draw_lesions(rng: np.random.Generator, anat: pr.Anatomy, count: int):
+def _draw_lesions(rng: np.random.Generator, anat: pr.Anatomy, count: int, load: float):
     sites, radii, rotations, periventricular = [], [], [], []
     for _ in range(count):
         pv = bool(rng.random() < 0.6)
         pool = anat.periventricular_sites if pv else anat.deep_sites
         sites.append(pool[rng.integers(len(pool))] + rng.uniform(-0.5, 0.5, 3))
         if pv:
-            r0 = float(np.clip(rng.lognormal(np.log(3.0), 0.4), 1.5, 8.0))
+            r0 = float(np.clip(rng.lognormal(np.log(2.5 + 3.0 * load), 0.35), 1.5, 10.0))
             shape = np.array([r0, r0, r0 * rng.uniform(1.2, 2.5)])
         else:
             r0 = float(np.clip(rng.lognormal(np.log(2.0), 0.35), 1.0, 5.0))
@@ -154,7 +165,7 @@ def generate_volume(
     f = sample_factors(rng)
     deformation = rng.standard_normal((3,) + (pr.DEFORMATION_GRID,) * 3) * f["deformation_mm"]
     bias = rng.standard_normal((pr.BIAS_GRID,) * 3) * f["bias_field_strength"]
-    sites, radii, rotations, periventricular = _draw_lesions(rng, anat, f["lesion_count"])
+    sites, radii, rotations, periventricular = _draw_lesions(rng, anat, f["lesion_count"], f["lesion_load"])
 
     pose = pr.make_pose(
         anat,
@@ -165,8 +176,8 @@ def generate_volume(
         f["ventricle_enlargement_mm"],
     )
     index, channels = pr.sample_tissues(anat, pose, resolution)
-    gm, wm, csf, ventricle, proximity = pr.sharpen(channels)
-    thinned = gm * np.minimum(f["cortical_thinning"] * proximity, 0.95)
+    gm, wm, csf, ventricle, pial_distance = pr.sharpen(channels)
+    thinned = gm * np.clip(f["cortical_thinning_mm"] - pial_distance, 0.0, 1.0)
     gm -= thinned
     csf += thinned
     if len(sites):

@@ -26,7 +26,7 @@ class Anatomy:
     """The atlas plus what is derived from it once: extra channels, fields, lesion sites."""
 
     atlas: Atlas
-    channels: np.ndarray  # (5, X, Y, Z): gm, wm, csf, ventricle, pial proximity (0..1)
+    channels: np.ndarray  # (5, X, Y, Z): gm, wm, csf, ventricle fractions; pial distance (mm)
     toward_ventricles: np.ndarray  # (3, X, Y, Z) in atlas voxels per mm of enlargement
     periventricular_sites: np.ndarray  # (N, 3) atlas voxel coordinates
     deep_sites: np.ndarray  # (M, 3) atlas voxel coordinates
@@ -41,12 +41,13 @@ def anatomy() -> Anatomy:
     vox = atlas.voxel_mm
     mask = atlas.mask
     sulcal = np.clip(atlas.csf - atlas.ventricle, 0.0, 1.0)
-    # Pial proximity: how much non-ventricular CSF (or outside-of-brain) surrounds a voxel
+    # Pial distance: mm to the nearest sulcal/cisternal CSF (fraction > 0.2, ventricles
+    # excluded) or to the outside of the brain. Cortical thinning by t mm turns the grey matter
+    # closer than t to it into CSF, so sulci widen and the cortex recedes from the surface.
     # within ~2 mm. Cortical thinning turns grey matter into CSF in proportion to it.
-    outside = sulcal + (1.0 - mask)
-    proximity = ndi.gaussian_filter(outside, sigma=2.0 / vox, mode="constant", cval=1.0)
-    proximity = np.clip(proximity / 0.5, 0.0, 1.0).astype(np.float32)
-    channels = np.stack([atlas.gm, atlas.wm, atlas.csf, atlas.ventricle, proximity]).astype(np.float32)
+    pial = (sulcal > 0.2) | (mask < 0.5)
+    pial_distance = ndi.distance_transform_edt(~pial) * vox
+    channels = np.stack([atlas.gm, atlas.wm, atlas.csf, atlas.ventricle, pial_distance]).astype(np.float32)
 
     # Ventricle enlargement pulls sampling positions towards the ventricles along the gradient
     # of the smoothed ventricle map, scaled so the largest pull is 1 mm per mm of enlargement.
@@ -157,7 +158,7 @@ def sample_tissues(anat: Anatomy, pose: Pose, resolution: int) -> tuple[np.ndarr
     """Atlas channels at the output voxels that can be inside the brain.
 
     Returns ``(index, channels)``: flat indices into the (R, R, R) grid and (5, P) float32 values
-    (gm, wm, csf, ventricle, pial proximity) there; every other voxel is background. Working on
+    (gm, wm, csf, ventricle, pial distance) there; every other voxel is background. Working on
     these points only (about a quarter of the cube) keeps the interpolation cheap.
     """
     ax = axis_mm(resolution).astype(np.float32)
@@ -203,14 +204,14 @@ def sharpen(channels: np.ndarray, power: float = SHARPNESS) -> np.ndarray:
     GM/WM/CSF fractions f become f**power / sum(f**power) times their original sum, so the mask
     is unchanged; the ventricle fraction keeps its share of the CSF.
     """
-    gm, wm, csf, ventricle, proximity = channels
+    gm, wm, csf, ventricle, pial_distance = channels
     total = gm + wm + csf
     powered = np.stack([gm, wm, csf]) ** power
     norm = powered.sum(axis=0)
     scale = np.divide(total, norm, out=np.zeros_like(total), where=norm > 0)
     gm, wm, new_csf = powered * scale
     ventricle = ventricle * np.divide(new_csf, csf, out=np.zeros_like(csf), where=csf > 1e-6)
-    return np.stack([gm, wm, new_csf, np.minimum(ventricle, new_csf), proximity])
+    return np.stack([gm, wm, new_csf, np.minimum(ventricle, new_csf), pial_distance])
 
 
 def render_lesions(resolution: int, centres_mm: np.ndarray, radii_mm: np.ndarray, rotations: np.ndarray) -> np.ndarray:
