@@ -137,7 +137,8 @@ def build_atlas(voxel_mm: float = DEFAULT_VOXEL_MM, margin_mm: int = 4) -> tuple
             raise DataError(f"nilearn template file not found: {path}")
         images[key] = nib.load(str(path))
     affine = images["t1"].affine
-    if not np.allclose(np.abs(np.diag(affine)[:3]), 1.0) or not np.allclose(affine[:3, :3], np.diag(np.diag(affine)[:3])):
+    linear = affine[:3, :3]
+    if not np.allclose(np.abs(np.diag(linear)), 1.0) or not np.allclose(linear, np.diag(np.diag(linear))):
         raise DataError(f"expected a 1 mm axis-aligned template, got affine {affine.tolist()}")
     maps = derive_tissue_maps(
         images["gm"].get_fdata(dtype=np.float32) / 255.0,
