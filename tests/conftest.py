@@ -1,0 +1,41 @@
+"""Shared fixtures: small generated NIfTI folders, so tests never need real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def write_ellipsoids(folder: Path, num: int, size: int = 24, seed: int = 0, voxel_mm: float = 2.0) -> list[Path]:
+    """Randomly sized, off-centre ellipsoids of random brightness on a dark background."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    axis = np.linspace(-1, 1, size)
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    paths = []
+    for i in range(num):
+        radii = rng.uniform(0.35, 0.8, 3)
+        centre = rng.uniform(-0.1, 0.1, 3)
+        inside = ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2 < 1
+        core = ((x - centre[0]) / (0.5 * radii[0])) ** 2 + ((y - centre[1]) / (0.5 * radii[1])) ** 2 + (z / (0.5 * radii[2])) ** 2 < 1
+        volume = inside * rng.uniform(300, 500) + core * rng.uniform(100, 300) + rng.normal(0, 5, inside.shape) * inside
+        affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+        path = folder / f"subject_{i:03d}.nii.gz"
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), str(path))
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def ellipsoid_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "niftis"
+    write_ellipsoids(folder, 24)
+    return folder

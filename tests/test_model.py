@@ -1,0 +1,157 @@
+"""Model: shapes, sizes, initialisation and the maths of the KL and the likelihoods."""
+
+import math
+
+import pytest
+import torch
+
+from verydeepvae.config import build_config
+from verydeepvae.model import VeryDeepVAE
+from verydeepvae.model import gaussian
+from verydeepvae.model.likelihood import DiscretisedLogistic, Gaussian
+
+# Parameter counts of the original project's presets (measured upstream) beside ours.  Ours are
+# larger because channels_per_latent 200 at 1³ is used as configured (the original silently
+# clamped it to the level's width), and because the top layer has a prior network fed by a learned
+# constant (VDVAE) instead of a fixed N(0, I).
+ORIGINAL = {"32": 10_340_000, "64": 19_270_000, "128": 32_750_000}
+OURS = {"32": 10_473_642, "64": 19_431_202, "128": 32_939_362}
+ORIGINAL_LATENT_DIMS = {"32": 1_765_560, "64": 14_872_780, "128": 124_973_280}
+
+
+@pytest.mark.parametrize("name", ["32", "64", "128"])
+def test_preset_parameter_counts(name):
+    model = VeryDeepVAE(build_config(preset=name))
+    count = sum(p.numel() for p in model.parameters())
+    assert count == OURS[name]
+    assert abs(count - ORIGINAL[name]) / ORIGINAL[name] < 0.02
+    # the only latent-size difference: 200 instead of the clamped width at 1³
+    cfg = build_config(preset=name)
+    assert model.latent_dimensions() == ORIGINAL_LATENT_DIMS[name] + (200 - cfg.channels[-1])
+    assert model.num_layers == sum(cfg.latent_feature_maps_per_resolution)
+
+
+def test_encoder_matches_original_size_exactly():
+    model = VeryDeepVAE(build_config(preset="32"))
+    assert sum(p.numel() for p in model.encoder.parameters()) == 1_842_620
+
+
+@pytest.mark.parametrize("name", ["tiny", "demo", "32"])
+def test_forward_shapes(name):
+    cfg = build_config(preset=name)
+    model = VeryDeepVAE(cfg)
+    x = torch.rand(2, 1, cfg.resolution, cfg.resolution, cfg.resolution)
+    out = model(x)
+    assert out.params.shape == (2, 2) + (cfg.resolution,) * 3
+    assert out.kl_per_layer.shape == (2, model.num_layers)
+    assert out.elbo.shape == (2,) and torch.isfinite(out.loss)
+    assert model.sample(1).shape == (1, 1) + (cfg.resolution,) * 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["64", "128"])
+def test_sample_shapes_large_presets(name):
+    cfg = build_config(preset=name)
+    model = VeryDeepVAE(cfg)
+    volume = model.sample(1)
+    assert volume.shape == (1, 1) + (cfg.resolution,) * 3
+    assert 0.0 <= volume.min() and volume.max() <= 1.0
+
+
+def test_priors_are_standard_normal_at_initialisation():
+    cfg = build_config(preset="tiny")
+    model = VeryDeepVAE(cfg)
+    h = torch.randn(2, cfg.channels[0], 4, 4, 4)
+    for layer in model.decoder.layers:
+        h = torch.randn(2, layer.width, 4, 4, 4)
+        mean, std, feature = layer.prior_params(h)
+        assert torch.all(mean == 0) and torch.allclose(std, torch.ones_like(std)) and torch.all(feature == 0)
+
+
+def test_residual_branches_are_depth_scaled():
+    cfg = build_config(preset="tiny")
+    torch.manual_seed(0)
+    model = VeryDeepVAE(cfg)
+    depth = sum(cfg.latent_feature_maps_per_resolution)
+    for layer in model.decoder.layers:
+        assert layer.res.residual_scale == pytest.approx(1 / math.sqrt(depth))
+    # the scaled weights are 1/sqrt(depth) times a default-initialised conv of the same shape
+    torch.manual_seed(0)
+    reference = VeryDeepVAE(build_config(preset="tiny", overrides={"latent_feature_maps_per_resolution": [1, 0, 0, 0, 1]}))
+    ref_depth = 2
+    layer, ref_layer = model.decoder.layers[0], reference.decoder.layers[0]
+    ratio = (layer.z_proj.conv.weight.std() / ref_layer.z_proj.conv.weight.std()).item()
+    assert ratio == pytest.approx(math.sqrt(ref_depth / depth), rel=0.25)
+    for block in model.encoder.levels:
+        for res in block:
+            assert res.residual_scale == pytest.approx(1 / math.sqrt(model.encoder.depth))
+
+
+def test_no_batch_norm_anywhere():
+    model = VeryDeepVAE(build_config(preset="32"))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def test_analytic_kl_matches_monte_carlo():
+    torch.manual_seed(0)
+    q_mean, q_std = torch.tensor([0.3, -1.0]), torch.tensor([0.5, 1.5])
+    p_mean, p_std = torch.tensor([0.0, 0.5]), torch.tensor([1.0, 0.8])
+    analytic = gaussian.kl_diagonal_gaussians(q_mean, q_std, p_mean, p_std)
+    z = q_mean + q_std * torch.randn(400_000, 2)
+    mc = (gaussian.gaussian_log_density(z, q_mean, q_std) - gaussian.gaussian_log_density(z, p_mean, p_std)).mean(0)
+    assert torch.allclose(analytic, mc, atol=0.01)
+
+
+def test_softplus_std_is_one_at_zero():
+    assert gaussian.std_from_raw(torch.zeros(3)).tolist() == pytest.approx([1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("mean,log_scale", [(0.0, -2.0), (0.9, -4.0), (-1.2, 0.5), (0.3, -6.5)])
+def test_discretised_probabilities_sum_to_one(mean, log_scale):
+    lik = DiscretisedLogistic(256)
+    bins = torch.linspace(-1, 1, 256).view(1, 1, 256, 1, 1)
+    params = torch.empty(1, 2, 256, 1, 1)
+    params[:, 0] = mean
+    params[:, 1] = log_scale
+    total = lik.log_prob(params, bins).exp().sum()
+    assert total.item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_discretised_nll_is_a_code_length():
+    lik = DiscretisedLogistic(256)
+    params = torch.randn(2, 2, 4, 4, 4)
+    x = torch.rand(2, 1, 4, 4, 4) * 2 - 1
+    assert torch.all(-lik.log_prob(params, x) >= 0)
+
+
+def test_gaussian_likelihood_is_a_density():
+    lik = Gaussian()
+    params = torch.zeros(1, 2, 1, 1, 1)
+    x = torch.zeros(1, 1, 1, 1, 1)
+    std = gaussian.std_from_raw(torch.zeros(1)) + 1e-3
+    expected = -math.log(std.item()) - 0.5 * math.log(2 * math.pi)
+    assert lik.log_prob(params, x).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_temperature_zero_gives_prior_means_and_is_deterministic():
+    model = VeryDeepVAE(build_config(preset="tiny"))
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    a = model.sample(2, 0.0, generator=g1)
+    b = model.sample(2, 0.0, generator=g2)
+    assert torch.equal(a, b)
+    c = model.sample(2, 1.0, generator=torch.Generator().manual_seed(3))
+    d = model.sample(2, 1.0, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(c, d)
+
+
+def test_encode_decode_round_trip_matches_posterior_mean_reconstruction():
+    model = VeryDeepVAE(build_config(preset="tiny"))
+    x = torch.rand(2, 1, 16, 16, 16)
+    assert torch.allclose(model.decode(model.encode(x)), model.reconstruct(x), atol=1e-6)
+
+
+def test_loss_is_per_voxel():
+    model = VeryDeepVAE(build_config(preset="tiny"))
+    out = model(torch.rand(1, 1, 16, 16, 16))
+    # a freshly initialised discretised model is within a factor of a uniform code (8 bits/voxel)
+    assert 0.5 * math.log(256) < out.elbo.item() < 3 * math.log(256)
