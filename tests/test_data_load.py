@@ -128,6 +128,11 @@ def test_non_finite_voxels_become_background_with_a_warning(tmp_path):
     assert "10 non-finite" in meta["warnings"][0] and "nan.nii.gz" in meta["warnings"][0]
 
 
+def _copy(source, target):
+    target.write_bytes(source.read_bytes())
+    return target
+
+
 def _bad_files(tmp_path):
     shape = (16, 16, 16)
     affine = centred_affine(shape, (2, 2, 2))
@@ -147,6 +152,7 @@ def _bad_files(tmp_path):
         "truncated.nii": (truncated, r"truncated or corrupt|cannot be read"),
         "text.nii": (text, "cannot be read as NIfTI"),
         "garbage.nii.gz": (gz_garbage, "cannot be read as NIfTI"),
+        "misnamed.nii": (_copy(good_gz, tmp_path / "misnamed.nii"), "gzip-compressed, so it should be named .nii.gz"),
         "flat.nii": (write(tmp_path / "flat.nii", np.ones((16, 16), np.float32)), "2D image"),
         "slab.nii": (write(tmp_path / "slab.nii", np.ones((16, 16, 1), np.float32)), "2D image"),
         "series.nii.gz": (write(tmp_path / "series.nii.gz", np.stack([ball] * 3, -1), affine), r"4D series .*\(3 volumes\)"),

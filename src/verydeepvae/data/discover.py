@@ -96,7 +96,8 @@ def _read_list_file(list_file: Path, pattern: str | None) -> list[Path]:
             path = list_file.parent / path
         path = Path(os.path.normpath(path))
         if not path.is_file():
-            raise DataError(f"file list {list_file}, line {line_no}: {path} does not exist")
+            problem = "is not a file" if path.exists() else "does not exist"
+            raise DataError(f"file list {list_file}, line {line_no}: {path} {problem}")
         if pattern and not fnmatch.fnmatchcase(path.name, pattern):
             continue
         if path not in seen:

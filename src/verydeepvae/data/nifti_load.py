@@ -94,7 +94,10 @@ def open_image(path: str | Path) -> nib.spatialimages.SpatialImage:
     except FileNotFoundError:
         raise DataError(f"{path}: file does not exist") from None
     except Exception as error:  # nibabel raises many types for garbage input
-        raise DataError(f"{path}: cannot be read as NIfTI ({_describe(error)})") from None
+        hint = ""
+        if path.name.lower().endswith(".nii") and _starts_with(path, b"\x1f\x8b"):
+            hint = "; it is gzip-compressed, so it should be named .nii.gz"
+        raise DataError(f"{path}: cannot be read as NIfTI ({_describe(error)}){hint}") from None
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise DataError(f"{path}: is a {type(image).__name__}, not a NIfTI image")
     shape = tuple(int(s) for s in image.shape)
@@ -135,6 +138,14 @@ def load_canonical(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except Exception as error:
         raise DataError(f"{path}: voxel data cannot be read, the file may be truncated or corrupt ({_describe(error)})") from None
     return data, voxel_sizes(canonical.affine)
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(magic)) == magic
+    except OSError:
+        return False
 
 
 def _describe(error: BaseException) -> str:
