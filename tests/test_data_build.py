@@ -140,9 +140,12 @@ def test_pipeline_preview_writes_niftis_with_grid_affine_and_a_montage(tmp_path)
     out = tmp_path / "r"
     cfg = data_config(data, out, augment=True, aug_prob_affine=1.0, aug_prob_haircut=1.0,
                       visualise_training_pipeline_before_starting=True)
-    bundle = build_datasets(cfg, out)
-    folder = write_pipeline_preview(bundle, out, n=2)
-    assert folder == out / "pipeline_test"
+    notices: list[str] = []
+    bundle = build_datasets(cfg, out, notices)  # the flag writes the preview (subjects_to_plot = 4)
+    assert len(list((out / "pipeline_test").glob("*.nii.gz"))) == 6  # 3 training volumes x 2
+    assert any("pipeline preview" in n for n in notices)
+    folder = write_pipeline_preview(bundle, tmp_path / "again", n=2)
+    assert folder == tmp_path / "again" / "pipeline_test"
     niftis = sorted(folder.glob("*.nii.gz"))
     assert len(niftis) == 4 and (folder / "pipeline_test.png").stat().st_size > 1000
     image = nib.load(str(niftis[0]))

@@ -11,7 +11,8 @@ The order of work, all before training starts so a bad file can never stop an ep
    ``num_workers`` processes), which also catches unreadable voxel data and empty volumes;
 3. bad files stop the run with one ``DataError`` listing them, or with ``skip_bad_files`` are
    left out, reported in ``notices`` and written to ``<output_dir>/skipped_files.txt``;
-4. the seeded split, written to ``split.json`` (first run only).
+4. the seeded split, written to ``split.json`` (first run only);
+5. with ``visualise_training_pipeline_before_starting``, ``pipeline_test/`` (on rank 0).
 
 Afterwards a dataset item is one cache read (plus augmentation for the training set): no NIfTI
 is decoded or resampled again, in this run or later ones with the same settings.
@@ -168,11 +169,17 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
         "mapping": "data = low + model * (high - low); low/high are medians over training files of the "
                    "per-file intensity clamp values (0 maps to background)",
     }
-    return DataBundle(
+    bundle = DataBundle(
         train=train, val=val, voxel_size_mm=voxel, train_files=list(train_names), val_files=list(val_names),
         skipped_files=[p for p, _ in bad] if bad else [], intensity_reference=reference,
         data_source=source, cache_dir=str(cache_root), split_file=str(split_path), notices=notices,
     )
+    if cfg.visualise_training_pipeline_before_starting and show is not False:  # rank 0 only
+        from .pipeline_preview import write_pipeline_preview
+
+        folder = write_pipeline_preview(bundle, output_dir, max(1, cfg.subjects_to_plot))
+        notices.append(f"training pipeline preview written to {folder}")
+    return bundle
 
 
 def _dataset(names: list[str], prepared: dict[str, tuple[str, dict]], cache: VolumeCache,
@@ -197,9 +204,10 @@ def _handle_bad(bad: list[tuple[str, str]], total: int, skip: bool, output_dir: 
     more = f"\n  ... and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
     if not skip:
         if len(bad) == 1:
-            raise DataError(f"{bad[0][1]} (set skip_bad_files: true to leave bad files out)")
+            raise DataError(f"{bad[0][1]} (set skip_bad_files: true, or --skip-bad-files, to leave bad files out)")
         raise DataError(
-            f"{len(bad)} of {total} input files cannot be used (set skip_bad_files: true to leave them out):\n"
+            f"{len(bad)} of {total} input files cannot be used (set skip_bad_files: true, or "
+            f"--skip-bad-files, to leave them out):\n"
             f"{listed}{more}"
         )
     report = output_dir / "skipped_files.txt"
