@@ -1,0 +1,37 @@
+# The README's commands.  Each target creates/uses the virtual environment in .venv itself.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# torch 2.13.0: a CPU build where only that wheel is available, the CUDA build from PyPI elsewhere.
+TORCH ?= torch==2.13.0
+RUN ?= runs/demo
+
+.PHONY: install demo test test-fast bench clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## Train the demo model on the built-in phantom population, then sample from it.
+demo: install
+	$(VENV)/bin/verydeepvae train --preset demo --output-dir $(RUN)
+	$(VENV)/bin/verydeepvae sample --checkpoint $(RUN) --num 8 --temperature 0.8 --output-dir $(RUN)/samples_t0.8
+
+## The whole test suite, slow end-to-end tests included (what CI runs).
+test: install
+	$(PY) -m pytest
+
+## Only the fast tests.
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+bench: install
+	$(PY) bench/phantom.py
+	$(PY) bench/data_pipeline.py
+
+clean-demo:
+	rm -rf $(RUN)
