@@ -23,6 +23,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -292,8 +293,9 @@ def _run_jobs(jobs: list[tuple[str, str]], cache: VolumeCache, workers: int,
                 results[digest] = prepare_entry(digest, path, cache)
                 bar.update()
         else:
-            # spawn: the parent may hold torch/OpenMP threads, which fork does not copy safely
-            context = multiprocessing.get_context("spawn")
+            # fork on Linux (like torch's DataLoader; the workers only run numpy/scipy/nibabel code,
+            # never torch/OpenMP, so threads of the parent do not matter); spawn elsewhere.
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                 futures = {pool.submit(prepare_entry, digest, path, cache): digest for digest, path in jobs}
                 for future in as_completed(futures):
