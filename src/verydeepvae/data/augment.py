@@ -74,8 +74,15 @@ class AugmentSettings:
 _counter = itertools.count()
 
 
-def sample_generator(index: int) -> np.random.Generator:
-    """A fresh generator for one sample: (process seed, sample index, per-process call count)."""
+def sample_generator(index: int, epoch_key: tuple[int, ...] | None = None) -> np.random.Generator:
+    """A fresh generator for one sample.
+
+    With ``epoch_key`` (the trainer's (seed, rank, epoch)) the stream depends only on that key and
+    the sample index, so a resumed run augments exactly as the uninterrupted one would, whatever
+    the worker layout.  Without it: (process seed, sample index, per-process call count).
+    """
+    if epoch_key is not None:
+        return np.random.default_rng(np.random.SeedSequence([*map(int, epoch_key), int(index)]))
     seed = torch.initial_seed()
     return np.random.default_rng(np.random.SeedSequence([seed, int(index), next(_counter)]))
 

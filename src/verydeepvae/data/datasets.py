@@ -74,6 +74,7 @@ class VolumeDataset(Dataset):
         self.digests = list(digests)
         self.cache = cache
         self.augmenter = augmenter
+        self.epoch_key: tuple[int, int, int] | None = None
         self.metas = list(metas) if metas is not None else [{} for _ in self.files]
 
     def __len__(self) -> int:
@@ -91,8 +92,12 @@ class VolumeDataset(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         x = torch.from_numpy(self.volume(index))[None]
         if self.augmenter is not None:
-            x = self.augmenter(x, sample_generator(index))
+            x = self.augmenter(x, sample_generator(index, self.epoch_key))
         return x
+
+    def set_epoch_key(self, seed: int, rank: int, epoch: int) -> None:
+        """Tie augmentation randomness to (seed, rank, epoch, index): reproducible across resumes."""
+        self.epoch_key = (seed, rank, epoch)
 
 
 # --- the whole build -------------------------------------------------------------------------------

@@ -195,10 +195,15 @@ class _Trainer:
         epoch, start = divmod(micro, self.sampler.batches_per_epoch)
         while True:
             self.sampler.set_position(epoch, start)
+            if hasattr(self.bundle.train, "set_epoch_key"):
+                self.bundle.train.set_epoch_key(self.seed, self.runtime.rank, epoch)
             loader = DataLoader(
                 self.bundle.train, batch_size=self.cfg.batch_size, sampler=self.sampler,
                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
                 drop_last=False,
+                # its own generator: creating the loader must not consume the global RNG, or a run
+                # resumed mid-epoch would diverge from the uninterrupted one
+                generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
             )
             for batch in loader:
                 yield batch
