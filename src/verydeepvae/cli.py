@@ -26,6 +26,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"verydeepvae: error: {error}", file=sys.stderr)
         return int(getattr(error, "exit_code", EXIT_USER_ERROR))
+    except OSError as error:  # full disk, read-only or missing folder met while writing outputs
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        print(f"verydeepvae: error: {error.strerror or error}{where}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("verydeepvae: interrupted", file=sys.stderr)
         return 130

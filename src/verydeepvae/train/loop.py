@@ -348,7 +348,13 @@ class _Trainer:
                          "intensity_reference": dict(getattr(self.bundle, "intensity_reference", {}) or {}),
                          "num_train": len(self.bundle.train), "num_val": len(self.bundle.val)},
             })
-            path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta)
+            try:
+                path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta)
+            except OSError as error:
+                previous = ckpt.list_checkpoints(self.ckpt_dir)
+                kept = f"the previous checkpoint {previous[-1].name} is intact" if previous else "no earlier checkpoint"
+                raise UserError(f"could not write the step-{self.step} checkpoint in {self.ckpt_dir}: "
+                                f"{error.strerror or error}; {kept}") from None
             best_path = None
             if is_best:
                 ckpt.record_best(self.ckpt_dir, path, value, self.step)
