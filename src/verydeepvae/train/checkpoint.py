@@ -164,13 +164,19 @@ def read_best(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def architecture_difference(a: Config, b: Config) -> list[str]:
-    """Architecture keys whose values differ, as 'key: a != b'."""
+def architecture_difference(configured: Config, stored: Config) -> list[str]:
+    """Architecture keys whose values differ, as 'key: configured X, checkpoint Y'.
+
+    Derived widths (channels_hidden...) are named only when one side sets them explicitly, so a
+    change of ``channels`` is reported once.
+    """
     out = []
     for key in ARCHITECTURE_KEYS:
-        va, vb = _arch_value(a, key), _arch_value(b, key)
+        if getattr(configured, key) is None and getattr(stored, key) is None:
+            continue
+        va, vb = _arch_value(configured, key), _arch_value(stored, key)
         if va != vb:
-            out.append(f"{key}: {va} != {vb}")
+            out.append(f"{key}: configured {va}, checkpoint {vb}")
     return out
 
 
