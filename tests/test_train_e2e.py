@@ -122,3 +122,13 @@ def test_pickle_checkpoint_is_refused(tmp_path, capsys):
     torch.save({"a": torch.zeros(1)}, bad)
     assert main(["sample", "--checkpoint", str(bad), "--output-dir", str(tmp_path / "o")]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_without_data_uses_the_phantom_population(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--output-dir", str(run), "--max-steps", "2", "--no-progress",
+                 "--set", "subjects_to_plot=0"]) == 0
+    split = json.loads((run / "split.json").read_text())
+    files = [f for key, value in split.items() if isinstance(value, list) for f in value]
+    assert files and all("phantom" in str(f) and str(f).endswith(".nii.gz") for f in files)
