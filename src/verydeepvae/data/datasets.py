@@ -136,13 +136,14 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
     for meta in prepared.values():
         notices.extend(meta[1].get("warnings", []))
     if bad:
-        _handle_bad(bad, len(files), cfg.skip_bad_files, output_dir, notices)
+        _handle_bad(bad, len(files), cfg.skip_bad_files, output_dir, notices, write_report=_is_main_rank())
     good = [str(f) for f in files if str(f) in prepared]
     if not good:
         raise DataError(f"none of the {len(files)} input files from {source} can be used")
 
     if saved is None:
         train_names, val_names = discover.split_files(good, cfg.train_fraction, seed)
+    if saved is None and _is_main_rank():  # other ranks compute the same split; rank 0 records it
         discover.save_split(split_path, train_names, val_names, {
             "data_source": source, "seed": seed, "train_fraction": cfg.train_fraction,
             "max_niis_to_use": cfg.max_niis_to_use, "nifti_filename_pattern": cfg.nifti_filename_pattern,
@@ -199,13 +200,19 @@ def _describe_source(cfg: Any) -> str | None:
     return str(Path(cfg.data_path).expanduser().resolve())
 
 
+def _is_main_rank() -> bool:
+    """Global rank 0 (or no torch.distributed at all): the only process that writes shared files."""
+    return os.environ.get("RANK") in (None, "", "0")
+
+
 def _show_progress() -> bool | None:
     """Bars on rank 0 only (None lets tqdm decide: only on a terminal)."""
     rank = os.environ.get("RANK")
     return False if rank not in (None, "0") else None
 
 
-def _handle_bad(bad: list[tuple[str, str]], total: int, skip: bool, output_dir: Path, notices: list[str]) -> None:
+def _handle_bad(bad: list[tuple[str, str]], total: int, skip: bool, output_dir: Path, notices: list[str],
+                write_report: bool = True) -> None:
     listed = "\n".join(f"  {reason}" for _, reason in bad[:MAX_LISTED_PROBLEMS])
     more = f"\n  ... and {len(bad) - MAX_LISTED_PROBLEMS} more" if len(bad) > MAX_LISTED_PROBLEMS else ""
     if not skip:
@@ -217,7 +224,8 @@ def _handle_bad(bad: list[tuple[str, str]], total: int, skip: bool, output_dir: 
             f"{listed}{more}"
         )
     report = output_dir / "skipped_files.txt"
-    write_text(report, "".join(f"{path}\t{reason}\n" for path, reason in bad))
+    if write_report:
+        write_text(report, "".join(f"{path}\t{reason}\n" for path, reason in bad))
     for _, reason in bad[:MAX_LISTED_PROBLEMS]:
         notices.append(f"skipped bad file: {reason}")
     notices.append(f"skipped {len(bad)} of {total} input files; the list is in {report}")

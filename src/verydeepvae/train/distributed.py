@@ -1,19 +1,33 @@
 """torch.distributed set-up for torchrun (or a single process), and small collective helpers.
 
-Ranks come from the environment torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE).  NCCL on CUDA,
-gloo on the CPU.  Only global rank 0 writes shared outputs.
+Ranks come from the environment torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+TORCHELASTIC_RESTART_COUNT).  One process per device: NCCL on CUDA (``cuda:LOCAL_RANK``), gloo on
+the CPU.  Only global rank 0 writes shared outputs; every decision that changes what a rank does
+next (skip an update, stop on a signal, give up because the data could not be prepared) is taken
+by all ranks together, so no rank is ever left waiting in a collective for one that has gone.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from ..config import Config
 from ..errors import UserError
+
+T = TypeVar("T")
+
+# Test/debug hook: with this variable set to a folder, every rank appends what it saw (its own,
+# not-yet-reduced metrics, its parameter digest, its pid) to <folder>/rank<R>.jsonl.
+DEBUG_DIR_ENV = "VERYDEEPVAE_DEBUG_DIR"
 
 
 @dataclass
@@ -22,6 +36,9 @@ class Runtime:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1
+    restart_count: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT: > 0 after a worker-group restart
+    launcher_pid: int | None = None  # torchrun's pid, watched so that workers never outlive it
 
     @property
     def is_main(self) -> bool:
@@ -32,7 +49,12 @@ class Runtime:
         return self.world_size > 1
 
 
-def choose_device(cfg: Config, local_rank: int) -> torch.device:
+def under_torchrun() -> bool:
+    """True in a worker started by torchrun / ``python -m torch.distributed.run``."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ
+
+
+def choose_device(cfg: Config, local_rank: int, local_world_size: int = 1) -> torch.device:
     want = cfg.device
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,29 +63,60 @@ def choose_device(cfg: Config, local_rank: int) -> torch.device:
             raise UserError("device cuda was requested but no CUDA GPU is available; use --device cpu")
         count = torch.cuda.device_count()
         if local_rank >= count:
-            raise UserError(f"local rank {local_rank} needs CUDA device {local_rank}, but only {count} are visible")
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+            raise UserError(
+                f"local rank {local_rank} of {local_world_size} process(es) on this node needs CUDA device "
+                f"{local_rank}, but only {count} are visible{shown}; start at most {count} processes per node "
+                "(--nproc_per_node) or make more devices visible (--CUDA_devices)")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
 def setup(cfg: Config) -> Runtime:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = choose_device(cfg, local_rank)
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    if not 0 <= rank < world_size:
+        raise UserError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size})")
+    device = choose_device(cfg, local_rank, local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise UserError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; start several "
+                            "processes with torchrun (python -m torch.distributed.run --nproc_per_node=N ...)")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
     if cfg.threads_per_rank:
         torch.set_num_threads(cfg.threads_per_rank)
-    return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+    return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
+                   local_world_size=local_world_size, restart_count=_env_int("TORCHELASTIC_RESTART_COUNT", 0),
+                   launcher_pid=os.getppid() if under_torchrun() else None)
 
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launcher_gone(runtime: Runtime) -> bool:
+    """True when the torchrun launcher that started this worker has died (we were re-parented)."""
+    return runtime.launcher_pid is not None and os.getppid() != runtime.launcher_pid
+
+
+# --- collectives -----------------------------------------------------------------------------------
 
 
 def all_reduce_mean(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -73,6 +126,24 @@ def all_reduce_mean(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values / runtime.world_size
+
+
+def all_reduce_sum(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Sum over ranks (a no-op in a single process)."""
+    if not runtime.distributed:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_max(values: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    """Element-wise maximum over ranks (a no-op in a single process).  Values must not be NaN."""
+    if not runtime.distributed:
+        return values
+    values = values.to(runtime.device).clone()
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
 
 
 def any_rank(flag: bool, runtime: Runtime) -> bool:
@@ -86,4 +157,121 @@ def any_rank(flag: bool, runtime: Runtime) -> bool:
 
 def barrier(runtime: Runtime) -> None:
     if runtime.distributed:
-        dist.barrier()
+        if runtime.device.type == "cuda":
+            dist.barrier(device_ids=[runtime.device.index])
+        else:
+            dist.barrier()
+
+
+def gather_to_main(obj: Any, runtime: Runtime) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (in rank order); None elsewhere.  Objects travel pickled
+    between our own processes only, never from or to a file."""
+    if not runtime.distributed:
+        return [obj]
+    out: list[Any] | None = [None] * runtime.world_size if runtime.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+# --- rank 0 first, then everybody (without collective time-outs) -----------------------------------
+
+_main_first_calls = 0
+POLL_SECONDS = 0.2
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _wait_for_keys(store, keys: list[str]) -> None:
+    """Wait, however long it takes, until every key exists.  A plain Python loop: signals are
+    handled between polls, and no collective time-out (30 min for gloo) can fire while rank 0
+    spends hours preprocessing a large data set on its first run."""
+    while not store.check(keys):
+        time.sleep(POLL_SECONDS)
+
+
+def main_first(fn: Callable[[], T], runtime: Runtime, what: str,
+               fingerprint: Callable[[T], str] | None = None) -> T:
+    """Run ``fn`` on rank 0, then (when it worked) on every other rank; all ranks agree on failure.
+
+    Rank 0 writes what is shared (e.g. ``split.json``, the preprocessed-volume cache, the phantom
+    population) before the others read it, so ranks never race each other for the same files;
+    on nodes that do not share rank 0's file system the other ranks simply build their own copy.
+    With ``fingerprint``, every rank's result must have rank 0's fingerprint (the same file list
+    on every node), else all ranks stop with one clear message.
+    """
+    if not runtime.distributed:
+        return fn()
+    global _main_first_calls
+    _main_first_calls += 1
+    store = _store()
+    prefix = (f"verydeepvae/main_first/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+              f"{runtime.restart_count}/{_main_first_calls}")
+
+    def status(result: Any) -> str:
+        return "ok:" + (fingerprint(result) if fingerprint is not None else "")
+
+    result: Any = None
+    if runtime.is_main:
+        try:
+            result = fn()
+        except BaseException as error:
+            store.set(f"{prefix}/0", f"error:{type(error).__name__}")
+            raise
+        mine = status(result)
+        store.set(f"{prefix}/0", mine)
+    else:
+        _wait_for_keys(store, [f"{prefix}/0"])
+        first = store.get(f"{prefix}/0").decode()
+        if not first.startswith("ok:"):
+            raise UserError(f"stopped: rank 0 failed while {what} (its message says why)")
+        try:
+            result = fn()
+        except BaseException as error:
+            store.set(f"{prefix}/{runtime.rank}", f"error:{type(error).__name__}")
+            raise
+        mine = status(result)
+        store.set(f"{prefix}/{runtime.rank}", mine)
+    keys = [f"{prefix}/{r}" for r in range(runtime.world_size)]
+    _wait_for_keys(store, keys)
+    values = [store.get(k).decode() for k in keys]
+    failed = [r for r, v in enumerate(values) if not v.startswith("ok:")]
+    if failed:
+        raise UserError(f"stopped: rank {failed[0]} failed while {what} (its message says why)")
+    differ = [r for r, v in enumerate(values) if v != values[0]]
+    if differ:
+        raise UserError(f"rank {differ[0]} got a different result than rank 0 while {what} (do all nodes see "
+                        "the same data folder and output folder?)")
+    return result
+
+
+def fingerprint_strings(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+
+
+# --- test/debug hook -------------------------------------------------------------------------------
+
+
+def debug_record(runtime: Runtime, kind: str, **payload: Any) -> None:
+    """Append one JSON line to ``$VERYDEEPVAE_DEBUG_DIR/rank<R>.jsonl`` (no-op when unset)."""
+    folder = os.environ.get(DEBUG_DIR_ENV)
+    if not folder:
+        return
+    record = {"kind": kind, "rank": runtime.rank, "local_rank": runtime.local_rank,
+              "world_size": runtime.world_size, "pid": os.getpid(), "restart": runtime.restart_count, **payload}
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / f"rank{runtime.rank}.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def parameter_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, bit for bit (to check that ranks agree)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

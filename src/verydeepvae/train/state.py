@@ -2,6 +2,10 @@
 
 Tensors go to safetensors; optimiser hyperparameters, the skip policy, the loss-scaler state and
 the Python/NumPy RNG states go to JSON.  Torch RNG states are stored as uint8 tensors.
+
+Under torch.distributed every rank has its own RNG streams (seeded seed + rank); rank 0's are
+stored under ``rng.*`` as in a single process, the others' under ``rng.rank<R>.*`` (tensors) and
+``rng_ranks`` (JSON), so a resumed run continues every rank's stream where it stopped.
 """
 
 from __future__ import annotations
@@ -15,9 +19,35 @@ import torch
 from .optim import EMA, UpdateSkipper
 
 
+def process_rng_state() -> dict[str, Any]:
+    """This process's RNG streams (torch CPU, its current CUDA device, Python, NumPy)."""
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.get_rng_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _set_python_numpy(rng: dict[str, Any]) -> None:
+    if "python" in rng:
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in rng:
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
 def capture_state(model: torch.nn.Module, ema: EMA, optimiser: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler | None, skipper: UpdateSkipper
+                  scaler: torch.amp.GradScaler | None, skipper: UpdateSkipper,
+                  rank_rngs: list[dict[str, Any]] | None = None,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``rank_rngs``: every rank's ``process_rng_state()`` in rank order (distributed runs)."""
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
@@ -44,11 +74,23 @@ def capture_state(model: torch.nn.Module, ema: EMA, optimiser: torch.optim.Optim
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         },
     }
+    if rank_rngs:
+        meta["rng_ranks"] = {}
+        for r, rng in enumerate(rank_rngs):
+            if r == 0:
+                continue  # rank 0's are the process's own, stored above
+            tensors[f"rng.rank{r}.torch"] = rng["torch"]
+            if rng.get("cuda") is not None:
+                tensors[f"rng.rank{r}.cuda"] = rng["cuda"]
+            meta["rng_ranks"][str(r)] = {"python": rng["python"], "numpy": rng["numpy"]}
     return tensors, meta
 
 
 def restore_state(checkpoint, optimiser: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
-                  skipper: UpdateSkipper, rank: int = 0) -> None:
+                  skipper: UpdateSkipper, rank: int = 0) -> bool:
+    """Restore optimiser, scaler, skip policy and this rank's RNG streams.  Returns False when the
+    checkpoint holds no RNG state for this rank (it was written by fewer ranks); the rank then
+    keeps its freshly seeded streams."""
     meta = checkpoint.meta
     opt_meta = meta["optimiser"]
     state: dict[int, dict[str, Any]] = {}
@@ -61,17 +103,23 @@ def restore_state(checkpoint, optimiser: torch.optim.Optimizer, scaler: torch.am
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     skipper.load_state_dict(meta.get("skipper", {}))
-    if rank == 0:  # other ranks keep their own, differently seeded, streams
-        rng = meta.get("rng", {})
-        if "python" in rng:
-            version, internal, gauss = rng["python"]
-            random.setstate((version, tuple(internal), gauss))
-        if "numpy" in rng:
-            name, keys, pos, has_gauss, cached = rng["numpy"]
-            np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if rank == 0:
+        _set_python_numpy(meta.get("rng", {}))
         torch_state = checkpoint.tensors.get("rng.torch")
         if torch_state is not None:
             torch.set_rng_state(torch_state.to(torch.uint8).cpu())
         cuda_states = [checkpoint.tensors[k] for k in sorted(checkpoint.tensors) if k.startswith("rng.cuda.")]
         if cuda_states and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        return True
+    # every other rank continues its own, differently seeded, streams
+    torch_state = checkpoint.tensors.get(f"rng.rank{rank}.torch")
+    rng = meta.get("rng_ranks", {}).get(str(rank))
+    if torch_state is None or rng is None:
+        return False
+    _set_python_numpy(rng)
+    torch.set_rng_state(torch_state.to(torch.uint8).cpu())
+    cuda_state = checkpoint.tensors.get(f"rng.rank{rank}.cuda")
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state.to(torch.uint8).cpu())
+    return True
