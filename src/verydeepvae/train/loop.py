@@ -10,7 +10,9 @@ the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import random
 import secrets
 import signal
@@ -32,7 +34,7 @@ from . import distributed
 from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor
 from .reporting import Reporter, to_bits
 from .sampler import EpochSampler
-from .state import capture_state, restore_state
+from .state import capture_state, process_rng_state, restore_state
 
 
 class TrainingStopped(UserError):
@@ -84,10 +86,17 @@ class _Trainer:
         if bundle is None:
             from ..data import build_datasets
 
-            bundle = build_datasets(cfg, self.output_dir, notices)
+            # rank 0 writes split.json / the cache first, then the others read them (no races)
+            bundle = distributed.main_first(
+                lambda: build_datasets(cfg, self.output_dir, notices), runtime, "preparing the data",
+                fingerprint=lambda b: distributed.fingerprint_strings(list(b.train_files) + ["|"] + list(b.val_files)))
         self.bundle = bundle
         self.device = runtime.device
-        self.model = VeryDeepVAE(cfg).to(self.device)
+        # the same initial weights on every rank (DDP would broadcast rank 0's, but the EMA copy is
+        # taken before that); the per-rank RNG streams are left where they were
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model = VeryDeepVAE(cfg).to(self.device)
         self.ema = EMA(self.model, cfg.ema_rate)
         self.optimiser = build_optimiser(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -104,18 +113,25 @@ class _Trainer:
         if runtime.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
-        self.reporter = Reporter(self.output_dir, runtime.is_main)
+        if resume_from is not None and runtime.is_main:
+            _drop_records_after(self.output_dir / "metrics.jsonl", self.step)
+        self.reporter = Reporter(self.output_dir, runtime.is_main,
+                                 purge_step=self.step + 1 if resume_from is not None else None)
         self.show_progress = runtime.is_main if show_progress is None else (show_progress and runtime.is_main)
         self.stop_signal: int | None = None
         self.periods = self._periods()
 
     # -- set-up ----------------------------------------------------------------------------------
     def _find_resume_checkpoint(self) -> ckpt.Checkpoint | None:
-        if not self.cfg.resume:
+        restarted = self.runtime.restart_count > 0  # torchrun --max-restarts brought the workers back
+        if not (self.cfg.resume or restarted):
             return None
         found = ckpt.newest_loadable(self.ckpt_dir, self.notices)
+        why = "--resume" if self.cfg.resume else f"torchrun restart {self.runtime.restart_count}"
         if found is None:
-            self.notices.append(f"--resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
+            self.notices.append(f"{why}: no checkpoint in {self.ckpt_dir}, starting from step 0")
+        elif restarted and not self.cfg.resume:
+            self.notices.append(f"{why}: resuming from the newest checkpoint, {found.path.name}")
         return found
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
@@ -132,7 +148,9 @@ class _Trainer:
         self.history = meta.get("validation_history", [])
         self.ema.updates = meta.get("ema_updates", self.step)
         if self.cfg.restore_optimiser:
-            restore_state(checkpoint, self.optimiser, self.scaler, self.skipper, self.runtime.rank)
+            if not restore_state(checkpoint, self.optimiser, self.scaler, self.skipper, self.runtime.rank):
+                self.notices.append(f"rank {self.runtime.rank}: the checkpoint holds no RNG state for this rank "
+                                    f"(written by {meta.get('world_size', 1)} process(es)); its streams start afresh")
         self.notices.append(f"resumed from {checkpoint.path} at step {self.step}")
 
     def _periods(self) -> dict[str, int]:
@@ -145,49 +163,67 @@ class _Trainer:
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        cfg = self.cfg
         if self.runtime.is_main:
             self._print_start()
         batches = self._batches()
-        last_checkpoint = None
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.show_progress,
                    unit="step", dynamic_ncols=True, desc="train")
-        window: list[torch.Tensor] = []
-        with self._signal_handlers():
-            while self.step < self.total_steps:
-                stats = self._train_step(batches)
-                self.step += 1
-                bar.update(1)
-                window.append(stats)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    self._log_train(window, bar)
-                    window = []
-                done = self.step == self.total_steps
-                stop = distributed.any_rank(self.stop_signal is not None, self.runtime)
-                if self.step % self.periods["validation"] == 0 or done:
-                    self._validate()
-                if self.step % self.periods["figures"] == 0 or done:
-                    self._figures()
-                if self.step % self.periods["checkpoint"] == 0 or done or stop:
-                    last_checkpoint = self._save_checkpoint()
-                if stop:
-                    bar.close()
-                    self.reporter.close()
-                    raise TrainingStopped(
-                        f"training stopped by signal at step {self.step}; state saved in {self.ckpt_dir}; "
-                        "continue with --resume", exit_code=128 + (self.stop_signal or signal.SIGTERM))
-                if self.skipper.too_many:
-                    bar.close()
-                    self.reporter.close()
-                    raise TrainingStopped(
-                        f"training stopped at step {self.step}: {self.skipper.consecutive} consecutive updates "
-                        "were skipped (non-finite or extreme gradients); the last good checkpoint is kept in "
-                        f"{self.ckpt_dir}; try a lower learning_rate or a smaller grad_clip")
+        try:
+            with self._signal_handlers():
+                last_checkpoint = self._loop(batches, bar)
+        finally:
+            batches.close()  # shuts the DataLoader's worker processes down now, not at garbage collection
         bar.close()
+        self._debug_final("finished")
         if self.runtime.is_main:
             self._final_samples()
         self.reporter.close()
         return TrainResult(self.output_dir, self.step, last_checkpoint, self.history)
+
+    def _loop(self, batches: Iterator[torch.Tensor], bar: tqdm) -> Path | None:
+        """Steps until the end; a stop signal or too many skipped updates raise TrainingStopped."""
+        cfg = self.cfg
+        last_checkpoint = None
+        window: list[torch.Tensor] = []
+        while self.step < self.total_steps:
+            stats = self._train_step(batches)
+            self.step += 1
+            bar.update(1)
+            window.append(stats)
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                self._log_train(window, bar)
+                window = []
+            done = self.step == self.total_steps
+            if self.stop_signal is None and distributed.launcher_gone(self.runtime):
+                self.stop_signal = signal.SIGTERM  # torchrun died: stop as if it had sent SIGTERM
+            stop = distributed.any_rank(self.stop_signal is not None, self.runtime)
+            if self.step % self.periods["validation"] == 0 or done:
+                self._validate()
+            if self.step % self.periods["figures"] == 0 or done:
+                self._figures()
+            if self.step % self.periods["checkpoint"] == 0 or done or stop:
+                last_checkpoint = self._save_checkpoint()
+            if stop:
+                bar.close()
+                self.reporter.close()
+                self._debug_final("stopped")
+                raise TrainingStopped(
+                    f"training stopped by signal at step {self.step}; state saved in {self.ckpt_dir}; "
+                    "continue with --resume", exit_code=128 + (self.stop_signal or signal.SIGTERM))
+            if self.skipper.too_many:
+                bar.close()
+                self.reporter.close()
+                raise TrainingStopped(
+                    f"training stopped at step {self.step}: {self.skipper.consecutive} consecutive updates "
+                    "were skipped (non-finite or extreme gradients); the last good checkpoint is kept in "
+                    f"{self.ckpt_dir}; try a lower learning_rate or a smaller grad_clip")
+        return last_checkpoint
+
+    def _debug_final(self, how: str) -> None:
+        if os.environ.get(distributed.DEBUG_DIR_ENV):
+            distributed.debug_record(self.runtime, how, step=self.step,
+                                     parameters=distributed.parameter_digest(self.model),
+                                     ema=distributed.parameter_digest(self.ema.model))
 
     def _batches(self) -> Iterator[torch.Tensor]:
         """Micro-batches forever, starting where the step count says the data order is."""
@@ -200,7 +236,7 @@ class _Trainer:
             loader = DataLoader(
                 self.bundle.train, batch_size=self.cfg.batch_size, sampler=self.sampler,
                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                drop_last=False,
+                drop_last=False, worker_init_fn=_ignore_stop_signals,
                 # its own generator: creating the loader must not consume the global RNG, or a run
                 # resumed mid-epoch would diverge from the uninterrupted one
                 generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
@@ -243,7 +279,14 @@ class _Trainer:
             self.scaler.unscale_(self.optimiser)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         grad_norm = float(norm.item())
-        all_finite = not distributed.any_rank(not finite, self.runtime)
+        # one decision for all ranks: the same (largest) norm and "non-finite anywhere" everywhere,
+        # so every rank's skip history, counters and parameters stay identical
+        local_bad = not (finite and math.isfinite(grad_norm))
+        agreed = distributed.all_reduce_max(
+            torch.tensor([0.0 if local_bad else grad_norm, 1.0 if local_bad else 0.0], dtype=torch.float64),
+            self.runtime).cpu()
+        all_finite = agreed[1].item() == 0.0
+        grad_norm = agreed[0].item() if all_finite else float("nan")
         skip, _ = self.skipper.should_skip(grad_norm, all_finite, self.step)
         if skip:
             self.optimiser.zero_grad(set_to_none=True)
@@ -263,6 +306,7 @@ class _Trainer:
     # -- side work -------------------------------------------------------------------------------
     def _log_train(self, window: list[torch.Tensor], bar: tqdm) -> None:
         stats = torch.stack(window).nanmean(0).to(self.device, torch.float64)
+        distributed.debug_record(self.runtime, "train_local", step=self.step, loss_nats_per_voxel=stats[0].item())
         stats = distributed.all_reduce_mean(stats, self.runtime).cpu()
         elbo, nll, grad_norm = stats[0].item(), stats[1].item(), stats[2].item()
         kl = stats[3:]
@@ -300,7 +344,9 @@ class _Trainer:
             sums[1] += out.nll.double().sum()
             sums[2] += x.shape[0]
             sums[3:] += out.kl_per_layer.double().sum(0)
-        sums = distributed.all_reduce_mean(sums, self.runtime)
+        distributed.debug_record(self.runtime, "validation_local", step=self.step, elbo_sum=sums[0].item(),
+                                 count=sums[2].item())
+        sums = distributed.all_reduce_sum(sums, self.runtime)  # a mean over every validation volume
         count = max(sums[2].item(), 1.0)
         elbo, nll = sums[0].item() / count, sums[1].item() / count
         kl = (sums[3:] / count).tolist()
@@ -338,8 +384,9 @@ class _Trainer:
         if value is not None and (self.best is None or value < self.best):
             self.best, is_best = value, True
         path = None
+        rank_rngs = distributed.gather_to_main(process_rng_state(), self.runtime) if self.runtime.distributed else None
         if self.runtime.is_main:
-            tensors, meta = capture_state(self.model, self.ema, self.optimiser, self.scaler, self.skipper)
+            tensors, meta = capture_state(self.model, self.ema, self.optimiser, self.scaler, self.skipper, rank_rngs)
             meta.update({
                 "config": self.cfg.to_dict(), "seed": self.seed, "world_size": self.runtime.world_size,
                 "best_validation": self.best, "validation_history": self.history,
@@ -409,6 +456,30 @@ class _Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C / SIGTERM to the training process, which finishes its step,
+    saves and then shuts them down (torchrun signals a worker's whole process group)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _drop_records_after(path: Path, step: int) -> None:
+    """On resume: forget logged records newer than the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) > step:
+                continue
+        except (ValueError, AttributeError):
+            continue
+        kept.append(line + "\n")
+    from ..atomic import write_text
+
+    write_text(path, "".join(kept))
 
 
 def _l2_penalty(model: torch.nn.Module) -> torch.Tensor:

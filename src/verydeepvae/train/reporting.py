@@ -22,7 +22,9 @@ def to_bits(nats: float) -> float:
 class Reporter:
     """Rank-0 sink for scalars (TensorBoard + ``metrics.jsonl``) and figures."""
 
-    def __init__(self, output_dir: Path, enabled: bool):
+    def __init__(self, output_dir: Path, enabled: bool, purge_step: int | None = None):
+        """``purge_step``: on resume, TensorBoard hides events logged at or after this step by the
+        interrupted run (they are logged again)."""
         self.enabled = enabled
         self.output_dir = output_dir
         self.figures = output_dir / "figures"
@@ -31,7 +33,7 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.figures.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict[str, float], kind: str) -> None:
         if not self.enabled:
