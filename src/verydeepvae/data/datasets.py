@@ -143,11 +143,11 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
 
     if saved is None:
         train_names, val_names = discover.split_files(good, cfg.train_fraction, seed)
-    if saved is None and _is_main_rank():  # other ranks compute the same split; rank 0 records it
-        discover.save_split(split_path, train_names, val_names, {
-            "data_source": source, "seed": seed, "train_fraction": cfg.train_fraction,
-            "max_niis_to_use": cfg.max_niis_to_use, "nifti_filename_pattern": cfg.nifti_filename_pattern,
-        })
+        if _is_main_rank():  # other ranks compute the same split; rank 0 records it
+            discover.save_split(split_path, train_names, val_names, {
+                "data_source": source, "seed": seed, "train_fraction": cfg.train_fraction,
+                "max_niis_to_use": cfg.max_niis_to_use, "nifti_filename_pattern": cfg.nifti_filename_pattern,
+            })
     else:
         train_names = [f for f in saved[0] if f in prepared]
         val_names = [f for f in saved[1] if f in prepared]
