@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_sample)
 
+    _inference_commands(sub)
+
     p = sub.add_parser("config", help="inspect configurations")
     config_sub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
     show = config_sub.add_parser("show", help="print the resolved configuration and model size")
@@ -92,6 +94,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler=_phantom)
     return parser
+
+
+def _inference_commands(sub) -> None:
+    """reconstruct, encode, decode, interpolate, evaluate: each calls one library function."""
+    p = sub.add_parser("reconstruct", help="reconstruct NIfTI volumes; per-file bits/voxel, PSNR, SSIM, MAE")
+    _model_options(p)
+    p.add_argument("--input", required=True, help="a NIfTI file, a folder of them or a text/CSV list of paths")
+    p.add_argument("--pattern", help="only files whose path matches this glob (folders only), e.g. '*FLAIR*'")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--mode", choices=["mean", "sample"], default="mean",
+                   help="latents: posterior mean at every layer (default) or a posterior sample")
+    p.add_argument("--prior-above", type=int, metavar="RES",
+                   help="take the latents at resolutions finer than RES³ from the prior (progressive reconstruction)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="prior temperature for the latents taken from the prior (default 0: prior means)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--intensity", choices=["model", "data"], default="model",
+                   help="model: [0, 1]; data: mapped back to each input file's own intensity scale")
+    p.set_defaults(handler=_reconstruct)
+
+    p = sub.add_parser("encode", help="write the posterior-mean latents of NIfTI volumes to a .safetensors file")
+    _model_options(p)
+    p.add_argument("--input", required=True, help="a NIfTI file, a folder of them or a text/CSV list of paths")
+    p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
+    p.add_argument("--output", required=True, help="latents file to write (.safetensors; metadata also as .json)")
+    p.set_defaults(handler=_encode)
+
+    p = sub.add_parser("decode", help="decode a latents file written by encode back to NIfTI volumes")
+    _model_options(p)
+    p.add_argument("--latents", required=True, help="a .safetensors file written by verydeepvae encode")
+    p.add_argument("--output-dir", required=True)
+    p.set_defaults(handler=_decode)
+
+    p = sub.add_parser("interpolate", help="volumes between two inputs, interpolating every latent layer")
+    _model_options(p)
+    p.add_argument("a", help="first NIfTI file")
+    p.add_argument("b", help="second NIfTI file")
+    p.add_argument("--steps", type=int, default=8, help="number of volumes written, both ends included (default 8)")
+    p.add_argument("--method", choices=["slerp", "linear"], default="slerp")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--intensity", choices=["model", "data"], default="model")
+    p.set_defaults(handler=_interpolate)
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, or run folder (newest checkpoint)")
+    p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:
@@ -163,18 +215,93 @@ def _sample(args: argparse.Namespace) -> int:
         raise UserError(f"--temperature needs 1 or {model.decoder.num_levels} values (one per resolution level), "
                         f"got {len(temperature)}")
     data = checkpoint.meta.get("data", {})
-    scale = None
+    reference = None
     if args.intensity == "data":
-        scale = data.get("intensity_reference", {}).get("high")
-        if scale is None:
-            raise UserError(f"checkpoint {checkpoint.path} records no intensity scale; use --intensity model")
+        from .generate import reference_range
+
+        reference = dict(data.get("intensity_reference") or {})
+        reference_range(reference, str(checkpoint.path))  # a clear error if the checkpoint has none
     paths = write_samples(model, args.output_dir, args.num, temperature, args.seed,
                           voxel_size_mm=float(data.get("voxel_size_mm", 1.0)), batch_size=args.batch_size,
-                          device=device, show_progress=not args.no_progress, intensity_scale=scale,
+                          device=device, show_progress=not args.no_progress, intensity_reference=reference,
                           extra_record={"checkpoint": str(checkpoint.path), "step": checkpoint.step,
                                         "weights": "raw" if args.raw_weights else "ema"})
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
     return 0
+
+
+def _open(args: argparse.Namespace):
+    from .generate import open_trained
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return open_trained(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
+
+
+def _progress(args: argparse.Namespace) -> bool | None:
+    return False if args.no_progress else None
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from .generate import input_files, reconstruct_files
+
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    files = input_files(args.input, args.pattern)
+    trained = _open(args)
+    record = reconstruct_files(trained, files, args.output_dir, posterior_mean=args.mode == "mean",
+                               prior_above=args.prior_above, temperature=args.temperature, seed=args.seed,
+                               batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args))
+    for row in record["files"]:
+        print(f"{row['reconstruction']}: {row['elbo_bits_per_voxel']:.4f} bits/voxel, PSNR {row['psnr_db']:.2f} dB, "
+              f"SSIM {row['ssim']:.4f}, MAE {row['mae']:.4f}")
+    print(f"wrote {len(record['files'])} reconstructions, reconstructions.png and reconstructions.json "
+          f"to {args.output_dir}")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from .generate import encode_files, input_files
+
+    files = input_files(args.input, args.pattern)
+    trained = _open(args)
+    path = encode_files(trained, files, args.output, batch_size=args.batch_size, show_progress=_progress(args))
+    print(f"wrote the latents of {len(files)} volumes ({trained.model.num_layers} layers) to {path} "
+          f"(metadata also in {path.with_suffix('.json')})")
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from .generate import decode_latents
+
+    trained = _open(args)
+    paths = decode_latents(trained, args.latents, args.output_dir, args.batch_size, show_progress=_progress(args))
+    print(f"wrote {len(paths)} decoded volumes to {args.output_dir}")
+    return 0
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    from .generate import interpolate
+
+    (a,), (b,) = (_single_file(f) for f in (args.a, args.b))
+    trained = _open(args)
+    paths = interpolate(trained, a, b, args.output_dir, steps=args.steps, method=args.method,
+                        batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args))
+    print(f"wrote {len(paths)} volumes, interpolation.png and interpolation.json to {args.output_dir}")
+    return 0
+
+
+def _single_file(path: str) -> list:
+    from pathlib import Path
+
+    from .generate import input_files
+
+    if Path(path).is_dir():
+        raise UserError(f"interpolate takes two NIfTI files; {path} is a folder")
+    files = input_files(path)
+    if len(files) != 1:
+        raise UserError(f"interpolate takes two NIfTI files; {path} lists {len(files)}")
+    return files
 
 
 def _config_show(args: argparse.Namespace) -> int:

@@ -1,18 +1,51 @@
-"""Using a trained model: load it from a checkpoint and write samples as NIfTI + PNG."""
+"""Using a trained model: sample, reconstruct, encode, decode and interpolate.
+
+Every function here writes NIfTI volumes whose affine matches their own voxel grid, a PNG for
+people and a JSON record (seed, temperature, checkpoint...), each file atomically.
+
+Input volumes (``reconstruct``, ``encode``, ``interpolate``, and ``evaluate``) go through exactly the
+preprocessing the model was trained with (:mod:`verydeepvae.data.nifti_load`, settings from the
+checkpoint's own config): RAS+ reorientation, foreground crop, isotropic resampling into the R³
+cube, percentile clamp and scaling to [0, 1].  Outputs therefore live in that preprocessed frame
+(the R³ grid centred on the origin, with the input's own isotropic voxel size), not in the scanner
+space of the original file; ``*_input.nii.gz`` is the preprocessed input on the same grid, for
+side-by-side viewing.
+
+Intensities: "model" keeps the model range [0, 1]; "data" maps back to an intensity scale of the
+data, ``low + v * (high - low)`` with ``low``/``high`` the percentile clamp values (the file's own
+for reconstructions, the medians over the training files for samples), and voxels in the model's
+lowest intensity bin (``v < 0.5/255``, background) set to 0.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from . import viz
-from .atomic import write_json
+from .atomic import write_json, write_with
+from .errors import CheckpointError, DataError, UserError
 from .model import VeryDeepVAE
 from .train import checkpoint as ckpt
 from .volume_io import grid_affine, save_nifti
+
+LATENTS_FORMAT = "verydeepvae-latents-1"
+LATENTS_META_KEY = "verydeepvae"
+BACKGROUND_LEVEL = 0.5 / 255.0  # model intensities below this are background (the lowest of 256 bins)
+LN2 = math.log(2.0)
+MAX_FIGURE_ROWS = 8
+
+
+# --- the model and its facts ----------------------------------------------------------------------
 
 
 def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
@@ -22,8 +55,6 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
     state = checkpoint.state("ema" if use_ema else "model")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        from .errors import CheckpointError
-
         raise CheckpointError(
             f"checkpoint {checkpoint.path} does not match its own architecture "
             f"(missing {len(missing)} tensors, unexpected {len(unexpected)})"
@@ -31,41 +62,550 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
     return model.to(device).eval()
 
 
+def resolve_device(name: str | None) -> str:
+    """"auto" -> cuda if available else cpu; "cuda" without a GPU is a user error."""
+    name = name or "auto"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was requested but no CUDA GPU is available; use --device cpu")
+    return name
+
+
+@dataclass
+class TrainedModel:
+    """A model loaded from a checkpoint, with the facts needed to feed it and to write its outputs."""
+
+    model: VeryDeepVAE
+    checkpoint: ckpt.Checkpoint
+    weights: str  # "ema" or "raw"
+    device: str
+
+    @property
+    def config(self):
+        return self.checkpoint.config
+
+    @property
+    def resolution(self) -> int:
+        return self.model.resolution
+
+    @property
+    def preprocess_settings(self):
+        from .data.nifti_load import PreprocessSettings
+
+        return PreprocessSettings.from_config(self.config)
+
+    @property
+    def data_meta(self) -> dict[str, Any]:
+        return dict(self.checkpoint.meta.get("data", {}) or {})
+
+    @property
+    def voxel_size_mm(self) -> float:
+        """The model grid's voxel size: the median over the training volumes."""
+        return float(self.data_meta.get("voxel_size_mm", 1.0))
+
+    @property
+    def intensity_reference(self) -> dict[str, Any]:
+        return dict(self.data_meta.get("intensity_reference", {}) or {})
+
+    @property
+    def run_dir(self) -> Path:
+        """The training output folder (``<run>/checkpoints/step_X.safetensors`` -> ``<run>``)."""
+        parent = self.checkpoint.path.resolve().parent
+        return parent.parent if parent.name == "checkpoints" else parent
+
+    def record(self) -> dict[str, Any]:
+        return {"checkpoint": str(self.checkpoint.path), "step": self.checkpoint.step, "weights": self.weights}
+
+
+def open_trained(path: str | Path, use_ema: bool = True, device: str | None = "auto") -> TrainedModel:
+    """Load a checkpoint file (or a run folder's newest checkpoint) for inference."""
+    device = resolve_device(device)
+    checkpoint = ckpt.resolve_checkpoint(path)
+    model = load_model(checkpoint, use_ema=use_ema, device=device)
+    return TrainedModel(model=model, checkpoint=checkpoint, weights="ema" if use_ema else "raw", device=device)
+
+
+def check_temperature(model: VeryDeepVAE, temperature: float | Sequence[float]) -> float | list[float]:
+    """A scalar >= 0 or one value >= 0 per resolution level (highest resolution first)."""
+    values = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    if any(float(v) < 0 for v in values):
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if isinstance(temperature, (int, float)):
+        return float(temperature)
+    if len(values) == 1:
+        return float(values[0])
+    if len(values) != model.decoder.num_levels:
+        raise UserError(f"temperature needs 1 or {model.decoder.num_levels} values (one per resolution level, "
+                        f"highest first), got {len(values)}")
+    return [float(v) for v in values]
+
+
+def prior_level(model: VeryDeepVAE, resolution: int | None) -> int | None:
+    """The decoder level m such that latents at resolutions finer than ``resolution`` (levels < m)
+    come from the prior; None keeps every posterior latent."""
+    if resolution is None:
+        return None
+    resolutions = [model.resolution >> level for level in range(model.decoder.num_levels)]
+    if resolution not in resolutions:
+        raise UserError(f"--prior-above must be one of the model's resolutions {resolutions}, got {resolution}")
+    return resolutions.index(resolution)
+
+
+# --- intensities ----------------------------------------------------------------------------------
+
+
+def to_data_intensity(volume: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Model intensities in [0, 1] -> ``low + v * (high - low)``; background (v < 0.5/255) -> 0."""
+    v = np.asarray(volume, dtype=np.float32)
+    out = np.float32(low) + v * np.float32(high - low)
+    out[v < BACKGROUND_LEVEL] = 0.0
+    return out
+
+
+def reference_range(reference: dict[str, Any], source: str) -> tuple[float, float]:
+    """(low, high) of a checkpoint's intensity reference, or a UserError naming what is missing."""
+    low, high = reference.get("low"), reference.get("high")
+    if low is None or high is None:
+        raise UserError(f"checkpoint {source} records no intensity reference (low/high); use --intensity model")
+    return float(low), float(high)
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def input_files(path: str | Path, pattern: str | None = None) -> list[Path]:
+    """One NIfTI file, a folder of them (nested too) or a text/CSV file listing them."""
+    from .data import discover
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"input {p} does not exist (expected a NIfTI file, a folder of them or a list file)")
+    if p.is_file() and discover.is_nifti_name(p.name):
+        return [p.resolve()]
+    return discover.discover_files(p, pattern)
+
+
+def load_preprocessed(files: Sequence[str | Path], settings, cache_root: str | Path | None = None,
+                      show_progress: bool | None = None, desc: str = "preprocessing"
+                      ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Volumes (N, R, R, R) float32 in [0, 1] and their preprocessing metadata, exactly as training.
+
+    With ``cache_root`` (a training run's cache), volumes already preprocessed with the same
+    settings are read from it (keyed by file content); the cache is never written to here.
+    """
+    from .data.cache import VolumeCache, file_digest
+    from .data.nifti_load import preprocess_file
+
+    cache = VolumeCache(cache_root, settings) if cache_root is not None else None
+    R = settings.resolution
+    out = np.empty((len(files), R, R, R), dtype=np.float32)
+    metas: list[dict[str, Any]] = []
+    for i, f in enumerate(tqdm(list(files), desc=desc, unit="vol", disable=_disable(show_progress, len(files)))):
+        volume = meta = None
+        if cache is not None and cache.folder.is_dir():
+            try:
+                digest = file_digest(f)
+                meta = cache.read_meta(digest)
+                if meta is not None:
+                    volume = cache.load(digest)
+            except OSError:
+                volume = meta = None
+        if volume is None:
+            volume, meta = preprocess_file(f, settings)
+        out[i] = volume
+        metas.append(meta)
+    return out, metas
+
+
+def output_stems(files: Sequence[str | Path]) -> list[str]:
+    """File names without .nii/.nii.gz, made unique (``name``, ``name_2``...) in input order."""
+    stems, seen = [], {}
+    for f in files:
+        stem = re.sub(r"\.nii(\.gz)?$", "", Path(f).name, flags=re.IGNORECASE)
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        stems.append(stem if count == 1 else f"{stem}_{count}")
+    return stems
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
 def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                   temperature: float | Sequence[float] = 1.0, seed: int = 0, voxel_size_mm: float = 1.0,
                   batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool = True,
-                  intensity_scale: float | None = None, extra_record: dict | None = None) -> list[Path]:
+                  intensity_reference: dict[str, Any] | None = None,
+                  extra_record: dict | None = None) -> list[Path]:
     """Draw ``num`` volumes from the prior and write ``sample_XXXX.nii.gz``, a montage and a
-    ``samples.json`` record (seed, temperature, checkpoint...).  The same seed gives the same volumes.
+    ``samples.json`` record (seed, temperature, checkpoint...).  The same seed gives the same volumes;
+    temperature 0 gives the prior means at every layer.
 
-    ``intensity_scale`` multiplies the model-range [0, 1] intensities (to map them back to the
-    training data's typical scale); None keeps [0, 1].
+    ``intensity_reference`` (a checkpoint's ``meta["data"]["intensity_reference"]``) maps the
+    model-range intensities back to the training data's scale (see the module notes); None keeps [0, 1].
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = model.to(device).eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    affine = grid_affine((model.resolution,) * 3, voxel_size_mm)
+    low_high = None
+    if intensity_reference is not None:
+        low_high = reference_range(intensity_reference, "")
     paths: list[Path] = []
     previews = []
-    with tqdm(total=num, unit="vol", desc="sample", disable=not show_progress) as bar:
-        for start in range(0, num, batch_size):
-            count = min(batch_size, num - start)
-            volumes = model.sample(count, temperature, generator=generator).float().cpu()
-            for i in range(count):
-                volume = volumes[i, 0].numpy()
-                if len(previews) < 8:
-                    previews.append(volume)
-                if intensity_scale is not None:
-                    volume = volume * intensity_scale
-                path = output_dir / f"sample_{start + i:04d}.nii.gz"
-                save_nifti(volume, path, affine, description=f"verydeepvae sample seed {seed} T {temperature}")
-                paths.append(path)
-            bar.update(count)
+    affine = grid_affine((model.resolution,) * 3, voxel_size_mm)
+    for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress):
+        for i, volume in enumerate(volumes):
+            if len(previews) < MAX_FIGURE_ROWS:
+                previews.append(volume)
+            if low_high is not None:
+                volume = to_data_intensity(volume, *low_high)
+            path = output_dir / f"sample_{start + i:04d}.nii.gz"
+            save_nifti(volume, path, affine, description=f"verydeepvae sample seed {seed} T {temperature}")
+            paths.append(path)
     viz.save_montage(previews, output_dir / "samples.png", titles=[p.name for p in paths[: len(previews)]],
                      suptitle=f"prior samples, temperature {temperature}, seed {seed}")
     record = {"num": num, "seed": seed, "temperature": temperature, "voxel_size_mm": voxel_size_mm,
-              "intensity_scale": intensity_scale, "files": [p.name for p in paths]}
+              "intensity": _intensity_record(low_high, "median clamp values of the training files"),
+              "files": [p.name for p in paths]}
     record.update(extra_record or {})
     write_json(output_dir / "samples.json", record)
     return paths
+
+
+def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
+                 batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(index of the first, volumes (B, R, R, R) float32 in [0, 1])`` batches of prior samples.
+
+    One generator seeded with ``seed`` drives every batch, so the volumes depend only on the seed,
+    the temperature and the batch size."""
+    model = model.to(device).eval()
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    with tqdm(total=num, unit="vol", desc="sample", disable=_disable(show_progress, num)) as bar:
+        for start in range(0, num, batch_size):
+            count = min(batch_size, num - start)
+            volumes = model.sample(count, temperature, generator=generator).float().cpu()[:, 0].numpy()
+            yield start, volumes
+            bar.update(count)
+
+
+def _intensity_record(low_high: tuple[float, float] | None, what: str) -> dict[str, Any]:
+    if low_high is None:
+        return {"scale": "model", "note": "model intensities in [0, 1]"}
+    return {"scale": "data", "low": low_high[0], "high": low_high[1],
+            "mapping": f"low + v * (high - low), background (v < 0.5/255) -> 0; low/high: {what}"}
+
+
+# --- reconstruction -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: str | torch.device):
+    """Run a block with the global RNG seeded (for model calls without a generator argument),
+    restoring the caller's RNG state afterwards."""
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(seed))
+        yield
+
+
+@torch.no_grad()
+def elbo_terms(model: VeryDeepVAE, x01: torch.Tensor, seed: int = 0) -> dict[str, np.ndarray]:
+    """Per-volume negative ELBO, reconstruction term and per-layer KL, in nats per voxel
+    (one posterior sample per volume, drawn reproducibly from ``seed``)."""
+    with _seeded(seed, x01.device):
+        out = model(x01)
+    return {"elbo": out.elbo.double().cpu().numpy(), "nll": out.nll.double().cpu().numpy(),
+            "kl_per_layer": out.kl_per_layer.double().cpu().numpy()}
+
+
+def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output_dir: str | Path,
+                      posterior_mean: bool = True, prior_above: int | None = None, temperature: float = 0.0,
+                      seed: int = 0, batch_size: int = 4, intensity: str = "model",
+                      show_progress: bool | None = True) -> dict[str, Any]:
+    """Reconstruct NIfTI files; write ``<name>_recon.nii.gz``, ``<name>_input.nii.gz`` (the
+    preprocessed input), ``reconstructions.png`` and ``reconstructions.json``; return the record.
+
+    ``posterior_mean`` uses the posterior mean at every layer, else a posterior sample (seeded).
+    ``prior_above`` = r takes the latents at resolutions finer than r³ from the prior at
+    ``temperature`` (the original's "progressive reconstructions"). Per file the record holds the
+    negative ELBO in bits/voxel (a code length for the discretised likelihood), its reconstruction
+    and KL terms, and PSNR, SSIM and MAE between the preprocessed input and the reconstruction
+    (model range, data range 1). The figure shows, per input, the reconstruction and the
+    reconstructions with the prior above every resolution (temperature ``temperature``).
+    """
+    from .metrics import mae, psnr, ssim3d
+
+    if intensity not in ("model", "data"):
+        raise UserError(f"intensity must be 'model' or 'data', got {intensity!r}")
+    model, device = trained.model, trained.device
+    level = prior_level(model, prior_above)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = [Path(f) for f in files]
+    volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=show_progress)
+    stems = output_stems(files)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    figure_generator = torch.Generator(device=device).manual_seed(int(seed) + 1)
+    rows: list[dict[str, Any]] = []
+    figure_rows: list[list[np.ndarray]] = []
+    progressive_levels = list(range(1, model.decoder.num_levels))
+    bar = tqdm(total=len(files), desc="reconstruct", unit="vol", disable=_disable(show_progress, len(files)))
+    for start in range(0, len(files), batch_size):
+        x = torch.from_numpy(volumes[start:start + batch_size])[:, None].to(device)
+        terms = elbo_terms(model, x, seed + start)
+        recon = model.reconstruct(x, prior_from_level=level, posterior_mean=posterior_mean,
+                                  temperature=temperature, generator=generator).float().cpu()[:, 0].numpy()
+        xs = x.cpu()[:, 0].numpy()
+        p, s, m = (np.atleast_1d(f(xs, recon)) for f in (psnr, ssim3d, mae))
+        if len(figure_rows) < MAX_FIGURE_ROWS:
+            extra = [model.reconstruct(x, prior_from_level=lv, temperature=temperature,
+                                       generator=figure_generator).float().cpu()[:, 0].numpy()
+                     for lv in progressive_levels]
+            for i in range(min(len(xs), MAX_FIGURE_ROWS - len(figure_rows))):
+                figure_rows.append([xs[i], recon[i]] + [e[i] for e in extra])
+        for i in range(len(xs)):
+            k = start + i
+            meta = metas[k]
+            affine = grid_affine((model.resolution,) * 3, float(meta["voxel_size_mm"]))
+            low_high = (float(meta["clamp_low"]), float(meta["clamp_high"])) if intensity == "data" else None
+            out_recon, out_input = recon[i], xs[i]
+            if low_high is not None:
+                out_recon, out_input = to_data_intensity(out_recon, *low_high), to_data_intensity(out_input, *low_high)
+            recon_path = output_dir / f"{stems[k]}_recon.nii.gz"
+            input_path = output_dir / f"{stems[k]}_input.nii.gz"
+            save_nifti(out_recon, recon_path, affine, description="verydeepvae reconstruction")
+            save_nifti(out_input, input_path, affine, description="verydeepvae preprocessed input")
+            rows.append({
+                "input": str(files[k]), "reconstruction": recon_path.name, "preprocessed_input": input_path.name,
+                "voxel_size_mm": float(meta["voxel_size_mm"]),
+                "elbo_bits_per_voxel": float(terms["elbo"][i] / LN2),
+                "nll_bits_per_voxel": float(terms["nll"][i] / LN2),
+                "kl_bits_per_voxel": float(terms["kl_per_layer"][i].sum() / LN2),
+                "psnr_db": float(p[i]), "ssim": float(s[i]), "mae": float(m[i]),
+            })
+        bar.update(len(xs))
+    bar.close()
+    titles = ["input", "recon"] + [f"post ≤{model.resolution >> lv}³" for lv in progressive_levels]
+    viz.save_grid(figure_rows, output_dir / "reconstructions.png", col_titles=titles,
+                  row_titles=stems[:len(figure_rows)])
+    record = {
+        "mode": "posterior mean" if posterior_mean else "posterior sample",
+        "prior_above_resolution": prior_above, "temperature": temperature, "seed": seed,
+        "likelihood": _likelihood_note(model),
+        "intensity": _intensity_record(None, "") if intensity == "model" else {
+            "scale": "data", "mapping": "low + v * (high - low), background (v < 0.5/255) -> 0; low/high: each "
+                                        "input file's own percentile clamp values"},
+        "metrics_note": "PSNR/SSIM/MAE between the preprocessed input and the reconstruction, whole volume, "
+                        "model intensity range [0, 1] (data_range 1)",
+        "figure": "reconstructions.png: axial mid-slices; columns input, reconstruction, then latents at "
+                  f"resolutions above r³ taken from the prior (temperature {temperature})",
+        "files": rows,
+        "mean": {k: float(np.mean([r[k] for r in rows])) for k in
+                 ("elbo_bits_per_voxel", "psnr_db", "ssim", "mae")},
+        **trained.record(),
+    }
+    write_json(output_dir / "reconstructions.json", record)
+    return record
+
+
+def _likelihood_note(model: VeryDeepVAE) -> str:
+    if model.likelihood.is_discrete:
+        return (f"discretised logistic over {model.likelihood.num_bins} intensity bins: the negative ELBO is a "
+                "true code length (bits/voxel >= 0)")
+    return ("continuous Gaussian density: the negative ELBO in bits/voxel is a differential quantity, "
+            "can be negative and is not a code length")
+
+
+# --- latents --------------------------------------------------------------------------------------
+
+
+def latent_layout(model: VeryDeepVAE) -> list[dict[str, Any]]:
+    """Index, level, resolution and shape of every latent layer, coarsest first."""
+    return [{"index": i, "level": level, "resolution": model.resolution >> level, "shape": list(shape)}
+            for i, (level, shape) in enumerate(zip(model.layer_levels, model.latent_shapes()))]
+
+
+def encode_files(trained: TrainedModel, files: Sequence[str | Path], output_path: str | Path,
+                 batch_size: int = 4, show_progress: bool | None = True) -> Path:
+    """Posterior means of every latent layer for each file, in one ``.safetensors`` file.
+
+    Tensors ``z.00``, ``z.01``... (coarsest layer first) shaped (N, C, s, s, s), float32, in input
+    order; the safetensors header holds the JSON metadata (format, files, layer layout, per-file
+    voxel size and clamp values, checkpoint), also written beside it as ``<name>.json``. No pickle.
+    """
+    from safetensors.torch import save_file
+
+    output_path = Path(output_path)
+    if output_path.suffix != ".safetensors":
+        raise UserError(f"the latents file must end in .safetensors, got {output_path.name}")
+    model, device = trained.model, trained.device
+    files = [Path(f) for f in files]
+    volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=show_progress)
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
+    for start in tqdm(range(0, len(files), batch_size), desc="encode", unit="batch",
+                      disable=_disable(show_progress, len(files))):
+        x = torch.from_numpy(volumes[start:start + batch_size])[:, None].to(device)
+        for i, z in enumerate(model.encode(x)):
+            per_layer[i].append(z.float().cpu())
+    tensors = {f"z.{i:02d}": torch.cat(zs).contiguous() for i, zs in enumerate(per_layer)}
+    meta = {
+        "format": LATENTS_FORMAT, "kind": "posterior mean of every latent layer (layers above at their means)",
+        "resolution": model.resolution, "layers": latent_layout(model),
+        "files": [str(f) for f in files], "names": output_stems(files),
+        "voxel_size_mm": [float(m["voxel_size_mm"]) for m in metas],
+        "clamp_low": [float(m["clamp_low"]) for m in metas], "clamp_high": [float(m["clamp_high"]) for m in metas],
+        **trained.record(),
+    }
+    write_with(output_path, lambda tmp: save_file(tensors, str(tmp), metadata={LATENTS_META_KEY: json.dumps(meta)}))
+    write_json(output_path.with_suffix(".json"), meta)
+    return output_path
+
+
+def load_latents(path: str | Path) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Read a latents file written by :func:`encode_files`: (per-layer tensors, metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"latents file {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(LATENTS_META_KEY)
+        meta = json.loads(raw) if raw else None
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"latents file {path} cannot be read: {str(error).splitlines()[0] if str(error) else error}") from None
+    if not meta or meta.get("format") != LATENTS_FORMAT:
+        raise UserError(f"{path} is not a verydeepvae latents file")
+    return [tensors[f"z.{i:02d}"] for i in range(len(meta["layers"]))], meta
+
+
+def decode_latents(trained: TrainedModel, path: str | Path, output_dir: str | Path, batch_size: int = 4,
+                   show_progress: bool | None = True) -> list[Path]:
+    """Decode a latents file back to volumes ``<name>_decoded.nii.gz`` (each on its input's grid)."""
+    model = trained.model
+    latents, meta = load_latents(path)
+    if meta["layers"] != latent_layout(model):
+        raise UserError(f"latents file {path} was made by a model with a different latent layout")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    n = latents[0].shape[0]
+    paths = []
+    for start in tqdm(range(0, n, batch_size), desc="decode", unit="batch", disable=_disable(show_progress, n)):
+        zs = [z[start:start + batch_size].to(trained.device) for z in latents]
+        volumes = model.decode(zs).float().cpu()[:, 0].numpy()
+        for i, volume in enumerate(volumes):
+            k = start + i
+            affine = grid_affine((model.resolution,) * 3, float(meta["voxel_size_mm"][k]))
+            out = output_dir / f"{meta['names'][k]}_decoded.nii.gz"
+            save_nifti(volume, out, affine, description="verydeepvae decoded latents")
+            paths.append(out)
+    return paths
+
+
+# --- interpolation --------------------------------------------------------------------------------
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between two tensors of the same shape, treated as single vectors
+    (falls back to linear interpolation when they are almost parallel)."""
+    fa, fb = a.double().flatten(), b.double().flatten()
+    na, nb = fa.norm(), fb.norm()
+    if na < 1e-12 or nb < 1e-12:
+        return (1 - t) * a + t * b
+    cos = torch.clamp(torch.dot(fa, fb) / (na * nb), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if torch.sin(omega) < 1e-6:
+        return (1 - t) * a + t * b
+    s = torch.sin(omega)
+    out = (torch.sin((1 - t) * omega) / s) * fa + (torch.sin(t * omega) / s) * fb
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, output_dir: str | Path,
+                steps: int = 8, method: str = "slerp", batch_size: int = 4, intensity: str = "model",
+                show_progress: bool | None = True) -> list[Path]:
+    """Decode ``steps`` volumes between two inputs: ``interp_00.nii.gz`` (= the posterior-mean
+    reconstruction of A) ... ``interp_<steps-1>.nii.gz`` (= that of B), ``interpolation.png`` and
+    ``interpolation.json``.
+
+    The posterior means of *every* latent layer of A and B are interpolated layer by layer,
+    spherically (``slerp``, each layer as one vector) or linearly (``linear``), at t = k/(steps-1).
+    The voxel size of frame t is interpolated linearly between the inputs' grids.
+    """
+    if steps < 2:
+        raise UserError(f"--steps must be >= 2 (the two end points included), got {steps}")
+    if method not in ("slerp", "linear"):
+        raise UserError(f"interpolation method must be 'slerp' or 'linear', got {method!r}")
+    model, device = trained.model, trained.device
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = [Path(file_a), Path(file_b)]
+    volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=False)
+    x = torch.from_numpy(volumes)[:, None].to(device)
+    zs = model.encode(x)
+    ts = [k / (steps - 1) for k in range(steps)]
+    frames: list[np.ndarray] = []
+    for start in tqdm(range(0, steps, batch_size), desc="interpolate", unit="batch",
+                      disable=_disable(show_progress, steps)):
+        chunk = ts[start:start + batch_size]
+        batch = []
+        for z in zs:
+            mix = [slerp(z[0], z[1], t) if method == "slerp" else (1 - t) * z[0] + t * z[1] for t in chunk]
+            batch.append(torch.stack(mix).float())
+        frames.extend(model.decode(batch).float().cpu()[:, 0].numpy())
+    va, vb = float(metas[0]["voxel_size_mm"]), float(metas[1]["voxel_size_mm"])
+    paths = []
+    for k, (t, frame) in enumerate(zip(ts, frames)):
+        voxel = (1 - t) * va + t * vb
+        out = frame
+        if intensity == "data":
+            low = (1 - t) * metas[0]["clamp_low"] + t * metas[1]["clamp_low"]
+            high = (1 - t) * metas[0]["clamp_high"] + t * metas[1]["clamp_high"]
+            out = to_data_intensity(frame, low, high)
+        path = output_dir / f"interp_{k:02d}.nii.gz"
+        save_nifti(out, path, grid_affine((model.resolution,) * 3, voxel), description=f"verydeepvae interp t={t:.3f}")
+        paths.append(path)
+    save_strip([volumes[0]] + frames + [volumes[1]], output_dir / "interpolation.png",
+               ["A (input)"] + [f"t={t:.2f}" for t in ts] + ["B (input)"],
+               f"{method} interpolation of all latent layers: {files[0].name} -> {files[1].name}")
+    write_json(output_dir / "interpolation.json", {
+        "a": str(files[0]), "b": str(files[1]), "steps": steps, "method": method, "t": ts,
+        "files": [p.name for p in paths], "latents": "posterior means of every layer",
+        "voxel_size_mm": [(1 - t) * va + t * vb for t in ts], **trained.record(),
+    })
+    return paths
+
+
+def save_strip(volumes: Sequence[np.ndarray], path: str | Path, titles: Sequence[str], suptitle: str = "") -> None:
+    """Columns of volumes, rows sagittal / coronal / axial mid-slices (model range [0, 1])."""
+    import matplotlib.pyplot as plt
+
+    n = len(volumes)
+    fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
+    for j, volume in enumerate(volumes):
+        for i, image in enumerate(viz.mid_slices(volume)):
+            ax = axes[i][j]
+            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=7)
+            if j == 0:
+                ax.set_ylabel(viz.PLANES[i], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
+    fig.tight_layout()
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def _disable(show: bool | None, n: int) -> bool | None:
+    """tqdm's disable flag: None shows a bar only on a terminal (and only for more than one item)."""
+    if show is None:
+        return None if n > 1 else True
+    return not show
