@@ -115,6 +115,12 @@ class Config:
     resume: bool = False
     restore_optimiser: bool = True
 
+    # --- performance (speed/memory modes; none changes the model's maths) -----------------------
+    # activation checkpointing: "none", "all", or resolution level indices (0 = full resolution)
+    checkpoint_levels: list[int] | str = "none"
+    channels_last: bool = False  # channels-last-3D memory format for activations and weights
+    compile: bool = False  # torch.compile the model for training
+
     # ------------------------------------------------------------------------------------------
     @property
     def num_levels(self) -> int:
@@ -131,6 +137,14 @@ class Config:
         if name == "channels_hidden_top_down":
             return self.resolved("channels_top_down")
         return list(self.channels)
+
+    def checkpointed_levels(self) -> list[int]:
+        """The resolution levels whose blocks recompute their activations in the backward pass."""
+        if self.checkpoint_levels == "none":
+            return []
+        if self.checkpoint_levels == "all":
+            return list(range(self.num_levels))
+        return sorted(set(self.checkpoint_levels))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -331,7 +345,8 @@ def _type_name(annotation: Any) -> str:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         return f"{_type_name(args[0])} or null"
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(annotation)[0])}s"
+        inner = typing.get_args(annotation)[0]
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(inner, str(inner))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         annotation, str(annotation)
     ).replace("a integer", "an integer")
@@ -340,10 +355,19 @@ def _type_name(annotation: Any) -> str:
 def _check_type(key: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None:
+        if value is None and type(None) in typing.get_args(annotation):
             return None
-        inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
-        return _check_type(key, value, inner)
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(options) == 1:
+            return _check_type(key, value, options[0])
+        if list[int] in options and isinstance(value, int) and not isinstance(value, bool):
+            value = [value]  # e.g. --set checkpoint_levels=0
+        for option in options:
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key} must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
     if origin is list:
         item_type = typing.get_args(annotation)[0]
         if not isinstance(value, (list, tuple)):
@@ -460,10 +484,25 @@ def validate(c: Config) -> None:
         raise ConfigError(f"num_bins must be >= 2, got {c.num_bins}")
     if c.precision == "fp16" and c.device == "cpu":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 on the CPU")
+    _validate_performance(c)
     if c.CUDA_devices is not None:
         for d in c.CUDA_devices:
             if not d.isdigit():
                 raise ConfigError(f"CUDA_devices must be device indices such as ['0', '1'], got {c.CUDA_devices}")
+
+
+def _validate_performance(c: Config) -> None:
+    levels = c.checkpoint_levels
+    if isinstance(levels, str):
+        if levels not in ("none", "all"):
+            raise ConfigError(
+                f'checkpoint_levels must be "none", "all" or a list of resolution level indices, got {levels!r}')
+        return
+    for level in levels:
+        if not 0 <= level < c.num_levels:
+            raise ConfigError(
+                f"checkpoint_levels entries must be level indices from 0 (resolution {c.resolution}) to "
+                f"{c.num_levels - 1} (resolution {c.level_resolutions()[-1]}), got {level}")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -3,13 +3,27 @@
 Pre-activation (GELU before every convolution), no normalisation layers, biases zero at
 initialisation, and the last convolution of every residual branch scaled by 1/sqrt(depth) so the
 variance of the residual stream does not grow with the number of blocks (Child 2021).
+
+``maybe_checkpoint`` is the one place activation checkpointing happens (see ``Config.checkpoint_levels``).
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def maybe_checkpoint(enabled: bool, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, recomputed in the backward pass instead of storing its activations when
+    ``enabled`` and gradients are being recorded.  The RNG state is saved and restored around the
+    recomputation (torch's default), so random draws inside repeat exactly."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(function, *args, use_reentrant=False)
+    return function(*args)
 
 
 class Conv3d(nn.Module):
@@ -21,10 +35,12 @@ class Conv3d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, zero_init: bool = False):
         super().__init__()
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=0)
         before, after = kernel_size // 2, (kernel_size - 1) // 2
-        self.padding = (before, after) * 3
-        self.needs_pad = kernel_size > 1
+        # symmetric padding inside the convolution (no padded copy, keeps the memory format);
+        # an explicit pad only for even kernels
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=after)
+        self.padding = (before - after, 0) * 3
+        self.needs_pad = before != after
         nn.init.zeros_(self.conv.bias)
         if zero_init:
             nn.init.zeros_(self.conv.weight)
@@ -51,8 +67,12 @@ class ConvStack(nn.Module):
         self.c4 = Conv3d(hidden, out_channels, 1, zero_init=zero_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.c1(F.gelu(x))
-        x = self.c2(F.gelu(x))
+        return self.from_activated(F.gelu(x))
+
+    def from_activated(self, g: torch.Tensor) -> torch.Tensor:
+        """The stack applied to an input that already went through its first GELU (so callers
+        that feed one activation to several stacks compute that GELU once)."""
+        x = self.c2(F.gelu(self.c1(g)))
         x = self.c3(F.gelu(x))
         return self.c4(F.gelu(x))
 
@@ -83,6 +103,7 @@ class ResBlock(nn.Module):
     def __init__(self, in_channels: int, hidden: int, out_channels: int, kernel_size: int,
                  residual_scale: float, bottleneck: bool = True):
         super().__init__()
+        self.checkpointed = False  # set by VeryDeepVAE from Config.checkpoint_levels
         if bottleneck:
             self.branch: nn.Module = ConvStack(in_channels, hidden, out_channels, kernel_size)
         else:
@@ -92,6 +113,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else Conv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return maybe_checkpoint(self.checkpointed, self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.branch(x)
 
 
@@ -122,5 +146,18 @@ class Upsample(nn.Module):
         self.project = None if in_channels == out_channels else Conv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = upsample_nearest_2x(x)
         return x if self.project is None else self.project(x)
+
+
+def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")`` as a broadcast copy: the same values,
+    keeps a channels-last input channels-last, and its backward is a plain sum (torch.compile's
+    CPU code generation fails on the scatter-add of the interpolate backward in torch 2.13)."""
+    b, c, d, h, w = x.shape
+    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        y = x.permute(0, 2, 3, 4, 1)[:, :, None, :, None, :, None, :]
+        y = y.expand(b, d, 2, h, 2, w, 2, c).reshape(b, 2 * d, 2 * h, 2 * w, c)
+        return y.permute(0, 4, 1, 2, 3)
+    y = x[:, :, :, None, :, None, :, None].expand(b, c, d, 2, h, 2, w, 2)
+    return y.reshape(b, c, 2 * d, 2 * h, 2 * w)

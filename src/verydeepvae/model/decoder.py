@@ -11,6 +11,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
@@ -55,9 +56,10 @@ class Decoder(nn.Module):
         for level in reversed(range(self.num_levels)):
             if level < self.num_levels - 1:
                 h = self.upsamples[str(level)](h)
-            e = None if activations is None else activations[level]
+            # GELU of the lateral input once per level, not once per latent layer
+            e_act = None if activations is None else F.gelu(activations[level])
             while index < len(self.layers) and self.layer_levels[index] == level:
-                h, kl, z = self.layers[index](h, e, choices[index], generator)
+                h, kl, z = self.layers[index](h, e_act, choices[index], generator)
                 kls.append(kl)
                 zs.append(z)
                 index += 1

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import gaussian
-from .blocks import Conv3d, ConvStack, ResBlock
+from .blocks import Conv3d, ConvStack, ResBlock, maybe_checkpoint
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LatentLayer(nn.Module):
         super().__init__()
         self.z_channels = z_channels
         self.width = width
+        self.checkpointed = False  # set by VeryDeepVAE from Config.checkpoint_levels
         self.prior = ConvStack(width, hidden, 2 * z_channels + width, kernel_size, zero_last=True)
         self.posterior = ConvStack(encoder_width + width, hidden, 2 * z_channels, kernel_size)
         self.z_proj = Conv3d(z_channels, width, 1)
@@ -40,31 +42,62 @@ class LatentLayer(nn.Module):
         self.res = ResBlock(width, hidden, width, kernel_size, residual_scale)
 
     def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.prior(h)
+        return self._prior(F.gelu(h))
+
+    def posterior_params(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._posterior(F.gelu(h), F.gelu(e))
+
+    def forward(self, h: torch.Tensor, e_act: torch.Tensor | None, choice: LatentChoice,
+                generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns (new h, KL per sample summed over this layer's elements or None, z used).
+
+        ``e_act`` is GELU(encoder activation at this level), computed once per level by the
+        decoder for all of its layers.  When checkpointed, the whole layer is recomputed in the
+        backward pass, and inside that recomputation the prior, posterior, latent and residual
+        parts are checkpointed again, so at most one part's activations are held at a time.  Not
+        with an explicit ``generator``, whose state checkpointing could not restore.
+        """
+        on = self.checkpointed and generator is None
+        return maybe_checkpoint(on, self._forward, h, e_act, choice, generator)
+
+    def _forward(self, h: torch.Tensor, e_act: torch.Tensor | None, choice: LatentChoice,
+                 generator: torch.Generator | None):
+        on = self.checkpointed and generator is None
+        g = F.gelu(h)  # the first activation of both the prior and the posterior network
+        p_mean, p_std, feature = maybe_checkpoint(on, self._prior, g)
+        q = None
+        if choice.z is None and choice.use_posterior:
+            if e_act is None:
+                raise ValueError("the posterior needs encoder activations")
+            q = maybe_checkpoint(on, self._posterior, g, e_act)
+        h, kl, z = maybe_checkpoint(on, self._latent, h, p_mean, p_std, feature, q, choice, generator)
+        return self.res(h), kl, z
+
+    def _prior(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.prior.from_activated(g)
         zc = self.z_channels
         p_mean, p_raw, feature = out[:, :zc], out[:, zc:2 * zc], out[:, 2 * zc:]
         return p_mean, gaussian.std_from_raw(p_raw), feature
 
-    def posterior_params(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.posterior(torch.cat([e, h], dim=1))
+    def _posterior(self, g: torch.Tensor, e_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.posterior.from_activated(torch.cat([e_act, g], dim=1))
         q_mean, q_raw = out.chunk(2, dim=1)
         return q_mean, gaussian.std_from_raw(q_raw)
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor | None, choice: LatentChoice,
-                generator: torch.Generator | None = None
+    def _latent(self, h: torch.Tensor, p_mean: torch.Tensor, p_std: torch.Tensor, feature: torch.Tensor,
+                q: tuple[torch.Tensor, torch.Tensor] | None, choice: LatentChoice,
+                generator: torch.Generator | None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Returns (new h, KL per sample summed over this layer's elements or None, z used)."""
-        p_mean, p_std, feature = self.prior_params(h)
+        """Pick z, the KL (float32) when z comes from the posterior, and add z's projection to h."""
         kl = None
         if choice.z is not None:
             z = choice.z.float()
-        elif choice.use_posterior:
-            if e is None:
-                raise ValueError("the posterior needs encoder activations")
-            q_mean, q_std = self.posterior_params(h, e)
+        elif q is not None:
+            q_mean, q_std = q
             z = q_mean.float() if choice.posterior_mean else gaussian.draw(q_mean, q_std, 1.0, generator)
             kl = gaussian.kl_diagonal_gaussians(q_mean, q_std, p_mean, p_std).flatten(1).sum(1)
         else:
             z = gaussian.draw(p_mean, p_std, choice.temperature, generator)
         h = h + feature + self.z_proj(z.to(h.dtype))
-        return self.res(h), kl, z
+        return h, kl, z

@@ -41,6 +41,32 @@ class VeryDeepVAE(nn.Module):
         self.likelihood = build_likelihood(cfg.likelihood, cfg.num_bins)
         self.output_head = Conv3d(cfg.resolved("channels_top_down")[0], self.likelihood.num_params, 1)
         self.num_voxels = cfg.resolution ** 3
+        self.set_checkpoint_levels(cfg.checkpointed_levels())
+        self.channels_last = False
+        if cfg.channels_last:
+            self.set_channels_last(True)
+
+    # -- speed/memory modes (Config's performance section) ---------------------------------------
+    def set_checkpoint_levels(self, levels: Sequence[int]) -> None:
+        """Recompute activations in the backward pass for the encoder blocks and latent layers of
+        these resolution levels (0 = full resolution) instead of storing them."""
+        levels = set(levels)
+        for level, blocks in enumerate(self.encoder.levels):
+            for block in blocks:
+                block.checkpointed = level in levels
+        for layer, level in zip(self.decoder.layers, self.decoder.layer_levels):
+            layer.checkpointed = level in levels
+            layer.res.checkpointed = level in levels
+
+    def set_channels_last(self, enabled: bool = True) -> None:
+        """Keep weights and activations in the channels-last-3D memory format (often faster on
+        CPUs and on tensor-core GPUs); results are the same up to float rounding."""
+        self.channels_last = enabled
+        self.to(memory_format=torch.channels_last_3d if enabled else torch.contiguous_format)
+
+    def _input(self, x01: torch.Tensor) -> torch.Tensor:
+        x = x01 * 2.0 - 1.0
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     # -- structure -------------------------------------------------------------------------------
     @property
@@ -64,7 +90,7 @@ class VeryDeepVAE(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, x01: torch.Tensor, kl_weight: float = 1.0) -> ModelOutput:
-        x = x01 * 2.0 - 1.0
+        x = self._input(x01)
         activations = self.encoder(x)
         choices = [LatentChoice()] * self.num_layers
         h, kls, _ = self.decoder(activations, choices, x.shape[0])
@@ -105,7 +131,7 @@ class VeryDeepVAE(nn.Module):
         """Reconstruction in [0, 1].  With ``prior_from_level`` = m, latent layers at levels < m
         (resolutions finer than R/2^m) come from the prior at ``temperature`` instead of the
         posterior: the original's "progressive reconstructions"."""
-        x = x01 * 2.0 - 1.0
+        x = self._input(x01)
         activations = self.encoder(x)
         choices = []
         for level in self.decoder.layer_levels:
@@ -118,7 +144,7 @@ class VeryDeepVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x01: torch.Tensor) -> list[torch.Tensor]:
         """Posterior means of every latent layer, coarsest first."""
-        x = x01 * 2.0 - 1.0
+        x = self._input(x01)
         activations = self.encoder(x)
         choices = [LatentChoice(posterior_mean=True)] * self.num_layers
         _, _, zs = self.decoder(activations, choices, x.shape[0])
