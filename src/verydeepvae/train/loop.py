@@ -113,6 +113,8 @@ class _Trainer:
         if runtime.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.compile:  # performance: compiled on the first step (channels_last is set in the model)
+            self.net = torch.compile(self.net)
         if resume_from is not None and runtime.is_main:
             _drop_records_after(self.output_dir / "metrics.jsonl", self.step)
         self.reporter = Reporter(self.output_dir, runtime.is_main,
