@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_sub.add_parser("show", help="print the resolved configuration and model size")
     _config_options(show)
     show.add_argument("--json", action="store_true", help="print only the configuration as JSON")
+    show.add_argument("--estimate-memory", action="store_true",
+                      help="estimate training memory per sample, with and without activation checkpointing")
+    show.add_argument("--gpu-memory", metavar="SIZE",
+                      help="with --estimate-memory: the largest batch size fitting this memory, e.g. 24GiB")
     show.set_defaults(handler=_config_show)
     p.set_defaults(handler=lambda args: (p.print_help(), EXIT_USER_ERROR)[1])
 
@@ -136,6 +140,25 @@ def _inference_commands(sub) -> None:
     p.add_argument("--output-dir", required=True)
     p.add_argument("--intensity", choices=["model", "data"], default="model")
     p.set_defaults(handler=_interpolate)
+
+    p = sub.add_parser("evaluate", help="evaluation report (JSON + Markdown + figures) on held-out data")
+    _model_options(p)
+    p.add_argument("--data", help="folder / list of NIfTI files to evaluate on; default: the run's own split "
+                                  "(split.json validation files are held out)")
+    p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
+    p.add_argument("--output-dir", required=True, help="where report.json, report.md and figures/ go")
+    p.add_argument("--num-samples", type=int, default=32, help="prior samples to draw (default 32)")
+    p.add_argument("--temperature", default="1.0", help="sampling temperature: one value or one per level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-heldout", type=int, default=100, help="at most this many held-out volumes (default 100)")
+    p.add_argument("--max-train", type=int, default=1000,
+                   help="at most this many training volumes for the memorisation check (default 1000)")
+    p.add_argument("--num-pairs", type=int, default=100, help="MS-SSIM pairs for diversity (default 100)")
+    p.add_argument("--morphometry", choices=["auto", "on", "off"], default="auto",
+                   help="tissue volumes (FLAIR-like contrast): auto = when participants.tsv (phantom) is found")
+    p.add_argument("--feature-plugin", metavar="MODULE:CALLABLE",
+                   help="optional extra feature extractor you supply (e.g. a MedicalNet wrapper with local weights)")
+    p.set_defaults(handler=_evaluate)
 
 
 def _model_options(p: argparse.ArgumentParser) -> None:
@@ -304,8 +327,36 @@ def _single_file(path: str) -> list:
     return files
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvaluationOptions, run_evaluation
+
+    for flag in ("num_samples", "max_heldout", "max_train", "num_pairs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    options = EvaluationOptions(
+        num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
+        batch_size=args.batch_size, max_heldout=args.max_heldout, max_train=args.max_train,
+        num_pairs=args.num_pairs, morphometry=args.morphometry, feature_plugin=args.feature_plugin,
+        pattern=args.pattern, show_progress=_progress(args),
+    )
+    trained = _open(args)
+    report = run_evaluation(trained, args.data, args.output_dir, options)
+    print(report.summary())
+    return 0
+
+
 def _config_show(args: argparse.Namespace) -> int:
     notices: list[str] = []
+    budget = None
+    if args.gpu_memory is not None:
+        from .memory import parse_size
+
+        if not args.estimate_memory:
+            raise UserError("--gpu-memory needs --estimate-memory")
+        try:
+            budget = parse_size(args.gpu_memory)
+        except ValueError as error:
+            raise UserError(f"--gpu-memory: {error}") from None
     cfg = _load_config(args, notices=notices)
     if args.json:
         print(cfg.to_json())
@@ -315,6 +366,10 @@ def _config_show(args: argparse.Namespace) -> int:
     model = VeryDeepVAE(cfg)
     print(cfg.to_json())
     print(model_summary(model, cfg))
+    if args.estimate_memory:
+        from .memory import report
+
+        print(report(cfg, budget))
     for notice in notices:
         print(f"notice: {notice}", file=sys.stderr)
     return 0

@@ -1,0 +1,235 @@
+"""One evaluation: pick the data, compute every section, write the report."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..generate import TrainedModel, check_temperature, iter_samples, load_preprocessed
+from . import compute, morphometry
+from .data import EvaluationData, participant_id, select_data
+
+FORMAT = "verydeepvae-evaluation-1"
+TRAIN_CHUNK = 32
+
+
+@dataclass
+class EvaluationOptions:
+    """What to compute; the defaults are modest so a CPU run takes minutes at 32³."""
+
+    num_samples: int = 32
+    temperature: float | Sequence[float] = 1.0
+    seed: int = 0
+    batch_size: int = 4
+    max_heldout: int | None = 100
+    max_train: int | None = 1000
+    num_pairs: int = 100
+    baseline_repeats: int = 5
+    feature_seed: int = 0
+    morphometry: str = "auto"  # auto (when participants.tsv with phantom volumes is found), on, off
+    feature_plugin: str | None = None
+    pattern: str | None = None
+    show_progress: bool | None = None
+
+
+@dataclass
+class Report:
+    data: dict[str, Any]
+    output_dir: Path
+
+    def summary(self) -> str:
+        from .report import summary_lines
+
+        return "\n".join(summary_lines(self.data) + [
+            f"report: {self.output_dir / 'report.md'} (figures in {self.output_dir / 'figures'}), "
+            f"machine-readable: {self.output_dir / 'report.json'}"])
+
+
+def run_evaluation(trained: TrainedModel, data_path: str | Path | None, output_dir: str | Path,
+                   options: EvaluationOptions | None = None) -> Report:
+    """Compute the evaluation report and write report.json, report.md and figures/ to ``output_dir``."""
+    from .report import write_report
+
+    options = options or EvaluationOptions()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = compute_report(trained, data_path, options)
+    write_report(data["report"], data["arrays"], output_dir)
+    return Report(data["report"], output_dir)
+
+
+def compute_report(trained: TrainedModel, data_path: str | Path | None, options: EvaluationOptions) -> dict[str, Any]:
+    """Everything the report holds: ``{"report": JSON-ready dict, "arrays": volumes for the figures}``."""
+    temperature = check_temperature(trained.model, options.temperature)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    show = options.show_progress
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 2)
+        clock = now
+
+    extractors = compute.feature_extractors(trained.resolution, options.feature_plugin, options.feature_seed,
+                                            trained.device)  # first: a bad plug-in fails before any long work
+    sel = select_data(trained, data_path, options.pattern, options.max_heldout, options.max_train, options.seed)
+    cache_root = _cache_root(trained)
+    heldout, metas = load_preprocessed(sel.heldout_files, trained.preprocess_settings, cache_root, show,
+                                       desc="held-out volumes")
+    lap("load_heldout")
+    report: dict[str, Any] = {
+        "format": FORMAT,
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "model": _model_facts(trained),
+        "data": sel.describe(),
+        "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
+    }
+    report["options"]["temperature"] = temperature
+    report["likelihood"] = compute.likelihood_section(trained, heldout, options.batch_size, options.seed, show)
+    lap("likelihood")
+    report["reconstruction"], recon = compute.reconstruction_section(trained, heldout, options.batch_size, show)
+    lap("reconstruction")
+    samples = np.concatenate([v for _, v in iter_samples(trained.model, options.num_samples, temperature,
+                                                         options.seed, options.batch_size, trained.device, show)])
+    report["samples"] = {"num": len(samples), "temperature": temperature, "seed": options.seed,
+                         "batch_size": options.batch_size,
+                         "note": "prior samples, output = mean of p(x | z); the same seed, temperature and batch "
+                                 "size give the same volumes"}
+    lap("sampling")
+    report["diversity"] = compute.diversity_section(samples, heldout, options.num_pairs, options.seed)
+    lap("diversity")
+
+    feats: dict[str, dict[str, np.ndarray]] = {}
+    report["distances"] = {}
+    for name, (fn, info) in extractors.items():
+        feats[name] = {"real": np.asarray(fn(heldout), dtype=np.float64),
+                       "samples": np.asarray(fn(samples), dtype=np.float64)}
+        report["distances"][name] = {"features": info, **compute.distance_section(
+            feats[name]["samples"], feats[name]["real"], options.seed, options.baseline_repeats)}
+    lap("distances")
+
+    closest = None
+    report["memorisation"], closest = _memorisation(trained, sel, heldout, samples, feats, extractors, cache_root,
+                                                    options, show)
+    lap("memorisation")
+
+    enabled = options.morphometry == "on" or (options.morphometry == "auto" and sel.participants is not None)
+    if enabled:
+        report["morphometry"], tables = _morphometry(trained, sel, heldout, metas, samples, options)
+    else:
+        why = "off (--morphometry off)" if options.morphometry == "off" else \
+            "no participants.tsv with phantom volumes next to the held-out files (use --morphometry on for FLAIR data)"
+        report["morphometry"], tables = {"skipped": why}, None
+    lap("morphometry")
+    timings["total"] = round(sum(timings.values()), 2)
+    report["timings_seconds"] = timings
+    report["software"] = _software()
+    arrays = {"samples": samples, "heldout": heldout, "recon": recon, "closest": closest, "tables": tables,
+              "heldout_names": [participant_id(f) for f in sel.heldout_files]}
+    return {"report": report, "arrays": arrays}
+
+
+def _cache_root(trained: TrainedModel) -> Path | None:
+    cfg = trained.config
+    if getattr(cfg, "cache_dir", None):
+        return Path(cfg.cache_dir).expanduser()
+    root = trained.run_dir / "cache"
+    return root if root.is_dir() else None
+
+
+def _model_facts(trained: TrainedModel) -> dict[str, Any]:
+    model, cfg = trained.model, trained.config
+    return {
+        **trained.record(), "resolution": model.resolution, "voxel_size_mm": trained.voxel_size_mm,
+        "parameters": int(sum(p.numel() for p in model.parameters())), "latent_layers": model.num_layers,
+        "latent_dimensions": int(model.latent_dimensions()), "likelihood": cfg.likelihood,
+        "discrete_likelihood": bool(model.likelihood.is_discrete), "device": trained.device,
+    }
+
+
+def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray, samples: np.ndarray,
+                  feats: dict[str, dict[str, np.ndarray]], extractors, cache_root: Path | None,
+                  options: EvaluationOptions, show: bool | None) -> tuple[dict[str, Any], Any]:
+    if not sel.train_files:
+        return {"skipped": "no training files known (" + sel.train_rule + ")"}, None
+    cnn = extractors["random_cnn"][0]
+    real_cnn = feats["random_cnn"]["real"]
+    queries_vox = {"samples": samples.reshape(len(samples), -1), "heldout": heldout.reshape(len(heldout), -1)}
+    z = compute.standardiser(real_cnn, feats["random_cnn"]["samples"])
+    queries_cnn = {"samples": z(feats["random_cnn"]["samples"]), "heldout": z(real_cnn)}
+    near_vox, near_cnn = compute.RunningNearest(queries_vox), compute.RunningNearest(queries_cnn)
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(sel.train_files), TRAIN_CHUNK), desc="training volumes", unit="chunk",
+                      disable=None if show is None else not show):
+        vols, _ = load_preprocessed(sel.train_files[start:start + TRAIN_CHUNK], trained.preprocess_settings,
+                                    cache_root, show_progress=False)
+        near_vox.update(start, vols.reshape(len(vols), -1))
+        near_cnn.update(start, z(cnn(vols)))
+    voxels = heldout[0].size
+    out = {
+        "train_rule": sel.train_rule, "num_train": len(sel.train_files),
+        "method": "distance of each sample to its nearest training volume, beside the same for held-out real "
+                  "volumes (never trained on); median_ratio well below 1 or many samples below the held-out 5th "
+                  "percentile suggest copying",
+        "voxels": compute.memorisation_entry(near_vox.distances["samples"], near_vox.distances["heldout"], "voxels",
+                                             f"L2 norm over the {voxels} voxels (model range)"),
+        "random_cnn": compute.memorisation_entry(near_cnn.distances["samples"], near_cnn.distances["heldout"],
+                                                 "random-3D-CNN features", "L2, features standardised with the "
+                                                 "pooled held-out + sample statistics"),
+    }
+    order = np.argsort(near_vox.distances["samples"])[:4]
+    nearest_idx = near_vox.indices["samples"][order]
+    nearest_files = [sel.train_files[i] for i in nearest_idx]
+    nearest_vols, _ = load_preprocessed(nearest_files, trained.preprocess_settings, cache_root, show_progress=False)
+    out["closest_samples"] = [{"sample": int(s), "distance": float(near_vox.distances["samples"][s]),
+                               "nearest_training_file": f} for s, f in zip(order, nearest_files)]
+    return out, {"samples": samples[order], "train": nearest_vols, "order": order.tolist(),
+                 "distances": near_vox.distances["samples"][order].tolist()}
+
+
+def _morphometry(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray, metas: list[dict[str, Any]],
+                 samples: np.ndarray, options: EvaluationOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+    vox = trained.voxel_size_mm
+    real = morphometry.volume_table(heldout, vox)
+    gen = morphometry.volume_table(samples, vox)
+    out: dict[str, Any] = {
+        "method": "FLAIR-like tissue classes (multi-Otsu + partial-volume correction, metrics.tissue_volumes); "
+                  f"ventricles = deep CSF (CSF-class voxels more than {morphometry.DEEP_CSF_MM:g} mm inside the brain)",
+        "units": f"ml on the model grid at the training median voxel size ({vox:.3f} mm), for samples and real "
+                 "volumes alike (preprocessing fits every brain to the cube, so absolute head size is normalised)",
+        "labels": morphometry.LABELS,
+        "comparison": morphometry.wasserstein_with_baseline(gen, real, options.seed, options.baseline_repeats),
+        "real": {k: v.tolist() for k, v in real.items()}, "samples": {k: v.tolist() for k, v in gen.items()},
+    }
+    tables = {"real": real, "samples": gen}
+    if sel.participants is not None:
+        pairs = [(i, sel.participants[participant_id(f)]) for i, f in enumerate(sel.heldout_files)
+                 if participant_id(f) in sel.participants]
+        idx = [i for i, _ in pairs]
+        physical = morphometry.volume_table(heldout[idx], [metas[i]["voxel_size_mm"] for i in idx])
+        recorded = {k: np.array([float(row[c]) for _, row in pairs]) for k, c in morphometry.RECORDED.items()}
+        out["estimator_check"] = {
+            "what": "estimates from the preprocessed held-out volumes (each at its own voxel size, physical ml) "
+                    "against the volumes recorded in participants.tsv when the phantoms were generated",
+            "participants_file": sel.participants_file, "num_volumes": len(idx),
+            "features": morphometry.recovery(physical, recorded),
+        }
+        tables["check"] = {"estimated": physical, "recorded": recorded}
+    return out, tables
+
+
+def _software() -> dict[str, str]:
+    import torch
+
+    from .. import __version__
+
+    return {"verydeepvae": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
