@@ -243,7 +243,7 @@ class _Trainer:
                 # resumed mid-epoch would diverge from the uninterrupted one
                 generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
             )
-            for batch in loader:
+            for batch in _start_workers(loader):
                 yield batch
             epoch, start = epoch + 1, 0
 
@@ -460,11 +460,35 @@ class _Trainer:
                 signal.signal(s, h)
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _start_workers(loader: DataLoader) -> Iterator[torch.Tensor]:
+    """``iter(loader)`` with SIGINT/SIGTERM blocked while the worker processes are forked.
+
+    Ctrl-C reaches a whole process group and torchrun signals each worker's whole process group,
+    so DataLoader workers get the stop signal too.  A worker killed by it before it could ignore
+    it (torch's own worker handler dies on a SIGTERM that is not from its parent) would crash the
+    training process mid-step; forked with the signals blocked, it starts deaf to them, and the
+    training process receives a signal that arrived meanwhile as soon as the mask is restored.
+    """
+    import threading
+
+    if loader.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _ignore_stop_signals(_worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C / SIGTERM to the training process, which finishes its step,
-    saves and then shuts them down (torchrun signals a worker's whole process group)."""
+    saves and then shuts them down (they also exit by themselves when it is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by _start_workers; now ignored
 
 
 def _drop_records_after(path: Path, step: int) -> None:
