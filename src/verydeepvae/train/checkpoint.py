@@ -82,8 +82,11 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = handle.read(9)
+    # a safetensors file is an 8-byte little-endian header length, then the JSON header ("{"); the
+    # length's first byte may well be 0x80, so only a file that is not that can be a pickle
+    safetensors_like = len(head) == 9 and head[8:9] == b"{"
+    if head[:2] == b"PK" or (head[:1] == b"\x80" and not safetensors_like):
         raise CheckpointError(
             f"checkpoint {path} is a pickle/zip file; it is refused because loading it could run "
             "code (verydeepvae checkpoints are .safetensors files)"
