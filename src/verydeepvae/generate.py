@@ -386,7 +386,8 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
             })
         bar.update(len(xs))
     bar.close()
-    titles = ["input", "recon"] + [f"post ≤{model.resolution >> lv}³" for lv in progressive_levels]
+    written = "reconstruction" if prior_above is None else f"written (prior above {prior_above}³)"
+    titles = ["input", written] + [f"prior above {model.resolution >> lv}³" for lv in progressive_levels]
     viz.save_grid(figure_rows, output_dir / "reconstructions.png", col_titles=titles,
                   row_titles=stems[:len(figure_rows)])
     record = {
@@ -398,8 +399,8 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
                                         "input file's own percentile clamp values"},
         "metrics_note": "PSNR/SSIM/MAE between the preprocessed input and the reconstruction, whole volume, "
                         "model intensity range [0, 1] (data_range 1)",
-        "figure": "reconstructions.png: axial mid-slices; columns input, reconstruction, then latents at "
-                  f"resolutions above r³ taken from the prior (temperature {temperature})",
+        "figure": "reconstructions.png: axial mid-slices; columns input, the written reconstruction, then "
+                  f"reconstructions with the latents above r³ taken from the prior (temperature {temperature})",
         "files": rows,
         "mean": {k: float(np.mean([r[k] for r in rows])) for k in
                  ("elbo_bits_per_voxel", "psnr_db", "ssim", "mae")},

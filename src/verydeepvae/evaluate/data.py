@@ -83,7 +83,7 @@ def select_data(trained: TrainedModel, data_path: str | Path | None, pattern: st
             notes.append(f"{len(val) - len(given)} validation files of split.json no longer exist")
     else:
         given = [str(f) for f in input_files(data_path, pattern)]
-        source = str(Path(data_path).expanduser().resolve())
+        source = str(Path(data_path).expanduser())
         heldout_rule = ("all given files that are not training files of the run's split.json"
                         if split is not None else "all given files (the run folder has no split.json)")
     train_set: set[str] = set()
@@ -124,6 +124,14 @@ def _cap(files: list[str], limit: int | None, seed: int) -> list[str]:
     return [files[i] for i in keep]
 
 
+def _display(path: Path) -> str:
+    """A path relative to the working directory when it is inside it (shorter, and no machine layout)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def participant_id(path: str | Path) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)
 
@@ -146,7 +154,7 @@ def _attach_participants(data: EvaluationData) -> None:
         if not table or not all(c in table[0] for c in PHANTOM_COLUMNS + ("participant_id",)):
             continue
         rows.update({r["participant_id"]: r for r in table})
-        used.append(str(tsv))
+        used.append(_display(tsv))
     matched = [f for f in data.heldout_files if participant_id(f) in rows]
     if matched:
         data.participants = rows
