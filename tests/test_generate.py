@@ -174,7 +174,8 @@ def test_encode_writes_safetensors_latents_that_decode_to_the_reconstruction(run
     latents = tmp_path / "latents.safetensors"
     assert main(["encode", "--checkpoint", str(run), "--input", str(folder), "--output", str(latents),
                  "--no-progress"]) == 0
-    assert latents.read_bytes()[:1] not in (b"\x80", b"P")  # not a pickle / zip
+    raw = latents.read_bytes()  # safetensors: 8-byte little-endian header length, then a JSON header
+    assert raw[8:9] == b"{" and int.from_bytes(raw[:8], "little") + 8 <= len(raw)
     zs, meta = load_latents(latents)
     assert meta == json.loads(latents.with_suffix(".json").read_text())
     assert meta["layers"] == latent_layout(trained.model) and len(meta["files"]) == 3
