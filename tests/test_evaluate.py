@@ -180,6 +180,26 @@ def test_phantom_volume_estimates_recover_participants_tsv(tmp_path):
     assert r["ventricle_ml"] > 0.7 and r["wm_ml"] > 0.6 and r["csf_ml"] > 0.6, r
 
 
+def _untrained(**overrides):
+    from verydeepvae.config import build_config
+    from verydeepvae.generate import TrainedModel
+    from verydeepvae.model import VeryDeepVAE
+
+    cfg = build_config(preset="tiny", overrides=overrides)
+    fake = SimpleNamespace(config=cfg, meta={}, path=Path("untrained.safetensors"), step=0)
+    return TrainedModel(model=VeryDeepVAE(cfg).eval(), checkpoint=fake, weights="raw", device="cpu")
+
+
+def test_a_continuous_likelihood_is_not_called_a_code_length():
+    volumes = np.random.default_rng(5).uniform(0, 1, (3, 16, 16, 16)).astype(np.float32)
+    gaussian = compute.likelihood_section(_untrained(likelihood="gaussian"), volumes, 2, 0, False)
+    assert not gaussian["discrete"] and "not a code length" in gaussian["statement"]
+    discrete = compute.likelihood_section(_untrained(), volumes, 2, 0, False)
+    assert discrete["discrete"] and "true code length" in discrete["statement"]
+    assert discrete["elbo_bits_per_voxel"]["mean"] > 0
+    assert len(discrete["per_volume_elbo_bits_per_voxel"]) == 3
+
+
 # --- the report -----------------------------------------------------------------------------------
 
 

@@ -231,6 +231,23 @@ def test_slerp_keeps_the_norm_and_ends():
     assert torch.allclose(slerp(a, 2 * a, 0.5), 1.5 * a)  # parallel: linear
 
 
+def test_temperature_and_prior_level_checks():
+    from verydeepvae.config import build_config
+    from verydeepvae.errors import UserError
+    from verydeepvae.generate import check_temperature, prior_level
+    from verydeepvae.model import VeryDeepVAE
+
+    model = VeryDeepVAE(build_config(preset="tiny"))  # 16³: levels 16, 8, 4, 2, 1
+    assert check_temperature(model, 0.5) == 0.5 and check_temperature(model, [0.5]) == 0.5
+    assert check_temperature(model, [1, 1, 1, 0.8, 0.5]) == [1, 1, 1, 0.8, 0.5]
+    for bad in ([1, 1], -1, [1, 1, 1, 1, -0.1]):
+        with pytest.raises(UserError):
+            check_temperature(model, bad)
+    assert prior_level(model, None) is None and prior_level(model, 16) == 0 and prior_level(model, 4) == 2
+    with pytest.raises(UserError, match="--prior-above"):
+        prior_level(model, 5)
+
+
 def test_output_stems_are_unique():
     assert output_stems(["a/x.nii.gz", "b/x.nii.gz", "c/y.NII"]) == ["x", "x_2", "y"]
 

@@ -167,7 +167,8 @@ def reference_range(reference: dict[str, Any], source: str) -> tuple[float, floa
     """(low, high) of a checkpoint's intensity reference, or a UserError naming what is missing."""
     low, high = reference.get("low"), reference.get("high")
     if low is None or high is None:
-        raise UserError(f"checkpoint {source} records no intensity reference (low/high); use --intensity model")
+        where = f"checkpoint {source}" if source else "the checkpoint"
+        raise UserError(f"{where} records no intensity reference (low/high); use --intensity model")
     return float(low), float(high)
 
 
