@@ -144,6 +144,23 @@ def test_main_first_notices_that_ranks_see_different_files(monkeypatch):
         distributed.main_first(lambda: "x", runtime, "preparing the data", lambda r: "mine")
 
 
+def test_cuda_devices_in_a_configuration_are_applied_by_setup(monkeypatch):
+    from verydeepvae.config import build_config
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(distributed, "_applied_devices", None)
+    notices: list[str] = []
+    runtime = distributed.setup(build_config(preset="tiny", overrides={"CUDA_devices": ["0", "1"]}), notices)
+    assert runtime.device.type == "cpu" and runtime.world_size == 1
+    assert notices == ["no CUDA GPU found: running on the CPU with gloo instead of CUDA_devices 0,1"]
+    monkeypatch.setattr(distributed, "_applied_devices", None)
+    monkeypatch.setattr(distributed, "physical_gpu_count", lambda: 2)
+    with pytest.raises(UserError, match="device 3 does not exist"):
+        distributed.setup(build_config(preset="tiny", overrides={"CUDA_devices": ["3"]}))
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ
+
+
 def test_every_ranks_rng_streams_round_trip_through_a_checkpoint(tmp_path):
     import random
 

@@ -15,6 +15,7 @@ import pytest
 from verydeepvae import legacy
 from verydeepvae.config import build_config
 from verydeepvae.errors import ConfigError, UserError
+from verydeepvae.train import distributed
 from verydeepvae.train.checkpoint import architecture_difference, list_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +63,11 @@ def test_parser_accepts_both_generations_of_flags():
          "--threads_per_rank", "4", "--nifti_filename_pattern", "*.nii"])
     assert args.CUDA_devices == ["0", "1"] and args.local_rank == 3 and args.nifti_dir == "d"
     assert legacy.build_parser().parse_args(["--local_rank", "0"]).local_rank == 0
+
+
+@pytest.fixture(autouse=True)
+def devices_not_yet_applied(monkeypatch):
+    monkeypatch.setattr(distributed, "_applied_devices", None)
 
 
 def test_plan_devices_without_gpu_is_a_cpu_notice():
@@ -132,7 +138,7 @@ def test_local_rank_other_than_0_without_a_launcher_is_an_error(monkeypatch, cap
 def test_nonexistent_cuda_device_is_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(legacy, "physical_gpu_count", lambda: 1)  # pretend: a machine with one GPU
+    monkeypatch.setattr(distributed, "physical_gpu_count", lambda: 1)  # pretend: a machine with one GPU
     assert legacy.run_from_hyper_params({}, ["--CUDA_devices", "3", "--local_rank", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["verydeepvae: error: CUDA_devices 3: device 3 does not exist; this machine has 1 CUDA device(s) (0)"]

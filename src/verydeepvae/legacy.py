@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 from .config import LEGACY_IGNORED, LEGACY_RENAMES, config_from_dict, normalise_keys, read_config_file
 from .errors import ConfigError, UserError
+from .train.distributed import configure_devices, physical_gpu_count, plan_devices  # noqa: F401
 
 EXIT_USER_ERROR = 2
 
@@ -254,59 +255,6 @@ def default_output_dir() -> str:
 
 
 # --- devices ---------------------------------------------------------------------------------------
-
-
-def physical_gpu_count() -> int | None:
-    """CUDA devices on this machine, whatever CUDA_VISIBLE_DEVICES says (None: cannot tell)."""
-    import torch
-
-    if not torch.backends.cuda.is_built():
-        return 0
-    try:
-        count = int(torch.cuda._raw_device_count_nvml())  # NVML: no CUDA initialisation
-    except Exception:  # pragma: no cover - depends on the driver
-        count = -1
-    return count if count >= 0 else None
-
-
-def plan_devices(devices: list[str], gpu_count: int | None, visible: str | None) -> tuple[str | None, str | None]:
-    """(new CUDA_VISIBLE_DEVICES or None for the CPU, notice or None); raises UserError for devices
-    that do not exist.  ``visible`` is an already set CUDA_VISIBLE_DEVICES: the indices then refer
-    to its entries (as CUDA numbers them)."""
-    listed = ",".join(devices)
-    if gpu_count == 0:
-        return None, f"no CUDA GPU found: running on the CPU with gloo (CUDA_devices {listed} not used)"
-    pool = [v.strip() for v in visible.split(",") if v.strip()] if visible not in (None, "") else None
-    if pool is not None:
-        missing = [d for d in devices if int(d) >= len(pool)]
-        if missing:
-            raise UserError(f"CUDA_devices {listed}: device {missing[0]} does not exist; CUDA_VISIBLE_DEVICES="
-                            f"{visible} makes {len(pool)} device(s) visible (0-{len(pool) - 1})")
-        return ",".join(pool[int(d)] for d in devices), None
-    if gpu_count is not None:
-        missing = [d for d in devices if int(d) >= gpu_count]
-        if missing:
-            have = f"0-{gpu_count - 1}" if gpu_count > 1 else "0"
-            raise UserError(f"CUDA_devices {listed}: device {missing[0]} does not exist; this machine has "
-                            f"{gpu_count} CUDA device(s) ({have})")
-    return listed, None
-
-
-def configure_devices(devices: list[str]) -> tuple[str, str | None]:
-    """Set CUDA_VISIBLE_DEVICES (before CUDA initialises) and return ("cuda"|"cpu", notice)."""
-    import torch
-
-    visible, notice = plan_devices(devices, physical_gpu_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
-    if visible is None:
-        return "cpu", notice
-    os.environ["CUDA_VISIBLE_DEVICES"] = visible
-    if not torch.cuda.is_available():  # NVML could not tell, and CUDA sees nothing
-        listed = ",".join(devices)
-        return "cpu", f"no usable CUDA GPU: running on the CPU with gloo (CUDA_devices {listed} not used)"
-    count = torch.cuda.device_count()
-    if count < len(devices):
-        raise UserError(f"CUDA_devices {','.join(devices)}: only {count} of these devices exist")
-    return "cuda", None
 
 
 # --- launching -------------------------------------------------------------------------------------

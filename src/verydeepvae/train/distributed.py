@@ -73,6 +73,70 @@ def choose_device(cfg: Config, local_rank: int, local_world_size: int = 1) -> to
     return torch.device("cpu")
 
 
+# --- CUDA_devices -----------------------------------------------------------------------------------
+
+# the CUDA_VISIBLE_DEVICES this process set from CUDA_devices ("" = the CPU), once set
+_applied_devices: str | None = None
+
+
+def physical_gpu_count() -> int | None:
+    """CUDA devices on this machine, whatever CUDA_VISIBLE_DEVICES says (None: cannot tell)."""
+    if not torch.backends.cuda.is_built():
+        return 0
+    try:
+        count = int(torch.cuda._raw_device_count_nvml())  # NVML: no CUDA initialisation
+    except Exception:  # pragma: no cover - depends on the driver
+        count = -1
+    return count if count >= 0 else None
+
+
+def plan_devices(devices: list[str], gpu_count: int | None, visible: str | None) -> tuple[str | None, str | None]:
+    """(new CUDA_VISIBLE_DEVICES or None for the CPU, notice or None); raises UserError for devices
+    that do not exist.  ``visible`` is an already set CUDA_VISIBLE_DEVICES: the indices then refer
+    to its entries (as CUDA numbers them)."""
+    listed = ",".join(devices)
+    if gpu_count == 0:
+        return None, f"no CUDA GPU found: running on the CPU with gloo instead of CUDA_devices {listed}"
+    pool = [v.strip() for v in visible.split(",") if v.strip()] if visible not in (None, "") else None
+    if pool is not None:
+        missing = [d for d in devices if int(d) >= len(pool)]
+        if missing:
+            raise UserError(f"CUDA_devices {listed}: device {missing[0]} does not exist; CUDA_VISIBLE_DEVICES="
+                            f"{visible} makes {len(pool)} device(s) visible (0-{len(pool) - 1})")
+        return ",".join(pool[int(d)] for d in devices), None
+    if gpu_count is not None:
+        missing = [d for d in devices if int(d) >= gpu_count]
+        if missing:
+            have = f"0-{gpu_count - 1}" if gpu_count > 1 else "0"
+            raise UserError(f"CUDA_devices {listed}: device {missing[0]} does not exist; this machine has "
+                            f"{gpu_count} CUDA device(s) ({have})")
+    return listed, None
+
+
+def configure_devices(devices: list[str]) -> tuple[str, str | None]:
+    """Set CUDA_VISIBLE_DEVICES (before CUDA initialises) and return ("cuda"|"cpu", notice).
+
+    Done once per process: a second call (e.g. train() after the legacy entry point) changes nothing.
+    """
+    global _applied_devices
+    if _applied_devices is not None:
+        return ("cuda" if _applied_devices else "cpu"), None
+    visible, notice = plan_devices(devices, physical_gpu_count(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if visible is None:
+        _applied_devices = ""
+        return "cpu", notice
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    if not torch.cuda.is_available():  # NVML could not tell, and CUDA sees nothing
+        _applied_devices = ""
+        listed = ",".join(devices)
+        return "cpu", f"no usable CUDA GPU: running on the CPU with gloo instead of CUDA_devices {listed}"
+    _applied_devices = visible
+    count = torch.cuda.device_count()
+    if count < len(devices):
+        raise UserError(f"CUDA_devices {','.join(devices)}: only {count} of these devices exist")
+    return "cuda", None
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value in (None, ""):
@@ -83,7 +147,15 @@ def _env_int(name: str, default: int) -> int:
         raise UserError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
-def setup(cfg: Config) -> Runtime:
+def setup(cfg: Config, notices: list[str] | None = None) -> Runtime:
+    """This process's place in the job, its device, and the process group (several ranks)."""
+    if cfg.CUDA_devices and cfg.device != "cpu":
+        kind, notice = configure_devices(list(cfg.CUDA_devices))
+        if notice and notices is not None:
+            notices.append(notice)
+        if kind == "cpu" and cfg.device == "cuda":
+            raise UserError(f"device cuda was requested but no CUDA GPU is available "
+                            f"(CUDA_devices {','.join(cfg.CUDA_devices)}); use --device cpu")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)

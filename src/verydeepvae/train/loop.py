@@ -63,7 +63,7 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
           show_progress: bool | None = None) -> TrainResult:
     """Train (or resume) the model described by ``cfg``; returns where the results are."""
     notices = [] if notices is None else notices
-    runtime = distributed.setup(cfg)
+    runtime = distributed.setup(cfg, notices)
     try:
         return _Trainer(cfg, runtime, bundle, notices, show_progress).run()
     finally:
