@@ -254,9 +254,6 @@ def default_output_dir() -> str:
     return "output"
 
 
-# --- devices ---------------------------------------------------------------------------------------
-
-
 # --- launching -------------------------------------------------------------------------------------
 
 
@@ -343,7 +340,7 @@ def _run(hyper_params: dict[str, Any], args: argparse.Namespace, argv: list[str]
     if ignored:
         notices.append(f"{len(ignored)} original hyper_params keys have no effect here and are ignored: "
                        f"{', '.join(sorted(ignored))}")
-    if overrides.get("data_path") is None:
+    if all(v is None for k, v in overrides.items() if canonical_key(k) == "data_path"):
         notices.append("no --nifti_flair_dir: training on the built-in phantom population")
     overrides["device"] = device
     overrides["CUDA_devices"] = devices
