@@ -46,9 +46,10 @@ class Decoder(nn.Module):
                 self.layer_levels.append(level)
 
     def forward(self, activations: Sequence[torch.Tensor] | None, choices: Sequence[LatentChoice],
-                batch_size: int, generator: torch.Generator | None = None
+                batch_size: int, generator: torch.Generator | None = None, keep_z: bool = True
                 ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor]]:
-        """Run the hierarchy; returns the final state, the per-layer KLs and the z of every layer."""
+        """Run the hierarchy; returns the final state, the per-layer KLs and the z of every layer
+        (an empty list without ``keep_z``: training does not hold on to them)."""
         h = self.h_top.expand(batch_size, -1, -1, -1, -1)
         kls: list[torch.Tensor | None] = []
         zs: list[torch.Tensor] = []
@@ -61,6 +62,7 @@ class Decoder(nn.Module):
             while index < len(self.layers) and self.layer_levels[index] == level:
                 h, kl, z = self.layers[index](h, e_act, choices[index], generator)
                 kls.append(kl)
-                zs.append(z)
+                if keep_z:
+                    zs.append(z)
                 index += 1
         return h, kls, zs

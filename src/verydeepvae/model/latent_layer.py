@@ -42,10 +42,12 @@ class LatentLayer(nn.Module):
         self.res = ResBlock(width, hidden, width, kernel_size, residual_scale)
 
     def prior_params(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._prior(F.gelu(h))
+        p_mean, p_raw, feature = self._prior(F.gelu(h))
+        return p_mean, gaussian.std_from_raw(p_raw), feature
 
     def posterior_params(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._posterior(F.gelu(h), F.gelu(e))
+        q_mean, q_raw = self._posterior(F.gelu(h), F.gelu(e))
+        return q_mean, gaussian.std_from_raw(q_raw)
 
     def forward(self, h: torch.Tensor, e_act: torch.Tensor | None, choice: LatentChoice,
                 generator: torch.Generator | None = None
@@ -54,8 +56,8 @@ class LatentLayer(nn.Module):
 
         ``e_act`` is GELU(encoder activation at this level), computed once per level by the
         decoder for all of its layers.  When checkpointed, the whole layer is recomputed in the
-        backward pass, and inside that recomputation the prior, posterior, latent and residual
-        parts are checkpointed again, so at most one part's activations are held at a time.  Not
+        backward pass, and inside that recomputation the prior, posterior and residual networks
+        are checkpointed again, so at most one network's activations are held at a time.  Not
         with an explicit ``generator``, whose state checkpointing could not restore.
         """
         on = self.checkpointed and generator is None
@@ -65,39 +67,35 @@ class LatentLayer(nn.Module):
                  generator: torch.Generator | None):
         on = self.checkpointed and generator is None
         g = F.gelu(h)  # the first activation of both the prior and the posterior network
-        p_mean, p_std, feature = maybe_checkpoint(on, self._prior, g)
-        q = None
-        if choice.z is None and choice.use_posterior:
-            if e_act is None:
-                raise ValueError("the posterior needs encoder activations")
-            q = maybe_checkpoint(on, self._posterior, g, e_act)
-        h, kl, z = maybe_checkpoint(on, self._latent, h, p_mean, p_std, feature, q, choice, generator)
-        return self.res(h), kl, z
-
-    def _prior(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.prior.from_activated(g)
-        zc = self.z_channels
-        p_mean, p_raw, feature = out[:, :zc], out[:, zc:2 * zc], out[:, 2 * zc:]
-        return p_mean, gaussian.std_from_raw(p_raw), feature
-
-    def _posterior(self, g: torch.Tensor, e_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.posterior.from_activated(torch.cat([e_act, g], dim=1))
-        q_mean, q_raw = out.chunk(2, dim=1)
-        return q_mean, gaussian.std_from_raw(q_raw)
-
-    def _latent(self, h: torch.Tensor, p_mean: torch.Tensor, p_std: torch.Tensor, feature: torch.Tensor,
-                q: tuple[torch.Tensor, torch.Tensor] | None, choice: LatentChoice,
-                generator: torch.Generator | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Pick z, the KL (float32) when z comes from the posterior, and add z's projection to h."""
+        p_mean, p_raw, feature = maybe_checkpoint(on, self._prior, g)
         kl = None
         if choice.z is not None:
             z = choice.z.float()
-        elif q is not None:
-            q_mean, q_std = q
-            z = q_mean.float() if choice.posterior_mean else gaussian.draw(q_mean, q_std, 1.0, generator)
-            kl = gaussian.kl_diagonal_gaussians(q_mean, q_std, p_mean, p_std).flatten(1).sum(1)
+        elif choice.use_posterior:
+            if e_act is None:
+                raise ValueError("the posterior needs encoder activations")
+            q_mean, q_raw = maybe_checkpoint(on, self._posterior, g, e_act)
+            if choice.posterior_mean:
+                z = q_mean.float()
+                kl = gaussian.kl_diagonal_gaussians(q_mean, gaussian.std_from_raw(q_raw), p_mean,
+                                                    gaussian.std_from_raw(p_raw)).flatten(1).sum(1)
+            else:
+                eps = torch.randn(q_mean.shape, device=q_mean.device, dtype=torch.float32, generator=generator)
+                z, kl_map = gaussian.posterior_sample_and_kl(q_mean, q_raw, p_mean, p_raw, eps)
+                kl = kl_map.flatten(1).sum(1)
         else:
-            z = gaussian.draw(p_mean, p_std, choice.temperature, generator)
+            z = gaussian.draw(p_mean, gaussian.std_from_raw(p_raw), choice.temperature, generator)
         h = h + feature + self.z_proj(z.to(h.dtype))
-        return h, kl, z
+        return self.res(h), kl, z
+
+    def _prior(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, raw std, feature residual): views of the prior network's output."""
+        out = self.prior.from_activated(g)
+        zc = self.z_channels
+        return out[:, :zc], out[:, zc:2 * zc], out[:, 2 * zc:]
+
+    def _posterior(self, g: torch.Tensor, e_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, raw std): views of the posterior network's output."""
+        out = self.posterior.from_activated(torch.cat([e_act, g], dim=1))
+        q_mean, q_raw = out.chunk(2, dim=1)
+        return q_mean, q_raw

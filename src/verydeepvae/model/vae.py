@@ -93,7 +93,7 @@ class VeryDeepVAE(nn.Module):
         x = self._input(x01)
         activations = self.encoder(x)
         choices = [LatentChoice()] * self.num_layers
-        h, kls, _ = self.decoder(activations, choices, x.shape[0])
+        h, kls, _ = self.decoder(activations, choices, x.shape[0], keep_z=False)
         params = self.output_head(F.gelu(h))
         nll = -self.likelihood.log_prob(params, x).flatten(1).sum(1) / self.num_voxels
         kl = torch.stack(kls, dim=1) / self.num_voxels
