@@ -1,0 +1,196 @@
+"""Training-memory estimate from the architecture alone (``verydeepvae config show --estimate-memory``).
+
+What a training step holds, per sample, is counted from the tensors each block keeps for the
+backward pass (activation sizes per block, channels x voxels at the block's resolution):
+
+* pre-activation bottleneck stack on C_in channels with hidden width H: GELU(x) for the first
+  convolution (C_in) and, for each of the three inner GELUs, its input and its output (6 H);
+* encoder block: its input (C_in) + its stack; the level's output is kept for the decoder;
+* latent layer (width W, hidden H, lateral width E, z channels Z): its input and GELU(input) (2 W),
+  the prior stack (6 H) and its output (2 Z + W), the posterior stack on [e, h] (E + W + 6 H) and its
+  output (2 Z), the noise and the sample (2 Z; the float32 std/KL maths keeps nothing else, see
+  ``gaussian.posterior_sample_and_kl``), the state after z is added (W) and the residual block
+  (W + 6 H);
+* output head and likelihood: the last state twice and about 20 single-channel full-resolution maps.
+
+With activation checkpointing at a level, each of its latent layers keeps only its input and each
+encoder block only its input; during the backward pass one layer at a time is recomputed (the
+nested checkpoints inside it keep its parts' outputs, plus the working set of its largest part).
+That recomputation is the ``transient`` term, counted once for the largest checkpointed level.
+
+Fixed memory does not grow with the batch: weights, gradients, two optimiser moments, the EMA copy
+and the optimiser's temporary copies (about 7 tensors the size of the weights in all).  On a GPU the
+CUDA context (~0.3-0.5 GiB) comes on top and is not counted; on a CPU the process itself (Python,
+torch, about 0.4 GiB) is not counted.  The bench (``bench/train_step.py``) prints the estimate beside
+measured peaks.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from .config import Config
+
+FIXED_COPIES_OF_WEIGHTS = 7  # weights, gradients, 2 optimiser moments, EMA, ~2 optimiser temporaries
+GRADIENT_WORKING_SET = 3  # gradient tensors alive at once while backpropagating through a block
+LIKELIHOOD_MAPS = 20  # single-channel full-resolution float32 maps of the likelihood and the loss
+
+
+@dataclass
+class LevelMemory:
+    level: int
+    resolution: int
+    stored: int  # bytes per sample kept for the backward pass without checkpointing
+    stored_checkpointed: int  # ... with this level checkpointed
+    transient_checkpointed: int  # largest recomputation working set at this level, bytes per sample
+    transient: int  # gradient working set without checkpointing, bytes per sample
+
+
+@dataclass
+class MemoryEstimate:
+    parameters: int
+    latent_dimensions: int
+    fixed_bytes: int
+    levels: list[LevelMemory]
+    precision: str
+
+    def per_sample(self, checkpoint_levels: list[int] | None = None) -> int:
+        """Activation bytes per sample at the peak of a training step."""
+        chosen = set(checkpoint_levels or [])
+        stored = sum(lv.stored_checkpointed if lv.level in chosen else lv.stored for lv in self.levels)
+        transient = max([lv.transient_checkpointed for lv in self.levels if lv.level in chosen]
+                        + [lv.transient for lv in self.levels if lv.level not in chosen] + [0])
+        return stored + transient
+
+    def peak(self, batch_size: int, checkpoint_levels: list[int] | None = None) -> int:
+        return self.fixed_bytes + batch_size * self.per_sample(checkpoint_levels)
+
+    def max_batch_size(self, budget_bytes: int, checkpoint_levels: list[int] | None = None) -> int:
+        """Largest batch whose estimated peak fits the budget (0 if not even one sample does)."""
+        return max(0, (budget_bytes - self.fixed_bytes) // max(1, self.per_sample(checkpoint_levels)))
+
+
+def estimate(cfg: Config) -> MemoryEstimate:
+    """Memory of one training step of ``cfg``'s model at its precision (fp32, or bf16/fp16
+    autocast: convolution activations in 2 bytes, the float32 KL and likelihood maths in 4)."""
+    low = cfg.precision in ("bf16", "fp16")
+    act = 2 if low else 4  # bytes of a convolution activation
+    f32 = 4
+    n = cfg.num_levels
+    res = cfg.level_resolutions()
+    enc_w = cfg.resolved("channels")
+    enc_h = cfg.resolved("channels_hidden")
+    dec_w = cfg.resolved("channels_top_down")
+    dec_h = cfg.resolved("channels_hidden_top_down")
+    z_ch = cfg.channels_per_latent
+    layers = cfg.latent_feature_maps_per_resolution
+    blocks = [2] * n
+    if cfg.only_use_one_conv_block_at_top:
+        blocks[-1] = 1
+
+    levels = []
+    for lv in range(n):
+        v = res[lv] ** 3
+        W, H, E, Z = dec_w[lv], dec_h[lv], enc_w[lv], z_ch[lv]
+        # encoder blocks: input + stack (bottleneck 6 H, or the plain two-conv branch 2 C)
+        enc_stored = enc_ckpt = 0
+        enc_transient = 0
+        for b in range(blocks[lv]):
+            c_in = (1 if lv == 0 else enc_w[lv - 1]) if b == 0 else E
+            inner = 6 * enc_h[lv] if cfg.bottleneck_resnet_encoder else 2 * E
+            enc_stored += 2 * c_in + inner
+            enc_ckpt += c_in
+            enc_transient = max(enc_transient, 2 * c_in + inner)
+        enc_stored += E  # the level's output, kept for the decoder (and the pooling)
+        enc_ckpt += E
+        if cfg.downsampling == "conv" and lv < n - 1:
+            enc_stored += E
+            enc_ckpt += E
+        # decoder: the upsampling projection keeps its (upsampled) input
+        up = dec_w[lv + 1] if lv < n - 1 and dec_w[lv + 1] != W else 0
+        conv_part = 2 * W + 6 * H + (2 * Z + W) + (E + W + 6 * H) + 2 * Z + Z + W + (W + 6 * H)
+        layer_stored = conv_part * act + Z * f32  # + the float32 noise of the sample
+        L = layers[lv]
+        lateral = E * act if L else 0  # GELU(e), shared by the level's layers
+        stored = v * ((enc_stored + up) * act + L * layer_stored + lateral)
+        ckpt_stored = v * ((enc_ckpt + up) * act + L * W * act + lateral)
+        # recomputing one latent layer: its parts' outputs + the largest part's working set + gradients
+        parts_out = (3 * W + 5 * Z) * act + Z * f32
+        largest_part = (E + W + 6 * H) * act
+        grads = GRADIENT_WORKING_SET * max(W, H, E) * act
+        transient_ckpt = v * max(parts_out + largest_part + grads if L else 0, enc_transient * act + grads)
+        transient = v * grads
+        if lv == 0:  # output head and likelihood
+            head = 2 * W * act + LIKELIHOOD_MAPS * f32
+            stored += v * head
+            ckpt_stored += v * head
+        levels.append(LevelMemory(lv, res[lv], stored, ckpt_stored, transient_ckpt, transient))
+
+    params, latent_dims = _sizes(cfg)
+    fixed = FIXED_COPIES_OF_WEIGHTS * params * 4 + (params * 2 if low else 0)  # + autocast's weight copies
+    return MemoryEstimate(params, latent_dims, fixed, levels, cfg.precision)
+
+
+def _sizes(cfg: Config) -> tuple[int, int]:
+    """Parameter count and latent dimensions, from the model built on the meta device (no memory)."""
+    import torch
+
+    from .model import VeryDeepVAE
+
+    with torch.device("meta"):
+        model = VeryDeepVAE(cfg)
+    return sum(p.numel() for p in model.parameters()), model.latent_dimensions()
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24 GB', '16G', '8000MiB', '1.5e10' -> bytes (G and GB are 10^9, GiB is 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"expected a size such as 24GiB, 16GB or 8000MiB, got {text!r}")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a positive size, got {text!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def report(cfg: Config, budget_bytes: int | None = None) -> str:
+    """The ``config show --estimate-memory`` text."""
+    est = estimate(cfg)
+    configured = cfg.checkpointed_levels()
+    every = list(range(cfg.num_levels))
+    lines = [
+        f"memory estimate for one training step ({cfg.precision}; activations per sample, plus fixed memory):",
+        f"  parameters {est.parameters:,}; latent dimensions {est.latent_dimensions:,}",
+        f"  fixed: {format_bytes(est.fixed_bytes)} (weights, gradients, optimiser moments, EMA, optimiser temporaries)",
+        "  level  resolution  stored/sample  checkpointed/sample",
+    ]
+    for lv in est.levels:
+        lines.append(f"  {lv.level:5d}  {lv.resolution:>9}³  {format_bytes(lv.stored):>13}  "
+                     f"{format_bytes(lv.stored_checkpointed):>19}")
+    rows = [("no checkpointing", []), ("checkpoint_levels all", every)]
+    if configured and configured != every:
+        rows.insert(1, (f"checkpoint_levels {configured} (configured)", configured))
+    width = max(len(name) for name, _ in rows)
+    lines.append(f"  {'mode':<{width}}  per sample    peak at batch_size {cfg.batch_size}"
+                 + ("    largest batch in " + format_bytes(budget_bytes) if budget_bytes else ""))
+    for name, levels in rows:
+        line = (f"  {name:<{width}}  {format_bytes(est.per_sample(levels)):>10}    "
+                f"{format_bytes(est.peak(cfg.batch_size, levels)):>10}")
+        if budget_bytes:
+            line += f"    {est.max_batch_size(budget_bytes, levels):>6d}"
+        lines.append(line)
+    lines.append("  (not counted: the CUDA context on a GPU, the Python/torch process itself on a CPU, about 0.4 GiB)")
+    return "\n".join(lines)

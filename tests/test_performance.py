@@ -1,0 +1,269 @@
+"""Speed/memory modes give the same training signal, and the memory estimate matches the model.
+
+Correctness only: timings and measured memory peaks live in bench/train_step.py.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from verydeepvae import memory
+from verydeepvae.cli import main
+from verydeepvae.config import build_config
+from verydeepvae.errors import ConfigError
+from verydeepvae.model import VeryDeepVAE, gaussian
+
+BF16_PRECISION = 2.0 ** -8  # relative spacing of bfloat16 numbers (8 significant bits)
+
+
+def _model(**overrides):
+    cfg = build_config(preset="tiny", overrides=overrides)
+    torch.manual_seed(0)
+    model = VeryDeepVAE(cfg)
+    with torch.no_grad():  # wake the zero-initialised prior heads so every path carries gradient
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x = torch.rand(2, 1, cfg.resolution, cfg.resolution, cfg.resolution, generator=torch.Generator().manual_seed(1))
+    return cfg, model, x
+
+
+def _step(model, x, bf16: bool = False, noise_seed: int = 1):
+    """Loss, per-layer KL and every parameter's gradient of one training step."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(noise_seed)  # the posterior samples
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _assert_same_grads(a, b, rtol, atol):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("levels", ["all", [0], [1, 3]])
+def test_checkpointing_gives_the_same_loss_and_gradients(levels):
+    _, model, x = _model()
+    plain, plain_grads = _step(model, x)
+    model.set_checkpoint_levels(build_config(preset="tiny", overrides={"checkpoint_levels": levels})
+                                .checkpointed_levels())
+    ckpt, ckpt_grads = _step(model, x)
+    assert torch.equal(ckpt.loss, plain.loss)
+    assert torch.equal(ckpt.kl_per_layer, plain.kl_per_layer)
+    _assert_same_grads(ckpt_grads, plain_grads, rtol=1e-5, atol=1e-7)
+    # the comparison can fail: other posterior noise gives other gradients (so the recomputation
+    # in the backward pass really did reuse the forward pass's random draws)
+    _, other_grads = _step(model, x, noise_seed=2)
+    assert any(not torch.allclose(other_grads[n], plain_grads[n], rtol=1e-3, atol=1e-6) for n in plain_grads)
+
+
+def test_checkpointing_keeps_fewer_tensors_for_the_backward_pass():
+    def saved_bytes(model, x):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return total
+
+    _, model, x = _model()
+    plain = saved_bytes(model, x)
+    model.set_checkpoint_levels(range(5))
+    assert saved_bytes(model, x) < 0.3 * plain
+
+
+def test_checkpointed_sampling_with_an_explicit_generator_is_not_recomputed():
+    _, model, x = _model(checkpoint_levels="all")
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(model.sample(2, 1.0, generator=g1), model.sample(2, 1.0, generator=g2))
+    assert torch.equal(model.reconstruct(x), model.reconstruct(x))
+
+
+def test_channels_last_gives_the_same_loss_and_gradients():
+    _, model, x = _model()
+    plain, plain_grads = _step(model, x)
+    cl_model = copy.deepcopy(model)
+    cl_model.set_channels_last(True)
+    formats = []
+    cl_model.decoder.layers[-1].res.branch.c2.register_forward_hook(
+        lambda m, i, o: formats.append(o.is_contiguous(memory_format=torch.channels_last_3d)))
+    cl, cl_grads = _step(cl_model, x)
+    assert formats == [True]  # activations really are channels-last
+    torch.testing.assert_close(cl.loss, plain.loss, rtol=1e-5, atol=0)
+    _assert_same_grads(cl_grads, plain_grads, rtol=1e-3, atol=1e-6)
+    # and the weights can be saved and loaded like any others
+    restored = VeryDeepVAE(build_config(preset="tiny"))
+    restored.load_state_dict({k: v.contiguous() for k, v in cl_model.state_dict().items()})
+
+
+def test_bf16_loss_is_fp32_loss_to_bf16_precision_with_float32_kl_and_likelihood():
+    _, model, x = _model()
+    fp32, _ = _step(model, x)
+    bf16, grads = _step(model, x, bf16=True)
+    assert bf16.loss.dtype == bf16.kl_per_layer.dtype == bf16.nll.dtype == torch.float32
+    assert abs(bf16.loss.item() - fp32.loss.item()) <= BF16_PRECISION * abs(fp32.loss.item())
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_all_modes_together_checkpointing_changes_nothing():
+    _, model, x = _model(channels_last=True)
+    plain, plain_grads = _step(model, x, bf16=True)
+    model.set_checkpoint_levels(range(5))
+    ckpt, ckpt_grads = _step(model, x, bf16=True)
+    assert torch.equal(ckpt.loss, plain.loss)
+    _assert_same_grads(ckpt_grads, plain_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_sample_and_kl_match_the_composed_maths():
+    torch.manual_seed(0)
+    shape = (2, 3, 4, 4, 4)
+    raw = [torch.randn(shape) for _ in range(4)]
+    raw[1][0, 0, 0, 0, :2] = torch.tensor([-40.0, 40.0])  # the std's clamp and softplus's linear range
+    raw[3][0, 0, 0, 1, :2] = torch.tensor([-40.0, 40.0])
+    eps = torch.randn(shape)
+    a = [t.clone().requires_grad_() for t in raw]
+    b = [t.clone().requires_grad_() for t in raw]
+    z, kl = gaussian.posterior_sample_and_kl(*a, eps)
+    (z.sin().sum() + (kl * kl.cos()).sum()).backward()
+    q_std, p_std = gaussian.std_from_raw(b[1]), gaussian.std_from_raw(b[3])
+    z2, kl2 = b[0] + q_std * eps, gaussian.kl_diagonal_gaussians(b[0], q_std, b[2], p_std)
+    (z2.sin().sum() + (kl2 * kl2.cos()).sum()).backward()
+    torch.testing.assert_close(z, z2)
+    torch.testing.assert_close(kl, kl2)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+    half = [t.clone().bfloat16().requires_grad_() for t in raw]
+    z, kl = gaussian.posterior_sample_and_kl(*half, eps)
+    (z.sum() + kl.sum()).backward()
+    assert z.dtype == kl.dtype == torch.float32 and all(t.grad.dtype == torch.bfloat16 for t in half)
+
+
+# -- the training loop with every mode on ----------------------------------------------------------
+class _Blobs(torch.utils.data.Dataset):
+    def __init__(self, n: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.volumes = [torch.rand(1, 16, 16, 16, generator=g) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.volumes)
+
+    def __getitem__(self, i):
+        return self.volumes[i]
+
+
+@dataclass
+class _Bundle:
+    train: torch.utils.data.Dataset
+    val: torch.utils.data.Dataset
+    voxel_size_mm: float = 2.0
+    intensity_reference: dict | None = None
+
+
+def test_training_loop_with_checkpointing_channels_last_bf16_and_accumulation(tmp_path):
+    from verydeepvae.train.loop import train
+
+    cfg = build_config(preset="tiny", overrides={
+        "output_dir": str(tmp_path / "run"), "num_workers": 0, "subjects_to_plot": 0, "max_steps": 2,
+        "batch_size": 2, "grad_accumulation": 2, "precision": "bf16", "channels_last": True,
+        "checkpoint_levels": [0, 1], "log_every": 1, "validation_every": 2, "checkpoint_every": 2})
+    result = train(cfg, bundle=_Bundle(_Blobs(8, 0), _Blobs(2, 1)), show_progress=False)
+    assert result.step == 2 and result.checkpoint is not None
+    assert all(torch.isfinite(torch.tensor(v["elbo_bits_per_voxel"])) for v in result.validation)
+
+
+# -- configuration -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("value,levels", [("none", []), ("all", [0, 1, 2, 3, 4]), ([3, 0, 3], [0, 3]), (1, [1])])
+def test_checkpoint_levels_values(value, levels):
+    assert build_config(preset="tiny", overrides={"checkpoint_levels": value}).checkpointed_levels() == levels
+
+
+@pytest.mark.parametrize("value,fragment", [("some", '"none", "all"'), ([5], "from 0 (resolution 16) to 4"),
+                                            (True, "checkpoint_levels must be")])
+def test_bad_checkpoint_levels_name_the_key(value, fragment):
+    with pytest.raises(ConfigError, match="checkpoint_levels") as info:
+        build_config(preset="tiny", overrides={"checkpoint_levels": value})
+    assert fragment in str(info.value)
+
+
+# -- memory estimate ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset,precision", [("tiny", "fp32"), ("demo", "fp32"), ("demo", "bf16")])
+def test_estimated_activations_match_what_autograd_keeps(preset, precision):
+    """Per level (8³ and finer), the estimate of stored activations is within 10% of the bytes
+    that autograd actually keeps for the backward pass (saved tensors, weights excluded)."""
+    cfg = build_config(preset=preset, overrides={"precision": precision})
+    model = VeryDeepVAE(cfg)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, tuple[int, int]] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights and t.dim() == 5:
+            kept[storage.data_ptr()] = (storage.nbytes(), t.shape[-1])
+        return t
+
+    x = torch.rand(1, 1, cfg.resolution, cfg.resolution, cfg.resolution)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        model(x)
+    estimate = memory.estimate(cfg)
+    for level in estimate.levels:
+        if level.resolution < 8:
+            continue
+        measured = sum(n for n, size in kept.values() if size == level.resolution)
+        assert level.stored == pytest.approx(measured, rel=0.10), level
+
+
+def test_memory_estimate_structure():
+    cfg = build_config(preset="32")
+    est = memory.estimate(cfg)
+    assert est.parameters == sum(p.numel() for p in VeryDeepVAE(cfg).parameters())
+    assert [lv.resolution for lv in est.levels] == cfg.level_resolutions()
+    every = list(range(cfg.num_levels))
+    assert est.per_sample(every) < est.per_sample([0]) < est.per_sample([])
+    assert est.peak(1) < est.peak(2) < est.peak(4)
+    assert est.peak(4) - est.peak(2) == 2 * est.per_sample([])
+    for batch in (1, 3, 8):
+        assert est.max_batch_size(est.peak(batch)) == batch
+        assert est.max_batch_size(est.peak(batch) - 1) == batch - 1
+    assert est.max_batch_size(est.fixed_bytes // 2) == 0
+    bf16 = memory.estimate(build_config(preset="32", overrides={"precision": "bf16"}))
+    assert bf16.per_sample([]) < 0.7 * est.per_sample([])
+
+
+@pytest.mark.parametrize("text,expected", [("24GiB", 24 * 2**30), ("16 GB", 16 * 10**9), ("8000MiB", 8000 * 2**20),
+                                           ("1.5G", 1_500_000_000), ("1e9", 10**9)])
+def test_parse_size(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "24XB", "-3GiB", "GiB", "0"])
+def test_parse_size_rejects_nonsense(text):
+    with pytest.raises(ValueError):
+        memory.parse_size(text)
+
+
+def test_config_show_estimates_memory(capsys):
+    assert main(["config", "show", "--preset", "64", "--estimate-memory", "--gpu-memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory estimate" in out and "largest batch in 24.00 GiB" in out
+    assert "no checkpointing" in out and "checkpoint_levels all" in out
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--gpu-memory", "24GiB"], "--gpu-memory needs --estimate-memory"),
+    (["--estimate-memory", "--gpu-memory", "lots"], "--gpu-memory"),
+])
+def test_config_show_memory_flag_errors(argv, fragment, capsys):
+    assert main(["config", "show", "--preset", "tiny", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and len(err.strip().splitlines()) == 1
