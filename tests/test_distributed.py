@@ -271,6 +271,23 @@ def test_two_nodes_write_outputs_only_on_global_rank_0(data, tmp_path):
     # node 1 only keeps its own preprocessed-volume cache (it does not share node 0's file system here)
     assert [p.name for p in out1.iterdir()] == ["cache"]
 
+    # --resume: node 1 has no checkpoint of its own and gets rank 0's
+    port = free_port()
+    procs = []
+    for node, out in ((0, out0), (1, out1)):
+        cmd = torchrun("--nproc_per_node=1", "--nnodes=2", f"--node_rank={node}", "--master_addr=127.0.0.1",
+                       f"--master_port={port}") + train_args(data, out, "--max-steps", "3", "--set", "log_every=1",
+                                                             "--set", "subjects_to_plot=1", "--resume")
+        procs.append(subprocess.Popen(cmd, env=env_with_debug(debug), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert [r["step"] for r in records(debug, 1, "train_local")] == [1, 2, 3]  # step 3 only in the resumed run
+    final = [records(debug, r, "finished")[-1] for r in (0, 1)]
+    assert final[0]["step"] == final[1]["step"] == 3 and final[0]["parameters"] == final[1]["parameters"]
+    assert final[0]["ema"] == final[1]["ema"]
+    assert [p.name for p in out1.iterdir()] == ["cache"]
+
 
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_every_process_and_the_state_resumes(data, tmp_path):
@@ -327,7 +344,7 @@ def test_max_restarts_resumes_from_the_newest_checkpoint_after_a_killed_worker(d
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode == 0, stderr[-3000:]
-    assert "torchrun restart 1: resuming from the newest checkpoint" in stdout
+    assert "after a torchrun restart: resuming from the newest checkpoint" in stdout
     resumed = [r for r in records(debug, 1, "train_local") if r["restart"] == 1]
     assert resumed and resumed[0]["pid"] != victim
     first = resumed[0]["step"]

@@ -170,12 +170,28 @@ def setup(cfg: Config, notices: list[str] | None = None) -> Runtime:
             raise UserError(f"WORLD_SIZE={world_size} but MASTER_ADDR/MASTER_PORT are not set; start several "
                             "processes with torchrun (python -m torch.distributed.run --nproc_per_node=N ...)")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        store = _attempt_store(rank, world_size)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
     if cfg.threads_per_rank:
         torch.set_num_threads(cfg.threads_per_rank)
     return Runtime(rank=rank, local_rank=local_rank, world_size=world_size, device=device,
                    local_world_size=local_world_size, restart_count=_env_int("TORCHELASTIC_RESTART_COUNT", 0),
                    launcher_pid=os.getppid() if under_torchrun() else None)
+
+
+def _attempt_store(rank: int, world_size: int):
+    """torchrun's agent keeps one key-value store for all attempts of a job (TORCHELASTIC_USE_AGENT_STORE);
+    after a ``--max-restarts`` restart the gloo/NCCL addresses of the failed attempt's workers are still
+    in it, and a new worker can read a dead peer's address ("Connection refused", pytorch/pytorch#135712).
+    Keys of each attempt go under their own prefix.  None: the plain env:// set-up is fine."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    base, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    return dist.PrefixStore(f"verydeepvae/attempt_{attempt}/default_pg", base)
 
 
 def teardown() -> None:
@@ -318,6 +334,45 @@ def main_first(fn: Callable[[], T], runtime: Runtime, what: str,
         raise UserError(f"rank {differ[0]} got a different result than rank 0 while {what} (do all nodes see "
                         "the same data folder and output folder?)")
     return result
+
+
+def same_checkpoint(found: Any, directory: Path, runtime: Runtime) -> Any:
+    """Rank 0's choice of checkpoint (``found``, a loaded Checkpoint or None; ignored on other ranks),
+    loaded on every rank.  Ranks that cannot read the same file (another node without a shared file
+    system, or a copy that differs) receive it from rank 0."""
+    if not runtime.distributed:
+        return found
+    from .checkpoint import CheckpointError, load_checkpoint
+
+    choice = [None]
+    if runtime.is_main and found is not None:
+        sidecar = found.path.with_name(found.path.name + ".sha256")
+        choice = [(found.path.name, sidecar.read_text().strip() if sidecar.is_file() else "")]
+    dist.broadcast_object_list(choice, src=0, device=runtime.device)
+    if choice[0] is None:
+        return None
+    name, digest = choice[0]
+    mine = found if runtime.is_main else None
+    if mine is None:
+        local = directory / name
+        sidecar = local.with_name(name + ".sha256")
+        if local.is_file() and sidecar.is_file() and sidecar.read_text().strip() == digest:
+            try:
+                mine = load_checkpoint(local)
+            except CheckpointError:
+                mine = None
+    if any_rank(mine is None, runtime):
+        payload = [found.path.read_bytes()] if runtime.is_main else [None]
+        dist.broadcast_object_list(payload, src=0, device=runtime.device)
+        if mine is None:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="verydeepvae-resume-") as tmp:
+                copy = Path(tmp) / name
+                copy.write_bytes(payload[0])
+                mine = load_checkpoint(copy)
+                mine.path = directory / name
+    return mine
 
 
 def fingerprint_strings(items: list[str]) -> str:

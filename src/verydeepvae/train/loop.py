@@ -125,11 +125,16 @@ class _Trainer:
 
     # -- set-up ----------------------------------------------------------------------------------
     def _find_resume_checkpoint(self) -> ckpt.Checkpoint | None:
-        restarted = self.runtime.restart_count > 0  # torchrun --max-restarts brought the workers back
+        # torchrun --max-restarts brought the workers back (decided together: torchrun's restart count
+        # can differ between nodes)
+        restarted = distributed.any_rank(self.runtime.restart_count > 0, self.runtime)
         if not (self.cfg.resume or restarted):
             return None
-        found = ckpt.newest_loadable(self.ckpt_dir, self.notices)
-        why = "--resume" if self.cfg.resume else f"torchrun restart {self.runtime.restart_count}"
+        found = None
+        if self.runtime.is_main or not self.runtime.distributed:
+            found = ckpt.newest_loadable(self.ckpt_dir, self.notices)
+        found = distributed.same_checkpoint(found, self.ckpt_dir, self.runtime)  # rank 0's, on every rank
+        why = "--resume" if self.cfg.resume else "after a torchrun restart"
         if found is None:
             self.notices.append(f"{why}: no checkpoint in {self.ckpt_dir}, starting from step 0")
         elif restarted and not self.cfg.resume:
