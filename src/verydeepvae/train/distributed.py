@@ -186,8 +186,11 @@ def _attempt_store(rank: int, world_size: int):
     """torchrun's agent keeps one key-value store for all attempts of a job (TORCHELASTIC_USE_AGENT_STORE);
     after a ``--max-restarts`` restart the gloo/NCCL addresses of the failed attempt's workers are still
     in it, and a new worker can read a dead peer's address ("Connection refused", pytorch/pytorch#135712).
-    Keys of each attempt go under their own prefix.  None: the plain env:// set-up is fine."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    Keys of each attempt go under their own prefix.  Only on one node: torchrun's restart count, the
+    attempt number, can differ between nodes (a node restarted for a membership change does not count
+    it); on several nodes set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun instead, which gives
+    every attempt a fresh store.  None: the plain env:// set-up."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or _env_int("GROUP_WORLD_SIZE", 1) != 1:
         return None
     base, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size))
     attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
