@@ -135,6 +135,13 @@ def test_local_rank_other_than_0_without_a_launcher_is_an_error(monkeypatch, cap
     assert len(err) == 1 and "--local_rank 2 without torchrun" in err[0]
 
 
+def test_a_line_ending_in_backslash_space_is_explained(capsys):
+    # the original README has such lines: `run_autoencoder.py \ ` passes " " as an argument
+    assert legacy.run_from_hyper_params({}, [" "]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ends with '\\ '" in err[0]
+
+
 def test_nonexistent_cuda_device_is_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -231,6 +238,22 @@ def test_seed_folder_runs_on_one_device_as_the_readme_shows(seed_folder, tmp_pat
     assert list((out / "pipeline_test").iterdir())  # visualise_training_pipeline_before_starting
     assert result.stdout.count("no CUDA GPU found: running on the CPU with gloo") == 1
     assert "2 original hyper_params keys have no effect here and are ignored: use_DDP, verbose" in result.stdout
+
+
+@pytest.mark.slow
+def test_seed_folder_takes_the_later_flags(seed_folder, tmp_path):
+    folder, data = seed_folder
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"total_epochs": 2, "subjects_to_plot": 0, "resolution": 16}))
+    out = tmp_path / "out"
+    result = _run([sys.executable, str(folder / "run_autoencoder.py"), "--json_config_file", str(config),
+                   "--nifti_dir", str(data), "--output_dir", str(out), "--CUDA_devices", "0",
+                   "--nifti_filename_pattern", "subject_00[0-7].nii.gz", "--threads_per_rank", "1"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert checkpoint.config.total_epochs == 2 and checkpoint.config.threads_per_rank == 1
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["train"]) + len(split["validation"]) == 8  # subject_000 ... subject_007
 
 
 @pytest.mark.slow

@@ -286,6 +286,10 @@ def run_from_hyper_params(hyper_params: dict[str, Any], argv: Sequence[str] | No
     128 + signal number when stopped by SIGINT/SIGTERM after saving the newest state.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(not a.strip() for a in argv):
+        print("verydeepvae: error: an argument is only spaces: a line of the command probably ends with "
+              "'\\ ' (backslash, space) instead of '\\' (a backslash just before the line break)", file=sys.stderr)
+        return EXIT_USER_ERROR
     args = build_parser(prog=Path(sys.argv[0]).name if sys.argv and sys.argv[0] else None).parse_args(argv)
     rank = os.environ.get("RANK", "0")
     try:
