@@ -45,34 +45,41 @@ def posterior_sample_and_kl(q_mean: torch.Tensor, q_raw: torch.Tensor, p_mean: t
 
 
 class _SampleKL(torch.autograd.Function):
+    """With a = q_std / p_std and d = (q_mean - p_mean) / p_std: KL = (a² + d² - 1) / 2 - log a,
+    dKL/dq_mean = -dKL/dp_mean = d / p_std, dKL/dq_std = (a - 1/a) / p_std and
+    dKL/dp_std = (1 - a² - d²) / p_std; the stds are recomputed from the raw inputs."""
+
     @staticmethod
     def forward(ctx, q_mean, q_raw, p_mean, p_raw, eps):
         ctx.save_for_backward(q_mean, q_raw, p_mean, p_raw, eps)
         q_std, p_std = std_from_raw(q_raw), std_from_raw(p_raw)
-        diff = q_mean.float() - p_mean.float()
-        ratio = q_std / p_std
-        kl = 0.5 * (ratio * ratio + (diff / p_std) ** 2 - 1.0) - torch.log(ratio)
+        inv_p = p_std.reciprocal_()
+        a = q_std * inv_p
+        d = (q_mean.float() - p_mean.float()).mul_(inv_p)
+        kl = (a * a).addcmul_(d, d).sub_(1.0).mul_(0.5).sub_(a.log_())
         z = torch.addcmul(q_mean.float(), q_std, eps)
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
         q_mean, q_raw, p_mean, p_raw, eps = ctx.saved_tensors
-        q_std, dq_std_draw = _std_and_slope(q_raw)
-        p_std, dp_std_draw = _std_and_slope(p_raw)
-        if grad_z is None:
-            grad_z = torch.zeros_like(q_std)
+        q_std, q_slope = _std_and_slope(q_raw)
+        p_std, p_slope = _std_and_slope(p_raw)
+        inv_p = p_std.reciprocal_()
+        a = q_std.mul_(inv_p)
+        d = (q_mean.float() - p_mean.float()).mul_(inv_p)
+        g = inv_p if grad_kl is None else inv_p.mul_(grad_kl)  # dL/dKL / p_std
         if grad_kl is None:
-            grad_kl = torch.zeros_like(q_std)
-        inv_p = 1.0 / p_std
-        diff_term = grad_kl * (q_mean.float() - p_mean.float()) * inv_p * inv_p  # dKL/dq_mean
-        q_ratio = q_std * inv_p
-        # dKL/dq_std = q_std/p_std^2 - 1/q_std;  dKL/dp_std = 1/p_std - (q_std^2 + diff^2)/p_std^3
-        g_q_std = grad_z * eps + grad_kl * (q_ratio * inv_p - 1.0 / q_std)
-        diff = q_mean.float() - p_mean.float()
-        g_p_std = grad_kl * inv_p * (1.0 - q_ratio * q_ratio) - diff_term * diff * inv_p
-        return ((grad_z + diff_term).to(q_mean.dtype), (g_q_std * dq_std_draw).to(q_raw.dtype),
-                (-diff_term).to(p_mean.dtype), (g_p_std * dp_std_draw).to(p_raw.dtype), None)
+            g = torch.zeros_like(inv_p)
+        mean_term = d * g
+        g_p_std = (1.0 - a * a).sub_(d.mul_(d)).mul_(g)
+        g_q_std = (a - a.reciprocal()).mul_(g)
+        g_q_mean = mean_term
+        if grad_z is not None:
+            g_q_std.addcmul_(grad_z, eps)
+            g_q_mean = mean_term + grad_z
+        return (g_q_mean.to(q_mean.dtype), g_q_std.mul_(q_slope).to(q_raw.dtype),
+                mean_term.neg_().to(p_mean.dtype), g_p_std.mul_(p_slope).to(p_raw.dtype), None)
 
 
 def _std_and_slope(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

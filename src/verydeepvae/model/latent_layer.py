@@ -90,9 +90,10 @@ class LatentLayer(nn.Module):
 
     def _prior(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(mean, raw std, feature residual): views of the prior network's output."""
-        out = self.prior.from_activated(g)
         zc = self.z_channels
-        return out[:, :zc], out[:, zc:2 * zc], out[:, 2 * zc:]
+        # split, not slicing: its backward is one concatenation, not a zero-filled copy per piece
+        p_mean, p_raw, feature = self.prior.from_activated(g).split([zc, zc, self.width], dim=1)
+        return p_mean, p_raw, feature
 
     def _posterior(self, g: torch.Tensor, e_act: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, raw std): views of the posterior network's output."""
