@@ -24,7 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except UserError as error:
-        print(f"verydeepvae: error: {error}", file=sys.stderr)
+        kind = "stopped" if type(error).__name__ == "TrainingStopped" else "error"
+        print(f"verydeepvae: {kind}: {error}", file=sys.stderr)
         return int(getattr(error, "exit_code", EXIT_USER_ERROR))
     except OSError as error:  # full disk, read-only or missing folder met while writing outputs
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
