@@ -124,19 +124,21 @@ def test_all_modes_together_checkpointing_changes_nothing():
     _assert_same_grads(ckpt_grads, plain_grads, rtol=1e-5, atol=1e-7)
 
 
-def test_fused_sample_and_kl_match_the_composed_maths():
+def test_fused_sample_and_kl_match_the_composed_maths(monkeypatch):
     torch.manual_seed(0)
     shape = (2, 3, 4, 4, 4)
     raw = [torch.randn(shape) for _ in range(4)]
     raw[1][0, 0, 0, 0, :2] = torch.tensor([-40.0, 40.0])  # the std's clamp and softplus's linear range
     raw[3][0, 0, 0, 1, :2] = torch.tensor([-40.0, 40.0])
-    eps, w_z, w_kl = torch.randn(shape), torch.randn(shape), torch.randn(shape)
+    eps, w_z, w_kl = torch.randn(shape), torch.randn(shape), torch.randn(2)
 
     def composed(ts, noise):  # the plain float64 maths as the reference
         q_std, p_std = gaussian.std_from_raw(ts[1]).double(), gaussian.std_from_raw(ts[3]).double()
-        return ts[0] + q_std * noise, gaussian.kl_diagonal_gaussians(ts[0], q_std, ts[2], p_std)
+        kl = gaussian.kl_diagonal_gaussians(ts[0], q_std, ts[2], p_std).flatten(1).sum(1)
+        return ts[0] + q_std * noise, kl
 
     fused = [t.clone().requires_grad_() for t in raw]
+    monkeypatch.setattr(gaussian, "CHUNK_ELEMENTS", 40)  # several slabs along depth
     z, kl = gaussian.posterior_sample_and_kl(*fused, eps)
     ((z * w_z).sum() + (kl * w_kl).sum()).backward()
     ref = [t.double().requires_grad_() for t in raw]
@@ -146,10 +148,12 @@ def test_fused_sample_and_kl_match_the_composed_maths():
     torch.testing.assert_close(kl.double(), kl64, rtol=1e-4, atol=1e-4)
     for x, y in zip(fused, ref):
         torch.testing.assert_close(x.grad.double(), y.grad, rtol=1e-4, atol=1e-4)
-    half = [t.clone().bfloat16().requires_grad_() for t in raw]
+    assert len(gaussian._slabs(z.shape)) == 4
+    half = [t.clone().bfloat16().contiguous(memory_format=torch.channels_last_3d).requires_grad_() for t in raw]
     z, kl = gaussian.posterior_sample_and_kl(*half, eps)
     (z.sum() + kl.sum()).backward()
     assert z.dtype == kl.dtype == torch.float32 and all(t.grad.dtype == torch.bfloat16 for t in half)
+    assert z.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 # -- the training loop with every mode on ----------------------------------------------------------

@@ -35,13 +35,32 @@ def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
     return -0.5 * z * z - torch.log(std) - 0.5 * math.log(2.0 * math.pi)
 
 
+CHUNK_ELEMENTS = 1 << 20  # the fused sample+KL works through slabs of about this many elements
+
+
 def posterior_sample_and_kl(q_mean: torch.Tensor, q_raw: torch.Tensor, p_mean: torch.Tensor,
                             p_raw: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """z = q_mean + q_std * eps and the elementwise KL(q || p), both float32, from the networks'
-    raw outputs (std = ``std_from_raw``), in one step that keeps only its inputs for the backward
-    pass: the same values and gradients as composing ``std_from_raw``, ``kl_diagonal_gaussians``
-    and a reparameterised draw, without a dozen latent-sized float32 intermediates per layer."""
+    """z = q_mean + q_std * eps (float32) and KL(q || p) summed over everything but the batch
+    (float32, shape (B,)), from the networks' raw outputs (std = ``std_from_raw``).
+
+    The same values and gradients as composing ``std_from_raw``, ``kl_diagonal_gaussians``, a
+    reparameterised draw and a sum, but it keeps only its inputs for the backward pass and works
+    through the volume in slabs along depth, so its float32 temporaries stay small (the maths of a
+    128³ layer would otherwise hold a dozen latent-sized float32 maps at once)."""
     return _SampleKL.apply(q_mean, q_raw, p_mean, p_raw, eps)
+
+
+def _slabs(shape: torch.Size) -> list[slice]:
+    depth = shape[2] if len(shape) > 2 else 1
+    per_slab = max(1, math.prod(shape) // max(depth, 1))
+    step = max(1, CHUNK_ELEMENTS // per_slab)
+    if len(shape) <= 2 or step >= depth:
+        return [slice(None)]
+    return [slice(i, min(i + step, depth)) for i in range(0, depth, step)]
+
+
+def _slab(t: torch.Tensor, sl: slice) -> torch.Tensor:
+    return t if sl == slice(None) else t[:, :, sl]
 
 
 class _SampleKL(torch.autograd.Function):
@@ -52,34 +71,45 @@ class _SampleKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_mean, q_raw, p_mean, p_raw, eps):
         ctx.save_for_backward(q_mean, q_raw, p_mean, p_raw, eps)
-        q_std, p_std = std_from_raw(q_raw), std_from_raw(p_raw)
-        inv_p = p_std.reciprocal_()
-        a = q_std * inv_p
-        d = (q_mean.float() - p_mean.float()).mul_(inv_p)
-        kl = (a * a).addcmul_(d, d).sub_(1.0).mul_(0.5).sub_(a.log_())
-        z = torch.addcmul(q_mean.float(), q_std, eps)
+        z = torch.empty_like(q_mean, dtype=torch.float32)
+        kl = torch.zeros(q_mean.shape[0], dtype=torch.float32, device=q_mean.device)
+        for sl in _slabs(q_mean.shape):
+            qm, qr, pm, pr, e = (_slab(t, sl) for t in (q_mean, q_raw, p_mean, p_raw, eps))
+            q_std, p_std = std_from_raw(qr), std_from_raw(pr)
+            inv_p = p_std.reciprocal_()
+            a = q_std * inv_p
+            d = (qm.float() - pm.float()).mul_(inv_p)
+            kl_map = (a * a).addcmul_(d, d).sub_(1.0).mul_(0.5).sub_(a.log_())
+            kl += kl_map.sum(dim=tuple(range(1, kl_map.dim())))
+            _slab(z, sl).copy_(torch.addcmul(qm.float(), q_std, e))
         return z, kl
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl):
         q_mean, q_raw, p_mean, p_raw, eps = ctx.saved_tensors
-        q_std, q_slope = _std_and_slope(q_raw)
-        p_std, p_slope = _std_and_slope(p_raw)
-        inv_p = p_std.reciprocal_()
-        a = q_std.mul_(inv_p)
-        d = (q_mean.float() - p_mean.float()).mul_(inv_p)
-        g = inv_p if grad_kl is None else inv_p.mul_(grad_kl)  # dL/dKL / p_std
+        grads = [torch.empty_like(t) for t in (q_mean, q_raw, p_mean, p_raw)]
         if grad_kl is None:
-            g = torch.zeros_like(inv_p)
-        mean_term = d * g
-        g_p_std = (1.0 - a * a).sub_(d.mul_(d)).mul_(g)
-        g_q_std = (a - a.reciprocal()).mul_(g)
-        g_q_mean = mean_term
-        if grad_z is not None:
-            g_q_std.addcmul_(grad_z, eps)
-            g_q_mean = mean_term + grad_z
-        return (g_q_mean.to(q_mean.dtype), g_q_std.mul_(q_slope).to(q_raw.dtype),
-                mean_term.neg_().to(p_mean.dtype), g_p_std.mul_(p_slope).to(p_raw.dtype), None)
+            grad_kl = torch.zeros(q_mean.shape[0], dtype=torch.float32, device=q_mean.device)
+        gk = grad_kl.float().view(-1, *([1] * (q_mean.dim() - 1)))
+        for sl in _slabs(q_mean.shape):
+            qm, qr, pm, pr, e = (_slab(t, sl) for t in (q_mean, q_raw, p_mean, p_raw, eps))
+            q_std, q_slope = _std_and_slope(qr)
+            p_std, p_slope = _std_and_slope(pr)
+            g = p_std.reciprocal_()
+            a = q_std.mul_(g)
+            d = (qm.float() - pm.float()).mul_(g)
+            g.mul_(gk)  # dL/dKL / p_std
+            mean_term = d * g
+            g_p_std = (1.0 - a * a).sub_(d.mul_(d)).mul_(g)
+            g_q_std = (a - a.reciprocal()).mul_(g)
+            g_q_mean = mean_term
+            if grad_z is not None:
+                gz = _slab(grad_z, sl)
+                g_q_std.addcmul_(gz, e)
+                g_q_mean = mean_term + gz
+            for out, value in zip(grads, (g_q_mean, g_q_std.mul_(q_slope), mean_term.neg_(), g_p_std.mul_(p_slope))):
+                _slab(out, sl).copy_(value)
+        return (*grads, None)
 
 
 def _std_and_slope(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,8 +81,7 @@ class LatentLayer(nn.Module):
                                                     gaussian.std_from_raw(p_raw)).flatten(1).sum(1)
             else:
                 eps = torch.randn(q_mean.shape, device=q_mean.device, dtype=torch.float32, generator=generator)
-                z, kl_map = gaussian.posterior_sample_and_kl(q_mean, q_raw, p_mean, p_raw, eps)
-                kl = kl_map.flatten(1).sum(1)
+                z, kl = gaussian.posterior_sample_and_kl(q_mean, q_raw, p_mean, p_raw, eps)
         else:
             z = gaussian.draw(p_mean, gaussian.std_from_raw(p_raw), choice.temperature, generator)
         h = h + feature + self.z_proj(z.to(h.dtype))
