@@ -22,6 +22,8 @@ divided by the step's time, beside the throughput that bare ``Conv3d`` forward+b
 reach on the same machine with the model's own convolution shapes (each shape timed alone, in the
 mode's dtype and memory format, weighted by how often the model uses it).
 
+Peak RSS on Linux includes glibc heap fragmentation (freed tensors of a few MiB stay in its heap);
+``MALLOC_MMAP_THRESHOLD_=4194304 python bench/train_step.py ...`` shows the live memory instead.
 CPU timings swing with machine load (check ``/proc/loadavg``; the load is printed); ``--threads``
 sets torch's intra-op threads (default: torch's choice).  Prints figures only; nothing is asserted.
 """
@@ -46,6 +48,8 @@ MODES = {
     "compile": {"compile": True},
     "bf16+channels_last": {"precision": "bf16", "channels_last": True},
     "bf16+channels_last+compile": {"precision": "bf16", "channels_last": True, "compile": True},
+    "checkpoint+bf16": {"checkpoint_levels": "all", "precision": "bf16"},
+    "checkpoint+channels_last": {"checkpoint_levels": "all", "channels_last": True},
     "checkpoint+bf16+channels_last": {"checkpoint_levels": "all", "precision": "bf16", "channels_last": True},
 }
 DEFAULT_MODES = "fp32,bf16,checkpoint,channels_last,compile,bf16+channels_last"
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
     print(f"preset {args.preset}, batch size {args.batch_size}, device {args.device}, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.repeats} repeat(s); "
-          f"load average before: {open('/proc/loadavg').read().split()[:3]}", flush=True)
+          f"load average before: {open('/proc/loadavg').read().split()[:3]}; "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '(glibc default)')}", flush=True)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     loads = []
     for repeat in range(args.repeats):

@@ -41,6 +41,9 @@ class Conv3d(nn.Module):
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=after)
         self.padding = (before - after, 0) * 3
         self.needs_pad = before != after
+        # set for one-channel inputs in channels-last mode: their layout is ambiguous and the
+        # convolution would otherwise return channels-first, converting everything downstream
+        self.output_format: torch.memory_format | None = None
         nn.init.zeros_(self.conv.bias)
         if zero_init:
             nn.init.zeros_(self.conv.weight)
@@ -48,7 +51,8 @@ class Conv3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.needs_pad:
             x = F.pad(x, self.padding)
-        return self.conv(x)
+        x = self.conv(x)
+        return x if self.output_format is None else x.contiguous(memory_format=self.output_format)
 
     def scale_weight_(self, factor: float) -> None:
         with torch.no_grad():
@@ -126,13 +130,14 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, mode: str):
         super().__init__()
         self.mode = mode
+        self.channels_last = False  # set by VeryDeepVAE.set_channels_last
         self.conv = nn.Conv3d(channels, channels, 2, stride=2) if mode == "conv" else None
         if self.conv is not None:
             nn.init.zeros_(self.conv.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "avgpool":
-            return F.avg_pool3d(x, 2)
+            return avg_pool_2x(x, self.channels_last)
         if self.mode == "nearest":
             return x[:, :, ::2, ::2, ::2]
         return self.conv(x)
@@ -143,21 +148,34 @@ class Upsample(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
+        self.channels_last = False  # set by VeryDeepVAE.set_channels_last
         self.project = None if in_channels == out_channels else Conv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = upsample_nearest_2x(x)
+        x = upsample_nearest_2x(x, self.channels_last)
         return x if self.project is None else self.project(x)
 
 
-def upsample_nearest_2x(x: torch.Tensor) -> torch.Tensor:
-    """``F.interpolate(x, scale_factor=2, mode="nearest")`` as a broadcast copy: the same values,
-    keeps a channels-last input channels-last, and its backward is a plain sum (torch.compile's
-    CPU code generation fails on the scatter-add of the interpolate backward in torch 2.13)."""
+def avg_pool_2x(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``F.avg_pool3d(x, 2)``; in channels-last mode as a mean over 2x2x2 blocks of the
+    channels-last layout, which keeps it channels-last (the CPU pooling kernel converts its input
+    to channels-first)."""
+    if not channels_last:
+        return F.avg_pool3d(x, 2)
     b, c, d, h, w = x.shape
-    if x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+    y = x.permute(0, 2, 3, 4, 1).reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c).mean(dim=(2, 4, 6))
+    return y.permute(0, 4, 1, 2, 3)
+
+
+def upsample_nearest_2x(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")`` as a broadcast copy: the same values,
+    in the requested memory format (a 1³ input's layout is ambiguous, so it is not read off the
+    input), and a backward that is a plain sum (torch.compile's CPU code generation fails on the
+    scatter-add of the interpolate backward in torch 2.13)."""
+    b, c, d, h, w = x.shape
+    if channels_last:
         y = x.permute(0, 2, 3, 4, 1)[:, :, None, :, None, :, None, :]
         y = y.expand(b, d, 2, h, 2, w, 2, c).reshape(b, 2 * d, 2 * h, 2 * w, c)
-        return y.permute(0, 4, 1, 2, 3)
+        return y.contiguous().permute(0, 4, 1, 2, 3)  # (from 1³ the reshape can be a stride-0 view)
     y = x[:, :, :, None, :, None, :, None].expand(b, c, d, 2, h, 2, w, 2)
-    return y.reshape(b, c, 2 * d, 2 * h, 2 * w)
+    return y.reshape(b, c, 2 * d, 2 * h, 2 * w).contiguous()

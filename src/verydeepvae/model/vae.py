@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
-from .blocks import Conv3d
+from .blocks import Conv3d, Downsample, Upsample
 from .decoder import Decoder
 from .encoder import Encoder
 from .latent_layer import LatentChoice
@@ -63,6 +63,11 @@ class VeryDeepVAE(nn.Module):
         CPUs and on tensor-core GPUs); results are the same up to float rounding."""
         self.channels_last = enabled
         self.to(memory_format=torch.channels_last_3d if enabled else torch.contiguous_format)
+        for module in self.modules():
+            if isinstance(module, Conv3d) and module.conv.in_channels == 1:
+                module.output_format = torch.channels_last_3d if enabled else None
+            if isinstance(module, (Downsample, Upsample)):
+                module.channels_last = enabled
 
     def _input(self, x01: torch.Tensor) -> torch.Tensor:
         x = x01 * 2.0 - 1.0
