@@ -32,6 +32,8 @@ test-fast: install
 bench: install
 	$(PY) bench/phantom.py
 	$(PY) bench/data_pipeline.py
+	$(PY) bench/sample.py
+	$(PY) bench/train_step.py --preset 32 --batch-size 2 --limit
 
 clean-demo:
 	rm -rf $(RUN)

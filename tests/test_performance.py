@@ -198,6 +198,23 @@ def test_training_loop_with_checkpointing_channels_last_bf16_and_accumulation(tm
     assert all(torch.isfinite(torch.tensor(v["elbo_bits_per_voxel"])) for v in result.validation)
 
 
+@pytest.mark.slow
+def test_compiled_training_saves_checkpoints_an_uncompiled_model_resumes(tmp_path):
+    from verydeepvae.train.loop import train
+
+    overrides = {"output_dir": str(tmp_path / "run"), "num_workers": 0, "subjects_to_plot": 0, "max_steps": 2,
+                 "batch_size": 2, "log_every": 1, "validation_every": 2, "checkpoint_every": 2}
+    bundle = _Bundle(_Blobs(4, 0), _Blobs(2, 1))
+    compiled = train(build_config(preset="tiny", overrides=dict(overrides, compile=True)), bundle=bundle,
+                     show_progress=False)
+    assert compiled.step == 2 and compiled.checkpoint is not None
+    assert all(torch.isfinite(torch.tensor(v["elbo_bits_per_voxel"])) for v in compiled.validation)
+    # the checkpoint holds the plain model's names (no torch.compile wrapper prefix): eager resumes
+    resumed = train(build_config(preset="tiny", overrides=dict(overrides, max_steps=3, resume=True)),
+                    bundle=bundle, show_progress=False)
+    assert resumed.step == 3
+
+
 # -- configuration -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("value,levels", [("none", []), ("all", [0, 1, 2, 3, 4]), ([3, 0, 3], [0, 3]), (1, [1])])
 def test_checkpoint_levels_values(value, levels):

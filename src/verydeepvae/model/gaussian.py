@@ -63,6 +63,14 @@ def _slab(t: torch.Tensor, sl: slice) -> torch.Tensor:
     return t if sl == slice(None) else t[:, :, sl]
 
 
+def _dense_slab(t: torch.Tensor, sl: slice) -> torch.Tensor:
+    """A slab whose voxels are adjacent in memory (channels-first).  The raw inputs are channel
+    slices of the networks' outputs; in channels-last mode such a slice interleaves with the other
+    channels, and elementwise maths on it (softplus above all) ran 14x slower than on a copy."""
+    t = _slab(t, sl)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 class _SampleKL(torch.autograd.Function):
     """With a = q_std / p_std and d = (q_mean - p_mean) / p_std: KL = (a² + d² - 1) / 2 - log a,
     dKL/dq_mean = -dKL/dp_mean = d / p_std, dKL/dq_std = (a - 1/a) / p_std and
@@ -74,7 +82,7 @@ class _SampleKL(torch.autograd.Function):
         z = torch.empty_like(q_mean, dtype=torch.float32)
         kl = torch.zeros(q_mean.shape[0], dtype=torch.float32, device=q_mean.device)
         for sl in _slabs(q_mean.shape):
-            qm, qr, pm, pr, e = (_slab(t, sl) for t in (q_mean, q_raw, p_mean, p_raw, eps))
+            qm, qr, pm, pr, e = (_dense_slab(t, sl) for t in (q_mean, q_raw, p_mean, p_raw, eps))
             q_std, p_std = std_from_raw(qr), std_from_raw(pr)
             inv_p = p_std.reciprocal_()
             a = q_std * inv_p
@@ -92,7 +100,7 @@ class _SampleKL(torch.autograd.Function):
             grad_kl = torch.zeros(q_mean.shape[0], dtype=torch.float32, device=q_mean.device)
         gk = grad_kl.float().view(-1, *([1] * (q_mean.dim() - 1)))
         for sl in _slabs(q_mean.shape):
-            qm, qr, pm, pr, e = (_slab(t, sl) for t in (q_mean, q_raw, p_mean, p_raw, eps))
+            qm, qr, pm, pr, e = (_dense_slab(t, sl) for t in (q_mean, q_raw, p_mean, p_raw, eps))
             q_std, q_slope = _std_and_slope(qr)
             p_std, p_slope = _std_and_slope(pr)
             g = p_std.reciprocal_()

@@ -64,7 +64,7 @@ class DiscretisedLogistic(nn.Module):
         return (torch.round((x.clamp(-1, 1) + 1) * k / 2) * 2 / k - 1).clamp(-1, 1)
 
     def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = params.float()
+        params = _dense_float(params)
         return params[:, 0:1], params[:, 1:2].clamp_min(LOG_SCALE_MIN)
 
 
@@ -84,8 +84,14 @@ class Gaussian(nn.Module):
         return gaussian.draw(mean, std, 1.0, generator).clamp(-1.0, 1.0)
 
     def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = params.float()
+        params = _dense_float(params)
         return params[:, 0:1], gaussian.std_from_raw(params[:, 1:2]) + 1e-3
+
+
+def _dense_float(params: torch.Tensor) -> torch.Tensor:
+    """float32 and channels-first, so that each parameter map is a dense tensor (in channels-last
+    mode a one-channel slice strides over the other channel and elementwise maths slows down)."""
+    return params.float().contiguous()
 
 
 def build_likelihood(name: str, num_bins: int) -> nn.Module:
