@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import sys
 import tempfile
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `verydeepvae sample` (before torch loads OpenMP)
+import torch  # noqa: E402
 
 from verydeepvae.config import build_config
 from verydeepvae.generate import iter_samples, write_samples

@@ -25,7 +25,9 @@ mode's dtype and memory format, weighted by how often the model uses it).
 Peak RSS on Linux includes glibc heap fragmentation (freed tensors of a few MiB stay in its heap);
 ``MALLOC_MMAP_THRESHOLD_=4194304 python bench/train_step.py ...`` shows the live memory instead.
 CPU timings swing with machine load (check ``/proc/loadavg``; the load is printed); ``--threads``
-sets torch's intra-op threads (default: torch's choice).  Prints figures only; nothing is asserted.
+sets torch's intra-op threads (default: torch's choice).  The workers get ``OMP_WAIT_POLICY=PASSIVE``
+like ``verydeepvae train`` unless it is set (``OMP_WAIT_POLICY=ACTIVE python bench/train_step.py``
+measures spinning OpenMP threads: about 15 % faster on an otherwise idle machine).  Prints figures only; nothing is asserted.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def worker(args: argparse.Namespace) -> dict:
         times.append(fwd_bwd + update)
         updates.append(update)
     result["step_s"] = statistics.median(times) if times else result["first_step_s"]
+    result["all_steps_s"] = times
     result["update_s"] = statistics.median(updates) if updates else first_update
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -255,6 +258,9 @@ def gib(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the workers wait for OpenMP work the way `verydeepvae train` does (it sets this default on
+    # import, before torch loads OpenMP; the workers import torch first, so it must come from here)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="32")
     p.add_argument("--batch-size", type=int, default=2)
@@ -282,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preset {args.preset}, batch size {args.batch_size}, device {args.device}, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.repeats} repeat(s); "
           f"load average before: {open('/proc/loadavg').read().split()[:3]}; "
-          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '(glibc default)')}", flush=True)
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '(glibc default)')}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     loads = []
     for repeat in range(args.repeats):

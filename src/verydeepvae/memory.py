@@ -28,7 +28,7 @@ the tensors autograd really keeps; ``bench/train_step.py`` prints the estimate b
 On Linux CPUs the peak RSS can exceed it: glibc keeps freed tensors of a few MiB to 32 MiB in its
 heap (its mmap threshold adapts upwards), which fragments; ``MALLOC_MMAP_THRESHOLD_=4194304`` in the
 environment returns them to the system and brings the RSS back to the estimate (128³, bf16,
-channels-last, checkpointing: 5.76 GiB peak RSS by default, 3.85 GiB with it, estimate 3.95 GiB).
+channels-last, checkpointing: 5.76 GiB peak RSS by default, 3.87 GiB with it, estimate 3.95 GiB).
 """
 
 from __future__ import annotations
