@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from verydeepvae.cli import main
-from verydeepvae.generate import (
-    BACKGROUND_LEVEL,
-    latent_layout,
-    load_latents,
-    load_preprocessed,
-    open_trained,
-    output_stems,
-    slerp,
-    to_data_intensity,
-)
+from verydeepvae.generate import BACKGROUND_LEVEL, load_preprocessed, open_trained, output_stems, to_data_intensity
+from verydeepvae.latents import latent_layout, load_latents, slerp
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -285,7 +285,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from .generate import encode_files, input_files
+    from .generate import input_files
+    from .latents import encode_files
 
     files = input_files(args.input, args.pattern)
     trained = _open(args)
@@ -296,7 +297,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from .generate import decode_latents
+    from .latents import decode_latents
 
     trained = _open(args)
     paths = decode_latents(trained, args.latents, args.output_dir, args.batch_size, show_progress=_progress(args))
@@ -305,7 +306,7 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _interpolate(args: argparse.Namespace) -> int:
-    from .generate import interpolate
+    from .latents import interpolate
 
     (a,), (b,) = (_single_file(f) for f in (args.a, args.b))
     trained = _open(args)

@@ -1,0 +1,213 @@
+"""Latent codes of a trained model: encode inputs to a safetensors file, decode such a file back to
+volumes, and interpolate between two inputs through every latent layer.
+
+Inputs are preprocessed exactly as in training and outputs are NIfTI volumes on the model's grid
+(see :mod:`verydeepvae.generate`, which this builds on).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import viz
+from .atomic import write_json, write_with
+from .errors import UserError
+from .generate import TrainedModel, hide_progress, load_preprocessed, output_stems, to_data_intensity
+from .model import VeryDeepVAE
+from .volume_io import grid_affine, save_nifti
+
+LATENTS_FORMAT = "verydeepvae-latents-1"
+LATENTS_META_KEY = "verydeepvae"
+
+
+# --- latents --------------------------------------------------------------------------------------
+
+
+def latent_layout(model: VeryDeepVAE) -> list[dict[str, Any]]:
+    """Index, level, resolution and shape of every latent layer, coarsest first."""
+    return [{"index": i, "level": level, "resolution": model.resolution >> level, "shape": list(shape)}
+            for i, (level, shape) in enumerate(zip(model.layer_levels, model.latent_shapes()))]
+
+
+def encode_files(trained: TrainedModel, files: Sequence[str | Path], output_path: str | Path,
+                 batch_size: int = 4, show_progress: bool | None = True) -> Path:
+    """Posterior means of every latent layer for each file, in one ``.safetensors`` file.
+
+    Tensors ``z.00``, ``z.01``... (coarsest layer first) shaped (N, C, s, s, s), float32, in input
+    order; the safetensors header holds the JSON metadata (format, files, layer layout, per-file
+    voxel size and clamp values, checkpoint), also written beside it as ``<name>.json``. No pickle.
+    """
+    from safetensors.torch import save_file
+
+    output_path = Path(output_path)
+    if output_path.suffix != ".safetensors":
+        raise UserError(f"the latents file must end in .safetensors, got {output_path.name}")
+    model, device = trained.model, trained.device
+    files = [Path(f) for f in files]
+    volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=show_progress)
+    per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
+    for start in tqdm(range(0, len(files), batch_size), desc="encode", unit="batch",
+                      disable=hide_progress(show_progress, len(files))):
+        x = torch.from_numpy(volumes[start:start + batch_size])[:, None].to(device)
+        for i, z in enumerate(model.encode(x)):
+            per_layer[i].append(z.float().cpu())
+    tensors = {f"z.{i:02d}": torch.cat(zs).contiguous() for i, zs in enumerate(per_layer)}
+    meta = {
+        "format": LATENTS_FORMAT, "kind": "posterior mean of every latent layer (layers above at their means)",
+        "resolution": model.resolution, "layers": latent_layout(model),
+        "files": [str(f) for f in files], "names": output_stems(files),
+        "voxel_size_mm": [float(m["voxel_size_mm"]) for m in metas],
+        "clamp_low": [float(m["clamp_low"]) for m in metas], "clamp_high": [float(m["clamp_high"]) for m in metas],
+        **trained.record(),
+    }
+    write_with(output_path, lambda tmp: save_file(tensors, str(tmp), metadata={LATENTS_META_KEY: json.dumps(meta)}))
+    write_json(output_path.with_suffix(".json"), meta)
+    return output_path
+
+
+def load_latents(path: str | Path) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """Read a latents file written by :func:`encode_files`: (per-layer tensors, metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"latents file {path} does not exist")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(LATENTS_META_KEY)
+        meta = json.loads(raw) if raw else None
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same user error
+        raise UserError(f"latents file {path} cannot be read: {str(error).splitlines()[0] if str(error) else error}") from None
+    if not meta or meta.get("format") != LATENTS_FORMAT:
+        raise UserError(f"{path} is not a verydeepvae latents file")
+    return [tensors[f"z.{i:02d}"] for i in range(len(meta["layers"]))], meta
+
+
+def decode_latents(trained: TrainedModel, path: str | Path, output_dir: str | Path, batch_size: int = 4,
+                   show_progress: bool | None = True) -> list[Path]:
+    """Decode a latents file back to volumes ``<name>_decoded.nii.gz`` (each on its input's grid)."""
+    model = trained.model
+    latents, meta = load_latents(path)
+    if meta["layers"] != latent_layout(model):
+        raise UserError(f"latents file {path} was made by a model with a different latent layout")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    n = latents[0].shape[0]
+    paths = []
+    for start in tqdm(range(0, n, batch_size), desc="decode", unit="batch", disable=hide_progress(show_progress, n)):
+        zs = [z[start:start + batch_size].to(trained.device) for z in latents]
+        volumes = model.decode(zs).float().cpu()[:, 0].numpy()
+        for i, volume in enumerate(volumes):
+            k = start + i
+            affine = grid_affine((model.resolution,) * 3, float(meta["voxel_size_mm"][k]))
+            out = output_dir / f"{meta['names'][k]}_decoded.nii.gz"
+            save_nifti(volume, out, affine, description="verydeepvae decoded latents")
+            paths.append(out)
+    return paths
+
+
+# --- interpolation --------------------------------------------------------------------------------
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation between two tensors of the same shape, treated as single vectors
+    (falls back to linear interpolation when they are almost parallel)."""
+    fa, fb = a.double().flatten(), b.double().flatten()
+    na, nb = fa.norm(), fb.norm()
+    if na < 1e-12 or nb < 1e-12:
+        return (1 - t) * a + t * b
+    cos = torch.clamp(torch.dot(fa, fb) / (na * nb), -1.0, 1.0)
+    omega = torch.arccos(cos)
+    if torch.sin(omega) < 1e-6:
+        return (1 - t) * a + t * b
+    s = torch.sin(omega)
+    out = (torch.sin((1 - t) * omega) / s) * fa + (torch.sin(t * omega) / s) * fb
+    return out.reshape(a.shape).to(a.dtype)
+
+
+def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, output_dir: str | Path,
+                steps: int = 8, method: str = "slerp", batch_size: int = 4, intensity: str = "model",
+                show_progress: bool | None = True) -> list[Path]:
+    """Decode ``steps`` volumes between two inputs: ``interp_00.nii.gz`` (= the posterior-mean
+    reconstruction of A) ... ``interp_<steps-1>.nii.gz`` (= that of B), ``interpolation.png`` and
+    ``interpolation.json``.
+
+    The posterior means of *every* latent layer of A and B are interpolated layer by layer,
+    spherically (``slerp``, each layer as one vector) or linearly (``linear``), at t = k/(steps-1).
+    The voxel size of frame t is interpolated linearly between the inputs' grids.
+    """
+    if steps < 2:
+        raise UserError(f"--steps must be >= 2 (the two end points included), got {steps}")
+    if method not in ("slerp", "linear"):
+        raise UserError(f"interpolation method must be 'slerp' or 'linear', got {method!r}")
+    model, device = trained.model, trained.device
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = [Path(file_a), Path(file_b)]
+    volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=False)
+    x = torch.from_numpy(volumes)[:, None].to(device)
+    zs = model.encode(x)
+    ts = [k / (steps - 1) for k in range(steps)]
+    frames: list[np.ndarray] = []
+    for start in tqdm(range(0, steps, batch_size), desc="interpolate", unit="batch",
+                      disable=hide_progress(show_progress, steps)):
+        chunk = ts[start:start + batch_size]
+        batch = []
+        for z in zs:
+            mix = [slerp(z[0], z[1], t) if method == "slerp" else (1 - t) * z[0] + t * z[1] for t in chunk]
+            batch.append(torch.stack(mix).float())
+        frames.extend(model.decode(batch).float().cpu()[:, 0].numpy())
+    va, vb = float(metas[0]["voxel_size_mm"]), float(metas[1]["voxel_size_mm"])
+    paths = []
+    for k, (t, frame) in enumerate(zip(ts, frames)):
+        voxel = (1 - t) * va + t * vb
+        out = frame
+        if intensity == "data":
+            low = (1 - t) * metas[0]["clamp_low"] + t * metas[1]["clamp_low"]
+            high = (1 - t) * metas[0]["clamp_high"] + t * metas[1]["clamp_high"]
+            out = to_data_intensity(frame, low, high)
+        path = output_dir / f"interp_{k:02d}.nii.gz"
+        save_nifti(out, path, grid_affine((model.resolution,) * 3, voxel), description=f"verydeepvae interp t={t:.3f}")
+        paths.append(path)
+    save_strip([volumes[0]] + frames + [volumes[1]], output_dir / "interpolation.png",
+               ["A (input)"] + [f"t={t:.2f}" for t in ts] + ["B (input)"],
+               f"{method} interpolation of all latent layers: {files[0].name} -> {files[1].name}")
+    write_json(output_dir / "interpolation.json", {
+        "a": str(files[0]), "b": str(files[1]), "steps": steps, "method": method, "t": ts,
+        "files": [p.name for p in paths], "latents": "posterior means of every layer",
+        "voxel_size_mm": [(1 - t) * va + t * vb for t in ts], **trained.record(),
+    })
+    return paths
+
+
+def save_strip(volumes: Sequence[np.ndarray], path: str | Path, titles: Sequence[str], suptitle: str = "") -> None:
+    """Columns of volumes, rows sagittal / coronal / axial mid-slices (model range [0, 1])."""
+    import matplotlib.pyplot as plt
+
+    n = len(volumes)
+    fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
+    for j, volume in enumerate(volumes):
+        for i, image in enumerate(viz.mid_slices(volume)):
+            ax = axes[i][j]
+            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(titles[j], fontsize=7)
+            if j == 0:
+                ax.set_ylabel(viz.PLANES[i], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
+    fig.tight_layout()
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
