@@ -155,7 +155,6 @@ def test_pipeline_preview_writes_niftis_with_grid_affine_and_a_montage(tmp_path)
 
 
 def test_phantom_population_is_generated_once_into_the_cache(tmp_path):
-    pytest.importorskip("verydeepvae.data.phantom")
     out = tmp_path / "r"
     cfg = data_config(None, out, phantom_num=3, resolution=16)
     bundle = build_datasets(cfg, out)
