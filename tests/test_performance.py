@@ -198,6 +198,18 @@ def test_training_loop_with_checkpointing_channels_last_bf16_and_accumulation(tm
     assert all(torch.isfinite(torch.tensor(v["elbo_bits_per_voxel"])) for v in result.validation)
 
 
+def test_bf16_on_a_cpu_without_native_bf16_is_announced(tmp_path, monkeypatch):
+    from verydeepvae.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    cfg = build_config(preset="tiny", overrides={
+        "output_dir": str(tmp_path / "run"), "num_workers": 0, "subjects_to_plot": 0, "max_steps": 1,
+        "batch_size": 2, "precision": "bf16", "validation_every": 1, "checkpoint_every": 1})
+    notices: list[str] = []
+    loop.train(cfg, bundle=_Bundle(_Blobs(4, 0), _Blobs(2, 1)), notices=notices, show_progress=False)
+    assert any("no native bfloat16" in n for n in notices)
+
+
 @pytest.mark.slow
 def test_compiled_training_saves_checkpoints_an_uncompiled_model_resumes(tmp_path):
     from verydeepvae.train.loop import train

@@ -92,6 +92,9 @@ class _Trainer:
                 fingerprint=lambda b: distributed.fingerprint_strings(list(b.train_files) + ["|"] + list(b.val_files)))
         self.bundle = bundle
         self.device = runtime.device
+        if self.device.type == "cpu" and cfg.precision == "bf16" and not cpu_has_native_bf16():
+            notices.append("precision bf16: this CPU has no native bfloat16 instructions (AVX512-BF16 or "
+                           "AMX), so bf16 is likely slower than fp32 here (bench/train_step.py compares them)")
         # the same initial weights on every rank (DDP would broadcast rank 0's, but the EMA copy is
         # taken before that); the per-rank RNG streams are left where they were
         with torch.random.fork_rng(devices=[]):
@@ -466,6 +469,14 @@ class _Trainer:
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions natively on this CPU (without, they are emulated)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without the query: assume it does
+        return True
 
 
 def _start_workers(loader: DataLoader) -> Iterator[torch.Tensor]:
