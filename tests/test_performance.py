@@ -186,13 +186,17 @@ class _Bundle:
     intensity_reference: dict | None = None
 
 
+def _loop_config(tmp_path, **overrides):
+    """A tiny in-memory training run: no workers, no figures, everything logged every step."""
+    base = {"output_dir": str(tmp_path / "run"), "num_workers": 0, "subjects_to_plot": 0, "max_steps": 2,
+            "batch_size": 2, "log_every": 1, "validation_every": 2, "checkpoint_every": 2}
+    return build_config(preset="tiny", overrides={**base, **overrides})
+
+
 def test_training_loop_with_checkpointing_channels_last_bf16_and_accumulation(tmp_path):
     from verydeepvae.train.loop import train
 
-    cfg = build_config(preset="tiny", overrides={
-        "output_dir": str(tmp_path / "run"), "num_workers": 0, "subjects_to_plot": 0, "max_steps": 2,
-        "batch_size": 2, "grad_accumulation": 2, "precision": "bf16", "channels_last": True,
-        "checkpoint_levels": [0, 1], "log_every": 1, "validation_every": 2, "checkpoint_every": 2})
+    cfg = _loop_config(tmp_path, grad_accumulation=2, precision="bf16", channels_last=True, checkpoint_levels=[0, 1])
     result = train(cfg, bundle=_Bundle(_Blobs(8, 0), _Blobs(2, 1)), show_progress=False)
     assert result.step == 2 and result.checkpoint is not None
     assert all(torch.isfinite(torch.tensor(v["elbo_bits_per_voxel"])) for v in result.validation)
@@ -202,9 +206,7 @@ def test_bf16_on_a_cpu_without_native_bf16_is_announced(tmp_path, monkeypatch):
     from verydeepvae.train import loop
 
     monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
-    cfg = build_config(preset="tiny", overrides={
-        "output_dir": str(tmp_path / "run"), "num_workers": 0, "subjects_to_plot": 0, "max_steps": 1,
-        "batch_size": 2, "precision": "bf16", "validation_every": 1, "checkpoint_every": 1})
+    cfg = _loop_config(tmp_path, max_steps=1, precision="bf16", validation_every=1, checkpoint_every=1)
     notices: list[str] = []
     loop.train(cfg, bundle=_Bundle(_Blobs(4, 0), _Blobs(2, 1)), notices=notices, show_progress=False)
     assert any("no native bfloat16" in n for n in notices)
@@ -214,16 +216,12 @@ def test_bf16_on_a_cpu_without_native_bf16_is_announced(tmp_path, monkeypatch):
 def test_compiled_training_saves_checkpoints_an_uncompiled_model_resumes(tmp_path):
     from verydeepvae.train.loop import train
 
-    overrides = {"output_dir": str(tmp_path / "run"), "num_workers": 0, "subjects_to_plot": 0, "max_steps": 2,
-                 "batch_size": 2, "log_every": 1, "validation_every": 2, "checkpoint_every": 2}
     bundle = _Bundle(_Blobs(4, 0), _Blobs(2, 1))
-    compiled = train(build_config(preset="tiny", overrides=dict(overrides, compile=True)), bundle=bundle,
-                     show_progress=False)
+    compiled = train(_loop_config(tmp_path, compile=True), bundle=bundle, show_progress=False)
     assert compiled.step == 2 and compiled.checkpoint is not None
     assert all(torch.isfinite(torch.tensor(v["elbo_bits_per_voxel"])) for v in compiled.validation)
     # the checkpoint holds the plain model's names (no torch.compile wrapper prefix): eager resumes
-    resumed = train(build_config(preset="tiny", overrides=dict(overrides, max_steps=3, resume=True)),
-                    bundle=bundle, show_progress=False)
+    resumed = train(_loop_config(tmp_path, max_steps=3, resume=True), bundle=bundle, show_progress=False)
     assert resumed.step == 3
 
 
