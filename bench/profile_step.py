@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `verydeepvae train` (before torch loads OpenMP)
     import torch
     from torch.profiler import ProfilerActivity, profile
 

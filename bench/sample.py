@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `verydeepvae sample` (before torch loads OpenMP)
-import torch  # noqa: E402
+import verydeepvae  # noqa: F401  (first: the CLI's OpenMP wait policy, set before torch loads)
+import torch  # noqa: I001
 
 from verydeepvae.config import build_config
 from verydeepvae.generate import iter_samples, write_samples

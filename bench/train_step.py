@@ -42,6 +42,8 @@ import subprocess
 import sys
 import time
 
+import verydeepvae  # noqa: F401  (first: its OpenMP wait policy applies before any worker loads torch)
+
 MODES = {
     "fp32": {},
     "bf16": {"precision": "bf16"},
@@ -258,9 +260,6 @@ def gib(n: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # the workers wait for OpenMP work the way `verydeepvae train` does (it sets this default on
-    # import, before torch loads OpenMP; the workers import torch first, so it must come from here)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="32")
     p.add_argument("--batch-size", type=int, default=2)
