@@ -116,7 +116,7 @@ def test_cli_bad_config_exits_2_with_one_line(capsys):
 def test_cli_config_show_prints_sizes(capsys):
     assert main(["config", "show", "--preset", "32"]) == 0
     out = capsys.readouterr().out
-    assert "10,473,642" in out and "latent dimensions: 1,765,640" in out
+    assert "11,329,482" in out and "latent dimensions: 1,765,640" in out
 
 
 def test_defaults_are_the_32_preset_architecture():

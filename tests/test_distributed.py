@@ -241,7 +241,8 @@ def test_two_ranks_agree_write_one_set_of_outputs_and_log_the_mean(data, tmp_pat
         "step_00000004.safetensors", "step_00000008.safetensors"]
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1
     pairs = [(r["step"], r["kind"]) for r in metrics(out)]
-    assert len(pairs) == len(set(pairs)) == 4
+    assert len(pairs) == len(set(pairs)) == 6  # train, validation and (rank 0's) quality at steps 4 and 8
+    assert sorted(step for step, kind in pairs if kind == "quality") == [4, 8]
     assert sorted(p.name for p in (out / "samples").glob("*.nii.gz")) == ["sample_0000.nii.gz", "sample_0001.nii.gz"]
     assert len(list((out / "figures").glob("samples_step_*.png"))) == 1
     checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])

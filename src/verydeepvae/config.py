@@ -49,6 +49,9 @@ class Config:
     bottleneck_resnet_encoder: bool = True
     only_use_one_conv_block_at_top: bool = False
     downsampling: str = "avgpool"
+    # a learned per-voxel bias of the decoder state at every level up to this resolution (VDVAE's
+    # bias_xs; 0: only the learned constant at the top, as in checkpoints written before it existed)
+    bias_max_resolution: int = 32
     likelihood: str = "discretised_logistic"
     num_bins: int = 256
 
@@ -71,6 +74,8 @@ class Config:
     max_consecutive_skips: int = 100
     ema_rate: float = 0.999
     kl_warmup_steps: int = 0
+    kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
+    kl_free_bits: float = 0.0  # nats of KL per latent layer and volume exempt from the loss (free bits)
     precision: str = "fp32"
     grad_accumulation: int = 1
     seed: Optional[int] = 0
@@ -86,6 +91,11 @@ class Config:
     keep_checkpoints: int = 3  # newest K kept (plus the best); 0 keeps every checkpoint
     subjects_to_plot: int = 4
     max_validation_batches: Optional[int] = None
+    # at each validation (rank 0): active latent units per level and the Fréchet ratio of this many
+    # prior samples against as many real volumes (quality/* in TensorBoard and metrics.jsonl; a
+    # cheap trend, `verydeepvae evaluate` is the full check; train/quality.py); 0 turns it off (e.g.
+    # at 128³, where drawing the samples is costly); below 4 only the active units are logged
+    quality_samples: int = 8
 
     # --- data ----------------------------------------------------------------------------------
     data_path: Optional[str] = None  # folder or file list; None: the built-in phantom population
@@ -207,6 +217,10 @@ LEGACY_IGNORED = {
     "recon_folder": "figures live in <output_dir>/figures",
     "model_name": "not used",
 }
+
+# Architecture keys added after checkpoints were first written, with the value that rebuilds the
+# model such a checkpoint holds (Checkpoint.config fills them in when they are missing).
+ARCHITECTURE_BEFORE_KEY = {"bias_max_resolution": 0}
 
 PRESETS = ("32", "64", "128", "demo", "tiny")
 
@@ -457,8 +471,8 @@ def validate(c: Config) -> None:
         value = getattr(c, name)
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1 (or null), got {value}")
-    for name in ("warmup_steps", "skip_warmup_steps", "kl_warmup_steps", "keep_checkpoints",
-                 "num_workers", "subjects_to_plot", "phantom_num"):
+    for name in ("warmup_steps", "skip_warmup_steps", "kl_warmup_steps", "keep_checkpoints", "bias_max_resolution",
+                 "num_workers", "subjects_to_plot", "quality_samples", "phantom_num"):
         if getattr(c, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(c, name)}")
     for name in ("learning_rate", "grad_clip", "skip_factor"):
@@ -466,7 +480,7 @@ def validate(c: Config) -> None:
             raise ConfigError(f"{name} must be > 0, got {getattr(c, name)}")
     if c.skip_threshold is not None and c.skip_threshold <= 0:
         raise ConfigError(f"skip_threshold must be > 0 (or null), got {c.skip_threshold}")
-    for name in ("weight_decay", "l2_reg_coeff"):
+    for name in ("weight_decay", "l2_reg_coeff", "kl_free_bits"):
         if getattr(c, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(c, name)}")
     for name in ("ema_rate", "lr_min_ratio"):

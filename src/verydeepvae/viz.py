@@ -55,6 +55,35 @@ def save_montage(
     _save(fig, path)
 
 
+def save_side_by_side(
+    left: Sequence[np.ndarray],
+    right: Sequence[np.ndarray],
+    path: str | os.PathLike,
+    left_title: str,
+    right_title: str,
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
+) -> None:
+    """Two populations in one picture: row i shows left[i] and right[i] side by side, each as its
+    three mid-slices, so real and generated brains are judged at the same scale and contrast."""
+    n = min(len(left), len(right))
+    if n == 0:
+        raise ValueError("save_side_by_side needs at least one volume on each side")
+    fig, axes = plt.subplots(n, 6, figsize=(10.0, 1.7 * n + 0.5), squeeze=False)
+    for row in range(n):
+        for side, volume in enumerate((left[row], right[row])):
+            for col, image in enumerate(mid_slices(volume)):
+                ax = axes[row][3 * side + col]
+                ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if row == 0:
+                    ax.set_title(f"{(left_title, right_title)[side]}: {PLANES[col]}" if col == 1 else PLANES[col],
+                                 fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def save_grid(
     rows: Sequence[Sequence[np.ndarray]],
     path: str | os.PathLike,

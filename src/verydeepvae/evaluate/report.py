@@ -40,6 +40,9 @@ def write_figures(report: dict[str, Any], arrays: dict[str, Any], folder: Path) 
     viz.save_montage(list(heldout[:FIGURE_ROWS]), folder / "real.png", titles=names[:FIGURE_ROWS],
                      suptitle="held-out real volumes (preprocessed)")
     out["real"] = "figures/real.png"
+    viz.save_side_by_side(list(heldout[:FIGURE_ROWS]), list(samples[:FIGURE_ROWS]), folder / "samples_vs_real.png",
+                          "held-out real", f"samples (t={report['samples']['temperature']})")
+    out["samples_vs_real"] = "figures/samples_vs_real.png"
     n = min(FIGURE_ROWS, len(heldout))
     viz.save_grid([[heldout[i], recon[i], np.abs(heldout[i] - recon[i])] for i in range(n)],
                   folder / "reconstructions.png", row_titles=names[:n],
@@ -238,6 +241,7 @@ def markdown(report: dict[str, Any]) -> str:
     out += ["", f"![reconstructions]({figs.get('reconstructions', '')})", ""]
 
     out += ["## Samples and diversity", "", report["samples"]["note"] + ".", "",
+            f"![held-out real volumes beside samples]({figs.get('samples_vs_real', '')})", "",
             f"![samples]({figs.get('samples', '')}) ![real]({figs.get('real', '')})", "", div["what"] + ".", ""]
     if div.get("samples") and div.get("real"):
         st = div["settings"]

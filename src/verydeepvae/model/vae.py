@@ -90,11 +90,20 @@ class VeryDeepVAE(nn.Module):
             shapes.append((layer.z_channels, s, s, s))
         return shapes
 
+    def latent_sizes(self) -> list[int]:
+        """Number of latent dimensions of every layer, coarsest first."""
+        return [math.prod(s) for s in self.latent_shapes()]
+
     def latent_dimensions(self) -> int:
         return sum(math.prod(s) for s in self.latent_shapes())
 
     # -- training --------------------------------------------------------------------------------
-    def forward(self, x01: torch.Tensor, kl_weight: float = 1.0) -> ModelOutput:
+    def forward(self, x01: torch.Tensor, kl_weight: float = 1.0, kl_balance: bool = False,
+                free_bits: float = 0.0) -> ModelOutput:
+        """Loss terms of a batch of volumes in [0, 1].  ``kl_weight`` < 1 during a KL warm-up; with
+        ``kl_balance`` the KL of each layer is weighted by :func:`balanced_kl_coefficients` then;
+        ``free_bits`` (nats per latent layer and volume) exempts that much of each layer's KL from
+        the loss (:func:`free_bits_kl`).  ``elbo`` is always the true bound."""
         x = self._input(x01)
         activations = self.encoder(x)
         choices = [LatentChoice()] * self.num_layers
@@ -103,7 +112,12 @@ class VeryDeepVAE(nn.Module):
         nll = -self.likelihood.log_prob(params, x).flatten(1).sum(1) / self.num_voxels
         kl = torch.stack(kls, dim=1) / self.num_voxels
         elbo = nll + kl.sum(1)
-        loss = (nll + kl_weight * kl.sum(1)).mean()
+        kl_term = kl
+        if kl_balance and kl_weight < 1.0:
+            kl_term = kl * balanced_kl_coefficients(kl.detach() * self.num_voxels, self.latent_sizes())
+        if free_bits > 0.0:
+            kl_term = free_bits_kl(kl_term, free_bits / self.num_voxels)
+        loss = (nll + kl_weight * kl_term.sum(-1)).mean()
         return ModelOutput(loss=loss, elbo=elbo, nll=nll, kl_per_layer=kl, params=params)
 
     # -- generation ------------------------------------------------------------------------------
@@ -167,3 +181,22 @@ class VeryDeepVAE(nn.Module):
     def _to_volume(self, params: torch.Tensor, draw: bool, generator: torch.Generator | None) -> torch.Tensor:
         x = self.likelihood.sample(params, generator) if draw else self.likelihood.mean(params)
         return (x + 1.0) / 2.0
+
+
+def balanced_kl_coefficients(kl: torch.Tensor, sizes: Sequence[int], floor: float = 1e-3) -> torch.Tensor:
+    """NVAE-style KL balancing (Vahdat & Kautz 2020): per-layer multipliers (mean 1) proportional to
+    each layer's KL per latent dimension (batch mean, plus ``floor`` nats), from the per-layer KL
+    ``kl`` (B, layers) in nats per volume and the layers' numbers of latent dimensions ``sizes``.  A layer that carries little information per unit
+    pays little for more, so layers the optimiser would otherwise switch off early (the coarse ones,
+    whose decoder path is longest) stay in play during the warm-up."""
+    per_dim = kl.mean(0).clamp_min(0.0) / kl.new_tensor([float(s) for s in sizes]) + floor
+    return per_dim / per_dim.mean()
+
+
+def free_bits_kl(kl: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Free bits (Kingma et al. 2016) per latent layer: the batch-mean KL of a layer below
+    ``threshold`` (same units as ``kl``, (B, layers)) is not penalised, so a layer can start carrying
+    information, and lower its posterior noise, before it pays for it; above it the usual KL applies.
+    Returned per sample (B, layers) with each layer's batch mean replaced by max(mean, threshold)."""
+    mean = kl.mean(0, keepdim=True)
+    return kl - mean + torch.clamp(mean, min=threshold)

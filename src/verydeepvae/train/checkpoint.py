@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..atomic import write_json, write_text, write_with
-from ..config import LAYER_LISTS, Config, config_from_dict
+from ..config import ARCHITECTURE_BEFORE_KEY, LAYER_LISTS, Config, config_from_dict
 from ..errors import CheckpointError
 
 FORMAT = "verydeepvae-checkpoint-1"
@@ -28,6 +28,7 @@ SUFFIX = ".safetensors"
 
 ARCHITECTURE_KEYS = ("resolution",) + LAYER_LISTS + (
     "bottleneck_resnet_encoder", "only_use_one_conv_block_at_top", "downsampling", "likelihood", "num_bins",
+    "bias_max_resolution",
 )
 
 
@@ -39,7 +40,7 @@ class Checkpoint:
 
     @property
     def config(self) -> Config:
-        return config_from_dict(self.meta["config"])
+        return config_from_dict({**ARCHITECTURE_BEFORE_KEY, **self.meta["config"]})
 
     @property
     def step(self) -> int:

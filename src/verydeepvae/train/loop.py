@@ -16,6 +16,7 @@ import os
 import random
 import secrets
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -110,6 +111,8 @@ class _Trainer:
         self.step = 0
         self.best: float | None = None
         self.history: list[dict[str, float]] = []
+        self.last_quality: dict[str, float] = {}  # the latest sample-quality signal (rank 0; progress bar)
+        self.quality_on = cfg.quality_samples > 0
         if resume_from is not None:
             self._restore(resume_from)
         self.net = self.model
@@ -125,6 +128,7 @@ class _Trainer:
         self.show_progress = runtime.is_main if show_progress is None else (show_progress and runtime.is_main)
         self.stop_signal: int | None = None
         self.periods = self._periods()
+        self.started = time.perf_counter()  # training wall clock of this process (logged as elapsed_seconds)
 
     # -- set-up ----------------------------------------------------------------------------------
     def _find_resume_checkpoint(self) -> ckpt.Checkpoint | None:
@@ -276,7 +280,7 @@ class _Trainer:
                 sync = self.net.no_sync()
             with sync:
                 with self._autocast():
-                    out = self.net(x, weight)
+                    out = self.net(x, weight, cfg.kl_balance, cfg.kl_free_bits)
                 loss = out.loss / cfg.grad_accumulation
                 if cfg.l2_reg_coeff:
                     loss = loss + cfg.l2_reg_coeff * _l2_penalty(self.model) / cfg.grad_accumulation
@@ -327,14 +331,19 @@ class _Trainer:
             "loss_nats_per_voxel": elbo, "elbo_bits_per_voxel": to_bits(elbo), "nll_bits_per_voxel": to_bits(nll),
             "kl_bits_per_voxel": to_bits(kl.sum().item()), "grad_norm": grad_norm, "learning_rate": lr,
             "skipped_nonfinite": self.skipper.skipped_nonfinite, "skipped_large": self.skipper.skipped_large,
-            "voxels_per_second": rate * voxels,
+            "voxels_per_second": rate * voxels, "elapsed_seconds": time.perf_counter() - self.started,
         }
         for i, (level, value) in enumerate(zip(self.model.layer_levels, kl.tolist())):
             values[f"kl_layer/{i:02d}_res{self.cfg.resolution >> level}"] = to_bits(value)
         self.reporter.scalars(self.step, values, "train")
+        quality = {}
+        if math.isfinite(self.last_quality.get("frechet_ratio", math.nan)):
+            quality["fd"] = f"{self.last_quality['frechet_ratio']:.1f}x"
+        if "dead_levels" in self.last_quality:
+            quality["dead"] = int(self.last_quality["dead_levels"])
         bar.set_postfix(bits=f"{to_bits(elbo):.3f}", kl=f"{to_bits(kl.sum().item()):.3f}",
                         gnorm=f"{grad_norm:.1f}", skips=self.skipper.skipped_nonfinite + self.skipper.skipped_large,
-                        refresh=False)
+                        **quality, refresh=False)
 
     @torch.no_grad()
     def _validate(self) -> None:
@@ -365,11 +374,44 @@ class _Trainer:
         for i, (level, value) in enumerate(zip(model.layer_levels, kl)):
             values[f"kl_layer/{i:02d}_res{self.cfg.resolution >> level}"] = to_bits(value)
         self.reporter.scalars(self.step, values, "validation")
-        self.history.append({"step": self.step, "elbo_bits_per_voxel": to_bits(elbo)})
+        entry = {"step": self.step, "elbo_bits_per_voxel": to_bits(elbo)}
+        if self.runtime.is_main and self.quality_on:  # the other ranks go on to the next collective
+            self.last_quality = self._quality()
+            entry.update({k: self.last_quality[k] for k in ("frechet_ratio", "dead_levels")
+                          if math.isfinite(self.last_quality.get(k, math.nan))})
+        self.history.append(entry)
         self.last_validation = elbo
         if self.runtime.is_main:
             self.reporter.curves_figure()
             self.reporter.flush()
+
+    def _quality(self) -> dict[str, float]:
+        """The sample-quality signal of the EMA model (train/quality.py), logged as quality/*.
+
+        Rank 0 only, with no collective calls and only its own seeded generators (the global RNG
+        streams, hence training, are unaffected).  A failure is reported once and turns the signal
+        off: a diagnostic must not end a long run."""
+        from torch.utils.data import Subset
+
+        from . import quality
+
+        cfg, val = self.cfg, self.bundle.val
+        used = len(val)  # active units over the validation volumes that validation itself uses
+        if cfg.max_validation_batches is not None:
+            used = min(used, cfg.max_validation_batches * cfg.batch_size)
+        try:
+            reference = quality.reference_volumes(val, self.bundle.train, cfg.quality_samples, self.seed)
+            values = quality.sample_quality(self.ema.model, Subset(val, range(used)), reference, cfg.quality_samples,
+                                            cfg.batch_size, self.device, self.seed)
+        except Exception as error:  # noqa: BLE001 (any failure: warn, go on training)
+            self.quality_on = False
+            tqdm.write(f"verydeepvae: warning: the sample-quality signal failed at step {self.step} "
+                       f"({type(error).__name__}: {error}); it is off for the rest of this run")
+            return {}
+        if set(values) == {"seconds"}:  # too few volumes for either part
+            return {}
+        self.reporter.scalars(self.step, values, "quality")
+        return values
 
     @torch.no_grad()
     def _figures(self) -> None:

@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""Generative quality against training time, on the phantom population where the truth is known.
+
+Trains a preset on the built-in phantom population (training seed from the configuration) for a
+wall-clock budget or a number of steps, evaluates evenly spaced checkpoints on a held-out phantom
+population made with another seed, and prints one table plus a learning-curve figure:
+
+    python bench/quality.py --preset demo --minutes 60 --output-dir runs/quality
+    python bench/quality.py --preset demo --steps 500 --evaluations 4 --heldout-seed 2 \
+        --set learning_rate=0.003 --precision bf16
+
+Columns: held-out negative ELBO (bits/voxel), resolution levels without an active latent unit,
+ratios to the real-vs-real baseline of the random-CNN Fréchet distance and MMD, sample MS-SSIM
+minus real-pair MS-SSIM, 1-Wasserstein ratios of the tissue volumes (samples vs real over real vs
+real, matched set sizes) and the memorisation ratio (median nearest-training distance of samples
+over that of held-out volumes).  Nothing here is asserted anywhere: figures move with the machine,
+the seed and the held-out population (vary ``--heldout-seed`` when you judge a change).
+
+With ``--minutes``, a short calibration run measures the time per step first, and the number of
+steps is chosen so that training (validation and figures included, evaluations excluded) fills the
+budget; the learning-rate schedule then spans exactly those steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import verydeepvae  # noqa: F401  (the CLI's OpenMP wait policy, as for every benchmark)
+from verydeepvae.config import build_config, parse_override
+from verydeepvae.data.phantom import generate_population
+from verydeepvae.evaluate import EvaluationOptions, run_evaluation
+from verydeepvae.evaluate.summary import quality_row
+from verydeepvae.generate import open_trained
+from verydeepvae.train.loop import train
+
+TISSUES = ("gm_ml", "wm_ml", "csf_ml", "ventricle_ml", "brain_ml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--config", help="a configuration file applied after the preset")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--precision", choices=["fp32", "bf16"])
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="wall-clock training budget")
+    budget.add_argument("--steps", type=int, help="number of training steps (default: the preset's)")
+    parser.add_argument("--evaluations", type=int, default=4, help="evenly spaced evaluated checkpoints")
+    parser.add_argument("--heldout-seed", type=int, default=1, help="population seed of the held-out phantoms")
+    parser.add_argument("--heldout-num", type=int, default=48)
+    parser.add_argument("--samples", type=int, default=32, help="prior samples per evaluation")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--output-dir", default="runs/quality")
+    args = parser.parse_args(argv)
+
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    overrides = dict(parse_override(text) for text in args.set)
+    if args.precision:
+        overrides["precision"] = args.precision
+    base = build_config(args.preset, args.config, overrides)
+    heldout = out / f"heldout_{base.resolution}_seed{args.heldout_seed}"
+    if not (heldout / "participants.tsv").is_file():
+        generate_population(args.heldout_num, base.resolution, heldout, args.heldout_seed, montage=False,
+                            progress=False)
+
+    steps = args.steps or base.max_steps
+    seconds_per_step = None
+    if args.minutes:
+        seconds_per_step = calibrate(args, overrides, out)
+        steps = max(args.evaluations, int(args.minutes * 60 / seconds_per_step))
+        print(f"calibration: {seconds_per_step:.3f} s/step -> {steps} steps in {args.minutes:g} minutes", flush=True)
+    if steps is None:
+        parser.error("the preset sets no max_steps: give --steps or --minutes")
+    every = max(1, steps // args.evaluations)
+    run_dir = out / "run"
+    cfg = build_config(args.preset, args.config, {
+        **overrides, "max_steps": steps, "checkpoint_every": every, "validation_every": every,
+        "figures_every": every, "keep_checkpoints": 0, "output_dir": str(run_dir)})
+    started = time.perf_counter()
+    train(cfg, show_progress=sys.stderr.isatty())
+    train_seconds = time.perf_counter() - started
+    elapsed = _elapsed_by_step(run_dir / "metrics.jsonl")
+
+    rows = []
+    for path in sorted((run_dir / "checkpoints").glob("step_*.safetensors")):
+        trained = open_trained(path, device=cfg.device)
+        step = trained.checkpoint.step
+        report = run_evaluation(trained, heldout, out / f"evaluation_step_{step:08d}", EvaluationOptions(
+            num_samples=args.samples, temperature=args.temperature, seed=0, max_train=200, show_progress=False))
+        logged = [s for s in elapsed if s <= step]
+        minutes = elapsed[max(logged)] / 60.0 if logged else float("nan")
+        row = {"step": step, "minutes": minutes, **quality_row(report.data)}
+        rows.append(row)
+        print(format_row(row, header=len(rows) == 1), flush=True)
+    summary = {"preset": args.preset, "overrides": overrides, "steps": steps, "train_seconds": train_seconds,
+               "seconds_per_step_calibrated": seconds_per_step, "heldout": str(heldout), "rows": rows}
+    (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
+    curves_figure(rows, out / "learning_curves.png")
+    print(f"training {train_seconds / 60:.1f} min; table in {out / 'quality.json'}, figure "
+          f"{out / 'learning_curves.png'}, reports in {out}/evaluation_step_*")
+    return 0
+
+
+def calibrate(args, overrides: dict, out: Path) -> float:
+    """Seconds per training step of this configuration on this machine (steps 4-12 of a short run)."""
+    run = out / "calibration"
+    import shutil
+
+    shutil.rmtree(run, ignore_errors=True)
+    cfg = build_config(args.preset, args.config, {
+        **overrides, "max_steps": 12, "log_every": 1, "validation_every": 10**6, "figures_every": 10**6,
+        "checkpoint_every": 10**6, "subjects_to_plot": 0, "output_dir": str(run)})
+    train(cfg, show_progress=False)
+    elapsed = _elapsed_by_step(run / "metrics.jsonl")
+    return (elapsed[12] - elapsed[4]) / 8.0
+
+
+def _elapsed_by_step(path: Path) -> dict[int, float]:
+    out = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train" and "elapsed_seconds" in record:
+            out[int(record["step"])] = float(record["elapsed_seconds"])
+    return out
+
+
+COLUMNS = [("step", "{:>6d}"), ("minutes", "{:>7.1f}"), ("bits_per_voxel", "{:>6.3f}"), ("dead_levels", "{:>12}"),
+           ("frechet_ratio", "{:>7.2f}"), ("mmd_ratio", "{:>7.2f}"), ("ms_ssim_gap", "{:>+7.3f}")] + \
+          [(f"w1_ratio_{t}", "{:>6.2f}") for t in TISSUES] + [("memorisation_ratio", "{:>6.2f}")]
+HEADERS = {"step": "step", "minutes": "min", "bits_per_voxel": "bits", "dead_levels": "dead levels",
+           "frechet_ratio": "FD x", "mmd_ratio": "MMD x", "ms_ssim_gap": "MSSSIM", "memorisation_ratio": "mem",
+           **{f"w1_ratio_{t}": t.split("_")[0][:6] for t in TISSUES}}
+
+
+def format_row(row: dict, header: bool = False) -> str:
+    cells = []
+    for key, fmt in COLUMNS:
+        value = row.get(key)
+        if key == "dead_levels":
+            value = ",".join(f"{r}³" for r in value) or "none"
+        try:
+            cells.append(fmt.format(value))
+        except (TypeError, ValueError):
+            cells.append(f"{str(value):>{len(fmt.format(0)) if 'd' in fmt else 7}}")
+    line = " ".join(cells)
+    if not header:
+        return line
+    width = [len(c) for c in cells]
+    names = " ".join(f"{HEADERS[k]:>{w}}" for (k, _), w in zip(COLUMNS, width))
+    return names + "\n" + line
+
+
+def curves_figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["minutes"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    axes[0].plot(x, [r["bits_per_voxel"] for r in rows], "o-")
+    axes[0].set_ylabel("held-out bits/voxel")
+    axes[1].plot(x, [r["frechet_ratio"] for r in rows], "o-", label="Fréchet (random CNN)")
+    axes[1].plot(x, [r["mmd_ratio"] for r in rows], "s-", label="MMD")
+    axes[1].axhline(1.0, color="grey", lw=0.8)
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("ratio to real vs real (log)")
+    axes[1].legend(fontsize=7)
+    for t in TISSUES:
+        axes[2].plot(x, [r[f"w1_ratio_{t}"] for r in rows], "o-", label=t.replace("_ml", ""))
+    axes[2].axhline(1.0, color="grey", lw=0.8)
+    axes[2].set_ylabel("tissue-volume W1 ratio")
+    axes[2].legend(fontsize=7)
+    axes[3].plot(x, [r["active_levels"] for r in rows], "o-")
+    axes[3].set_ylabel("levels with an active unit")
+    for ax in axes:
+        ax.set_xlabel("training minutes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

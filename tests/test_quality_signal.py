@@ -1,0 +1,140 @@
+"""The sample-quality signal logged at each validation (train/quality.py): what it logs, that it
+can be turned off, and that it leaves the training trajectory bit for bit unchanged."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from verydeepvae.config import build_config
+from verydeepvae.errors import ConfigError
+from verydeepvae.model import VeryDeepVAE
+from verydeepvae.train import quality
+from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.train.loop import train
+
+LEVELS = ("res16", "res8", "res4", "res2", "res1")  # the tiny preset's latent levels
+FRECHET_KEYS = {"frechet_samples", "frechet_real_vs_real", "frechet_ratio"}
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[int, Path]:
+    """Two 6-step tiny runs, validating every 2 steps, identical except quality_samples (8 and 0)."""
+    from conftest import write_ellipsoids
+
+    root = tmp_path_factory.mktemp("quality")
+    write_ellipsoids(root / "data", 16, size=16)
+    out = {}
+    for samples in (8, 0):
+        cfg = build_config("tiny", overrides={
+            "data_path": str(root / "data"), "output_dir": str(root / f"run{samples}"),
+            "cache_dir": str(root / "cache"), "train_fraction": 0.75, "max_steps": 6, "log_every": 2,
+            "validation_every": 2, "checkpoint_every": 6, "subjects_to_plot": 0, "quality_samples": samples})
+        assert train(cfg, show_progress=False).step == 6
+        out[samples] = Path(cfg.output_dir)
+    return out
+
+
+@pytest.mark.slow
+def test_validation_logs_active_units_per_level_and_the_frechet_ratio(runs):
+    records = _records(runs[8], "quality")
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for r in records:
+        assert math.isfinite(r["frechet_ratio"]) and r["frechet_ratio"] > 0
+        assert r["frechet_ratio"] == pytest.approx(r["frechet_samples"] / r["frechet_real_vs_real"])
+        for level in LEVELS:
+            assert r[f"active_units_{level}"] >= 0
+        assert 0 <= r["dead_levels"] <= len(LEVELS)
+        assert r["dead_levels"] == sum(r[f"active_units_{level}"] == 0 for level in LEVELS)
+        assert r["seconds"] > 0
+    # TensorBoard has them too, and the validation history in the checkpoint keeps the headline figures
+    assert list((runs[8] / "tensorboard").glob("events.out.tfevents.*"))
+    history = load_checkpoint(list_checkpoints(runs[8] / "checkpoints")[-1]).meta["validation_history"]
+    assert [h["frechet_ratio"] for h in history] == [r["frechet_ratio"] for r in records]
+    assert [h["dead_levels"] for h in history] == [r["dead_levels"] for r in records]
+
+
+@pytest.mark.slow
+def test_quality_samples_0_logs_nothing(runs):
+    assert _records(runs[0], "quality") == []
+    assert len(_records(runs[0], "validation")) == 3
+    history = load_checkpoint(list_checkpoints(runs[0] / "checkpoints")[-1]).meta["validation_history"]
+    assert all("frechet_ratio" not in h for h in history)
+
+
+@pytest.mark.slow
+def test_the_signal_does_not_change_the_training_trajectory(runs):
+    a = load_checkpoint(list_checkpoints(runs[8] / "checkpoints")[-1])
+    b = load_checkpoint(list_checkpoints(runs[0] / "checkpoints")[-1])
+    assert a.step == b.step == 6
+    for prefix in ("model", "ema", "optim"):
+        sa, sb = a.state(prefix), b.state(prefix)
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{prefix}.{key} differs with the quality signal on"
+    # the logged validation losses agree too
+    assert _records(runs[8], "validation") == _records(runs[0], "validation")
+
+
+def test_sample_quality_on_random_volumes_returns_the_documented_keys():
+    cfg = build_config("tiny")
+    torch.manual_seed(0)
+    model = VeryDeepVAE(cfg)
+    rng = np.random.default_rng(0)
+    volumes = rng.uniform(0, 1, (6, 16, 16, 16)).astype(np.float32)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    out = quality.sample_quality(model, volumes, volumes, num_samples=8, batch_size=4, device="cpu", seed=3)
+    assert set(out) == {f"active_units_{level}" for level in LEVELS} | {"dead_levels", "seconds"} | FRECHET_KEYS
+    assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
+    assert out["frechet_ratio"] > 0 and out["frechet_real_vs_real"] > 0
+    # the global RNG streams are untouched, the model's mode restored, the result reproducible
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert all(np.array_equal(x, y) for x, y in zip(np.random.get_state(), numpy_state))
+    assert model.training
+    again = quality.sample_quality(model, volumes, volumes, num_samples=8, batch_size=4, device="cpu", seed=3)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in out.items() if k != "seconds"}
+    # too few volumes or samples: that part is left out
+    few = quality.sample_quality(model, volumes[:1], volumes, num_samples=3, batch_size=4, device="cpu", seed=3)
+    assert set(few) == {"seconds"}
+
+
+def test_reference_volumes_are_validation_first_then_unaugmented_training_volumes():
+    class Fake:
+        def __init__(self, base: float, n: int, broken: frozenset = frozenset()):
+            self.base, self.n, self.broken = base, n, broken
+
+        def __len__(self):
+            return self.n
+
+        def volume(self, i):  # the unaugmented volume
+            return np.full((4, 4, 4), np.nan if i in self.broken else self.base + i, np.float32)
+
+        def __getitem__(self, i):  # an "augmented" one, which must not be used
+            return torch.full((1, 4, 4, 4), -1.0)
+
+    val, tr = Fake(100, 3), Fake(0, 10)
+    ref = quality.reference_volumes(val, tr, 8, seed=1)
+    assert ref.shape == (8, 4, 4, 4) and ref.dtype == np.float32
+    firsts = ref[:, 0, 0, 0].tolist()
+    assert sorted(firsts[:3]) == [100, 101, 102] and len(set(firsts)) == 8 and all(0 <= v < 10 for v in firsts[3:])
+    assert np.array_equal(ref, quality.reference_volumes(val, tr, 8, seed=1))  # deterministic
+    assert quality.reference_volumes(Fake(100, 20), tr, 8, seed=1)[:, 0, 0, 0].min() >= 100  # enough validation
+    # broken (non-finite) volumes are passed over; with too few volumes, all there are
+    patchy = quality.reference_volumes(val, Fake(0, 10, frozenset(range(0, 10, 2))), 8, seed=1)
+    assert patchy.shape[0] == 8 and np.isfinite(patchy).all()
+    assert quality.reference_volumes(val, Fake(0, 2), 8, seed=1).shape[0] == 5
+
+
+def test_quality_samples_must_not_be_negative():
+    assert build_config("tiny").quality_samples == 8
+    with pytest.raises(ConfigError, match="quality_samples must be >= 0"):
+        build_config("tiny", overrides={"quality_samples": -1})

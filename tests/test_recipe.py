@@ -1,0 +1,114 @@
+"""The training recipe's model pieces (docs/training-recipe.md): per-level decoder biases, KL
+balancing, the quality summary row and the quality benchmark on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from verydeepvae.config import build_config
+from verydeepvae.evaluate.summary import quality_row
+from verydeepvae.model import VeryDeepVAE
+from verydeepvae.model.vae import balanced_kl_coefficients
+from verydeepvae.train.checkpoint import Checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny(**overrides):
+    return build_config("tiny", overrides=overrides)
+
+
+def test_decoder_biases_exist_up_to_the_configured_resolution():
+    model = VeryDeepVAE(_tiny(bias_max_resolution=8))
+    sizes = sorted(p.shape[-1] for p in model.decoder.biases.values())
+    assert sizes == [2, 4, 8]  # tiny: 16, 8, 4, 2, 1; none at the top (the learned constant) or above 8
+    assert all(float(p.abs().sum()) == 0.0 for p in model.decoder.biases.values())  # start at zero
+    assert len(VeryDeepVAE(_tiny(bias_max_resolution=0)).decoder.biases) == 0
+
+
+def test_a_decoder_bias_moves_the_output_at_its_positions_only():
+    torch.manual_seed(0)
+    model = VeryDeepVAE(_tiny(bias_max_resolution=16)).eval()
+    z = [torch.zeros(1, *shape) for shape in model.latent_shapes()]
+    before = model.decode(z)
+    with torch.no_grad():
+        model.decoder.biases["0"][0, :, 0, 0, 0] += 1.0  # one voxel of the full-resolution level
+    changed = (model.decode(z) - before).abs() > 1e-6
+    assert changed[0, 0, 0, 0, 0]
+    assert not changed[0, 0, 8:, 8:, 8:].any()  # beyond the receptive field of the last layer
+
+
+def test_checkpoints_written_before_the_biases_existed_rebuild_without_them():
+    cfg = _tiny().to_dict()
+    del cfg["bias_max_resolution"]
+    old = Checkpoint(path=Path("old.safetensors"), meta={"config": cfg, "step": 1}, tensors={})
+    assert old.config.bias_max_resolution == 0
+    assert Checkpoint(path=Path("new.safetensors"), meta={"config": _tiny().to_dict(), "step": 1},
+                      tensors={}).config.bias_max_resolution == _tiny().bias_max_resolution
+
+
+def test_balanced_kl_coefficients_favour_layers_that_carry_little_information():
+    kl = torch.tensor([[0.0, 10.0, 1.0], [0.0, 30.0, 3.0]])  # nats per volume, (batch, layers)
+    sizes = [10, 10, 1000]
+    c = balanced_kl_coefficients(kl, sizes)
+    assert c.mean().item() == pytest.approx(1.0)
+    assert c[0] < c[2] < c[1]  # per dimension: 0, 2, 0.002 nats; the floor keeps every weight > 0
+    assert c[0] > 0
+
+
+def test_kl_balancing_only_acts_during_the_warm_up():
+    torch.manual_seed(0)
+    model = VeryDeepVAE(_tiny())
+    x = torch.rand(2, 1, 16, 16, 16)
+    torch.manual_seed(1)
+    plain = model(x, 1.0, kl_balance=False).loss
+    torch.manual_seed(1)
+    balanced = model(x, 1.0, kl_balance=True).loss
+    assert torch.equal(plain, balanced)
+    torch.manual_seed(1)
+    warm = model(x, 0.5, kl_balance=True)
+    kl = warm.kl_per_layer.detach()
+    expected = (warm.nll + 0.5 * (kl * balanced_kl_coefficients(kl * model.num_voxels, model.latent_sizes())).sum(1)).mean()
+    assert warm.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_quality_row_reads_the_headline_figures_of_a_report():
+    report = {
+        "likelihood": {"elbo_bits_per_voxel": {"mean": 1.5}, "kl_bits_per_voxel": {"mean": 0.1},
+                       "kl_per_layer": [{"resolution": 1, "active_units": 0}, {"resolution": 2, "active_units": 3},
+                                        {"resolution": 2, "active_units": 1}]},
+        "distances": {"random_cnn": {"frechet": {"ratio_to_baseline": 2.5}, "mmd": {"ratio_to_baseline": 4.0}}},
+        "diversity": {"samples": {"mean": 0.9}, "real": {"mean": 0.85}},
+        "memorisation": {"voxels": {"median_ratio": 1.1}},
+        "morphometry": {"comparison": {"features": {"gm_ml": {"samples_vs_real_half_ml": 30.0,
+                                                              "real_vs_real_half_ml": 10.0}}}},
+    }
+    row = quality_row(report)
+    assert row["dead_levels"] == [1] and row["active_levels"] == 1 and row["active_units"] == {"2": 4, "1": 0}
+    assert row["frechet_ratio"] == 2.5 and row["mmd_ratio"] == 4.0
+    assert row["ms_ssim_gap"] == pytest.approx(0.05)
+    assert row["w1_ratio_gm_ml"] == pytest.approx(3.0)
+    assert math.isnan(row["w1_ratio_wm_ml"])  # missing sections are NaN, not errors
+    assert math.isnan(quality_row({})["bits_per_voxel"])
+
+
+@pytest.mark.slow
+def test_quality_benchmark_runs_on_a_tiny_budget(tmp_path):
+    out = tmp_path / "quality"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--preset", "tiny", "--steps", "4", "--evaluations", "2",
+         "--heldout-num", "6", "--samples", "6", "--output-dir", str(out), "--set", "phantom_num=10"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "quality.json").read_text())
+    assert [row["step"] for row in summary["rows"]] == [2, 4]
+    assert all(math.isfinite(row["bits_per_voxel"]) for row in summary["rows"])
+    assert (out / "learning_curves.png").stat().st_size > 0
+    assert "FD x" in result.stdout
