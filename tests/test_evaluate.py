@@ -175,9 +175,10 @@ def test_phantom_volume_estimates_recover_participants_tsv(tmp_path):
     table = morphometry.volume_table(volumes, sizes)
     recorded = {k: np.array([float(r[c]) for r in rows]) for k, c in morphometry.RECORDED.items()}
     r = {k: v["pearson_r"] for k, v in morphometry.recovery(table, recorded).items()}
-    # measured on this population: brain 1.00, lesion 0.95, GM 0.93, ventricles 0.89, WM 0.86, CSF 0.82
-    assert r["brain_ml"] > 0.95 and r["lesion_ml"] > 0.85 and r["gm_ml"] > 0.75, r
-    assert r["ventricle_ml"] > 0.7 and r["wm_ml"] > 0.6 and r["csf_ml"] > 0.6, r
+    # measured on this population: brain 1.00, GM 0.99, WM 0.98, lesion 0.95, CSF 0.93, ventricles 0.88
+    # (docs/morphometry.md); the population is deterministic, the margins are for future changes
+    assert r["brain_ml"] > 0.95 and r["lesion_ml"] > 0.85 and r["gm_ml"] > 0.9, r
+    assert r["ventricle_ml"] > 0.75 and r["wm_ml"] > 0.85 and r["csf_ml"] > 0.8, r
 
 
 def _untrained(**overrides):

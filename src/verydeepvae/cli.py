@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="number of optimiser steps (overrides total_epochs)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"])
     p.add_argument("--visualise-pipeline", action="store_true",
                    help="write augmented training examples to <output-dir>/pipeline_test first")
     p.add_argument("--skip-bad-files", action="store_true",

@@ -23,7 +23,7 @@ import yaml
 from .errors import ConfigError
 
 LIKELIHOODS = ("discretised_logistic", "gaussian")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMISERS = ("adamax", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -76,7 +76,7 @@ class Config:
     kl_warmup_steps: int = 0
     kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
     kl_free_bits: float = 0.0  # nats of KL per latent layer and volume exempt from the loss (free bits)
-    precision: str = "fp32"
+    precision: str = "fp32"  # fp32, bf16, fp16 (CUDA) or auto (bf16 where it is native, else fp32)
     grad_accumulation: int = 1
     seed: Optional[int] = 0
 

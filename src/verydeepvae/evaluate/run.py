@@ -201,8 +201,9 @@ def _morphometry(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray
     real = morphometry.volume_table(heldout, vox)
     gen = morphometry.volume_table(samples, vox)
     out: dict[str, Any] = {
-        "method": "FLAIR-like tissue classes (multi-Otsu + partial-volume correction, metrics.tissue_volumes); "
-                  f"ventricles = deep CSF (CSF-class voxels more than {morphometry.DEEP_CSF_MM:g} mm inside the brain)",
+        "method": "partial-volume tissue fractions of FLAIR-like intensities normalised to the volume's own "
+                  "white-matter level (metrics.tissue.flair_partial_volumes, fitted to and validated against the "
+                  "phantom's true fractions, docs/morphometry.md); ventricles = deep CSF",
         "units": f"ml on the model grid at the training median voxel size ({vox:.3f} mm), for samples and real "
                  "volumes alike (preprocessing fits every brain to the cube, so absolute head size is normalised)",
         "labels": morphometry.LABELS,

@@ -10,6 +10,7 @@ the checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -74,6 +75,7 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
 class _Trainer:
     def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
                  show_progress: bool | None):
+        cfg = resolve_precision(cfg, runtime.device, notices)
         self.cfg = cfg
         self.runtime = runtime
         self.notices = notices
@@ -511,6 +513,24 @@ class _Trainer:
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def resolve_precision(cfg: Config, device: torch.device, notices: list[str]) -> Config:
+    """``precision: auto`` -> bf16 where bfloat16 is native and fast (CUDA GPUs of compute capability
+    8 or newer; CPUs with AVX512-BF16 or AMX, where a demo step ran ~1.6x faster than fp32), fp32
+    elsewhere; the choice is printed once and stored in the checkpoint's configuration.  Explicit
+    settings are returned unchanged.  The KL and the likelihood stay float32 either way."""
+    if cfg.precision != "auto":
+        return cfg
+    if device.type == "cuda":
+        native = torch.cuda.get_device_capability(device)[0] >= 8 and torch.cuda.is_bf16_supported()
+        where = "this GPU " + ("supports" if native else "has no fast") + " bfloat16"
+    else:
+        native = cpu_has_native_bf16()
+        where = "this CPU " + ("has" if native else "has no") + " native bfloat16 instructions"
+    chosen = "bf16" if native else "fp32"
+    notices.append(f"precision auto: {chosen} ({where})")
+    return dataclasses.replace(cfg, precision=chosen)
 
 
 def cpu_has_native_bf16() -> bool:
