@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if steps is None:
         parser.error("the preset sets no max_steps: give --steps or --minutes")
     every = max(1, steps // args.evaluations)
+    steps = every * args.evaluations  # evaluations evenly spaced, the last at the end
     run_dir = out / "run"
     cfg = build_config(args.preset, args.config, {
         **overrides, "max_steps": steps, "checkpoint_every": every, "validation_every": every,

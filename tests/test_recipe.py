@@ -29,7 +29,7 @@ def test_decoder_biases_exist_up_to_the_configured_resolution():
     model = VeryDeepVAE(_tiny(bias_max_resolution=8))
     sizes = sorted(p.shape[-1] for p in model.decoder.biases.values())
     assert sizes == [2, 4, 8]  # tiny: 16, 8, 4, 2, 1; none at the top (the learned constant) or above 8
-    assert all(float(p.abs().sum()) == 0.0 for p in model.decoder.biases.values())  # start at zero
+    assert all(float(p.detach().abs().sum()) == 0.0 for p in model.decoder.biases.values())  # start at zero
     assert len(VeryDeepVAE(_tiny(bias_max_resolution=0)).decoder.biases) == 0
 
 
@@ -112,3 +112,16 @@ def test_quality_benchmark_runs_on_a_tiny_budget(tmp_path):
     assert all(math.isfinite(row["bits_per_voxel"]) for row in summary["rows"])
     assert (out / "learning_curves.png").stat().st_size > 0
     assert "FD x" in result.stdout
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch, native, expected):
+    from verydeepvae.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    notices: list[str] = []
+    resolved = loop.resolve_precision(_tiny(precision="auto"), torch.device("cpu"), notices)
+    assert resolved.precision == expected
+    assert notices == [f"precision auto: {expected} (this CPU {'has' if native else 'has no'} native bfloat16 instructions)"]
+    explicit = _tiny(precision="fp32")
+    assert loop.resolve_precision(explicit, torch.device("cpu"), notices) is explicit  # explicit settings win

@@ -517,7 +517,7 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 def resolve_precision(cfg: Config, device: torch.device, notices: list[str]) -> Config:
     """``precision: auto`` -> bf16 where bfloat16 is native and fast (CUDA GPUs of compute capability
-    8 or newer; CPUs with AVX512-BF16 or AMX, where a demo step ran ~1.6x faster than fp32), fp32
+    8 or newer; CPUs with AVX512-BF16 or AMX, where a demo step ran 1.4x faster than fp32), fp32
     elsewhere; the choice is printed once and stored in the checkpoint's configuration.  Explicit
     settings are returned unchanged.  The KL and the likelihood stay float32 either way."""
     if cfg.precision != "auto":
