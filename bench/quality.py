@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -112,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
 def calibrate(args, overrides: dict, out: Path) -> float:
     """Seconds per training step of this configuration on this machine (steps 4-12 of a short run)."""
     run = out / "calibration"
-    import shutil
-
     shutil.rmtree(run, ignore_errors=True)
     cfg = build_config(args.preset, args.config, {
         **overrides, "max_steps": 12, "log_every": 1, "validation_every": 10**6, "figures_every": 10**6,
@@ -146,10 +145,7 @@ def format_row(row: dict, header: bool = False) -> str:
         value = row.get(key)
         if key == "dead_levels":
             value = ",".join(f"{r}³" for r in value) or "none"
-        try:
-            cells.append(fmt.format(value))
-        except (TypeError, ValueError):
-            cells.append(f"{str(value):>{len(fmt.format(0)) if 'd' in fmt else 7}}")
+        cells.append(fmt.format(value) if value is not None else f"{'-':>7}")
     line = " ".join(cells)
     if not header:
         return line

@@ -203,9 +203,9 @@ def test_training_loop_with_checkpointing_channels_last_bf16_and_accumulation(tm
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_announced(tmp_path, monkeypatch):
-    from verydeepvae.train import loop
+    from verydeepvae.train import loop, precision
 
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     cfg = _loop_config(tmp_path, max_steps=1, precision="bf16", validation_every=1, checkpoint_every=1)
     notices: list[str] = []
     loop.train(cfg, bundle=_Bundle(_Blobs(4, 0), _Blobs(2, 1)), notices=notices, show_progress=False)

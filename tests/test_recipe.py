@@ -116,12 +116,12 @@ def test_quality_benchmark_runs_on_a_tiny_budget(tmp_path):
 
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
 def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch, native, expected):
-    from verydeepvae.train import loop
+    from verydeepvae.train import precision
 
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     notices: list[str] = []
-    resolved = loop.resolve_precision(_tiny(precision="auto"), torch.device("cpu"), notices)
+    resolved = precision.resolve_precision(_tiny(precision="auto"), torch.device("cpu"), notices)
     assert resolved.precision == expected
     assert notices == [f"precision auto: {expected} (this CPU {'has' if native else 'has no'} native bfloat16 instructions)"]
     explicit = _tiny(precision="fp32")
-    assert loop.resolve_precision(explicit, torch.device("cpu"), notices) is explicit  # explicit settings win
+    assert precision.resolve_precision(explicit, torch.device("cpu"), notices) is explicit  # explicit settings win

@@ -95,7 +95,7 @@ class VeryDeepVAE(nn.Module):
         return [math.prod(s) for s in self.latent_shapes()]
 
     def latent_dimensions(self) -> int:
-        return sum(math.prod(s) for s in self.latent_shapes())
+        return sum(self.latent_sizes())
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, x01: torch.Tensor, kl_weight: float = 1.0, kl_balance: bool = False,

@@ -10,7 +10,6 @@ the checkpoint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from ..model import VeryDeepVAE
 from . import checkpoint as ckpt
 from . import distributed
 from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor
+from .precision import resolve_precision
 from .reporting import Reporter, to_bits
 from .sampler import EpochSampler
 from .state import capture_state, process_rng_state, restore_state
@@ -95,9 +95,6 @@ class _Trainer:
                 fingerprint=lambda b: distributed.fingerprint_strings(list(b.train_files) + ["|"] + list(b.val_files)))
         self.bundle = bundle
         self.device = runtime.device
-        if self.device.type == "cpu" and cfg.precision == "bf16" and not cpu_has_native_bf16():
-            notices.append("precision bf16: this CPU has no native bfloat16 instructions (AVX512-BF16 or "
-                           "AMX), so bf16 is likely slower than fp32 here (bench/train_step.py compares them)")
         # the same initial weights on every rank (DDP would broadcast rank 0's, but the EMA copy is
         # taken before that); the per-rank RNG streams are left where they were
         with torch.random.fork_rng(devices=[]):
@@ -115,6 +112,7 @@ class _Trainer:
         self.history: list[dict[str, float]] = []
         self.last_quality: dict[str, float] = {}  # the latest sample-quality signal (rank 0; progress bar)
         self.quality_on = cfg.quality_samples > 0
+        self.quality_reference: np.ndarray | None = None  # real volumes of the quality signal (rank 0)
         if resume_from is not None:
             self._restore(resume_from)
         self.net = self.model
@@ -402,7 +400,10 @@ class _Trainer:
         if cfg.max_validation_batches is not None:
             used = min(used, cfg.max_validation_batches * cfg.batch_size)
         try:
-            reference = quality.reference_volumes(val, self.bundle.train, cfg.quality_samples, self.seed)
+            if self.quality_reference is None:  # the same volumes at every validation: read them once
+                self.quality_reference = quality.reference_volumes(val, self.bundle.train, cfg.quality_samples,
+                                                                   self.seed)
+            reference = self.quality_reference
             values = quality.sample_quality(self.ema.model, Subset(val, range(used)), reference, cfg.quality_samples,
                                             cfg.batch_size, self.device, self.seed)
         except Exception as error:  # noqa: BLE001 (any failure: warn, go on training)
@@ -513,32 +514,6 @@ class _Trainer:
 
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def resolve_precision(cfg: Config, device: torch.device, notices: list[str]) -> Config:
-    """``precision: auto`` -> bf16 where bfloat16 is native and fast (CUDA GPUs of compute capability
-    8 or newer; CPUs with AVX512-BF16 or AMX, where a demo step ran 1.4x faster than fp32), fp32
-    elsewhere; the choice is printed once and stored in the checkpoint's configuration.  Explicit
-    settings are returned unchanged.  The KL and the likelihood stay float32 either way."""
-    if cfg.precision != "auto":
-        return cfg
-    if device.type == "cuda":
-        native = torch.cuda.get_device_capability(device)[0] >= 8 and torch.cuda.is_bf16_supported()
-        where = "this GPU " + ("supports" if native else "has no fast") + " bfloat16"
-    else:
-        native = cpu_has_native_bf16()
-        where = "this CPU " + ("has" if native else "has no") + " native bfloat16 instructions"
-    chosen = "bf16" if native else "fp32"
-    notices.append(f"precision auto: {chosen} ({where})")
-    return dataclasses.replace(cfg, precision=chosen)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bfloat16 convolutions natively on this CPU (without, they are emulated)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch without the query: assume it does
-        return True
 
 
 def _start_workers(loader: DataLoader) -> Iterator[torch.Tensor]:
