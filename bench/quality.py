@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = out / "run"
     cfg = build_config(args.preset, args.config, {
         **overrides, "max_steps": steps, "checkpoint_every": every, "validation_every": every,
-        "figures_every": every, "keep_checkpoints": 0, "output_dir": str(run_dir)})
+        "figures_every": every, "keep_checkpoints": 0, "output_dir": str(run_dir), "overwrite": True})
     started = time.perf_counter()
     train(cfg, show_progress=sys.stderr.isatty())
     train_seconds = time.perf_counter() - started
@@ -116,7 +116,7 @@ def calibrate(args, overrides: dict, out: Path) -> float:
     shutil.rmtree(run, ignore_errors=True)
     cfg = build_config(args.preset, args.config, {
         **overrides, "max_steps": 12, "log_every": 1, "validation_every": 10**6, "figures_every": 10**6,
-        "checkpoint_every": 10**6, "subjects_to_plot": 0, "output_dir": str(run)})
+        "checkpoint_every": 10**6, "subjects_to_plot": 0, "output_dir": str(run), "overwrite": True})
     train(cfg, show_progress=False)
     elapsed = _elapsed_by_step(run / "metrics.jsonl")
     return (elapsed[12] - elapsed[4]) / 8.0

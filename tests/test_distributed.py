@@ -236,7 +236,7 @@ def test_two_ranks_agree_write_one_set_of_outputs_and_log_the_mean(data, tmp_pat
 
     # exactly one set of outputs, written by rank 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "cache", "checkpoints", "figures", "metrics.jsonl", "samples", "split.json", "tensorboard"]
+        ".lock", "cache", "checkpoints", "figures", "metrics.jsonl", "samples", "split.json", "tensorboard"]
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
         "step_00000004.safetensors", "step_00000008.safetensors"]
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1

@@ -120,7 +120,9 @@ def test_checkpoint_of_another_architecture_is_refused_naming_the_difference(tmp
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     calls = {"n": 0}
-    real = ckpt.save_file
+    import safetensors.torch
+
+    real = safetensors.torch.save_file
 
     def failing(tensors, filename, metadata=None):
         calls["n"] += 1
@@ -128,7 +130,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, 
             raise OSError(28, "No space left on device", filename)
         return real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(ckpt, "save_file", failing)
+    monkeypatch.setattr(safetensors.torch, "save_file", failing)
     with pytest.raises(UserError, match="No space left on device; the previous checkpoint step_00000004"):
         train(_cfg(run, max_steps=8), bundle=Bundle(Blobs(8, 0), Blobs(4, 1)), show_progress=False)
     files = ckpt.list_checkpoints(run / "checkpoints")

@@ -6,11 +6,14 @@ User errors print one line on stderr and exit with status 2, without a traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from typing import Any, Sequence
+import threading
+from typing import Any, Iterator, Sequence
 
-from .errors import UserError
+from .errors import Interrupted, Stopped, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -22,18 +25,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USER_ERROR
     try:
-        return int(args.handler(args) or 0)
+        with _sigterm_interrupts(args.command != "train"):  # training handles signals itself (train/loop.py)
+            return int(args.handler(args) or 0)
     except UserError as error:
-        kind = "stopped" if type(error).__name__ == "TrainingStopped" else "error"
+        kind = "stopped" if isinstance(error, Stopped) else "error"
         print(f"verydeepvae: {kind}: {error}", file=sys.stderr)
         return int(getattr(error, "exit_code", EXIT_USER_ERROR))
     except OSError as error:  # full disk, read-only or missing folder met while writing outputs
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         print(f"verydeepvae: error: {error.strerror or error}{where}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         print("verydeepvae: interrupted", file=sys.stderr)
-        return 130
+        return getattr(error, "exit_code", 130)
+    except Exception as error:
+        if type(error).__name__ != "OutOfMemoryError":  # torch's, without importing torch here
+            raise
+        print(f"verydeepvae: error: out of memory ({str(error).splitlines()[0] if str(error) else 'no details'}); "
+              "try a smaller --batch-size, or --device cpu", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts(enabled: bool) -> Iterator[None]:
+    """SIGTERM raises :class:`Interrupted` (as Ctrl-C raises KeyboardInterrupt) while the command
+    runs, so it can leave consistent outputs; the previous handler is restored afterwards."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="where checkpoints, figures, TensorBoard events and samples go")
     p.add_argument("--max-steps", type=int, help="number of optimiser steps (overrides total_epochs)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --output-dir that holds another run, moving that run aside")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"])
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU algorithms (slower): a resumed run repeats an uninterrupted one bitwise")
     p.add_argument("--visualise-pipeline", action="store_true",
                    help="write augmented training examples to <output-dir>/pipeline_test first")
     p.add_argument("--skip-bad-files", action="store_true",
@@ -72,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
+    _overwrite_option(p)
     p.add_argument("--intensity", choices=["model", "data"], default="model",
                    help="model: intensities in [0, 1]; data: mapped to the training data's typical scale")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -97,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
+    _overwrite_option(p)
     p.set_defaults(handler=_phantom)
     return parser
 
@@ -162,7 +196,13 @@ def _inference_commands(sub) -> None:
     p.set_defaults(handler=_evaluate)
 
 
+def _overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an output folder (or file) that holds earlier outputs, moving them aside first")
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
+    _overwrite_option(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or run folder (newest checkpoint)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--batch-size", type=int, default=4)
@@ -195,10 +235,14 @@ def _train(args: argparse.Namespace) -> int:
             extra[key] = getattr(args, flag)
     if args.resume:
         extra["resume"] = True
+    if args.overwrite:
+        extra["overwrite"] = True
     if args.visualise_pipeline:
         extra["visualise_training_pipeline_before_starting"] = True
     if args.skip_bad_files:
         extra["skip_bad_files"] = True
+    if args.deterministic:
+        extra["deterministic"] = True
     notices: list[str] = []
     cfg = _load_config(args, extra, notices)
     from .train.loop import train
@@ -214,9 +258,21 @@ def parse_temperature(text: str) -> float | list[float]:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise UserError(f"--temperature must be a number or comma-separated numbers, got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise UserError(f"--temperature must be >= 0, got {text!r}")
+    if not all(0.0 <= v <= MAX_TEMPERATURE for v in values):  # also refuses nan
+        raise UserError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {text[:40]!r}")
     return values[0] if len(values) == 1 else values
+
+
+MAX_TEMPERATURE = 10.0
+MAX_INTERPOLATION_STEPS = 1000
+
+
+def check_seed(seed: int) -> int:
+    from .config import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED}, got {seed}")
+    return seed
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -227,6 +283,7 @@ def _sample(args: argparse.Namespace) -> int:
 
     if args.num < 1 or args.batch_size < 1:
         raise UserError("--num and --batch-size must be >= 1")
+    check_seed(args.seed)
     temperature = parse_temperature(args.temperature)
     device = args.device
     if device == "auto":
@@ -245,6 +302,7 @@ def _sample(args: argparse.Namespace) -> int:
 
         reference = dict(data.get("intensity_reference") or {})
         reference_range(reference, str(checkpoint.path))  # a clear error if the checkpoint has none
+    _claim(args, "sample")
     paths = write_samples(model, args.output_dir, args.num, temperature, args.seed,
                           voxel_size_mm=float(data.get("voxel_size_mm", 1.0)), batch_size=args.batch_size,
                           device=device, show_progress=not args.no_progress, intensity_reference=reference,
@@ -262,6 +320,12 @@ def _open(args: argparse.Namespace):
     return open_trained(args.checkpoint, use_ema=not args.raw_weights, device=args.device)
 
 
+def _claim(args: argparse.Namespace, command: str) -> None:
+    from .output_folder import claim_folder
+
+    claim_folder(args.output_dir, command, args.overwrite)
+
+
 def _progress(args: argparse.Namespace) -> bool | None:
     return False if args.no_progress else None
 
@@ -269,10 +333,12 @@ def _progress(args: argparse.Namespace) -> bool | None:
 def _reconstruct(args: argparse.Namespace) -> int:
     from .generate import input_files, reconstruct_files
 
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0.0 <= args.temperature <= MAX_TEMPERATURE:  # also refuses nan
+        raise UserError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {args.temperature}")
+    check_seed(args.seed)
     files = input_files(args.input, args.pattern)
     trained = _open(args)
+    _claim(args, "reconstruct")
     record = reconstruct_files(trained, files, args.output_dir, posterior_mean=args.mode == "mean",
                                prior_above=args.prior_above, temperature=args.temperature, seed=args.seed,
                                batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args))
@@ -285,11 +351,15 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .generate import input_files
     from .latents import encode_files
+    from .output_folder import claim_file
 
     files = input_files(args.input, args.pattern)
     trained = _open(args)
+    claim_file(args.output, [Path(args.output).with_suffix(".json")], args.overwrite)
     path = encode_files(trained, files, args.output, batch_size=args.batch_size, show_progress=_progress(args))
     print(f"wrote the latents of {len(files)} volumes ({trained.model.num_layers} layers) to {path} "
           f"(metadata also in {path.with_suffix('.json')})")
@@ -300,6 +370,7 @@ def _decode(args: argparse.Namespace) -> int:
     from .latents import decode_latents
 
     trained = _open(args)
+    _claim(args, "decode")
     paths = decode_latents(trained, args.latents, args.output_dir, args.batch_size, show_progress=_progress(args))
     print(f"wrote {len(paths)} decoded volumes to {args.output_dir}")
     return 0
@@ -308,8 +379,11 @@ def _decode(args: argparse.Namespace) -> int:
 def _interpolate(args: argparse.Namespace) -> int:
     from .latents import interpolate
 
+    if not 2 <= args.steps <= MAX_INTERPOLATION_STEPS:
+        raise UserError(f"--steps must be between 2 and {MAX_INTERPOLATION_STEPS} (both ends included), got {args.steps}")
     (a,), (b,) = (_single_file(f) for f in (args.a, args.b))
     trained = _open(args)
+    _claim(args, "interpolate")
     paths = interpolate(trained, a, b, args.output_dir, steps=args.steps, method=args.method,
                         batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args))
     print(f"wrote {len(paths)} volumes, interpolation.png and interpolation.json to {args.output_dir}")
@@ -335,6 +409,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     for flag in ("num_samples", "max_heldout", "max_train", "num_pairs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_seed(args.seed)
     options = EvaluationOptions(
         num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
         batch_size=args.batch_size, max_heldout=args.max_heldout, max_train=args.max_train,
@@ -342,6 +417,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         pattern=args.pattern, show_progress=_progress(args),
     )
     trained = _open(args)
+    _claim(args, "evaluate")
     report = run_evaluation(trained, args.data, args.output_dir, options)
     print(report.summary())
     return 0
@@ -402,6 +478,7 @@ def _phantom(args: argparse.Namespace) -> int:
         raise UserError(f"--num must be >= 1, got {args.num}")
     if args.resolution < 8 or args.resolution & (args.resolution - 1):
         raise UserError(f"--resolution must be a power of two >= 8, got {args.resolution}")
+    _claim(args, "phantom")
     paths = generate_population(args.num, args.resolution, args.output_dir, args.seed)
     print(f"wrote {len(paths)} volumes and participants.tsv to {args.output_dir}")
     return 0

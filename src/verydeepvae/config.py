@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -76,7 +78,7 @@ class Config:
     kl_warmup_steps: int = 0
     kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
     kl_free_bits: float = 0.0  # nats of KL per latent layer and volume exempt from the loss (free bits)
-    precision: str = "fp32"  # fp32, bf16, fp16 (CUDA) or auto (bf16 where it is native, else fp32)
+    precision: str = "fp32"  # fp32, bf16, fp16 (CUDA) or auto (bf16 where native, fp16 on CUDA 7.x, else fp32)
     grad_accumulation: int = 1
     seed: Optional[int] = 0
 
@@ -123,6 +125,7 @@ class Config:
     CUDA_devices: Optional[list[str]] = None
     threads_per_rank: Optional[int] = None
     resume: bool = False
+    overwrite: bool = False  # a fresh run into a folder holding another run moves that run aside
     restore_optimiser: bool = True
 
     # --- performance (speed/memory modes; none changes the model's maths) -----------------------
@@ -130,6 +133,9 @@ class Config:
     checkpoint_levels: list[int] | str = "none"
     channels_last: bool = False  # channels-last-3D memory format for activations and weights
     compile: bool = False  # torch.compile the model for training
+    # deterministic GPU algorithms (cuDNN/cuBLAS; slower), so a resumed GPU run repeats an
+    # uninterrupted one bitwise as a CPU run does (train/precision.py configure_backends)
+    deterministic: bool = False
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -236,17 +242,91 @@ def read_preset(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_ALIASES = 100
+MAX_CONFIG_ELEMENTS = 100_000  # values in a configuration once its aliases are expanded
+# YAML 1.1 reads 1e-3 (no dot, or no sign in the exponent) as a string; YAML 1.2 and JSON as a number
+_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that reads 1e-3 as a number, refuses duplicate keys and stops alias bombs
+    ("billion laughs": a few hundred bytes that expand to gigabytes) after MAX_YAML_ALIASES aliases."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} YAML aliases")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key {_short(key)}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_SafeLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_SafeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """YAML (a superset of JSON) with :class:`_SafeLoader`'s limits and a size limit."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise yaml.YAMLError(f"more than {MAX_CONFIG_BYTES} bytes")
+    data = yaml.load(text, Loader=_SafeLoader)
+    _check_expanded_size(data)
+    return data
+
+
+def _check_expanded_size(data: Any) -> None:
+    """A few aliases nested in each other expand to billions of values (the parsed object shares
+    them, but every later walk over it would not): count, stopping at the limit."""
+    count, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_ELEMENTS:
+            raise yaml.YAMLError(f"more than {MAX_CONFIG_ELEMENTS} values once its aliases are expanded")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 8, 8, 60, 60
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A bounded repr of ``value``: error lines quote a value, never a whole file, and computing
+    the quote never walks a huge object."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML configuration file into a plain dict."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"configuration file {path} does not exist")
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
         text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        data = load_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (OSError, ValueError, yaml.YAMLError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ConfigError(f"configuration file {path} could not be parsed: {first_line}") from None
+        raise ConfigError(f"configuration file {path} could not be parsed: {first_line[:200]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"configuration file {path} must contain a mapping of keys to values")
     return data
@@ -259,13 +339,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and "," in value and key not in ("data_path", "output_dir"):
         parts = [p.strip() for p in value.split(",")]
         try:
-            value = [yaml.safe_load(p) for p in parts]
+            value = [load_yaml(p) for p in parts]
         except yaml.YAMLError:
             value = parts
     return key, value
@@ -324,10 +404,10 @@ def _legacy_value(key: str, value: Any) -> Any:
                     f"nii_target_shape must be a cube such as [64, 64, 64], got {list(value)}"
                 )
             return value[0]
-        raise ConfigError(f"nii_target_shape must be a list of three equal integers, got {value!r}")
+        raise ConfigError(f"nii_target_shape must be a list of three equal integers, got {_short(value)}")
     if key in ("veto_transformations", "half_precision", "keep_every_checkpoint", "convolutional_downsampling"):
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {_short(value)}")
         return {
             "veto_transformations": not value,
             "half_precision": "fp16" if value else "fp32",
@@ -347,6 +427,9 @@ def _suggest(key: str, known: set[str]) -> str:
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Type-check every value, then check the layer definitions hang together."""
     hints = typing.get_type_hints(Config)
+    unknown = [key for key in values if key not in hints]
+    if unknown:
+        raise ConfigError(f"unknown configuration key {_short(unknown[0])}{_suggest(str(unknown[0]), set(hints))}")
     checked = {key: _check_type(key, value, hints[key]) for key, value in values.items()}
     config = Config(**checked)
     validate(config)
@@ -381,31 +464,31 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
                 return _check_type(key, value, option)
             except ConfigError:
                 continue
-        raise ConfigError(f"{key} must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+        raise ConfigError(f"{key} must be {' or '.join(_type_name(o) for o in options)}, got {_short(value)}")
     if origin is list:
         item_type = typing.get_args(annotation)[0]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be {_type_name(annotation)}, got {value!r}")
+            raise ConfigError(f"{key} must be {_type_name(annotation)}, got {_short(value)}")
         return [_check_type(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
+            raise ConfigError(f"{key} must be true or false, got {_short(value)}")
         return value
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
+            raise ConfigError(f"{key} must be an integer, got {_short(value)}")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+            raise ConfigError(f"{key} must be a number, got {_short(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            raise ConfigError(f"{key} must be a finite number, got {_short(value)}")
         return float(value)
     if annotation is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # e.g. CUDA_devices: [0, 1]
         if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
+            raise ConfigError(f"{key} must be a string, got {_short(value)}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug, not user input
 
@@ -422,10 +505,19 @@ LAYER_LISTS = (
 )
 
 
+MAX_RESOLUTION = 1024
+MAX_CHANNELS = 8192
+MAX_LAYERS_PER_LEVEL = 256
+MAX_SEED = 2**32 - 1  # NumPy's limit
+
+
 def validate(c: Config) -> None:
     """Checks that need more than one value's type; each message names the key."""
-    if c.resolution < 2 or c.resolution & (c.resolution - 1):
-        raise ConfigError(f"resolution must be a power of two >= 2 (e.g. 32, 64, 128), got {c.resolution}")
+    if c.resolution < 2 or c.resolution > MAX_RESOLUTION or c.resolution & (c.resolution - 1):
+        raise ConfigError(f"resolution must be a power of two between 2 and {MAX_RESOLUTION} (e.g. 32, 64, 128), "
+                          f"got {c.resolution}")
+    if c.seed is not None and not 0 <= c.seed <= MAX_SEED:
+        raise ConfigError(f"seed must be between 0 and {MAX_SEED} (or null for a random one), got {c.seed}")
     k = int(math.log2(c.resolution))
     n = len(c.channels)
     if not 1 <= n <= k + 1:
@@ -443,9 +535,10 @@ def validate(c: Config) -> None:
                 f"({', '.join(str(r) for r in c.level_resolutions())}), got {len(value)}"
             )
         lowest = 0 if name == "latent_feature_maps_per_resolution" else 1
+        highest = MAX_LAYERS_PER_LEVEL if name == "latent_feature_maps_per_resolution" else MAX_CHANNELS
         for i, v in enumerate(value):
-            if v < lowest:
-                raise ConfigError(f"{name}[{i}] must be >= {lowest}, got {v}")
+            if not lowest <= v <= highest:
+                raise ConfigError(f"{name}[{i}] must be between {lowest} and {highest}, got {v}")
     for name in ("kernel_sizes_bottom_up", "kernel_sizes_top_down"):
         for i, v in enumerate(getattr(c, name)):
             if v > MAX_KERNEL:
@@ -521,4 +614,4 @@ def _validate_performance(c: Config) -> None:
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {_short(value)}")

@@ -15,3 +15,20 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, unsafe or from another architecture."""
+
+
+class Stopped(UserError):
+    """A command ended early on purpose (a signal, Ctrl-C) or because it could not go on, after
+    leaving its outputs consistent; the message says what was kept."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or Ctrl-C) turned into an exception, so a command can leave its outputs consistent."""
+
+    def __init__(self, signum: int = 2):
+        super().__init__(signum)
+        self.exit_code = 128 + signum

@@ -22,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from . import viz
 from .atomic import write_json
-from .errors import CheckpointError, DataError, UserError
+from .errors import CheckpointError, DataError, Stopped, UserError
 from .model import VeryDeepVAE
 from .train import checkpoint as ckpt
 from .volume_io import grid_affine, save_nifti
@@ -48,6 +49,8 @@ MAX_FIGURE_ROWS = 8
 def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
                device: str | torch.device = "cpu") -> VeryDeepVAE:
     """Rebuild the model from the checkpoint's own config and load its (EMA) weights."""
+    if checkpoint.unverified_notice():
+        print(f"verydeepvae: notice: {checkpoint.unverified_notice()}", file=sys.stderr)
     model = VeryDeepVAE(checkpoint.config)
     state = checkpoint.state("ema" if use_ema else "model")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -218,13 +221,30 @@ def load_preprocessed(files: Sequence[str | Path], settings, cache_root: str | P
 
 def output_stems(files: Sequence[str | Path]) -> list[str]:
     """File names without .nii/.nii.gz, made unique (``name``, ``name_2``...) in input order."""
-    stems, seen = [], {}
-    for f in files:
-        stem = re.sub(r"\.nii(\.gz)?$", "", Path(f).name, flags=re.IGNORECASE)
-        count = seen.get(stem, 0) + 1
-        seen[stem] = count
-        stems.append(stem if count == 1 else f"{stem}_{count}")
-    return stems
+    return unique_names(re.sub(r"\.nii(\.gz)?$", "", Path(f).name, flags=re.IGNORECASE) for f in files)
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """Each name, or ``name_2``, ``name_3``... when it was taken, by an earlier name or by a
+    generated one (``a/sub``, ``b/sub``, ``c/sub_2`` -> ``sub``, ``sub_2``, ``sub_2_2``)."""
+    taken: set[str] = set()
+    result = []
+    for name in names:
+        candidate, count = name, 1
+        while candidate in taken:
+            count += 1
+            candidate = f"{name}_{count}"
+        taken.add(candidate)
+        result.append(candidate)
+    return result
+
+
+def safe_file_stem(name: Any, fallback: str) -> str:
+    """A name read from a file (e.g. a latents file's ``names``) made safe as an output file stem:
+    data, never a path (``../../x`` and ``/abs/x`` become ``x``); ``fallback`` when nothing is left."""
+    text = str(name) if isinstance(name, (str, int)) else ""
+    stem = re.sub(r"[\x00-\x1f/\\]+", "_", Path(text.replace("\\", "/")).name).strip(" .")
+    return stem[:200] if stem else fallback
 
 
 # --- sampling -------------------------------------------------------------------------------------
@@ -251,22 +271,27 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
     paths: list[Path] = []
     previews = []
     affine = grid_affine((model.resolution,) * 3, voxel_size_mm)
-    for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress):
-        for i, volume in enumerate(volumes):
-            if len(previews) < MAX_FIGURE_ROWS:
-                previews.append(volume)
-            if low_high is not None:
-                volume = to_data_intensity(volume, *low_high)
-            path = output_dir / f"sample_{start + i:04d}.nii.gz"
-            save_nifti(volume, path, affine, description=f"verydeepvae sample seed {seed} T {temperature}")
-            paths.append(path)
+    record = {"num": num, "seed": seed, "temperature": temperature, "voxel_size_mm": voxel_size_mm,
+              "intensity": _intensity_record(low_high, "median clamp values of the training files")}
+    record.update(extra_record or {})
+    try:
+        for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress):
+            for i, volume in enumerate(volumes):
+                if len(previews) < MAX_FIGURE_ROWS:
+                    previews.append(volume)
+                if low_high is not None:
+                    volume = to_data_intensity(volume, *low_high)
+                path = output_dir / f"sample_{start + i:04d}.nii.gz"
+                save_nifti(volume, path, affine, description=f"verydeepvae sample seed {seed} T {temperature}")
+                paths.append(path)
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM (cli): the volumes written so far stay listed
+        write_json(output_dir / "samples.json", {**record, "files": [p.name for p in paths], "interrupted": True})
+        raise Stopped(f"interrupted after {len(paths)} of {num} volumes; {output_dir / 'samples.json'} lists the "
+                      f"{len(paths)} complete ones (volumes are written atomically)",
+                      exit_code=getattr(error, "exit_code", 130)) from None
     viz.save_montage(previews, output_dir / "samples.png", titles=[p.name for p in paths[: len(previews)]],
                      suptitle=f"prior samples, temperature {temperature}, seed {seed}")
-    record = {"num": num, "seed": seed, "temperature": temperature, "voxel_size_mm": voxel_size_mm,
-              "intensity": _intensity_record(low_high, "median clamp values of the training files"),
-              "files": [p.name for p in paths]}
-    record.update(extra_record or {})
-    write_json(output_dir / "samples.json", record)
+    write_json(output_dir / "samples.json", {**record, "files": [p.name for p in paths]})
     return paths
 
 

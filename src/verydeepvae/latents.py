@@ -8,6 +8,7 @@ Inputs are preprocessed exactly as in training and outputs are NIfTI volumes on 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import viz
-from .atomic import write_json, write_with
+from .atomic import write_json, write_safetensors, write_with
 from .errors import UserError
-from .generate import TrainedModel, hide_progress, load_preprocessed, output_stems, to_data_intensity
+from .generate import (TrainedModel, hide_progress, load_preprocessed, output_stems, safe_file_stem, to_data_intensity,
+                       unique_names)
 from .model import VeryDeepVAE
 from .volume_io import grid_affine, save_nifti
 
@@ -43,8 +45,6 @@ def encode_files(trained: TrainedModel, files: Sequence[str | Path], output_path
     order; the safetensors header holds the JSON metadata (format, files, layer layout, per-file
     voxel size and clamp values, checkpoint), also written beside it as ``<name>.json``. No pickle.
     """
-    from safetensors.torch import save_file
-
     output_path = Path(output_path)
     if output_path.suffix != ".safetensors":
         raise UserError(f"the latents file must end in .safetensors, got {output_path.name}")
@@ -66,7 +66,7 @@ def encode_files(trained: TrainedModel, files: Sequence[str | Path], output_path
         "clamp_low": [float(m["clamp_low"]) for m in metas], "clamp_high": [float(m["clamp_high"]) for m in metas],
         **trained.record(),
     }
-    write_with(output_path, lambda tmp: save_file(tensors, str(tmp), metadata={LATENTS_META_KEY: json.dumps(meta)}))
+    write_safetensors(output_path, tensors, {LATENTS_META_KEY: json.dumps(meta)})
     write_json(output_path.with_suffix(".json"), meta)
     return output_path
 
@@ -101,17 +101,30 @@ def decode_latents(trained: TrainedModel, path: str | Path, output_dir: str | Pa
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     n = latents[0].shape[0]
+    names = meta.get("names") if isinstance(meta.get("names"), list) else []
+    names = unique_names(safe_file_stem(names[k] if k < len(names) else None, f"volume_{k + 1:04d}")
+                         for k in range(n))
+    sizes = meta.get("voxel_size_mm") if isinstance(meta.get("voxel_size_mm"), list) else []
     paths = []
     for start in tqdm(range(0, n, batch_size), desc="decode", unit="batch", disable=hide_progress(show_progress, n)):
         zs = [z[start:start + batch_size].to(trained.device) for z in latents]
         volumes = model.decode(zs).float().cpu()[:, 0].numpy()
         for i, volume in enumerate(volumes):
             k = start + i
-            affine = grid_affine((model.resolution,) * 3, float(meta["voxel_size_mm"][k]))
-            out = output_dir / f"{meta['names'][k]}_decoded.nii.gz"
+            affine = grid_affine((model.resolution,) * 3, _voxel_size(sizes, k, trained.voxel_size_mm))
+            out = output_dir / f"{names[k]}_decoded.nii.gz"
             save_nifti(volume, out, affine, description="verydeepvae decoded latents")
             paths.append(out)
     return paths
+
+
+def _voxel_size(sizes: list, k: int, default: float) -> float:
+    """Volume k's voxel size from a latents file, or the model's when it is missing or not a
+    positive finite number."""
+    value = sizes[k] if k < len(sizes) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        return float(value)
+    return default
 
 
 # --- interpolation --------------------------------------------------------------------------------

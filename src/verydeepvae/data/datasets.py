@@ -129,7 +129,8 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
     else:
         root = Path(cfg.data_path).expanduser() if cfg.data_path else phantom_folder(cfg, cache_root, show)
         source = str(root.resolve())
-        files = discover.cap_files(discover.discover_files(root, cfg.nifti_filename_pattern), cfg.max_niis_to_use)
+        found = discover.discover_files(root, cfg.nifti_filename_pattern, exclude=[output_dir], notices=notices)
+        files = discover.cap_files(found, cfg.max_niis_to_use)
 
     prepared, bad = prepare_files(files, cache, workers=cfg.num_workers, show_progress=show,
                                   stop_early=not cfg.skip_bad_files)
@@ -142,7 +143,7 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
         raise DataError(f"none of the {len(files)} input files from {source} can be used")
 
     if saved is None:
-        train_names, val_names = discover.split_files(good, cfg.train_fraction, seed)
+        train_names, val_names = discover.split_keeping_copies_together(good, cfg.train_fraction, seed, notices)
         if _is_main_rank():  # other ranks compute the same split; rank 0 records it
             discover.save_split(split_path, train_names, val_names, {
                 "data_source": source, "seed": seed, "train_fraction": cfg.train_fraction,

@@ -83,12 +83,17 @@ class PreprocessSettings:
 # --- reading ---------------------------------------------------------------------------------------
 
 
+MAX_VOXELS = 512**3  # 0.5 GiB as float32; guards against small files that decompress to huge volumes
+
+
 def open_image(path: str | Path) -> nib.spatialimages.SpatialImage:
     """Load the header (not the voxels) and check the image is a usable 3D NIfTI volume.
 
     This is the quick up-front check; it returns the squeezed 3D image.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a FIFO or device would block the read forever
+        raise DataError(f"{path}: is not a regular file")
     try:
         image = nib.load(str(path))
     except FileNotFoundError:
@@ -114,6 +119,16 @@ def open_image(path: str | Path) -> nib.spatialimages.SpatialImage:
         shape = shape[:3]
     if min(shape) < 2:
         raise DataError(f"{path}: is a 2D image (shape {shape}); a 3D volume is expected")
+    if math.prod(shape) > MAX_VOXELS:
+        raise DataError(f"{path}: holds {shape[0]}x{shape[1]}x{shape[2]} voxels, more than the {MAX_VOXELS:,} "
+                        "(512³) this tool reads; a compressed file this large would need "
+                        f"{math.prod(shape) * 4 / 2**30:.1f} GiB as float32 (resample it first)")
+    dtype = image.get_data_dtype()
+    if np.issubdtype(dtype, np.complexfloating):
+        raise DataError(f"{path}: has complex voxel values ({dtype}); a magnitude image is expected "
+                        "(e.g. fslcomplex -realabs), the imaginary part would otherwise be dropped")
+    if dtype.names is not None or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise DataError(f"{path}: has voxel type {dtype}, not scalar intensities (e.g. an RGB image)")
     zooms = voxel_sizes(image.affine)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise DataError(f"{path}: has an invalid affine (voxel sizes {zooms.tolist()} mm)")

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..atomic import write_json, write_text, write_with
+from ..atomic import write_json, write_safetensors, write_text
 from ..config import ARCHITECTURE_BEFORE_KEY, LAYER_LISTS, Config, config_from_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 FORMAT = "verydeepvae-checkpoint-1"
 META_KEY = "verydeepvae"
@@ -37,10 +37,16 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]
     tensors: dict[str, torch.Tensor]
+    verified: bool = True  # False: no .sha256 sidecar was there to check the file against
+
+    def unverified_notice(self) -> str | None:
+        if self.verified:
+            return None
+        return f"checkpoint {self.path} has no {_sidecar(self.path).name} beside it: loaded without checking its integrity"
 
     @property
     def config(self) -> Config:
-        return config_from_dict({**ARCHITECTURE_BEFORE_KEY, **self.meta["config"]})
+        return _config(self.meta, self.path)
 
     @property
     def step(self) -> int:
@@ -68,11 +74,10 @@ def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor]
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     digest: dict[str, str] = {}
 
-    def writer(tmp: Path) -> None:
-        save_file(flat, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    def hash_it(tmp: Path) -> None:
         digest["sha256"] = _sha256(tmp)
 
-    write_with(path, writer)
+    write_safetensors(path, flat, {META_KEY: json.dumps(meta)}, after=hash_it)
     write_text(_sidecar(path), digest["sha256"] + "\n")
     return path
 
@@ -93,7 +98,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             "code (verydeepvae checkpoints are .safetensors files)"
         )
     sidecar = _sidecar(path)
-    if sidecar.is_file():
+    verified = sidecar.is_file()
+    if verified:
         expected = sidecar.read_text().strip()
         if expected and expected != _sha256(path):
             raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match {sidecar.name}")
@@ -107,10 +113,37 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         raise CheckpointError(f"checkpoint {path} cannot be read: {str(error).splitlines()[0]}") from None
     if raw_meta is None:
         raise CheckpointError(f"checkpoint {path} is a safetensors file but not a verydeepvae checkpoint")
-    meta = json.loads(raw_meta)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has unknown format {meta.get('format')!r}")
-    return Checkpoint(path=path, meta=meta, tensors=tensors)
+    try:
+        meta = json.loads(raw_meta)
+    except ValueError:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata (not JSON)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"checkpoint {path} has unknown format {str(found)[:40]!r}")
+    _check_meta(meta, path)
+    return Checkpoint(path=path, meta=meta, tensors=tensors, verified=verified)
+
+
+MAX_STEP = 10**12
+
+
+def _check_meta(meta: dict[str, Any], path: Path) -> None:
+    """What every reader relies on: a step count and a configuration that builds."""
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
+        raise CheckpointError(f"checkpoint {path} has an invalid step {str(step)[:40]!r} in its metadata")
+    if "config" in meta:
+        _config(meta, path)
+
+
+def _config(meta: dict[str, Any], path: Path) -> Config:
+    """The configuration stored in a checkpoint's metadata, or one line saying what is wrong."""
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"checkpoint {path} has no configuration in its metadata")
+    try:
+        return config_from_dict({**ARCHITECTURE_BEFORE_KEY, **meta["config"]})
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {path} has an invalid configuration: {error}") from None
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -162,10 +195,14 @@ def record_best(directory: Path, path: Path, value: float, step: int) -> None:
 
 
 def read_best(directory: Path) -> dict[str, Any] | None:
+    """best.json, or None when it is missing, unreadable or lacks its ``checkpoint`` name."""
     try:
-        return json.loads((directory / "best.json").read_text())
+        best = json.loads((directory / "best.json").read_text())
     except (OSError, ValueError):
         return None
+    if not isinstance(best, dict) or not isinstance(best.get("checkpoint"), str):
+        return None
+    return best
 
 
 def architecture_difference(configured: Config, stored: Config) -> list[str]:

@@ -28,23 +28,18 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import Config
-from ..errors import CheckpointError, UserError
-from ..model import VeryDeepVAE
+from ..errors import CheckpointError, DataError, Stopped, UserError
 from . import checkpoint as ckpt
-from . import distributed
-from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor
-from .precision import resolve_precision
+from . import distributed, resume_changes, run_folder
+from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor, update_loss_scale
+from .precision import configure_backends, out_of_memory_message, resolve_precision
 from .reporting import Reporter, to_bits
 from .sampler import EpochSampler
-from .state import capture_state, process_rng_state, restore_state
+from .state import build_model_with_shared_weights, capture_state, process_rng_state, restore_state
 
 
-class TrainingStopped(UserError):
+class TrainingStopped(Stopped):
     """Training ended early on purpose (signal) or because it could not go on (divergence)."""
-
-    def __init__(self, message: str, exit_code: int = 2):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -66,26 +61,55 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
     """Train (or resume) the model described by ``cfg``; returns where the results are."""
     notices = [] if notices is None else notices
     runtime = distributed.setup(cfg, notices)
+    held = None
     try:
+        # decided together: torchrun's restart count can differ between nodes
+        restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
+        held = distributed.main_first(lambda: _claim_output_dir(cfg, runtime, restarted, notices), runtime,
+                                      "checking the output folder")
         return _Trainer(cfg, runtime, bundle, notices, show_progress).run()
     finally:
+        if held is not None:
+            held.release()
         distributed.teardown()
+
+
+def _claim_output_dir(cfg: Config, runtime: distributed.Runtime, restarted: bool,
+                      notices: list[str]) -> run_folder.RunLock | None:
+    """Global rank 0 only: the folder is writable, no other run trains in it (its lock), and a fresh
+    run does not land among an older run's files."""
+    if not runtime.is_main:
+        return None
+    output_dir = Path(cfg.output_dir)
+    _check_writable(output_dir)
+    return run_folder.claim(output_dir, fresh=not (cfg.resume or restarted), overwrite=cfg.overwrite,
+                            notices=notices)
 
 
 class _Trainer:
     def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
                  show_progress: bool | None):
         cfg = resolve_precision(cfg, runtime.device, notices)
+        configure_backends(cfg, runtime.device, notices)
         self.cfg = cfg
         self.runtime = runtime
         self.notices = notices
         self.output_dir = Path(cfg.output_dir)
-        if runtime.is_main:
-            _check_writable(self.output_dir)
         self.ckpt_dir = ckpt.checkpoint_dir(self.output_dir)
         self.seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
         _seed_everything(self.seed + runtime.rank)
         resume_from = self._find_resume_checkpoint()
+        if resume_from is not None:  # before any data work: a refused resume costs nothing
+            _check_same_architecture(cfg, resume_from)
+            cfg = self.cfg = resume_changes.apply(cfg, resume_from.meta["config"], notices)
+            self.seed = int(resume_from.meta.get("seed", self.seed))  # the run's own (also when it was random)
+            # rank 0's folder decides (other nodes may not share its file system and make their own copy)
+            split_missing = bundle is None and runtime.is_main and not (self.output_dir / "split.json").is_file()
+            if distributed.any_rank(split_missing, runtime):
+                raise DataError(
+                    f"{self.output_dir / 'split.json'} is missing: the run's training/validation split cannot be "
+                    "restored, and a new split could validate on volumes it has trained on. Restore the file, or "
+                    "start afresh with --overwrite")
         if bundle is None:
             from ..data import build_datasets
 
@@ -95,11 +119,7 @@ class _Trainer:
                 fingerprint=lambda b: distributed.fingerprint_strings(list(b.train_files) + ["|"] + list(b.val_files)))
         self.bundle = bundle
         self.device = runtime.device
-        # the same initial weights on every rank (DDP would broadcast rank 0's, but the EMA copy is
-        # taken before that); the per-rank RNG streams are left where they were
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            self.model = VeryDeepVAE(cfg).to(self.device)
+        self.model = build_model_with_shared_weights(cfg, self.seed, self.device)
         self.ema = EMA(self.model, cfg.ema_rate)
         self.optimiser = build_optimiser(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -137,11 +157,17 @@ class _Trainer:
         restarted = distributed.any_rank(self.runtime.restart_count > 0, self.runtime)
         if not (self.cfg.resume or restarted):
             return None
-        found = None
+        found, problems = None, []
         if self.runtime.is_main or not self.runtime.distributed:
-            found = ckpt.newest_loadable(self.ckpt_dir, self.notices)
+            found = ckpt.newest_loadable(self.ckpt_dir, problems)
+            self.notices.extend(problems)
         found = distributed.same_checkpoint(found, self.ckpt_dir, self.runtime)  # rank 0's, on every rank
         why = "--resume" if self.cfg.resume else "after a torchrun restart"
+        if found is None and distributed.any_rank(bool(problems), self.runtime):
+            newest = problems[0].split("; falling back")[0] if problems else "see rank 0's message"
+            raise CheckpointError(
+                f"{why}: no checkpoint in {self.ckpt_dir} can be loaded ({len(problems) or 'all'} tried; newest: "
+                f"{newest}); nothing was changed: restore a good copy, or start afresh with --overwrite")
         if found is None:
             self.notices.append(f"{why}: no checkpoint in {self.ckpt_dir}, starting from step 0")
         elif restarted and not self.cfg.resume:
@@ -149,11 +175,8 @@ class _Trainer:
         return found
 
     def _restore(self, checkpoint: ckpt.Checkpoint) -> None:
-        differences = ckpt.architecture_difference(self.cfg, checkpoint.config)
-        if differences:
-            raise CheckpointError(
-                f"checkpoint {checkpoint.path} is of another architecture ({'; '.join(differences)})"
-            )
+        if checkpoint.unverified_notice():
+            self.notices.append(checkpoint.unverified_notice())
         self.model.load_state_dict(checkpoint.state("model"))
         self.ema.model.load_state_dict(checkpoint.state("ema"))
         meta = checkpoint.meta
@@ -165,6 +188,12 @@ class _Trainer:
             if not restore_state(checkpoint, self.optimiser, self.scaler, self.skipper, self.runtime.rank):
                 self.notices.append(f"rank {self.runtime.rank}: the checkpoint holds no RNG state for this rank "
                                     f"(written by {meta.get('world_size', 1)} process(es)); its streams start afresh")
+        saved_by = int(meta.get("world_size", 1))
+        if saved_by != self.runtime.world_size and self.runtime.is_main:
+            self.notices.append(
+                f"the run was saved by {saved_by} process(es) and resumes with {self.runtime.world_size}: weights, "
+                "optimiser and step continue exactly, but the order of the training examples and the random "
+                "draws differ from an uninterrupted run")
         self.notices.append(f"resumed from {checkpoint.path} at step {self.step}")
 
     def _periods(self) -> dict[str, int]:
@@ -200,7 +229,12 @@ class _Trainer:
         last_checkpoint = None
         window: list[torch.Tensor] = []
         while self.step < self.total_steps:
-            stats = self._train_step(batches)
+            try:
+                stats = self._train_step(batches)
+            except torch.OutOfMemoryError:
+                newest = ckpt.list_checkpoints(self.ckpt_dir)
+                raise UserError(out_of_memory_message(self.cfg, self.device, self.step,
+                                                      str(newest[-1]) if newest else None)) from None
             self.step += 1
             bar.update(1)
             window.append(stats)
@@ -213,10 +247,10 @@ class _Trainer:
             stop = distributed.any_rank(self.stop_signal is not None, self.runtime)
             if self.step % self.periods["validation"] == 0 or done:
                 self._validate()
-            if self.step % self.periods["figures"] == 0 or done:
-                self._figures()
             if self.step % self.periods["checkpoint"] == 0 or done or stop:
                 last_checkpoint = self._save_checkpoint()
+            if self.step % self.periods["figures"] == 0 or done:  # after the checkpoint: side work
+                self._figures()
             if stop:
                 bar.close()
                 self.reporter.close()
@@ -301,19 +335,18 @@ class _Trainer:
             self.runtime).cpu()
         all_finite = agreed[1].item() == 0.0
         grad_norm = agreed[0].item() if all_finite else float("nan")
-        skip, _ = self.skipper.should_skip(grad_norm, all_finite, self.step)
+        skip, why = self.skipper.should_skip(grad_norm, all_finite, self.step)
         if skip:
             self.optimiser.zero_grad(set_to_none=True)
-            if self.scaler:
-                self.scaler.update(self.scaler.get_scale() / 2.0)
         else:
             if self.scaler:
                 self.scaler.step(self.optimiser)
-                self.scaler.update()
             else:
                 self.optimiser.step()
             self.optimiser.zero_grad(set_to_none=True)
             self.ema.update(self.model)
+        if self.scaler:
+            update_loss_scale(self.scaler, why)
         totals[2] = grad_norm if math.isfinite(grad_norm) else float("nan")
         return totals
 
@@ -418,20 +451,25 @@ class _Trainer:
 
     @torch.no_grad()
     def _figures(self) -> None:
+        """Reconstructions and samples of the EMA model, one subject at a time under the training
+        precision: a batch of ``subjects_to_plot`` full-precision volumes can need more memory than
+        the training step itself (at 128³, 4 reconstructions in fp32 hold ~12.7 GiB)."""
         if not self.runtime.is_main or self.cfg.subjects_to_plot == 0:
             return
         model = self.ema.model.eval()
         n = min(self.cfg.subjects_to_plot, len(self.bundle.val))
-        if n > 0:
-            x = torch.stack([self.bundle.val[i] for i in range(n)]).to(self.device)
-            rows = [("reconstruction", model.reconstruct(x))]
-            for level in range(1, model.decoder.num_levels):
-                rows.append((f"prior <{self.cfg.resolution >> (level - 1)}³",
-                             model.reconstruct(x, prior_from_level=level, temperature=0.0)))
-            self.reporter.reconstruction_figure(self.step, x, rows)
-        generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        samples = model.sample(max(1, self.cfg.subjects_to_plot), 1.0, generator=generator)
-        self.reporter.sample_figure(self.step, samples, 1.0)
+        with self._autocast():
+            if n > 0:
+                x = torch.stack([self.bundle.val[i] for i in range(n)]).to(self.device)
+                rows = [("reconstruction", _one_by_one(model.reconstruct, x))]
+                for level in range(1, model.decoder.num_levels):
+                    rows.append((f"prior <{self.cfg.resolution >> (level - 1)}³",
+                                 _one_by_one(model.reconstruct, x, prior_from_level=level, temperature=0.0)))
+                self.reporter.reconstruction_figure(self.step, x, rows)
+            generator = torch.Generator(device=self.device).manual_seed(self.seed)
+            samples = torch.cat([model.sample(1, 1.0, generator=generator)
+                                 for _ in range(max(1, self.cfg.subjects_to_plot))])
+        self.reporter.sample_figure(self.step, samples.float(), 1.0)
 
     def _save_checkpoint(self) -> Path | None:
         is_best = False
@@ -561,9 +599,20 @@ def _drop_records_after(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
+def _one_by_one(function, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``function(x, **kwargs)`` one volume at a time, as float32 (bounded memory)."""
+    return torch.cat([function(x[i:i + 1], **kwargs).float() for i in range(x.shape[0])])
+
+
 def _l2_penalty(model: torch.nn.Module) -> torch.Tensor:
     """The original's regulariser: sum over weight tensors of mean(W²)."""
     return sum(p.pow(2).mean() for p in model.parameters() if p.dim() > 1)
+
+
+def _check_same_architecture(cfg: Config, checkpoint: ckpt.Checkpoint) -> None:
+    differences = ckpt.architecture_difference(cfg, checkpoint.config)
+    if differences:
+        raise CheckpointError(f"checkpoint {checkpoint.path} is of another architecture ({'; '.join(differences)})")
 
 
 def _seed_everything(seed: int) -> None:

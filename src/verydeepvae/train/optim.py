@@ -124,3 +124,23 @@ class UpdateSkipper:
         self.skipped_nonfinite = state.get("skipped_nonfinite", 0)
         self.skipped_large = state.get("skipped_large", 0)
         self.consecutive = state.get("consecutive", 0)
+
+
+def update_loss_scale(scaler: torch.amp.GradScaler, skipped: str) -> None:
+    """After a step of fp16 training: ``skipped`` is "" (the step was taken), "non-finite" or
+    "large" (:meth:`UpdateSkipper.should_skip`).
+
+    Only an overflow lowers the loss scale (by the scaler's backoff factor, and its count of clean
+    steps starts again); a step skipped for a large but finite gradient norm leaves the scale as it
+    was, since scaling did not cause it.  The decision is the one all ranks agreed on, not each
+    rank's own view of its gradients, so every rank keeps the same scale."""
+    if not skipped:
+        scaler.update()
+        return
+    if skipped == "non-finite":
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        state = scaler.state_dict()
+        state["_growth_tracker"] = 0
+        scaler.load_state_dict(state)
+    else:
+        scaler.update(scaler.get_scale())  # ends the step (unscale_ bookkeeping), scale unchanged

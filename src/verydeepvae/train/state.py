@@ -5,7 +5,11 @@ the Python/NumPy RNG states go to JSON.  Torch RNG states are stored as uint8 te
 
 Under torch.distributed every rank has its own RNG streams (seeded seed + rank); rank 0's are
 stored under ``rng.*`` as in a single process, the others' under ``rng.rank<R>.*`` (tensors) and
-``rng_ranks`` (JSON), so a resumed run continues every rank's stream where it stopped.
+``rng_ranks`` (JSON), so a resumed run continues every rank's stream where it stopped.  Each
+process stores and restores only the CUDA generator of its own device (``rng.cuda``): a run saved
+on 8 GPUs resumes on 1 to 4 (with fresh streams for the ranks it no longer has).  Checkpoints
+written before kept every visible device's state under ``rng.cuda.<index>``; the entry of the
+process's own device is used.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import Config
+from ..model import VeryDeepVAE
 from .optim import EMA, UpdateSkipper
 
 
@@ -61,8 +67,7 @@ def capture_state(model: torch.nn.Module, ema: EMA, optimiser: torch.optim.Optim
                 scalars.setdefault(str(index), {})[key] = value
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()  # this process's own device only
     py_state = random.getstate()
     np_state = np.random.get_state()
     meta = {
@@ -108,9 +113,12 @@ def restore_state(checkpoint, optimiser: torch.optim.Optimizer, scaler: torch.am
         torch_state = checkpoint.tensors.get("rng.torch")
         if torch_state is not None:
             torch.set_rng_state(torch_state.to(torch.uint8).cpu())
-        cuda_states = [checkpoint.tensors[k] for k in sorted(checkpoint.tensors) if k.startswith("rng.cuda.")]
-        if cuda_states and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+        if torch.cuda.is_available():
+            cuda_state = checkpoint.tensors.get("rng.cuda")
+            if cuda_state is None:  # written before: every visible device's state, by device index
+                cuda_state = checkpoint.tensors.get(f"rng.cuda.{torch.cuda.current_device()}")
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state.to(torch.uint8).cpu())
         return True
     # every other rank continues its own, differently seeded, streams
     torch_state = checkpoint.tensors.get(f"rng.rank{rank}.torch")
@@ -123,3 +131,22 @@ def restore_state(checkpoint, optimiser: torch.optim.Optimizer, scaler: torch.am
     if cuda_state is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_state.to(torch.uint8).cpu())
     return True
+
+
+def own_rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose generators this process draws from: its own device (none on a CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def build_model_with_shared_weights(cfg: Config, seed: int, device: torch.device) -> VeryDeepVAE:
+    """The model with the same initial weights on every rank (DDP would broadcast rank 0's, but the
+    EMA copy is taken before that), leaving this rank's own RNG streams where they were.
+
+    ``torch.manual_seed`` reseeds the CPU generator *and every CUDA device's*; restoring only the CPU
+    state afterwards would leave every GPU drawing the same posterior noise as every other rank's,
+    so the ranks' gradient estimates would be correlated.  The rank's own device is restored too."""
+    with torch.random.fork_rng(devices=own_rng_devices(device)):
+        torch.manual_seed(seed)
+        return VeryDeepVAE(cfg).to(device)
