@@ -289,3 +289,21 @@ def test_out_of_memory_advice_uses_the_estimator(monkeypatch):
     assert line.startswith("out of memory on cuda:0 at step 1 (batch_size 4, precision fp32")
     assert "of 8.00 GiB" in line and "with checkpoint_levels all" in line and "with precision fp16 too" in line
     assert "no checkpoint was written yet" in line and "\n" not in line
+
+
+def test_generation_runs_in_the_precision_the_model_was_trained_in(tmp_path):
+    from verydeepvae.generate import load_model
+    from verydeepvae.train.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg = build_config(preset="tiny", overrides={"precision": "bf16"})
+    model = VeryDeepVAE(cfg)
+    tensors = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+               **{f"ema.{k}": v for k, v in model.state_dict().items()}}
+    path = save_checkpoint(tmp_path, 1, tensors, {"config": cfg.to_dict()})
+    loaded = load_model(load_checkpoint(path))
+    seen = []
+    loaded.decoder.register_forward_hook(lambda *a: seen.append(torch.is_autocast_enabled("cpu")))
+    x = torch.rand(1, 1, 16, 16, 16)
+    volumes = [loaded.sample(1), loaded.reconstruct(x), loaded.decode(loaded.encode(x))]
+    assert seen == [True] * 4 and all(v.dtype == torch.float32 for v in volumes)
+    assert VeryDeepVAE(build_config(preset="tiny")).inference_precision == "fp32"  # a fresh model: as before

@@ -136,3 +136,15 @@ def test_checkpoints_and_figures_are_readable_by_the_group(data, tmp_path):
         os.umask(previous)
     for path in [*(out / "checkpoints").glob("step_*"), out / "split.json"]:
         assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_the_built_in_phantom_population_folder_is_readable_by_the_group(tmp_path):
+    from verydeepvae.config import build_config
+    from verydeepvae.data.datasets import phantom_folder
+
+    previous = os.umask(0o022)
+    try:
+        folder = phantom_folder(build_config(preset="tiny", overrides={"phantom_num": 2}), tmp_path, False)
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o755

@@ -51,7 +51,9 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
     """Rebuild the model from the checkpoint's own config and load its (EMA) weights."""
     if checkpoint.unverified_notice():
         print(f"verydeepvae: notice: {checkpoint.unverified_notice()}", file=sys.stderr)
-    model = VeryDeepVAE(checkpoint.config)
+    config = checkpoint.config
+    model = VeryDeepVAE(config)
+    model.inference_precision = config.precision  # generation in the arithmetic it was trained in
     state = checkpoint.state("ema" if use_ema else "model")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -336,7 +338,7 @@ def _seeded(seed: int, device: str | torch.device):
 def elbo_terms(model: VeryDeepVAE, x01: torch.Tensor, seed: int = 0) -> dict[str, np.ndarray]:
     """Per-volume negative ELBO, reconstruction term and per-layer KL, in nats per voxel
     (one posterior sample per volume, drawn reproducibly from ``seed``)."""
-    with _seeded(seed, x01.device):
+    with _seeded(seed, x01.device), model.inference_autocast(x01.device):
         out = model(x01)
     return {"elbo": out.elbo.double().cpu().numpy(), "nll": out.nll.double().cpu().numpy(),
             "kl_per_layer": out.kl_per_layer.double().cpu().numpy()}

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..atomic import write_text
+from ..atomic import current_umask, write_text
 from ..errors import ConfigError, DataError
 from . import discover
 from .augment import AugmentSettings, Augmenter, sample_generator
@@ -337,6 +337,7 @@ def phantom_folder(cfg: Any, cache_root: Path, show_progress: bool | None = None
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_root))
     try:
         generate_population(cfg.phantom_num, cfg.resolution, tmp, seed, progress=show_progress)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folders are private (0700)
         try:
             os.rename(tmp, folder)
         except OSError:

@@ -7,6 +7,7 @@ negative ELBO per voxel (nats), so thresholds such as the gradient clip mean the
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -45,6 +46,10 @@ class VeryDeepVAE(nn.Module):
         self.channels_last = False
         if cfg.channels_last:
             self.set_channels_last(True)
+        # the arithmetic of sample/reconstruct/encode/decode (generate.load_model sets the precision
+        # the model was trained in): a batch then needs the memory of training's arithmetic, not
+        # of float32 (at 128³, 4 float32 reconstructions hold ~12.7 GiB)
+        self.inference_precision = "fp32"
 
     # -- speed/memory modes (Config's performance section) ---------------------------------------
     def set_checkpoint_levels(self, levels: Sequence[int]) -> None:
@@ -121,6 +126,15 @@ class VeryDeepVAE(nn.Module):
         return ModelOutput(loss=loss, elbo=elbo, nll=nll, kl_per_layer=kl, params=params)
 
     # -- generation ------------------------------------------------------------------------------
+    def inference_autocast(self, device: torch.device | str):
+        """Autocast of ``inference_precision`` on ``device`` (float16 only on CUDA; the KL and the
+        likelihood stay float32 as in training)."""
+        device = torch.device(device)
+        p = self.inference_precision
+        if p == "bf16" or (p == "fp16" and device.type == "cuda"):
+            return torch.autocast(device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+        return contextlib.nullcontext()
+
     def layer_temperatures(self, temperature: float | Sequence[float]) -> list[float]:
         """One temperature per layer from a scalar or one value per resolution level."""
         if isinstance(temperature, (int, float)):
@@ -140,8 +154,9 @@ class VeryDeepVAE(nn.Module):
         ``draw_voxels`` (then each voxel is drawn from p(x | z) too)."""
         temps = self.layer_temperatures(temperature)
         choices = [LatentChoice(use_posterior=False, temperature=t) for t in temps]
-        h, _, _ = self.decoder(None, choices, n, generator)
-        return self._to_volume(self.output_head(F.gelu(h)), draw_voxels, generator)
+        with self.inference_autocast(self.output_head.conv.weight.device):
+            h, _, _ = self.decoder(None, choices, n, generator)
+            return self._to_volume(self.output_head(F.gelu(h)), draw_voxels, generator)
 
     @torch.no_grad()
     def reconstruct(self, x01: torch.Tensor, prior_from_level: int | None = None,
@@ -150,23 +165,23 @@ class VeryDeepVAE(nn.Module):
         """Reconstruction in [0, 1].  With ``prior_from_level`` = m, latent layers at levels < m
         (resolutions finer than R/2^m) come from the prior at ``temperature`` instead of the
         posterior: the original's "progressive reconstructions"."""
-        x = self._input(x01)
-        activations = self.encoder(x)
         choices = []
         for level in self.decoder.layer_levels:
             from_prior = prior_from_level is not None and level < prior_from_level
             choices.append(LatentChoice(use_posterior=not from_prior, posterior_mean=posterior_mean,
                                         temperature=temperature))
-        h, _, _ = self.decoder(activations, choices, x.shape[0], generator)
-        return self._to_volume(self.output_head(F.gelu(h)), False, generator)
+        with self.inference_autocast(x01.device):
+            x = self._input(x01)
+            h, _, _ = self.decoder(self.encoder(x), choices, x.shape[0], generator)
+            return self._to_volume(self.output_head(F.gelu(h)), False, generator)
 
     @torch.no_grad()
     def encode(self, x01: torch.Tensor) -> list[torch.Tensor]:
         """Posterior means of every latent layer, coarsest first."""
-        x = self._input(x01)
-        activations = self.encoder(x)
         choices = [LatentChoice(posterior_mean=True)] * self.num_layers
-        _, _, zs = self.decoder(activations, choices, x.shape[0])
+        with self.inference_autocast(x01.device):
+            x = self._input(x01)
+            _, _, zs = self.decoder(self.encoder(x), choices, x.shape[0])
         return zs
 
     @torch.no_grad()
@@ -175,12 +190,13 @@ class VeryDeepVAE(nn.Module):
         if len(latents) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} latent tensors, got {len(latents)}")
         choices = [LatentChoice(z=z) for z in latents]
-        h, _, _ = self.decoder(None, choices, latents[0].shape[0])
-        return self._to_volume(self.output_head(F.gelu(h)), False, None)
+        with self.inference_autocast(latents[0].device):
+            h, _, _ = self.decoder(None, choices, latents[0].shape[0])
+            return self._to_volume(self.output_head(F.gelu(h)), False, None)
 
     def _to_volume(self, params: torch.Tensor, draw: bool, generator: torch.Generator | None) -> torch.Tensor:
         x = self.likelihood.sample(params, generator) if draw else self.likelihood.mean(params)
-        return (x + 1.0) / 2.0
+        return ((x + 1.0) / 2.0).float()
 
 
 def balanced_kl_coefficients(kl: torch.Tensor, sizes: Sequence[int], floor: float = 1e-3) -> torch.Tensor:
