@@ -28,9 +28,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import torch
+from verydeepvae.process_defaults import apply_cli_defaults
+
+apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_POLICY=PASSIVE unless set)
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from verydeepvae.data.augment import Augmenter, AugmentSettings
 from verydeepvae.data.cache import VolumeCache

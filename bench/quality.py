@@ -32,7 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-import verydeepvae  # noqa: F401  (the CLI's OpenMP wait policy, as for every benchmark)
+from verydeepvae.process_defaults import apply_cli_defaults
+
+apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_POLICY=PASSIVE unless set)
+
 from verydeepvae.config import build_config, parse_override
 from verydeepvae.data.phantom import generate_population
 from verydeepvae.evaluate import EvaluationOptions, run_evaluation

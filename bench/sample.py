@@ -24,7 +24,9 @@ import sys
 import tempfile
 import time
 
-import verydeepvae  # noqa: F401  (first: the CLI's OpenMP wait policy, set before torch loads)
+from verydeepvae.process_defaults import apply_cli_defaults
+
+apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_POLICY=PASSIVE unless set)
 import torch  # noqa: I001
 
 from verydeepvae.config import build_config

@@ -42,7 +42,9 @@ import subprocess
 import sys
 import time
 
-import verydeepvae  # noqa: F401  (first: its OpenMP wait policy applies before any worker loads torch)
+from verydeepvae.process_defaults import apply_cli_defaults
+
+apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_POLICY=PASSIVE unless set)
 
 MODES = {
     "fp32": {},

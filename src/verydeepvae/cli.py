@@ -19,6 +19,9 @@ EXIT_USER_ERROR = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .process_defaults import apply_cli_defaults
+
+    apply_cli_defaults()  # before any command loads torch
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
