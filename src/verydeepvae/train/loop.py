@@ -34,7 +34,7 @@ from . import distributed, resume_changes, run_folder
 from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor, update_loss_scale
 from .precision import configure_backends, out_of_memory_message, resolve_precision
 from .reporting import Reporter, to_bits
-from .sampler import EpochSampler
+from .sampler import EpochKeyed, EpochSampler, EpochStream
 from .state import build_model_with_shared_weights, capture_state, process_rng_state, restore_state
 
 
@@ -274,24 +274,19 @@ class _Trainer:
                                      ema=distributed.parameter_digest(self.ema.model))
 
     def _batches(self) -> Iterator[torch.Tensor]:
-        """Micro-batches forever, starting where the step count says the data order is."""
+        """Micro-batches forever, starting where the step count says the data order is, from one
+        DataLoader for the whole run (sampler.EpochStream)."""
         micro = self.step * self.cfg.grad_accumulation
         epoch, start = divmod(micro, self.sampler.batches_per_epoch)
-        while True:
-            self.sampler.set_position(epoch, start)
-            if hasattr(self.bundle.train, "set_epoch_key"):
-                self.bundle.train.set_epoch_key(self.seed, self.runtime.rank, epoch)
-            loader = DataLoader(
-                self.bundle.train, batch_size=self.cfg.batch_size, sampler=self.sampler,
-                num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda",
-                drop_last=False, worker_init_fn=_ignore_stop_signals,
-                # its own generator: creating the loader must not consume the global RNG, or a run
-                # resumed mid-epoch would diverge from the uninterrupted one
-                generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
-            )
-            for batch in _start_workers(loader):
-                yield batch
-            epoch, start = epoch + 1, 0
+        loader = DataLoader(
+            EpochKeyed(self.bundle.train, self.seed, self.runtime.rank), batch_size=self.cfg.batch_size,
+            sampler=EpochStream(self.sampler, epoch, start), num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda", drop_last=False, worker_init_fn=_ignore_stop_signals,
+            # its own generator: creating the loader must not consume the global RNG, or a run
+            # resumed mid-epoch would diverge from the uninterrupted one
+            generator=torch.Generator().manual_seed(self.seed * 7919 + epoch),
+        )
+        yield from _start_workers(loader)
 
     def _autocast(self):
         if self.cfg.precision == "fp32":

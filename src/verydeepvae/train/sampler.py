@@ -1,7 +1,10 @@
 """Data order: a seeded permutation per epoch, split across ranks, resumable mid-epoch.
 
 Each epoch's order depends only on (seed, epoch), so a resumed run sees exactly the batches the
-uninterrupted run would have seen.
+uninterrupted run would have seen.  :class:`EpochStream` runs the epochs one after another from a
+position, as ``(epoch, index)`` items, so one DataLoader (and its worker processes) serves the
+whole run: re-creating it at every epoch cost 1-2 s per epoch on a 2-core CPU (a demo epoch is 23
+steps of 0.7 s).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 
 class EpochSampler(Sampler[int]):
@@ -43,3 +46,39 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
+
+
+class EpochStream(Sampler[tuple[int, int]]):
+    """``(epoch, index)`` for every epoch's order, forever, from ``epoch`` and ``start_batch``."""
+
+    def __init__(self, epochs: EpochSampler, epoch: int, start_batch: int = 0):
+        self.epochs = epochs
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, start = self.epoch, self.start_batch
+        while True:
+            for index in self.epochs.order(epoch)[start * self.epochs.batch_size:]:
+                yield epoch, index
+            epoch, start = epoch + 1, 0
+
+
+class EpochKeyed(Dataset):
+    """A dataset read with :class:`EpochStream` items: before item ``(epoch, index)`` is read, the
+    dataset's augmentation is keyed to (seed, rank, epoch) when it has one (``set_epoch_key``),
+    so the random draws depend on the item, not on which worker reads it or when."""
+
+    def __init__(self, dataset, seed: int, rank: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.rank = rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]):
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch_key"):
+            self.dataset.set_epoch_key(self.seed, self.rank, epoch)
+        return self.dataset[index]
