@@ -314,8 +314,8 @@ def test_config_show_memory_flag_errors(argv, fragment, capsys):
 
 
 def test_one_data_loader_serves_every_epoch_with_augmentation_keyed_by_epoch(tmp_path, monkeypatch):
-    """Re-creating the DataLoader (and forking its worker) at every epoch cost 1.29x in the demo's
-    step time; one loader now streams (epoch, index) items.  The keys still follow the epochs."""
+    """Re-creating the DataLoader (and forking its worker) at every epoch cost 10-20 % of a demo
+    step; one loader now streams (epoch, index) items.  The keys still follow the epochs."""
     from conftest import write_ellipsoids
 
     from verydeepvae.config import build_config
