@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "default: the built-in phantom population")
     p.add_argument("--output-dir", help="where checkpoints, figures, TensorBoard events and samples go")
     p.add_argument("--max-steps", type=int, help="number of optimiser steps (overrides total_epochs)")
+    p.add_argument("--seed", type=int, help="random seed of the split, the initial weights and the data order "
+                                            "(default: the configuration's, 0)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --output-dir that holds another run, moving that run aside")
@@ -126,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--gpu-memory", metavar="SIZE",
                       help="with --estimate-memory: the largest batch size fitting this memory, e.g. 24GiB")
     show.set_defaults(handler=_config_show)
-    p.set_defaults(handler=lambda args: (p.print_help(), EXIT_USER_ERROR)[1])
+    config_parser = p  # bound now: ``p`` is reassigned below, and a lambda would see the last one
+    p.set_defaults(handler=lambda args: (config_parser.print_help(), EXIT_USER_ERROR)[1])
 
     p = sub.add_parser("phantom", help="write the built-in FLAIR-like phantom brain population")
     p.add_argument("--num", type=int, default=100)
@@ -233,7 +236,7 @@ def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None, 
 def _train(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     for flag, key in (("data", "data_path"), ("output_dir", "output_dir"), ("max_steps", "max_steps"),
-                      ("device", "device"), ("precision", "precision")):
+                      ("device", "device"), ("precision", "precision"), ("seed", "seed")):
         if getattr(args, flag) is not None:
             extra[key] = getattr(args, flag)
     if args.resume:

@@ -149,6 +149,7 @@ class _Trainer:
         self.stop_signal: int | None = None
         self.periods = self._periods()
         self.started = time.perf_counter()  # training wall clock of this process (logged as elapsed_seconds)
+        self.log_clock = self.started  # when the window of the next train log line began
 
     # -- set-up ----------------------------------------------------------------------------------
     def _find_resume_checkpoint(self) -> ckpt.Checkpoint | None:
@@ -228,6 +229,7 @@ class _Trainer:
         cfg = self.cfg
         last_checkpoint = None
         window: list[torch.Tensor] = []
+        self.log_clock = time.perf_counter()
         while self.step < self.total_steps:
             try:
                 stats = self._train_step(batches)
@@ -354,7 +356,9 @@ class _Trainer:
         kl = stats[3:]
         lr = self.optimiser.param_groups[0]["lr"]
         voxels = self.cfg.batch_size * self.cfg.grad_accumulation * self.runtime.world_size * self.model.num_voxels
-        rate = bar.format_dict.get("rate") or 0.0
+        now = time.perf_counter()
+        rate = len(window) / max(now - self.log_clock, 1e-9)  # steps per second since the last log line
+        self.log_clock = now
         values = {
             "loss_nats_per_voxel": elbo, "elbo_bits_per_voxel": to_bits(elbo), "nll_bits_per_voxel": to_bits(nll),
             "kl_bits_per_voxel": to_bits(kl.sum().item()), "grad_norm": grad_norm, "learning_rate": lr,
