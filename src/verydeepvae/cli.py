@@ -264,12 +264,17 @@ def parse_temperature(text: str) -> float | list[float]:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         raise UserError(f"--temperature must be a number or comma-separated numbers, got {text!r}") from None
-    if not all(0.0 <= v <= MAX_TEMPERATURE for v in values):  # also refuses nan
-        raise UserError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {text[:40]!r}")
+    _check_temperatures(values, repr(text[:40]))
     return values[0] if len(values) == 1 else values
 
 
-MAX_TEMPERATURE = 10.0
+def _check_temperatures(values: list[float], shown: str) -> None:
+    from .generate import MAX_TEMPERATURE, temperatures_in_range
+
+    if not temperatures_in_range(values):
+        raise UserError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {shown}")
+
+
 MAX_INTERPOLATION_STEPS = 1000
 
 
@@ -339,8 +344,7 @@ def _progress(args: argparse.Namespace) -> bool | None:
 def _reconstruct(args: argparse.Namespace) -> int:
     from .generate import input_files, reconstruct_files
 
-    if not 0.0 <= args.temperature <= MAX_TEMPERATURE:  # also refuses nan
-        raise UserError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {args.temperature}")
+    _check_temperatures([args.temperature], str(args.temperature))
     check_seed(args.seed)
     files = input_files(args.input, args.pattern)
     trained = _open(args)

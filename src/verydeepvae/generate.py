@@ -128,11 +128,20 @@ def open_trained(path: str | Path, use_ema: bool = True, device: str | None = "a
     return TrainedModel(model=model, checkpoint=checkpoint, weights="ema" if use_ema else "raw", device=device)
 
 
+MAX_TEMPERATURE = 10.0
+
+
+def temperatures_in_range(values: Sequence[float]) -> bool:
+    """Every value between 0 and MAX_TEMPERATURE (NaN is not)."""
+    return all(0.0 <= float(v) <= MAX_TEMPERATURE for v in values)
+
+
 def check_temperature(model: VeryDeepVAE, temperature: float | Sequence[float]) -> float | list[float]:
-    """A scalar >= 0 or one value >= 0 per resolution level (highest resolution first)."""
+    """A scalar in [0, MAX_TEMPERATURE] or one such value per resolution level (highest resolution
+    first)."""
     values = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
-    if any(float(v) < 0 for v in values):
-        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if not temperatures_in_range(values):
+        raise UserError(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {temperature}")
     if isinstance(temperature, (int, float)):
         return float(temperature)
     if len(values) == 1:

@@ -1,5 +1,5 @@
 """The very deep VAE: residual blocks, bottom-up encoder, top-down decoder, output likelihood."""
 
-from .vae import VeryDeepVAE, ModelOutput
+from .vae import ModelOutput, VeryDeepVAE, autocast_for
 
-__all__ = ["VeryDeepVAE", "ModelOutput"]
+__all__ = ["VeryDeepVAE", "ModelOutput", "autocast_for"]

@@ -127,13 +127,8 @@ class VeryDeepVAE(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------
     def inference_autocast(self, device: torch.device | str):
-        """Autocast of ``inference_precision`` on ``device`` (float16 only on CUDA; the KL and the
-        likelihood stay float32 as in training)."""
-        device = torch.device(device)
-        p = self.inference_precision
-        if p == "bf16" or (p == "fp16" and device.type == "cuda"):
-            return torch.autocast(device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
-        return contextlib.nullcontext()
+        """Autocast of ``inference_precision`` on ``device`` (:func:`autocast_for`)."""
+        return autocast_for(self.inference_precision, device)
 
     def layer_temperatures(self, temperature: float | Sequence[float]) -> list[float]:
         """One temperature per layer from a scalar or one value per resolution level."""
@@ -197,6 +192,16 @@ class VeryDeepVAE(nn.Module):
     def _to_volume(self, params: torch.Tensor, draw: bool, generator: torch.Generator | None) -> torch.Tensor:
         x = self.likelihood.sample(params, generator) if draw else self.likelihood.mean(params)
         return ((x + 1.0) / 2.0).float()
+
+
+def autocast_for(precision: str, device: torch.device | str):
+    """The autocast context of a precision setting, for training and generation alike: bf16 or
+    fp16 autocast (float16 only on CUDA), nothing for fp32.  The KL and the likelihood are computed
+    in float32 inside it all the same (gaussian.py, likelihood.py)."""
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "fp16" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return contextlib.nullcontext()
 
 
 def balanced_kl_coefficients(kl: torch.Tensor, sizes: Sequence[int], floor: float = 1e-3) -> torch.Tensor:

@@ -6,6 +6,7 @@ with a SHA-256 sidecar checked on load.  The newest K are kept, plus the best by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ class Checkpoint:
             return None
         return f"checkpoint {self.path} has no {_sidecar(self.path).name} beside it: loaded without checking its integrity"
 
-    @property
+    @functools.cached_property
     def config(self) -> Config:
         return _config(self.meta, self.path)
 
@@ -120,20 +121,21 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"checkpoint {path} has unknown format {str(found)[:40]!r}")
-    _check_meta(meta, path)
-    return Checkpoint(path=path, meta=meta, tensors=tensors, verified=verified)
+    _check_step(meta, path)
+    checkpoint = Checkpoint(path=path, meta=meta, tensors=tensors, verified=verified)
+    if "config" in meta:
+        checkpoint.config  # noqa: B018 (validated now, kept for every later reader)
+    return checkpoint
 
 
 MAX_STEP = 10**12
 
 
-def _check_meta(meta: dict[str, Any], path: Path) -> None:
-    """What every reader relies on: a step count and a configuration that builds."""
+def _check_step(meta: dict[str, Any], path: Path) -> None:
+    """Every reader relies on the step count (the configuration is checked by ``Checkpoint.config``)."""
     step = meta.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise CheckpointError(f"checkpoint {path} has an invalid step {str(step)[:40]!r} in its metadata")
-    if "config" in meta:
-        _config(meta, path)
 
 
 def _config(meta: dict[str, Any], path: Path) -> Config:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..errors import CheckpointError, DataError, Stopped, UserError
+from ..model import autocast_for
 from . import checkpoint as ckpt
 from . import distributed, resume_changes, run_folder
 from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor, update_loss_scale
@@ -63,11 +64,11 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
     runtime = distributed.setup(cfg, notices)
     held = None
     try:
-        # decided together: torchrun's restart count can differ between nodes
+        # decided by all ranks together: torchrun's restart count can differ between nodes
         restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
         held = distributed.main_first(lambda: _claim_output_dir(cfg, runtime, restarted, notices), runtime,
                                       "checking the output folder")
-        return _Trainer(cfg, runtime, bundle, notices, show_progress).run()
+        return _Trainer(cfg, runtime, bundle, notices, show_progress, restarted).run()
     finally:
         if held is not None:
             held.release()
@@ -88,7 +89,7 @@ def _claim_output_dir(cfg: Config, runtime: distributed.Runtime, restarted: bool
 
 class _Trainer:
     def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
-                 show_progress: bool | None):
+                 show_progress: bool | None, restarted: bool = False):
         cfg = resolve_precision(cfg, runtime.device, notices)
         configure_backends(cfg, runtime.device, notices)
         self.cfg = cfg
@@ -98,7 +99,7 @@ class _Trainer:
         self.ckpt_dir = ckpt.checkpoint_dir(self.output_dir)
         self.seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
         _seed_everything(self.seed + runtime.rank)
-        resume_from = self._find_resume_checkpoint()
+        resume_from = self._find_resume_checkpoint(restarted)
         if resume_from is not None:  # before any data work: a refused resume costs nothing
             _check_same_architecture(cfg, resume_from)
             cfg = self.cfg = resume_changes.apply(cfg, resume_from.meta["config"], notices)
@@ -152,10 +153,9 @@ class _Trainer:
         self.log_clock = self.started  # when the window of the next train log line began
 
     # -- set-up ----------------------------------------------------------------------------------
-    def _find_resume_checkpoint(self) -> ckpt.Checkpoint | None:
-        # torchrun --max-restarts brought the workers back (decided together: torchrun's restart count
-        # can differ between nodes)
-        restarted = distributed.any_rank(self.runtime.restart_count > 0, self.runtime)
+    def _find_resume_checkpoint(self, restarted: bool) -> ckpt.Checkpoint | None:
+        """``restarted``: torchrun --max-restarts brought the workers back (decided by all ranks
+        together in :func:`train`: torchrun's restart count can differ between nodes)."""
         if not (self.cfg.resume or restarted):
             return None
         found, problems = None, []
@@ -291,10 +291,7 @@ class _Trainer:
         yield from _start_workers(loader)
 
     def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast_for(self.cfg.precision, self.device)
 
     def _train_step(self, batches: Iterator[torch.Tensor]) -> torch.Tensor:
         cfg = self.cfg
@@ -363,7 +360,7 @@ class _Trainer:
             "loss_nats_per_voxel": elbo, "elbo_bits_per_voxel": to_bits(elbo), "nll_bits_per_voxel": to_bits(nll),
             "kl_bits_per_voxel": to_bits(kl.sum().item()), "grad_norm": grad_norm, "learning_rate": lr,
             "skipped_nonfinite": self.skipper.skipped_nonfinite, "skipped_large": self.skipper.skipped_large,
-            "voxels_per_second": rate * voxels, "elapsed_seconds": time.perf_counter() - self.started,
+            "voxels_per_second": rate * voxels, "elapsed_seconds": now - self.started,
         }
         for i, (level, value) in enumerate(zip(self.model.layer_levels, kl.tolist())):
             values[f"kl_layer/{i:02d}_res{self.cfg.resolution >> level}"] = to_bits(value)
@@ -468,7 +465,7 @@ class _Trainer:
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
             samples = torch.cat([model.sample(1, 1.0, generator=generator)
                                  for _ in range(max(1, self.cfg.subjects_to_plot))])
-        self.reporter.sample_figure(self.step, samples.float(), 1.0)
+        self.reporter.sample_figure(self.step, samples, 1.0)
 
     def _save_checkpoint(self) -> Path | None:
         is_best = False
@@ -599,8 +596,8 @@ def _drop_records_after(path: Path, step: int) -> None:
 
 
 def _one_by_one(function, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``function(x, **kwargs)`` one volume at a time, as float32 (bounded memory)."""
-    return torch.cat([function(x[i:i + 1], **kwargs).float() for i in range(x.shape[0])])
+    """``function(x, **kwargs)`` one volume at a time (bounded memory)."""
+    return torch.cat([function(x[i:i + 1], **kwargs) for i in range(x.shape[0])])
 
 
 def _l2_penalty(model: torch.nn.Module) -> torch.Tensor:
