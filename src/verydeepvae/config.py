@@ -129,8 +129,10 @@ class Config:
     restore_optimiser: bool = True
 
     # --- performance (speed/memory modes; none changes the model's maths) -----------------------
-    # activation checkpointing: "none", "all", or resolution level indices (0 = full resolution)
-    checkpoint_levels: list[int] | str = "none"
+    # activation checkpointing: "auto" (training picks the least recomputation whose estimated
+    # peak fits the device's memory, train/memory_plan.py), "none", "all", or resolution level
+    # indices (0 = full resolution)
+    checkpoint_levels: list[int] | str = "auto"
     channels_last: bool = False  # channels-last-3D memory format for activations and weights
     compile: bool = False  # torch.compile the model for training
     # deterministic GPU algorithms (cuDNN/cuBLAS; slower), so a resumed GPU run repeats an
@@ -155,8 +157,12 @@ class Config:
         return list(self.channels)
 
     def checkpointed_levels(self) -> list[int]:
-        """The resolution levels whose blocks recompute their activations in the backward pass."""
-        if self.checkpoint_levels == "none":
+        """The resolution levels whose blocks recompute their activations in the backward pass.
+
+        ``auto`` is resolved into a list by training, before the model is built
+        (``train/memory_plan.py``); anywhere else (inference, a model built directly) it means no
+        checkpointing, which only matters where gradients are recorded."""
+        if self.checkpoint_levels in ("none", "auto"):
             return []
         if self.checkpoint_levels == "all":
             return list(range(self.num_levels))
@@ -601,9 +607,9 @@ def validate(c: Config) -> None:
 def _validate_performance(c: Config) -> None:
     levels = c.checkpoint_levels
     if isinstance(levels, str):
-        if levels not in ("none", "all"):
-            raise ConfigError(
-                f'checkpoint_levels must be "none", "all" or a list of resolution level indices, got {levels!r}')
+        if levels not in ("auto", "none", "all"):
+            raise ConfigError(f'checkpoint_levels must be "auto", "none", "all" or a list of resolution level '
+                              f"indices, got {levels!r}")
         return
     for level in levels:
         if not 0 <= level < c.num_levels:
