@@ -10,6 +10,7 @@ import torch
 
 from .. import memory
 from ..config import Config
+from . import memory_plan
 
 
 def resolve_precision(cfg: Config, device: torch.device, notices: list[str]) -> Config:
@@ -98,22 +99,25 @@ def device_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def out_of_memory_message(cfg: Config, device: torch.device, step: int, newest_checkpoint: str | None) -> str:
+def out_of_memory_message(cfg: Config, device: torch.device, step: int, newest_checkpoint: str | None,
+                          budget: memory_plan.Budget | None = None) -> str:
     """One line for a training step that ran out of memory: what ran, what the estimator says would
-    fit on this device, and what was kept."""
+    fit (in the memory the run found available at its start, ``train/memory_plan.py``, when known;
+    else in the device's total memory), and what was kept."""
     levels = cfg.checkpointed_levels()
     est = memory.estimate(cfg)
+    peak = est.peak(cfg.batch_size, levels)
     line = (f"out of memory on {device} at step {step + 1} (batch_size {cfg.batch_size}, precision "
-            f"{cfg.precision}, checkpoint_levels {levels or 'none'}; estimated peak "
-            f"{memory.format_bytes(est.peak(cfg.batch_size, levels))}")
-    total = device_memory_bytes(device)
-    if total:
-        every = list(range(cfg.num_levels))
-        fits = [f"batch_size {est.max_batch_size(total, every)} with checkpoint_levels all"]
-        if cfg.precision == "fp32":
-            low = dataclasses.replace(cfg, precision="bf16" if device.type == "cpu" else "fp16")
-            fits.append(f"{memory.estimate(low).max_batch_size(total, every)} with precision {low.precision} too")
-        line += f" of {memory.format_bytes(total)}; the estimate fits " + ", ".join(fits)
+            f"{cfg.precision}, checkpoint_levels {memory.levels_text(levels, cfg.num_levels)}; ")
+    if budget is not None and budget.hard is not None:
+        line += (f"estimated peak {memory.format_bytes(budget.needed(peak))} of the "
+                 f"{memory.format_bytes(budget.hard)} of {budget.hard_source}; "
+                 + memory_plan.what_fits(cfg, budget.in_estimate_bytes(budget.hard), device.type)[0])
+    else:
+        line += f"estimated peak {memory.format_bytes(peak)}"
+        total = device_memory_bytes(device)
+        if total:
+            line += f" of {memory.format_bytes(total)}; " + memory_plan.what_fits(cfg, total, device.type)[0]
     kept = f"the newest complete checkpoint is {newest_checkpoint}" if newest_checkpoint else "no checkpoint was written yet"
     return (line + f"); {kept}; try --set batch_size=N or --set checkpoint_levels=all "
             "(verydeepvae config show --estimate-memory lists the options)")
