@@ -456,8 +456,10 @@ def _config_show(args: argparse.Namespace) -> int:
     print(model_summary(model, cfg))
     if args.estimate_memory:
         from .memory import report
+        from .train.memory_plan import for_config_show
 
-        print(report(cfg, budget))
+        shown, levels, why = for_config_show(cfg, budget, notices)
+        print(report(shown, budget, (levels, why)))
     for notice in notices:
         print(f"notice: {notice}", file=sys.stderr)
     return 0

@@ -31,7 +31,7 @@ from ..config import Config
 from ..errors import CheckpointError, DataError, Stopped, UserError
 from ..model import autocast_for
 from . import checkpoint as ckpt
-from . import distributed, resume_changes, run_folder
+from . import distributed, memory_plan, resume_changes, run_folder
 from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor, update_loss_scale
 from .precision import configure_backends, out_of_memory_message, resolve_precision
 from .reporting import Reporter, to_bits
@@ -111,6 +111,10 @@ class _Trainer:
                     f"{self.output_dir / 'split.json'} is missing: the run's training/validation split cannot be "
                     "restored, and a new split could validate on volumes it has trained on. Restore the file, or "
                     "start afresh with --overwrite")
+        # checkpoint_levels auto -> the least recomputation that fits this device; also before any
+        # data work (the precision, batch size and levels are final here, after the resume rules)
+        cfg, self.memory_plan = memory_plan.resolve(cfg, runtime, notices)
+        self.cfg = cfg
         if bundle is None:
             from ..data import build_datasets
 
@@ -236,7 +240,8 @@ class _Trainer:
             except torch.OutOfMemoryError:
                 newest = ckpt.list_checkpoints(self.ckpt_dir)
                 raise UserError(out_of_memory_message(self.cfg, self.device, self.step,
-                                                      str(newest[-1]) if newest else None)) from None
+                                                      str(newest[-1]) if newest else None,
+                                                      self.memory_plan.budget)) from None
             self.step += 1
             bar.update(1)
             window.append(stats)
@@ -478,6 +483,7 @@ class _Trainer:
             tensors, meta = capture_state(self.model, self.ema, self.optimiser, self.scaler, self.skipper, rank_rngs)
             meta.update({
                 "config": self.cfg.to_dict(), "seed": self.seed, "world_size": self.runtime.world_size,
+                "memory": self.memory_plan.record(),
                 "best_validation": self.best, "validation_history": self.history,
                 "ema_updates": self.ema.updates, "steps_per_epoch": self.steps_per_epoch,
                 "data": {"voxel_size_mm": float(self.bundle.voxel_size_mm),
