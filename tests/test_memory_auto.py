@@ -140,7 +140,8 @@ def test_a_cuda_budget_is_the_free_memory_less_a_reserve(monkeypatch):
     budget = memory_plan.device_budget(torch.device("cuda", 0))
     reserve = int(memory_plan.CUDA_RESERVE_FRACTION * 24 * GiB)
     assert budget.limit == budget.hard == 20 * GiB - reserve and budget.factor == 1.0
-    assert "free on cuda:0" in budget.source
+    assert budget.source == "20.00 GiB free less a 10% reserve on cuda:0"
+    assert budget.hard_source == "free memory on cuda:0 (20.00 GiB free less a 10% reserve)"
 
 
 # -- where the numbers come from ----------------------------------------------------------------------

@@ -254,7 +254,7 @@ def device_budget(device: torch.device, local_ranks: int = 1) -> Budget:
     ``local_ranks``: training processes sharing this machine's RAM."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return _gpu(free, total, f"{memory.format_bytes(free)} free on {device}")
+        return _gpu(free, total, f"on {device}")
     if device.type != "cpu":
         return Budget(None, None, 1.0, f"the memory of {device} is unknown", "unknown memory")
     available, source = available_ram()
@@ -269,13 +269,14 @@ def device_budget(device: torch.device, local_ranks: int = 1) -> Budget:
 
 def gpu_budget(free_bytes: int) -> Budget:
     """The budget training would take on a GPU with ``free_bytes`` free (``config show --gpu-memory``)."""
-    return _gpu(free_bytes, free_bytes, f"--gpu-memory {memory.format_bytes(free_bytes)}")
+    return _gpu(free_bytes, free_bytes, "with --gpu-memory")
 
 
-def _gpu(free: int, total: int, what: str) -> Budget:
+def _gpu(free: int, total: int, where: str) -> Budget:
     reserve = int(CUDA_RESERVE_FRACTION * total)
-    text = f"{what} less a {CUDA_RESERVE_FRACTION:.0%} reserve"
-    return Budget(max(0, free - reserve), max(0, free - reserve), 1.0, text, text)
+    how = f"{memory.format_bytes(free)} free less a {CUDA_RESERVE_FRACTION:.0%} reserve"
+    usable = max(0, free - reserve)
+    return Budget(usable, usable, 1.0, f"{how} {where}", f"free memory {where} ({how})")
 
 
 def smallest_over_ranks(budget: Budget, runtime: Any) -> Budget:
