@@ -267,7 +267,9 @@ def test_a_training_run_prints_its_choice_uses_it_and_records_it(data, tmp_path,
     model = built[0]
     assert all(block.checkpointed for block in model.encoder.levels[0])
     assert not any(block.checkpointed for level in model.encoder.levels[1:] for block in level)
-    meta = load_checkpoint(list_checkpoints(out / "checkpoints")[-1]).meta
+    checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert checkpoint.config.checkpointed_levels() == [0]  # the resolved choice, a valid configuration
+    meta = checkpoint.meta
     assert meta["config"]["checkpoint_levels"] == [0]
     assert meta["memory"]["auto"] is True and meta["memory"]["checkpoint_levels"] == [0]
     assert meta["memory"]["available_bytes"] == _ram_for(cfg, [0])
