@@ -42,7 +42,19 @@ bias_field_strength            U(0, 0.15): s.d. of the log of a smooth multiplic
 noise_level                    U(0.01, 0.05): Rician noise sigma as a fraction of wm_intensity
 rotation_x/y/z_deg             N(0, 2) clipped to [-6, 6] (residual misregistration)
 translation_x/y/z_mm           N(0, 2) clipped to [-6, 6]
+age                            years, uniform on [45, 90]; drawn *given* atrophy and lesion load
+                               (a Gaussian copula, correlations 0.90 and 0.25), so atrophy and
+                               lesion load rise with age
+sex                            F or M; M with probability sigmoid(2 (brain_scale - 0.92) / 0.04),
+                               so male brains are larger
 =============================  ==============================================================
+
+Age and sex (:mod:`verydeepvae.data.phantom_demographics`) were added after the other factors. They
+are drawn from the subject's random stream after everything else, from the factors that carry their
+effects, so every other factor keeps its distribution and every seed still gives bitwise the same
+volume as before they existed; only participants.tsv gained two columns. Any column of
+participants.tsv except the identity columns (:data:`CONDITIONABLE`) can condition a model trained on
+the phantom (``verydeepvae train --condition-on age,lesion_load`` without ``--data``).
 
 So the FLAIR ordering CSF < WM < GM < lesion always holds for the tissue means.
 
@@ -78,9 +90,23 @@ from ..atomic import write_text
 from ..errors import ConfigError, DataError
 from ..volume_io import grid_affine, save_nifti
 from . import phantom_render as pr
+from .phantom_demographics import draw_demographics
 
 LABELS = {0: "background", 1: "csf", 2: "grey_matter", 3: "white_matter", 4: "lesion", 5: "ventricle"}
 FOV_MM = pr.FOV_MM
+
+
+# participants.tsv columns that identify a subject or the population; every other column is a
+# generating factor or a measured volume, and can condition a model (CONDITIONABLE)
+IDENTITY_COLUMNS = ("participant_id", "seed", "population_seed", "resolution", "voxel_size_mm")
+CONDITIONABLE = (
+    "age", "sex", "brain_scale", "scale_x", "scale_y", "scale_z", "deformation_mm", "atrophy",
+    "ventricle_enlargement_mm", "cortical_thinning_mm", "lesion_load", "lesion_count", "csf_intensity",
+    "wm_intensity", "gm_intensity", "lesion_intensity", "bias_field_strength", "noise_level",
+    "rotation_x_deg", "rotation_y_deg", "rotation_z_deg", "translation_x_mm", "translation_y_mm",
+    "translation_z_mm", "lesion_count_periventricular", "lesion_count_deep", "gm_volume_ml", "wm_volume_ml",
+    "csf_volume_ml", "ventricle_volume_ml", "lesion_volume_ml", "brain_volume_ml",
+)
 
 
 def voxel_size_mm(resolution: int) -> float:
@@ -207,6 +233,8 @@ def generate_volume(
     for name, fraction in (("gm", gm), ("wm", wm), ("csf", csf), ("ventricle", ventricle), ("lesion", lesion)):
         f[f"{name}_volume_ml"] = float(fraction.sum(dtype=np.float64) * ml)
     f["brain_volume_ml"] = float(index.size * ml)
+    # last: two more draws of this subject's stream, so nothing above (hence the image) moved
+    f.update(draw_demographics(rng, f["atrophy"], f["lesion_load"], f["brain_scale"]))
     if not return_labels:
         return image, f
     fractions = np.stack([csf - ventricle, gm, wm, lesion, ventricle])
@@ -264,14 +292,37 @@ def generate_population(
         path = out / f"{pid}.nii.gz"
         save_nifti(volume, path, affine, description=f"verydeepvae phantom seed={s}")
         paths.append(path)
+        demographics = {"age": factors.pop("age"), "sex": factors.pop("sex")}
         rows.append({"participant_id": pid, "seed": s, "population_seed": int(seed),
-                     "resolution": resolution, "voxel_size_mm": vox, **factors})
-    header = list(rows[0])
-    lines = ["\t".join(header)] + ["\t".join(_format(row[key]) for key in header) for row in rows]
-    write_text(out / "participants.tsv", "\n".join(lines) + "\n")
+                     "resolution": resolution, "voxel_size_mm": vox, **demographics, **factors})
+    _write_participants(out / "participants.tsv", rows)
     if montage:
         write_phantom_montage(paths[:4], out / "phantom_montage.png")
     return paths
+
+
+def _write_participants(path: Path, rows: list[dict[str, Any]]) -> None:
+    header = list(rows[0])
+    lines = ["\t".join(header)] + ["\t".join(_format(row[key]) for key in header) for row in rows]
+    write_text(path, "\n".join(lines) + "\n")
+
+
+def complete_participants(folder: str | os.PathLike) -> bool:
+    """Give the participants.tsv of a population written before age and sex existed those columns,
+    by generating each subject again from its recorded seed (the volumes are the same, so they are
+    not rewritten).  Returns whether the file was rewritten."""
+    path = Path(folder) / "participants.tsv"
+    rows = read_participants(path)
+    if not rows or all(c in rows[0] for c in ("age", "sex")):
+        return False
+    new_rows = []
+    for row in rows:
+        _, factors = generate_volume(int(row["seed"]), int(row["resolution"]))
+        demographics = {"age": factors.pop("age"), "sex": factors.pop("sex")}
+        identity = {k: row[k] for k in IDENTITY_COLUMNS}
+        new_rows.append({**identity, **demographics, **factors})
+    _write_participants(path, new_rows)
+    return True
 
 
 def read_participants(path: str | os.PathLike) -> list[dict[str, str]]:
