@@ -119,6 +119,13 @@ class Config:
     aug_prob_haircut: float = 0.1
     visualise_training_pipeline_before_starting: bool = False
 
+    # --- conditioning (docs/conditional.md) -------------------------------------------------------
+    # covariates the model is conditioned on, in this order ("age", "sex:categorical", ...); None:
+    # an unconditional model.  Their values come from covariates_file (TSV/CSV, one row per scan;
+    # data/covariate_table.py), or, without data_path, from the phantom population's participants.tsv
+    condition_on: Optional[list[str]] = None
+    covariates_file: Optional[str] = None
+
     # --- where and how to run -------------------------------------------------------------------
     output_dir: str = "runs/default"
     device: str = "auto"
@@ -598,10 +605,39 @@ def validate(c: Config) -> None:
     if c.precision == "fp16" and c.device == "cpu":
         raise ConfigError("precision fp16 needs a CUDA device; use bf16 on the CPU")
     _validate_performance(c)
+    _validate_conditioning(c)
     if c.CUDA_devices is not None:
         for d in c.CUDA_devices:
             if not d.isdigit():
                 raise ConfigError(f"CUDA_devices must be device indices such as ['0', '1'], got {c.CUDA_devices}")
+
+
+COVARIATE_KINDS = ("numeric", "categorical")
+
+
+def _validate_conditioning(c: Config) -> None:
+    if c.condition_on is None:
+        if c.covariates_file is not None:
+            raise ConfigError("covariates_file (--covariates) needs condition_on (--condition-on): which of its "
+                              "columns condition the model")
+        return
+    if not c.condition_on:
+        raise ConfigError("condition_on must name at least one covariate (e.g. age,sex), or be null")
+    seen = set()
+    for entry in c.condition_on:
+        name, _, kind = entry.partition(":")
+        if not name.strip():
+            raise ConfigError(f"condition_on entries must be column names (optionally name:numeric or "
+                              f"name:categorical), got {_short(entry)}")
+        if kind and kind.strip() not in COVARIATE_KINDS:
+            raise ConfigError(f"condition_on: the kind of {name.strip()!r} must be numeric or categorical, got "
+                              f"{_short(kind)}")
+        if name.strip() in seen:
+            raise ConfigError(f"condition_on names {name.strip()!r} twice")
+        seen.add(name.strip())
+    if c.data_path is not None and c.covariates_file is None:
+        raise ConfigError("condition_on with data_path needs covariates_file (--covariates FILE): a TSV/CSV with one "
+                          "row per scan (only the built-in phantom population brings its own)")
 
 
 def _validate_performance(c: Config) -> None:

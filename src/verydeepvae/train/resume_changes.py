@@ -10,7 +10,9 @@ checks that none is missing); the README's table is this one:
 * **kept from the run**: ``seed`` (a resumed run continues its own random streams and data
   order; start a fresh run for another seed) and the data selection (``data_path``,
   ``nifti_filename_pattern``, ``max_niis_to_use``, ``train_fraction``): ``split.json`` fixes
-  the files, and new files in the folder are not used;
+  the files, and new files in the folder are not used; likewise ``covariates_file``:
+  ``covariates.json`` fixes every scan's covariates and their standardisation (``condition_on``
+  belongs to the architecture);
 * **honoured, with a notice** saying what it means for exactness: the optimisation and loss
   settings, batch size, accumulation, schedule and length, augmentation, precision;
 * **honoured silently**: where outputs go and how often, logging, performance modes that do not
@@ -31,7 +33,7 @@ PREPROCESSING = ("clamp_percentiles", "crop_to_foreground")
 ARCHITECTURE = (*ARCHITECTURE_KEYS, "channels_hidden", "channels_top_down", "channels_hidden_top_down")
 REFUSED = (*PREPROCESSING, "optimiser")
 KEPT_FROM_RUN = ("seed", "data_path", "nifti_filename_pattern", "max_niis_to_use", "train_fraction", "phantom_num",
-                 "skip_bad_files")
+                 "skip_bad_files", "covariates_file")
 NOTICED = {
     "batch_size": "the batches (and the data order) from here on differ from an uninterrupted run; the learning "
                   "rate is not rescaled",
