@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import Config
 from .blocks import Upsample
+from .condition import modulate
 from .latent_layer import LatentChoice, LatentLayer
 
 
@@ -65,10 +66,13 @@ class Decoder(nn.Module):
                 self.layer_levels.append(level)
 
     def forward(self, activations: Sequence[torch.Tensor] | None, choices: Sequence[LatentChoice],
-                batch_size: int, generator: torch.Generator | None = None, keep_z: bool = True
+                batch_size: int, generator: torch.Generator | None = None, keep_z: bool = True,
+                film: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
                 ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor]]:
         """Run the hierarchy; returns the final state, the per-layer KLs and the z of every layer
-        (an empty list without ``keep_z``: training does not hold on to them)."""
+        (an empty list without ``keep_z``: training does not hold on to them).  ``film``: per level
+        (index 0 = full resolution) the (scale, shift) of a conditional model (model/condition.py),
+        applied to the state at the start of the level."""
         h = self.h_top.expand(batch_size, -1, -1, -1, -1)
         kls: list[torch.Tensor | None] = []
         zs: list[torch.Tensor] = []
@@ -78,6 +82,8 @@ class Decoder(nn.Module):
                 h = self.upsamples[str(level)](h)
                 if str(level) in self.biases:
                     h = h + self.biases[str(level)] * BIAS_GAIN
+            if film is not None:
+                h = modulate(h, film[level])
             # GELU of the lateral input once per level, not once per latent layer
             e_act = None if activations is None else F.gelu(activations[level])
             while index < len(self.layers) and self.layer_levels[index] == level:

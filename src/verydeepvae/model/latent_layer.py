@@ -26,6 +26,10 @@ class LatentChoice:
     posterior_mean: bool = False
     temperature: float = 1.0
     z: torch.Tensor | None = None  # a given latent (decoding stored codes) overrides all else
+    # a given standardised residual: z = prior mean + prior std * noise (counterfactuals keep a
+    # scan's noise while the prior moves with the covariates)
+    noise: torch.Tensor | None = None
+    return_noise: bool = False  # report (z - prior mean) / prior std instead of z
 
 
 class LatentLayer(nn.Module):
@@ -71,6 +75,8 @@ class LatentLayer(nn.Module):
         kl = None
         if choice.z is not None:
             z = choice.z.float()
+        elif choice.noise is not None:
+            z = p_mean.float() + gaussian.std_from_raw(p_raw) * choice.noise.float()
         elif choice.use_posterior:
             if e_act is None:
                 raise ValueError("the posterior needs encoder activations")
@@ -85,6 +91,8 @@ class LatentLayer(nn.Module):
         else:
             z = gaussian.draw(p_mean, gaussian.std_from_raw(p_raw), choice.temperature, generator)
         h = h + feature + self.z_proj(z.to(h.dtype))
+        if choice.return_noise:
+            z = (z - p_mean.float()) / gaussian.std_from_raw(p_raw)
         return self.res(h), kl, z
 
     def _prior(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import Config
 from .blocks import Conv3d, Downsample, Upsample
+from .condition import ConditionEmbedding, embedding_width
 from .decoder import Decoder
 from .encoder import Encoder
 from .latent_layer import LatentChoice
@@ -34,13 +35,22 @@ class ModelOutput:
 
 
 class VeryDeepVAE(nn.Module):
-    def __init__(self, cfg: Config):
+    """``covariate_dim`` > 0 makes a conditional model (model/condition.py): every method that runs
+    the decoder then takes ``covariates`` (B, covariate_dim), encoded as in data/covariates.py."""
+
+    def __init__(self, cfg: Config, covariate_dim: int = 0):
         super().__init__()
         self.resolution = cfg.resolution
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.likelihood = build_likelihood(cfg.likelihood, cfg.num_bins)
         self.output_head = Conv3d(cfg.resolved("channels_top_down")[0], self.likelihood.num_params, 1)
+        # created last, so the other modules' initial weights are those of the unconditional model
+        widths = cfg.resolved("channels_top_down")
+        self.condition = ConditionEmbedding(covariate_dim, widths, embedding_width(widths[-1])) if covariate_dim else None
+        # training covariate vectors (N, covariate_dim): ``sample`` without covariates draws from them
+        # (not saved with the weights: the checkpoint's covariate schema holds them)
+        self.register_buffer("covariate_bank", torch.zeros(0, max(covariate_dim, 0)), persistent=False)
         self.num_voxels = cfg.resolution ** 3
         self.set_checkpoint_levels(cfg.checkpointed_levels())
         self.channels_last = False
@@ -74,6 +84,37 @@ class VeryDeepVAE(nn.Module):
             if isinstance(module, (Downsample, Upsample)):
                 module.channels_last = enabled
 
+    # -- conditioning ----------------------------------------------------------------------------
+    @property
+    def covariate_dim(self) -> int:
+        return 0 if self.condition is None else self.condition.covariate_dim
+
+    def set_covariate_bank(self, vectors: torch.Tensor) -> None:
+        """The encoded covariates of the training scans (N, covariate_dim), drawn from by ``sample``."""
+        vectors = torch.as_tensor(vectors, dtype=torch.float32)
+        if vectors.dim() != 2 or vectors.shape[1] != self.covariate_dim:
+            raise ValueError(f"expected covariate vectors (N, {self.covariate_dim}), got {tuple(vectors.shape)}")
+        self.covariate_bank = vectors.to(self.covariate_bank.device)
+
+    def _film(self, covariates: torch.Tensor | None, batch: int):
+        """The decoder's per-level FiLM for these covariates; None for an unconditional model."""
+        if self.condition is None:
+            if covariates is not None:
+                raise ValueError("this model is unconditional; it takes no covariates")
+            return None
+        if covariates is None:
+            raise ValueError(f"this model is conditional: give covariates ({batch}, {self.covariate_dim})")
+        if covariates.shape[0] != batch:
+            raise ValueError(f"covariates for {covariates.shape[0]} volumes, expected {batch}")
+        return self.condition(covariates.to(self.covariate_bank.device))
+
+    def draw_covariates(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n covariate vectors drawn from the training scans' (uniformly, with replacement)."""
+        if len(self.covariate_bank) == 0:
+            raise ValueError("this conditional model has no training covariates to draw from; give covariates")
+        index = torch.randint(len(self.covariate_bank), (n,), generator=generator, device=self.covariate_bank.device)
+        return self.covariate_bank[index]
+
     def _input(self, x01: torch.Tensor) -> torch.Tensor:
         x = x01 * 2.0 - 1.0
         return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
@@ -104,15 +145,17 @@ class VeryDeepVAE(nn.Module):
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, x01: torch.Tensor, kl_weight: float = 1.0, kl_balance: bool = False,
-                free_bits: float = 0.0) -> ModelOutput:
+                free_bits: float = 0.0, covariates: torch.Tensor | None = None) -> ModelOutput:
         """Loss terms of a batch of volumes in [0, 1].  ``kl_weight`` < 1 during a KL warm-up; with
         ``kl_balance`` the KL of each layer is weighted by :func:`balanced_kl_coefficients` then;
         ``free_bits`` (nats per latent layer and volume) exempts that much of each layer's KL from
-        the loss (:func:`free_bits_kl`).  ``elbo`` is always the true bound."""
+        the loss (:func:`free_bits_kl`).  ``elbo`` is always the true bound.  ``covariates``: those of a
+        conditional model's volumes."""
         x = self._input(x01)
+        film = self._film(covariates, x.shape[0])
         activations = self.encoder(x)
         choices = [LatentChoice()] * self.num_layers
-        h, kls, _ = self.decoder(activations, choices, x.shape[0], keep_z=False)
+        h, kls, _ = self.decoder(activations, choices, x.shape[0], keep_z=False, film=film)
         params = self.output_head(F.gelu(h))
         nll = -self.likelihood.log_prob(params, x).flatten(1).sum(1) / self.num_voxels
         kl = torch.stack(kls, dim=1) / self.num_voxels
@@ -144,19 +187,25 @@ class VeryDeepVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0,
-               generator: torch.Generator | None = None, draw_voxels: bool = False) -> torch.Tensor:
+               generator: torch.Generator | None = None, draw_voxels: bool = False,
+               covariates: torch.Tensor | None = None) -> torch.Tensor:
         """n volumes in [0, 1] from the prior; the output is the likelihood's mean unless
-        ``draw_voxels`` (then each voxel is drawn from p(x | z) too)."""
+        ``draw_voxels`` (then each voxel is drawn from p(x | z) too).  A conditional model samples
+        p(x | covariates); without ``covariates`` it first draws them from the training scans'
+        (:meth:`draw_covariates`), i.e. it samples the training population."""
         temps = self.layer_temperatures(temperature)
         choices = [LatentChoice(use_posterior=False, temperature=t) for t in temps]
+        if self.condition is not None and covariates is None:
+            covariates = self.draw_covariates(n, generator)
+        film = self._film(covariates, n)
         with self.inference_autocast(self.output_head.conv.weight.device):
-            h, _, _ = self.decoder(None, choices, n, generator)
+            h, _, _ = self.decoder(None, choices, n, generator, film=film)
             return self._to_volume(self.output_head(F.gelu(h)), draw_voxels, generator)
 
     @torch.no_grad()
     def reconstruct(self, x01: torch.Tensor, prior_from_level: int | None = None,
                     posterior_mean: bool = True, temperature: float = 0.0,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, covariates: torch.Tensor | None = None) -> torch.Tensor:
         """Reconstruction in [0, 1].  With ``prior_from_level`` = m, latent layers at levels < m
         (resolutions finer than R/2^m) come from the prior at ``temperature`` instead of the
         posterior: the original's "progressive reconstructions"."""
@@ -165,28 +214,46 @@ class VeryDeepVAE(nn.Module):
             from_prior = prior_from_level is not None and level < prior_from_level
             choices.append(LatentChoice(use_posterior=not from_prior, posterior_mean=posterior_mean,
                                         temperature=temperature))
+        film = self._film(covariates, x01.shape[0])
         with self.inference_autocast(x01.device):
             x = self._input(x01)
-            h, _, _ = self.decoder(self.encoder(x), choices, x.shape[0], generator)
+            h, _, _ = self.decoder(self.encoder(x), choices, x.shape[0], generator, film=film)
             return self._to_volume(self.output_head(F.gelu(h)), False, generator)
 
     @torch.no_grad()
-    def encode(self, x01: torch.Tensor) -> list[torch.Tensor]:
-        """Posterior means of every latent layer, coarsest first."""
-        choices = [LatentChoice(posterior_mean=True)] * self.num_layers
+    def encode(self, x01: torch.Tensor, covariates: torch.Tensor | None = None,
+               as_noise: bool = False) -> list[torch.Tensor]:
+        """Posterior means of every latent layer, coarsest first.  With ``as_noise``, each as its
+        standardised residual under the prior, (z - prior mean) / prior std: the scan's "noise",
+        which :meth:`decode_noise` turns back into the same volume under the same covariates and
+        into its counterfactual under others."""
+        choices = [LatentChoice(posterior_mean=True, return_noise=as_noise)] * self.num_layers
+        film = self._film(covariates, x01.shape[0])
         with self.inference_autocast(x01.device):
             x = self._input(x01)
-            _, _, zs = self.decoder(self.encoder(x), choices, x.shape[0])
+            _, _, zs = self.decoder(self.encoder(x), choices, x.shape[0], film=film)
         return zs
 
     @torch.no_grad()
-    def decode(self, latents: Sequence[torch.Tensor]) -> torch.Tensor:
+    def decode(self, latents: Sequence[torch.Tensor], covariates: torch.Tensor | None = None) -> torch.Tensor:
         """Volumes in [0, 1] from given latents of every layer (as returned by ``encode``)."""
         if len(latents) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} latent tensors, got {len(latents)}")
-        choices = [LatentChoice(z=z) for z in latents]
-        with self.inference_autocast(latents[0].device):
-            h, _, _ = self.decoder(None, choices, latents[0].shape[0])
+        return self._decode_choices([LatentChoice(z=z) for z in latents], latents[0], covariates)
+
+    @torch.no_grad()
+    def decode_noise(self, noise: Sequence[torch.Tensor], covariates: torch.Tensor | None = None) -> torch.Tensor:
+        """Volumes in [0, 1] with z = prior mean + prior std * noise at every layer (the noise as
+        returned by ``encode(..., as_noise=True)``), the priors following ``covariates``."""
+        if len(noise) != self.num_layers:
+            raise ValueError(f"expected {self.num_layers} noise tensors, got {len(noise)}")
+        return self._decode_choices([LatentChoice(noise=e) for e in noise], noise[0], covariates)
+
+    def _decode_choices(self, choices: list[LatentChoice], first: torch.Tensor,
+                        covariates: torch.Tensor | None) -> torch.Tensor:
+        film = self._film(covariates, first.shape[0])
+        with self.inference_autocast(first.device):
+            h, _, _ = self.decoder(None, choices, first.shape[0], film=film)
             return self._to_volume(self.output_head(F.gelu(h)), False, None)
 
     def _to_volume(self, params: torch.Tensor, draw: bool, generator: torch.Generator | None) -> torch.Tensor:
