@@ -57,6 +57,7 @@ class DataBundle:
     cache_dir: str = ""
     split_file: str = ""
     notices: list[str] = field(default_factory=list)
+    covariates: Any = None  # CovariateSchema of a conditional run (data/covariates.py), else None
 
 
 class VolumeDataset(Dataset):
@@ -76,6 +77,8 @@ class VolumeDataset(Dataset):
         self.augmenter = augmenter
         self.epoch_key: tuple[int, int, int] | None = None
         self.metas = list(metas) if metas is not None else [{} for _ in self.files]
+        # (N, dim) float32 encoded covariates of a conditional run (data/covariates.py), else None
+        self.covariates: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -100,6 +103,26 @@ class VolumeDataset(Dataset):
         self.epoch_key = (seed, rank, epoch)
 
 
+class WithCovariates(Dataset):
+    """``(volume, covariates)`` items of a :class:`VolumeDataset` that has covariates: what the
+    training DataLoader of a conditional run reads (batches of (B, 1, R, R, R) and (B, dim))."""
+
+    def __init__(self, dataset: VolumeDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[index], self.dataset.covariates[index]
+
+    def volume(self, index: int) -> np.ndarray:
+        return self.dataset.volume(index)
+
+    def set_epoch_key(self, seed: int, rank: int, epoch: int) -> None:
+        self.dataset.set_epoch_key(seed, rank, epoch)
+
+
 # --- the whole build -------------------------------------------------------------------------------
 
 
@@ -115,6 +138,7 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
     seed = int(cfg.seed) if cfg.seed is not None else 0
 
     saved = None
+    phantom_root = None
     if split_path.exists():
         train_names, val_names, info = discover.load_split(split_path)
         saved = (train_names, val_names)
@@ -128,19 +152,26 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
             )
     else:
         root = Path(cfg.data_path).expanduser() if cfg.data_path else phantom_folder(cfg, cache_root, show)
+        phantom_root = None if cfg.data_path else root
         source = str(root.resolve())
         found = discover.discover_files(root, cfg.nifti_filename_pattern, exclude=[output_dir], notices=notices)
         files = discover.cap_files(found, cfg.max_niis_to_use)
 
+    conditioning = covariate_bad = None
+    total = len(files)
+    if getattr(cfg, "condition_on", None):  # before any preprocessing: a bad row writes nothing
+        conditioning, covariate_bad = _conditioning(cfg, files, output_dir, phantom_root, saved is not None)
+        files = [f for f in files if str(f) in conditioning[1]]
     prepared, bad = prepare_files(files, cache, workers=cfg.num_workers, show_progress=show,
                                   stop_early=not cfg.skip_bad_files)
     for meta in prepared.values():
         notices.extend(meta[1].get("warnings", []))
+    bad = (covariate_bad or []) + bad
     if bad:
-        _handle_bad(bad, len(files), cfg.skip_bad_files, output_dir, notices, write_report=_is_main_rank())
+        _handle_bad(bad, total, cfg.skip_bad_files, output_dir, notices, write_report=_is_main_rank())
     good = [str(f) for f in files if str(f) in prepared]
     if not good:
-        raise DataError(f"none of the {len(files)} input files from {source} can be used")
+        raise DataError(f"none of the {total} input files from {source} can be used")
 
     if saved is None:
         train_names, val_names = discover.split_keeping_copies_together(good, cfg.train_fraction, seed, notices)
@@ -166,6 +197,9 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
         augmenter = Augmenter(aug, cfg.resolution)
     train = _dataset(train_names, prepared, cache, augmenter)
     val = _dataset(val_names, prepared, cache, None)
+    schema = None
+    if conditioning is not None:
+        schema = _attach_covariates(conditioning, train, val, output_dir, seed, write=saved is None and _is_main_rank())
     train_metas = train.metas
     voxel = float(np.median([m["voxel_size_mm"] for m in train_metas]))
     reference = {
@@ -181,6 +215,7 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
         train=train, val=val, voxel_size_mm=voxel, train_files=list(train_names), val_files=list(val_names),
         skipped_files=[p for p, _ in bad] if bad else [], intensity_reference=reference,
         data_source=source, cache_dir=str(cache_root), split_file=str(split_path), notices=notices,
+        covariates=schema,
     )
     if cfg.visualise_training_pipeline_before_starting and show is not False:  # rank 0 only
         from .pipeline_preview import write_pipeline_preview
@@ -188,6 +223,43 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
         folder = write_pipeline_preview(bundle, output_dir, max(1, cfg.subjects_to_plot))
         notices.append(f"training pipeline preview written to {folder}")
     return bundle
+
+
+def _conditioning(cfg: Any, files: Sequence[Path | str], output_dir: Path, phantom_root: Path | None,
+                  resumed: bool) -> tuple[tuple[Any, dict[str, dict]], list[tuple[str, str]]]:
+    """((schema or the values' reader, raw values per file), scans without usable covariates): a
+    resumed run's own covariates.json, else the covariate file (data/run_covariates.py)."""
+    from . import run_covariates
+
+    if resumed:
+        loaded = run_covariates.load(output_dir)
+        if loaded is None:
+            raise DataError(f"{output_dir / run_covariates.COVARIATES_FILE} is missing: the run's covariates and "
+                            "their standardisation cannot be restored. Restore the file, or start afresh with "
+                            "--overwrite")
+        schema, values = loaded
+        missing = [str(f) for f in files if str(f) not in values]
+        if missing:
+            raise DataError(f"{output_dir / run_covariates.COVARIATES_FILE} has no covariates for {missing[0]}")
+        return (schema, values), []
+    found = run_covariates.for_files(cfg, files, phantom_root)
+    return (found, found.values), list(found.problems)
+
+
+def _attach_covariates(conditioning: tuple[Any, dict[str, dict]], train: "VolumeDataset", val: "VolumeDataset",
+                       output_dir: Path, seed: int, write: bool) -> Any:
+    """Encode the covariates of both sets (the schema from the training scans on a fresh run) and
+    record them in covariates.json; returns the schema."""
+    from . import run_covariates
+    from .covariates import CovariateSchema
+
+    source, values = conditioning
+    schema = source if isinstance(source, CovariateSchema) else source.schema(train.files, seed)
+    for dataset in (train, val):
+        dataset.covariates = torch.from_numpy(schema.encode([values[f] for f in dataset.files]))
+    if write:
+        run_covariates.save(output_dir, schema, {f: values[f] for f in dict.fromkeys(train.files + val.files)})
+    return schema
 
 
 def _dataset(names: list[str], prepared: dict[str, tuple[str, dict]], cache: VolumeCache,

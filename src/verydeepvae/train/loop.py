@@ -61,6 +61,10 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
           show_progress: bool | None = None) -> TrainResult:
     """Train (or resume) the model described by ``cfg``; returns where the results are."""
     notices = [] if notices is None else notices
+    if bundle is None:  # a conditional run's covariates are checked before anything is written
+        from ..data.run_covariates import check_before_training
+
+        check_before_training(cfg)
     runtime = distributed.setup(cfg, notices)
     held = None
     try:
@@ -124,7 +128,10 @@ class _Trainer:
                 fingerprint=lambda b: distributed.fingerprint_strings(list(b.train_files) + ["|"] + list(b.val_files)))
         self.bundle = bundle
         self.device = runtime.device
-        self.model = build_model_with_shared_weights(cfg, self.seed, self.device)
+        schema = getattr(bundle, "covariates", None)  # a conditional run (data/covariates.py)
+        self.model = build_model_with_shared_weights(cfg, self.seed, self.device, schema.dim if schema else 0)
+        if schema is not None:
+            self.model.set_covariate_bank(bundle.train.covariates)
         self.ema = EMA(self.model, cfg.ema_rate)
         self.optimiser = build_optimiser(self.model, cfg)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -285,8 +292,13 @@ class _Trainer:
         DataLoader for the whole run (sampler.EpochStream)."""
         micro = self.step * self.cfg.grad_accumulation
         epoch, start = divmod(micro, self.sampler.batches_per_epoch)
+        train = self.bundle.train
+        if getattr(train, "covariates", None) is not None:
+            from ..data.datasets import WithCovariates
+
+            train = WithCovariates(train)  # batches of (volumes, covariates)
         loader = DataLoader(
-            EpochKeyed(self.bundle.train, self.seed, self.runtime.rank), batch_size=self.cfg.batch_size,
+            EpochKeyed(train, self.seed, self.runtime.rank), batch_size=self.cfg.batch_size,
             sampler=EpochStream(self.sampler, epoch, start), num_workers=self.cfg.num_workers,
             pin_memory=self.device.type == "cuda", drop_last=False, worker_init_fn=_ignore_stop_signals,
             # its own generator: creating the loader must not consume the global RNG, or a run
@@ -307,13 +319,13 @@ class _Trainer:
         totals = torch.zeros(3 + self.model.num_layers, dtype=torch.float64)
         finite = True
         for micro in range(cfg.grad_accumulation):
-            x = next(batches).to(self.device, non_blocking=True)
+            x, covariates = _split_batch(next(batches), self.device)
             sync = contextlib.nullcontext()
             if self.runtime.distributed and micro < cfg.grad_accumulation - 1:
                 sync = self.net.no_sync()
             with sync:
                 with self._autocast():
-                    out = self.net(x, weight, cfg.kl_balance, cfg.kl_free_bits)
+                    out = self.net(x, weight, cfg.kl_balance, cfg.kl_free_bits, covariates=covariates)
                 loss = out.loss / cfg.grad_accumulation
                 if cfg.l2_reg_coeff:
                     loss = loss + cfg.l2_reg_coeff * _l2_penalty(self.model) / cfg.grad_accumulation
@@ -390,9 +402,10 @@ class _Trainer:
         for b, start in enumerate(range(0, len(indices), self.cfg.batch_size)):
             if limit is not None and b >= limit:
                 break
-            x = torch.stack([data[i] for i in indices[start:start + self.cfg.batch_size]]).to(self.device)
+            batch = indices[start:start + self.cfg.batch_size]
+            x = torch.stack([data[i] for i in batch]).to(self.device)
             with self._autocast():
-                out = model(x)
+                out = model(x, covariates=_covariates_of(data, batch, self.device))
             sums[0] += out.elbo.double().sum()
             sums[1] += out.nll.double().sum()
             sums[2] += x.shape[0]
@@ -438,6 +451,10 @@ class _Trainer:
                 self.quality_reference = quality.reference_volumes(val, self.bundle.train, cfg.quality_samples,
                                                                    self.seed)
             reference = self.quality_reference
+            if getattr(val, "covariates", None) is not None:
+                from ..data.datasets import WithCovariates
+
+                val = WithCovariates(val)  # (volume, covariates) items: encoding needs both
             values = quality.sample_quality(self.ema.model, Subset(val, range(used)), reference, cfg.quality_samples,
                                             cfg.batch_size, self.device, self.seed)
         except Exception as error:  # noqa: BLE001 (any failure: warn, go on training)
@@ -462,10 +479,12 @@ class _Trainer:
         with self._autocast():
             if n > 0:
                 x = torch.stack([self.bundle.val[i] for i in range(n)]).to(self.device)
-                rows = [("reconstruction", _one_by_one(model.reconstruct, x))]
+                c = _covariates_of(self.bundle.val, range(n), self.device)
+                rows = [("reconstruction", _one_by_one(model.reconstruct, x, covariates=c))]
                 for level in range(1, model.decoder.num_levels):
                     rows.append((f"prior <{self.cfg.resolution >> (level - 1)}³",
-                                 _one_by_one(model.reconstruct, x, prior_from_level=level, temperature=0.0)))
+                                 _one_by_one(model.reconstruct, x, covariates=c, prior_from_level=level,
+                                             temperature=0.0)))
                 self.reporter.reconstruction_figure(self.step, x, rows)
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
             samples = torch.cat([model.sample(1, 1.0, generator=generator)
@@ -490,6 +509,8 @@ class _Trainer:
                          "intensity_reference": dict(getattr(self.bundle, "intensity_reference", {}) or {}),
                          "num_train": len(self.bundle.train), "num_val": len(self.bundle.val)},
             })
+            if getattr(self.bundle, "covariates", None) is not None:
+                meta["covariates"] = self.bundle.covariates.to_json()  # the schema a loaded model encodes with
             try:
                 path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta)
             except OSError as error:
@@ -528,6 +549,8 @@ class _Trainer:
             "(not rescaled with the effective batch)",
             f"  steps {self.step} -> {self.total_steps} ({self.steps_per_epoch} per epoch); output {self.output_dir}",
         ]
+        if getattr(self.bundle, "covariates", None) is not None:
+            lines += [f"  {line}" for line in self.bundle.covariates.summary_lines()]
         for notice in self.notices:
             lines.append(f"  notice: {notice}")
         tqdm.write("\n".join(lines))
@@ -601,9 +624,26 @@ def _drop_records_after(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
-def _one_by_one(function, x: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``function(x, **kwargs)`` one volume at a time (bounded memory)."""
+def _one_by_one(function, x: torch.Tensor, covariates: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """``function(x, **kwargs)`` one volume at a time (bounded memory), with each volume's
+    ``covariates`` when there are (a conditional model)."""
+    if covariates is not None:
+        return torch.cat([function(x[i:i + 1], covariates=covariates[i:i + 1], **kwargs) for i in range(x.shape[0])])
     return torch.cat([function(x[i:i + 1], **kwargs) for i in range(x.shape[0])])
+
+
+def _split_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(volumes, covariates or None) on ``device`` from a DataLoader batch (a conditional run's
+    batches are pairs, data/datasets.py WithCovariates)."""
+    if isinstance(batch, (list, tuple)):
+        return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    return batch.to(device, non_blocking=True), None
+
+
+def _covariates_of(dataset: Any, indices, device: torch.device) -> torch.Tensor | None:
+    """The encoded covariates of these items of a conditional run's dataset, else None."""
+    table = getattr(dataset, "covariates", None)
+    return None if table is None else table[list(indices)].to(device)
 
 
 def _l2_penalty(model: torch.nn.Module) -> torch.Tensor:

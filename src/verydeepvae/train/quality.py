@@ -35,7 +35,8 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
       a unit is active when the variance over ``validation`` of its posterior mean
       (``model.encode``) exceeds 0.01 (Burda et al. 2016; ``evaluate.compute.ACTIVE_THRESHOLD``).
       At most the first 64 volumes of ``validation`` (a sequence of (1, R, R, R) or (R, R, R)
-      volumes in [0, 1], e.g. a dataset) are encoded; needs at least 2, else these keys are absent.
+      volumes in [0, 1], e.g. a dataset; for a conditional model (volume, covariates) pairs) are
+      encoded; needs at least 2, else these keys are absent.
     * ``frechet_samples``, ``frechet_real_vs_real`` (squared Fréchet distances on z-scored
       random-3D-CNN features, in squared standard deviations) and ``frechet_ratio`` = their
       quotient (dimensionless):
@@ -114,8 +115,13 @@ def _active_units(model, validation, batch_size, device) -> dict[str, float]:
     dtype = torch.float64 if model.latent_dimensions() <= 20_000_000 else torch.float32
     stats = [compute._Welford(dtype) for _ in range(model.num_layers)]
     for start in range(0, n, batch_size):
-        x = torch.stack([_as_input(validation[i]) for i in range(start, min(n, start + batch_size))]).to(device)
-        for s, z in zip(stats, model.encode(x)):
+        items = [validation[i] for i in range(start, min(n, start + batch_size))]
+        covariates = None
+        if items and isinstance(items[0], tuple):  # (volume, covariates) of a conditional model
+            covariates = torch.stack([torch.as_tensor(c) for _, c in items]).to(device)
+            items = [v for v, _ in items]
+        x = torch.stack([_as_input(item) for item in items]).to(device)
+        for s, z in zip(stats, model.encode(x, covariates=covariates) if covariates is not None else model.encode(x)):
             s.update(z)
     levels = sorted(set(model.layer_levels))
     active = dict.fromkeys(levels, 0)

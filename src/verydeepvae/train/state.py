@@ -140,7 +140,8 @@ def own_rng_devices(device: torch.device) -> list[int]:
     return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
-def build_model_with_shared_weights(cfg: Config, seed: int, device: torch.device) -> VeryDeepVAE:
+def build_model_with_shared_weights(cfg: Config, seed: int, device: torch.device,
+                                    covariate_dim: int = 0) -> VeryDeepVAE:
     """The model with the same initial weights on every rank (DDP would broadcast rank 0's, but the
     EMA copy is taken before that), leaving this rank's own RNG streams where they were.
 
@@ -149,4 +150,4 @@ def build_model_with_shared_weights(cfg: Config, seed: int, device: torch.device
     so the ranks' gradient estimates would be correlated.  The rank's own device is restored too."""
     with torch.random.fork_rng(devices=own_rng_devices(device)):
         torch.manual_seed(seed)
-        return VeryDeepVAE(cfg).to(device)
+        return VeryDeepVAE(cfg, covariate_dim).to(device)
