@@ -52,7 +52,10 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
     if checkpoint.unverified_notice():
         print(f"verydeepvae: notice: {checkpoint.unverified_notice()}", file=sys.stderr)
     config = checkpoint.config
-    model = VeryDeepVAE(config)
+    schema = covariate_schema(checkpoint)
+    model = VeryDeepVAE(config, schema.dim if schema is not None else 0)
+    if schema is not None and schema.bank:  # sample() without covariates draws the training scans'
+        model.set_covariate_bank(torch.from_numpy(schema.encode(schema.bank_rows())))
     model.inference_precision = config.precision  # generation in the arithmetic it was trained in
     state = checkpoint.state("ema" if use_ema else "model")
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -62,6 +65,15 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
             f"(missing {len(missing)} tensors, unexpected {len(unexpected)})"
         )
     return model.to(device).eval()
+
+
+def covariate_schema(checkpoint: ckpt.Checkpoint):
+    """The covariate schema of a conditional model's checkpoint (data/covariates.py), else None."""
+    if not checkpoint.meta.get("covariates"):
+        return None
+    from .data.covariates import CovariateSchema
+
+    return CovariateSchema.from_json(checkpoint.meta["covariates"], where=f"checkpoint {checkpoint.path}")
 
 
 def resolve_device(name: str | None) -> str:
@@ -105,6 +117,11 @@ class TrainedModel:
     def voxel_size_mm(self) -> float:
         """The model grid's voxel size: the median over the training volumes."""
         return float(self.data_meta.get("voxel_size_mm", 1.0))
+
+    @property
+    def covariates(self):
+        """The covariate schema of a conditional model (data/covariates.py), None if unconditional."""
+        return covariate_schema(self.checkpoint)
 
     @property
     def intensity_reference(self) -> dict[str, Any]:
@@ -265,10 +282,12 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                   temperature: float | Sequence[float] = 1.0, seed: int = 0, voxel_size_mm: float = 1.0,
                   batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool = True,
                   intensity_reference: dict[str, Any] | None = None,
-                  extra_record: dict | None = None) -> list[Path]:
+                  extra_record: dict | None = None, covariates: np.ndarray | None = None) -> list[Path]:
     """Draw ``num`` volumes from the prior and write ``sample_XXXX.nii.gz``, a montage and a
     ``samples.json`` record (seed, temperature, checkpoint...).  The same seed gives the same volumes;
-    temperature 0 gives the prior means at every layer.
+    temperature 0 gives the prior means at every layer.  ``covariates`` (num, dim): the encoded
+    covariates of each volume of a conditional model (else it draws the training scans'; the
+    caller records the requested values in ``extra_record``, see ``conditional.py``).
 
     ``intensity_reference`` (a checkpoint's ``meta["data"]["intensity_reference"]``) maps the
     model-range intensities back to the training data's scale (see the module notes); None keeps [0, 1].
@@ -286,7 +305,8 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
               "intensity": _intensity_record(low_high, "median clamp values of the training files")}
     record.update(extra_record or {})
     try:
-        for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress):
+        for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress,
+                                           covariates=covariates):
             for i, volume in enumerate(volumes):
                 if len(previews) < MAX_FIGURE_ROWS:
                     previews.append(volume)
@@ -307,18 +327,23 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
 
 
 def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
-                 batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True
-                 ) -> Iterator[tuple[int, np.ndarray]]:
+                 batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True,
+                 covariates: np.ndarray | torch.Tensor | None = None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index of the first, volumes (B, R, R, R) float32 in [0, 1])`` batches of prior samples.
 
     One generator seeded with ``seed`` drives every batch, so the volumes depend only on the seed,
-    the temperature and the batch size."""
+    the temperature and the batch size (and, for a conditional model, ``covariates`` (num, dim):
+    each volume's encoded covariates; without them the model draws the training scans')."""
     model = model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(int(seed))
+    if covariates is not None:
+        covariates = torch.as_tensor(np.asarray(covariates, dtype=np.float32))
     with tqdm(total=num, unit="vol", desc="sample", disable=hide_progress(show_progress, num)) as bar:
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
-            volumes = model.sample(count, temperature, generator=generator).float().cpu()[:, 0].numpy()
+            given = None if covariates is None else covariates[start:start + count].to(device)
+            volumes = model.sample(count, temperature, generator=generator,
+                                   covariates=given).float().cpu()[:, 0].numpy()
             yield start, volumes
             bar.update(count)
 
@@ -344,11 +369,13 @@ def _seeded(seed: int, device: str | torch.device):
 
 
 @torch.no_grad()
-def elbo_terms(model: VeryDeepVAE, x01: torch.Tensor, seed: int = 0) -> dict[str, np.ndarray]:
+def elbo_terms(model: VeryDeepVAE, x01: torch.Tensor, seed: int = 0,
+               covariates: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Per-volume negative ELBO, reconstruction term and per-layer KL, in nats per voxel
-    (one posterior sample per volume, drawn reproducibly from ``seed``)."""
+    (one posterior sample per volume, drawn reproducibly from ``seed``; ``covariates``: those of
+    the volumes, for a conditional model)."""
     with _seeded(seed, x01.device), model.inference_autocast(x01.device):
-        out = model(x01)
+        out = model(x01, covariates=covariates)
     return {"elbo": out.elbo.double().cpu().numpy(), "nll": out.nll.double().cpu().numpy(),
             "kl_per_layer": out.kl_per_layer.double().cpu().numpy()}
 
@@ -356,7 +383,7 @@ def elbo_terms(model: VeryDeepVAE, x01: torch.Tensor, seed: int = 0) -> dict[str
 def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output_dir: str | Path,
                       posterior_mean: bool = True, prior_above: int | None = None, temperature: float = 0.0,
                       seed: int = 0, batch_size: int = 4, intensity: str = "model",
-                      show_progress: bool | None = True) -> dict[str, Any]:
+                      show_progress: bool | None = True, covariates: np.ndarray | None = None) -> dict[str, Any]:
     """Reconstruct NIfTI files; write ``<name>_recon.nii.gz``, ``<name>_input.nii.gz`` (the
     preprocessed input), ``reconstructions.png`` and ``reconstructions.json``; return the record.
 
@@ -367,6 +394,7 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
     and KL terms, and PSNR, SSIM and MAE between the preprocessed input and the reconstruction
     (model range, data range 1). The figure shows, per input, the reconstruction and the
     reconstructions with the prior above every resolution (temperature ``temperature``).
+    ``covariates`` (N, dim): each file's encoded covariates, for a conditional model.
     """
     from .metrics import mae, psnr, ssim3d
 
@@ -387,14 +415,16 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
     bar = tqdm(total=len(files), desc="reconstruct", unit="vol", disable=hide_progress(show_progress, len(files)))
     for start in range(0, len(files), batch_size):
         x = torch.from_numpy(volumes[start:start + batch_size])[:, None].to(device)
-        terms = elbo_terms(model, x, seed + start)
-        recon = model.reconstruct(x, prior_from_level=level, posterior_mean=posterior_mean,
-                                  temperature=temperature, generator=generator).float().cpu()[:, 0].numpy()
+        c = None if covariates is None else torch.from_numpy(np.asarray(covariates[start:start + batch_size],
+                                                                        dtype=np.float32)).to(device)
+        terms = elbo_terms(model, x, seed + start, covariates=c)
+        recon = model.reconstruct(x, prior_from_level=level, posterior_mean=posterior_mean, temperature=temperature,
+                                  generator=generator, covariates=c).float().cpu()[:, 0].numpy()
         xs = x.cpu()[:, 0].numpy()
         p, s, m = (np.atleast_1d(f(xs, recon)) for f in (psnr, ssim3d, mae))
         if len(figure_rows) < MAX_FIGURE_ROWS:
-            extra = [model.reconstruct(x, prior_from_level=lv, temperature=temperature,
-                                       generator=figure_generator).float().cpu()[:, 0].numpy()
+            extra = [model.reconstruct(x, prior_from_level=lv, temperature=temperature, generator=figure_generator,
+                                       covariates=c).float().cpu()[:, 0].numpy()
                      for lv in progressive_levels]
             for i in range(min(len(xs), MAX_FIGURE_ROWS - len(figure_rows))):
                 figure_rows.append([xs[i], recon[i]] + [e[i] for e in extra])
