@@ -1,0 +1,84 @@
+"""Figures of conditional generation: a scan beside its counterfactuals, and a measurement against
+the requested covariate.  Headless, written atomically (as ``viz``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from .atomic import write_with
+from .viz import mid_slices, plt  # (viz selects the headless backend)
+
+ROWS = (("axial", 2), ("coronal", 1))
+
+
+def save_counterfactual_strip(volumes: Sequence[np.ndarray], titles: Sequence[str], reference: np.ndarray,
+                              path: str | os.PathLike, first_compared: int = 2, suptitle: str | None = None) -> None:
+    """Columns: ``volumes`` (e.g. input, reconstruction, counterfactuals...); rows: axial and coronal
+    mid-slices (grey, [0, 1]), then the axial difference from ``reference`` (the reconstruction at the
+    scan's own covariates) for the columns from ``first_compared`` on (red brighter, blue darker;
+    the colour range is symmetric about 0 and shared by the row)."""
+    n = len(volumes)
+    diffs = [np.asarray(v, np.float32) - np.asarray(reference, np.float32) for v in volumes[first_compared:]]
+    limit = max([float(np.abs(d).max()) for d in diffs] + [1e-3])
+    fig, axes = plt.subplots(len(ROWS) + 1, n, figsize=(1.5 * n, 1.6 * (len(ROWS) + 1) + (0.3 if suptitle else 0)),
+                             squeeze=False)
+    for col, volume in enumerate(volumes):
+        for row, (plane, index) in enumerate(ROWS):
+            ax = axes[row][col]
+            ax.imshow(mid_slices(volume)[index], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            if row == 0:
+                ax.set_title(titles[col], fontsize=7)
+            if col == 0:
+                ax.set_ylabel(plane, fontsize=7)
+        ax = axes[len(ROWS)][col]
+        if col >= first_compared:
+            image = ax.imshow(mid_slices(diffs[col - first_compared])[2], cmap="RdBu_r", vmin=-limit, vmax=limit,
+                              interpolation="nearest")
+        else:
+            ax.axis("off")
+        if col == first_compared:
+            ax.set_ylabel("minus recon.", fontsize=7)
+    for ax in np.ravel(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if n > first_compared:
+        fig.colorbar(image, ax=list(axes[len(ROWS)][first_compared:]), fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
+    _save(fig, path)
+
+
+def save_trend(requested: Sequence[float], measured: Sequence[float], path: str | os.PathLike, xlabel: str,
+               ylabel: str, real: tuple[Sequence[float], Sequence[float]] | None = None, title: str = "") -> None:
+    """Measured value of each sample against its requested covariate (with the real volumes' own
+    values when given), and least-squares lines."""
+    fig, ax = plt.subplots(figsize=(3.6, 3.0))
+    series = [("samples", requested, measured, "tab:orange")]
+    if real is not None:
+        series.insert(0, ("held-out real", real[0], real[1], "tab:blue"))
+    for label, xs, ys, colour in series:
+        xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+        ax.scatter(xs, ys, s=8, alpha=0.6, color=colour, label=label)
+        if len(xs) >= 2 and np.ptp(xs) > 0:
+            slope, intercept = np.polyfit(xs, ys, 1)
+            grid = np.linspace(xs.min(), xs.max(), 2)
+            ax.plot(grid, slope * grid + intercept, color=colour, lw=1)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: str | os.PathLike) -> None:
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
