@@ -13,6 +13,7 @@ import sys
 import threading
 from typing import Any, Iterator, Sequence
 
+from . import cli_conditional
 from .errors import Interrupted, Stopped, UserError
 
 EXIT_USER_ERROR = 2
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip unreadable or unusable NIfTI files (listed in skipped_files.txt) instead of stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli_conditional.add_train_options(p)
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("sample", help="draw synthetic volumes from a trained model")
@@ -114,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model: intensities in [0, 1]; data: mapped to the training data's typical scale")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true")
+    cli_conditional.add_sample_options(p)
     p.set_defaults(handler=_sample)
 
     _inference_commands(sub)
+    cli_conditional.add_counterfactual_command(sub, _model_options)
 
     p = sub.add_parser("config", help="inspect configurations")
     config_sub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="estimate training memory per sample, with and without activation checkpointing")
     show.add_argument("--gpu-memory", metavar="SIZE",
                       help="with --estimate-memory: the largest batch size fitting this memory, e.g. 24GiB")
+    show.add_argument("--checkpoint", help="show a trained model's configuration (a checkpoint file or run folder) "
+                                           "and, for a conditional model, its covariates")
     show.set_defaults(handler=_config_show)
     config_parser = p  # bound now: ``p`` is reassigned below, and a lambda would see the last one
     p.set_defaults(handler=lambda args: (config_parser.print_help(), EXIT_USER_ERROR)[1])
@@ -157,6 +163,7 @@ def _inference_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--intensity", choices=["model", "data"], default="model",
                    help="model: [0, 1]; data: mapped back to each input file's own intensity scale")
+    cli_conditional.add_scan_options(p)
     p.set_defaults(handler=_reconstruct)
 
     p = sub.add_parser("encode", help="write the posterior-mean latents of NIfTI volumes to a .safetensors file")
@@ -199,6 +206,9 @@ def _inference_commands(sub) -> None:
                    help="tissue volumes (FLAIR-like contrast): auto = when participants.tsv (phantom) is found")
     p.add_argument("--feature-plugin", metavar="MODULE:CALLABLE",
                    help="optional extra feature extractor you supply (e.g. a MedicalNet wrapper with local weights)")
+    p.add_argument("--covariates", metavar="FILE",
+                   help="a conditional model: TSV/CSV of the held-out scans' covariates (default: the run's "
+                        "covariates.json, or a participants.tsv next to the scans)")
     p.set_defaults(handler=_evaluate)
 
 
@@ -249,6 +259,7 @@ def _train(args: argparse.Namespace) -> int:
         extra["skip_bad_files"] = True
     if args.deterministic:
         extra["deterministic"] = True
+    extra.update(cli_conditional.train_overrides(args))
     notices: list[str] = []
     cfg = _load_config(args, extra, notices)
     from .train.loop import train
@@ -313,12 +324,14 @@ def _sample(args: argparse.Namespace) -> int:
 
         reference = dict(data.get("intensity_reference") or {})
         reference_range(reference, str(checkpoint.path))  # a clear error if the checkpoint has none
+    num, covariates, conditioned = cli_conditional.sample_conditions(args, checkpoint)
     _claim(args, "sample")
-    paths = write_samples(model, args.output_dir, args.num, temperature, args.seed,
+    paths = write_samples(model, args.output_dir, num, temperature, args.seed,
                           voxel_size_mm=float(data.get("voxel_size_mm", 1.0)), batch_size=args.batch_size,
                           device=device, show_progress=not args.no_progress, intensity_reference=reference,
                           extra_record={"checkpoint": str(checkpoint.path), "step": checkpoint.step,
-                                        "weights": "raw" if args.raw_weights else "ema"})
+                                        "weights": "raw" if args.raw_weights else "ema", **conditioned},
+                          covariates=covariates)
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
     return 0
 
@@ -348,10 +361,12 @@ def _reconstruct(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     files = input_files(args.input, args.pattern)
     trained = _open(args)
+    covariates = cli_conditional.scan_vectors(args, trained, files)
     _claim(args, "reconstruct")
     record = reconstruct_files(trained, files, args.output_dir, posterior_mean=args.mode == "mean",
                                prior_above=args.prior_above, temperature=args.temperature, seed=args.seed,
-                               batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args))
+                               batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args),
+                               covariates=covariates)
     for row in record["files"]:
         print(f"{row['reconstruction']}: {row['elbo_bits_per_voxel']:.4f} bits/voxel, PSNR {row['psnr_db']:.2f} dB, "
               f"SSIM {row['ssim']:.4f}, MAE {row['mae']:.4f}")
@@ -369,6 +384,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     files = input_files(args.input, args.pattern)
     trained = _open(args)
+    cli_conditional.refuse(trained, "encode")
     claim_file(args.output, [Path(args.output).with_suffix(".json")], args.overwrite)
     path = encode_files(trained, files, args.output, batch_size=args.batch_size, show_progress=_progress(args))
     print(f"wrote the latents of {len(files)} volumes ({trained.model.num_layers} layers) to {path} "
@@ -380,6 +396,7 @@ def _decode(args: argparse.Namespace) -> int:
     from .latents import decode_latents
 
     trained = _open(args)
+    cli_conditional.refuse(trained, "decode")
     _claim(args, "decode")
     paths = decode_latents(trained, args.latents, args.output_dir, args.batch_size, show_progress=_progress(args))
     print(f"wrote {len(paths)} decoded volumes to {args.output_dir}")
@@ -393,6 +410,7 @@ def _interpolate(args: argparse.Namespace) -> int:
         raise UserError(f"--steps must be between 2 and {MAX_INTERPOLATION_STEPS} (both ends included), got {args.steps}")
     (a,), (b,) = (_single_file(f) for f in (args.a, args.b))
     trained = _open(args)
+    cli_conditional.refuse(trained, "interpolate")
     _claim(args, "interpolate")
     paths = interpolate(trained, a, b, args.output_dir, steps=args.steps, method=args.method,
                         batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args))
@@ -424,7 +442,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
         batch_size=args.batch_size, max_heldout=args.max_heldout, max_train=args.max_train,
         num_pairs=args.num_pairs, morphometry=args.morphometry, feature_plugin=args.feature_plugin,
-        pattern=args.pattern, show_progress=_progress(args),
+        pattern=args.pattern, show_progress=_progress(args), covariates_file=args.covariates,
     )
     trained = _open(args)
     _claim(args, "evaluate")
@@ -445,15 +463,33 @@ def _config_show(args: argparse.Namespace) -> int:
             budget = parse_size(args.gpu_memory)
         except ValueError as error:
             raise UserError(f"--gpu-memory: {error}") from None
-    cfg = _load_config(args, notices=notices)
+    checkpoint = None
+    if args.checkpoint is not None:
+        from .train.checkpoint import resolve_checkpoint
+
+        if args.preset or args.config or args.set:
+            raise UserError("config show --checkpoint shows the checkpoint's own configuration; drop --preset, "
+                            "--config and --set")
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        cfg = checkpoint.config
+    else:
+        cfg = _load_config(args, notices=notices)
     if args.json:
         print(cfg.to_json())
         return 0
     from .model import VeryDeepVAE
 
-    model = VeryDeepVAE(cfg)
+    schema = None
+    if checkpoint is not None:
+        from .generate import covariate_schema
+
+        schema = covariate_schema(checkpoint)
+    model = VeryDeepVAE(cfg, schema.dim if schema is not None else 0)
     print(cfg.to_json())
     print(model_summary(model, cfg))
+    if checkpoint is not None:
+        print(f"checkpoint {checkpoint.path}, step {checkpoint.step}")
+        print("\n".join(cli_conditional.show_schema(checkpoint)))
     if args.estimate_memory:
         from .memory import report
         from .train.memory_plan import for_config_show

@@ -1,0 +1,157 @@
+"""Command-line pieces of conditional models (argument parsing only; the work is in
+``conditional.py`` and ``counterfactual.py``): ``train --covariates/--condition-on``,
+``sample --condition/--conditions``, the scan covariates of ``reconstruct``/``evaluate``, and the
+``counterfactual`` command.  Kept apart from ``cli.py`` so each command there needs one hook line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from .errors import UserError
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--covariates", metavar="FILE",
+                   help="TSV/CSV with one row per scan (matched by a path, filename or BIDS participant_id column) "
+                        "holding the --condition-on covariates")
+    p.add_argument("--condition-on", metavar="NAMES",
+                   help="condition the model on these covariates, comma separated (e.g. age,sex; name:categorical "
+                        "or name:numeric to say how a column is read); without --data, the phantom's own factors "
+                        "(age, sex, lesion_load, atrophy...)")
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.condition_on is not None:
+        out["condition_on"] = [n.strip() for n in args.condition_on.split(",") if n.strip()]
+    if args.covariates is not None:
+        out["covariates_file"] = args.covariates
+    return out
+
+
+def add_sample_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
+                   help="a conditional model's covariate for every volume (repeatable, e.g. --condition age=75 "
+                        "--condition sex=F); those not given are drawn from the training scans' given these")
+    p.add_argument("--conditions", metavar="FILE",
+                   help="TSV/CSV with one row per volume to generate and covariates as columns (empty cells are "
+                        "drawn); the number of volumes is the number of rows")
+
+
+def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, Any, dict[str, Any]]:
+    """(number of volumes, encoded covariates or None, what samples.json records about them)."""
+    from . import conditional
+    from .data.covariates import parse_assignments
+    from .generate import covariate_schema
+
+    schema = covariate_schema(checkpoint)
+    if schema is None:
+        if args.condition or args.conditions:
+            raise UserError(f"checkpoint {checkpoint.path} is an unconditional model; --condition/--conditions need "
+                            "a model trained with --condition-on")
+        return args.num, None, {}
+    fixed = conditional.parse_request(schema, parse_assignments(args.condition), "--condition")
+    num = args.num
+    if args.conditions:
+        requests = [{**row, **fixed} for row in conditional.read_conditions_file(args.conditions, schema)]
+        if num != len(requests):
+            _notice(f"--conditions {args.conditions} has {len(requests)} rows: generating {len(requests)} volumes")
+        num = len(requests)
+    else:
+        requests = [dict(fixed) for _ in range(num)]
+    resolved = conditional.resolve(schema, requests, args.seed)
+    for note in resolved.notices:
+        _notice(note)
+    names = [f"sample_{i:04d}.nii.gz" for i in range(num)]
+    return num, resolved.vectors, {"conditions": resolved.record(names),
+                                   "covariates": schema.to_json()["covariates"]}
+
+
+def add_scan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--observed", action="append", default=[], metavar="NAME=VALUE",
+                   help="a conditional model: the scans' own covariate (repeatable); otherwise found in --covariates, "
+                        "the run's covariates.json or a participants.tsv next to the scans")
+    p.add_argument("--covariates", metavar="FILE", help="a conditional model: TSV/CSV of the scans' own covariates")
+
+
+def scan_vectors(args: argparse.Namespace, trained: Any, files) -> Any:
+    """The encoded covariates of the scans for a conditional model, else None."""
+    from . import conditional
+    from .data.covariates import parse_assignments
+
+    schema = trained.covariates
+    if schema is None:
+        if args.observed or args.covariates:
+            raise UserError("--observed/--covariates are for conditional models; this one is unconditional")
+        return None
+    rows, _ = conditional.scan_covariates(trained, files, parse_assignments(args.observed, "--observed"),
+                                          args.covariates)
+    return schema.encode(rows)
+
+
+def refuse(trained: Any, command: str) -> None:
+    if trained.covariates is not None:
+        raise UserError(f"{command} does not support conditional models yet (this one is conditioned on "
+                        f"{', '.join(trained.covariates.names)}); use reconstruct or counterfactual, or the Python API")
+
+
+def add_counterfactual_command(sub, model_options: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("counterfactual", help="a scan with other covariates (e.g. older): encode it, decode with "
+                                              "changed covariates; NIfTI, difference maps and a PNG strip")
+    model_options(p)
+    p.add_argument("--input", required=True, help="a NIfTI file, a folder of them or a text/CSV list of paths")
+    p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
+    p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
+                   help="the changed covariate (repeatable); the others keep the scan's own values")
+    p.add_argument("--sweep", metavar="NAME=START:STOP:STEP",
+                   help="one volume per value, e.g. age=50:90:5 (stop included) or sex=F,M, and a PNG strip")
+    add_scan_options(p)
+    p.add_argument("--mode", choices=["noise", "latents"], default="noise",
+                   help="noise (default): keep each layer's standardised residual under the prior, so the latents "
+                        "follow the new covariates; latents: keep the posterior means themselves")
+    p.add_argument("--output-dir", "--output", dest="output_dir", required=True)
+    p.set_defaults(handler=_counterfactual)
+
+
+def _counterfactual(args: argparse.Namespace) -> int:
+    from . import cli
+    from .conditional import require_schema, sweep_values
+    from .counterfactual import write_counterfactuals
+    from .data.covariates import parse_assignments
+    from .generate import input_files
+
+    change = parse_assignments(args.condition)
+    observed = parse_assignments(args.observed, "--observed")
+    files = input_files(args.input, args.pattern)
+    trained = cli._open(args)
+    schema = require_schema(trained, "counterfactual")
+    sweep = sweep_values(schema, args.sweep) if args.sweep else None
+    if not change and sweep is None:
+        raise UserError("counterfactual needs --condition NAME=VALUE and/or --sweep NAME=START:STOP:STEP")
+    notices: list[str] = []
+    cli._claim(args, "counterfactual")
+    record = write_counterfactuals(trained, files, args.output_dir, change, sweep, observed, args.covariates,
+                                   args.mode, args.batch_size, cli._progress(args), notices)
+    for note in notices:
+        _notice(note)
+    for scan in record["scans"]:
+        print(f"{scan['input']}: own {scan['observed']} ({scan['observed_from']}); reconstruction PSNR "
+              f"{scan['psnr_reconstruction_db']:.2f} dB; {len(scan['outputs'])} counterfactual(s)")
+    print(f"wrote counterfactuals of {len(record['scans'])} scan(s), figures and counterfactuals.json to "
+          f"{args.output_dir}")
+    return 0
+
+
+def show_schema(checkpoint: Any) -> list[str]:
+    """Lines of ``config show --checkpoint`` about a conditional model's covariates."""
+    from .generate import covariate_schema
+
+    schema = covariate_schema(checkpoint)
+    return schema.summary_lines() if schema is not None else ["unconditional model (no covariates)"]
+
+
+def _notice(text: str) -> None:
+    print(f"verydeepvae: notice: {text}", file=sys.stderr)
