@@ -20,6 +20,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
+from . import conditional
 from .config import Config, build_config
 from .errors import UserError
 from .generate import (TrainedModel, check_temperature, input_files, iter_samples, load_preprocessed, open_trained,
@@ -30,6 +31,19 @@ from .volume_io import save_nifti as _save_nifti
 # what reconstruct/encode accept: NIfTI paths (a file, a folder, a list file, or a sequence of
 # them), or volumes already on the model grid in [0, 1], shaped (R, R, R) or (N, R, R, R)
 Inputs = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], np.ndarray, torch.Tensor]
+# a conditional model's covariates: one dict for every volume, or a list with one dict per volume
+Conditions = Union[dict[str, Any], Sequence[dict[str, Any]], None]
+
+
+def _per_volume(given: Conditions, n: int, what: str) -> list[dict[str, Any]]:
+    if given is None:
+        return [{} for _ in range(n)]
+    if isinstance(given, dict):
+        return [dict(given) for _ in range(n)]
+    rows = [dict(r) for r in given]
+    if len(rows) != n:
+        raise UserError(f"{what}: {len(rows)} entries for {n} volumes")
+    return rows
 
 
 @dataclass
@@ -44,6 +58,8 @@ class Volumes:
     data: np.ndarray
     affines: np.ndarray
     names: list[str] = field(default_factory=list)
+    # a conditional model's volumes: each one's covariates (``{"age": 75.0, "sex": "F"}``)
+    conditions: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -101,49 +117,141 @@ class Model:
         return self._trained.checkpoint.step
 
     @property
+    def covariates(self):
+        """A conditional model's covariate schema (``.names``, ``.covariates`` with kinds, means, sds,
+        levels and training ranges; ``verydeepvae.data.covariates.CovariateSchema``); None if unconditional."""
+        return self._trained.covariates
+
+    @property
     def device(self) -> str:
         return self._trained.device
 
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
-               batch_size: int = 4) -> Volumes:
+               batch_size: int = 4, conditions: Conditions = None) -> Volumes:
         """n volumes from the prior: ``data`` (n, R, R, R).  ``temperature``: one value, or one per
         resolution level (highest resolution first); the same seed, temperature and batch size give
-        the same volumes as ``verydeepvae sample``."""
+        the same volumes as ``verydeepvae sample``.  A conditional model takes ``conditions``: one
+        dict for every volume (``{"age": 75, "sex": "F"}``) or a list of n dicts, each giving any
+        subset of the covariates (the rest is drawn from the training scans' given them, as the CLI
+        does); ``Volumes.conditions`` holds every volume's full covariates."""
         if n < 1 or batch_size < 1:
             raise UserError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
         model = self.torch_module
         temperature = check_temperature(model, temperature)
-        chunks = [v for _, v in iter_samples(model, n, temperature, seed, batch_size, self.device, False)]
+        vectors, rows = None, None
+        if self.covariates is not None:
+            requests = _per_volume(conditions, n, "conditions")
+            resolved = conditional.resolve(self.covariates,
+                                           [conditional.parse_request(self.covariates, r) for r in requests], seed)
+            vectors, rows = resolved.vectors, resolved.rows
+        elif conditions is not None:
+            raise UserError("this model is unconditional; it takes no conditions")
+        chunks = [v for _, v in iter_samples(model, n, temperature, seed, batch_size, self.device, False,
+                                             covariates=vectors)]
         data = np.concatenate(chunks).astype(np.float32)
-        return Volumes(data, self._affines(n), [f"sample_{i:04d}" for i in range(n)])
+        return Volumes(data, self._affines(n), [f"sample_{i:04d}" for i in range(n)], rows)
 
-    def reconstruct(self, inputs: Inputs, posterior_mean: bool = True, batch_size: int = 4) -> Volumes:
+    def reconstruct(self, inputs: Inputs, posterior_mean: bool = True, batch_size: int = 4,
+                    covariates: Conditions = None) -> Volumes:
         """Reconstructions (posterior mean at every layer, or a posterior sample) of NIfTI files or
-        of model-grid volumes; ``data`` (N, R, R, R)."""
+        of model-grid volumes; ``data`` (N, R, R, R).  A conditional model needs each scan's own
+        ``covariates`` (a dict for all, or one per volume); for NIfTI paths they are otherwise looked
+        up as the CLI does (the run's covariates.json, a participants.tsv next to the scans)."""
         x, affines, names = self._inputs(inputs)
-        out = [self.torch_module.reconstruct(batch, posterior_mean=posterior_mean).cpu()[:, 0].numpy()
-               for batch in self._batches(x, batch_size)]
-        return Volumes(np.concatenate(out).astype(np.float32), affines, names)
+        c = self._scan_covariates(inputs, covariates, x.shape[0])
+        out = [self.torch_module.reconstruct(batch, posterior_mean=posterior_mean, covariates=cb).cpu()[:, 0].numpy()
+               for batch, cb in zip(self._batches(x, batch_size), self._covariate_batches(c, x.shape[0], batch_size))]
+        return Volumes(np.concatenate(out).astype(np.float32), affines, names, self._rows(c))
 
-    def encode(self, inputs: Inputs, batch_size: int = 4) -> list[torch.Tensor]:
+    def encode(self, inputs: Inputs, batch_size: int = 4, covariates: Conditions = None) -> list[torch.Tensor]:
         """Posterior means of every latent layer, coarsest first: one tensor (N, C, s, s, s) per
-        layer, float32 on the CPU (``decode`` takes them back)."""
+        layer, float32 on the CPU (``decode`` takes them back).  ``covariates``: as :meth:`reconstruct`."""
         x, _, _ = self._inputs(inputs)
-        per_batch = [[z.float().cpu() for z in self.torch_module.encode(batch)] for batch in self._batches(x, batch_size)]
+        c = self._scan_covariates(inputs, covariates, x.shape[0])
+        per_batch = [[z.float().cpu() for z in self.torch_module.encode(batch, covariates=cb)]
+                     for batch, cb in zip(self._batches(x, batch_size), self._covariate_batches(c, x.shape[0], batch_size))]
         return [torch.cat(layer) for layer in zip(*per_batch)]
 
-    def decode(self, latents: Sequence[torch.Tensor], batch_size: int = 4) -> Volumes:
-        """Volumes from latents of every layer (as :meth:`encode` returns them); ``data`` (N, R, R, R)."""
+    def decode(self, latents: Sequence[torch.Tensor], batch_size: int = 4, covariates: Conditions = None) -> Volumes:
+        """Volumes from latents of every layer (as :meth:`encode` returns them); ``data`` (N, R, R, R).
+        A conditional model decodes under ``covariates`` (a dict for all, or one per volume, complete)."""
         latents = list(latents)
         if len(latents) != self.torch_module.num_layers:
             raise UserError(f"expected {self.torch_module.num_layers} latent tensors (one per layer), got {len(latents)}")
         n = latents[0].shape[0]
+        c = self._complete(covariates, n, "covariates")
         out = []
         with torch.no_grad():
-            for start in range(0, n, batch_size):
+            for start, cb in zip(range(0, n, batch_size), self._covariate_batches(c, n, batch_size)):
                 zs = [z[start:start + batch_size].to(self.device) for z in latents]
-                out.append(self.torch_module.decode(zs).cpu()[:, 0].numpy())
-        return Volumes(np.concatenate(out).astype(np.float32), self._affines(n), [f"decoded_{i:04d}" for i in range(n)])
+                out.append(self.torch_module.decode(zs, covariates=cb).cpu()[:, 0].numpy())
+        return Volumes(np.concatenate(out).astype(np.float32), self._affines(n), [f"decoded_{i:04d}" for i in range(n)],
+                       self._rows(c))
+
+    def counterfactual(self, inputs: Inputs, condition: dict[str, Any] | None = None,
+                       sweep: tuple[str, Sequence[Any]] | None = None, observed: Conditions = None,
+                       mode: str = "noise", batch_size: int = 4) -> Volumes:
+        """Counterfactuals of scans (a conditional model; ``verydeepvae counterfactual``'s method,
+        ``counterfactual.py``): each scan encoded with its own covariates (``observed``, else looked up
+        as :meth:`reconstruct` does) and decoded with ``condition`` applied (``{"age": 80}``), or at
+        every value of ``sweep`` (``("age", [50, 60, 70])``).  ``data`` (N x K, R, R, R), scan by
+        scan; ``names`` ``<scan>_<covariate>-<value>``; ``conditions`` each volume's covariates.
+        ``mode="latents"`` keeps the latents instead of their standardised residuals."""
+        from .counterfactual import counterfactual_volumes, value_label
+
+        schema = conditional.require_schema(self._trained, "counterfactual")
+        x, affines, names = self._inputs(inputs)
+        own = self._scan_covariates(inputs, observed, x.shape[0])
+        change = conditional.parse_request(schema, condition or {})
+        values = [None] if sweep is None else [schema.get(sweep[0]).parse(v) for v in sweep[1]]
+        if not change and sweep is None:
+            raise UserError("counterfactual needs a condition and/or a sweep")
+        data, out_affines, out_names, rows = [], [], [], []
+        for i in range(x.shape[0]):
+            targets = [{**own[i], **change, **({} if v is None else {sweep[0]: v})} for v in values]
+            _, volumes = counterfactual_volumes(self.torch_module, x[i, 0].numpy(), schema.encode([own[i]])[0],
+                                                schema.encode(targets), mode, batch_size, self.device)
+            data.append(volumes)
+            out_affines += [affines[i]] * len(targets)
+            out_names += [f"{names[i]}_" + ("counterfactual" if v is None else value_label(sweep[0], v))
+                          for v in values]
+            rows += targets
+        return Volumes(np.concatenate(data).astype(np.float32), np.stack(out_affines), out_names, rows)
+
+    # -- conditional models ------------------------------------------------------------------------
+    def _complete(self, given: Conditions, n: int, what: str) -> list[dict[str, Any]] | None:
+        """Checked complete covariate rows for n volumes (None for an unconditional model)."""
+        schema = self.covariates
+        if schema is None:
+            if given is not None:
+                raise UserError(f"this model is unconditional; it takes no {what}")
+            return None
+        if given is None:
+            raise UserError(f"this model is conditioned on {', '.join(schema.names)}: give {what}")
+        rows = [conditional.parse_request(schema, r, what) for r in _per_volume(given, n, what)]
+        for row in rows:
+            absent = [name for name in schema.names if name not in row]
+            if absent:
+                raise UserError(f"{what}: no value for {absent[0]} (a conditional model needs every covariate here)")
+        return rows
+
+    def _scan_covariates(self, inputs: Inputs, given: Conditions, n: int) -> list[dict[str, Any]] | None:
+        if self.covariates is None or given is not None or isinstance(inputs, (np.ndarray, torch.Tensor)):
+            return self._complete(given, n, "covariates")
+        paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        rows, _ = conditional.scan_covariates(self._trained, [f for p in paths for f in input_files(p)])
+        return rows
+
+    def _covariate_batches(self, rows: list[dict[str, Any]] | None, n: int, batch_size: int):
+        for start in range(0, n, batch_size):
+            if rows is None:
+                yield None
+            else:
+                yield torch.from_numpy(self.covariates.encode(rows[start:start + batch_size])).to(self.device)
+
+    @staticmethod
+    def _rows(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        return None if rows is None else [dict(r) for r in rows]
 
     # -- helpers -----------------------------------------------------------------------------------
     def _affines(self, n: int, sizes: Sequence[float] | None = None) -> np.ndarray:
