@@ -48,8 +48,9 @@ class _Welford:
 
 
 def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: int, seed: int,
-                       show_progress: bool | None) -> dict[str, Any]:
-    """Negative ELBO (nats and bits per voxel), its terms, KL per latent layer and active units."""
+                       show_progress: bool | None, covariates: np.ndarray | None = None) -> dict[str, Any]:
+    """Negative ELBO (nats and bits per voxel), its terms, KL per latent layer and active units
+    (``covariates`` (N, dim): the held-out volumes' own, for a conditional model)."""
     model, device = trained.model, trained.device
     elbo, nll, kl = [], [], []
     # float64 running moments; float32 for models with very many latent units (128³ presets), to bound memory
@@ -58,11 +59,12 @@ def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: i
     for start in tqdm(range(0, len(heldout), batch_size), desc="likelihood", unit="batch",
                       disable=_disable(show_progress)):
         x = torch.from_numpy(heldout[start:start + batch_size])[:, None].to(device)
-        terms = elbo_terms(model, x, seed + start)
+        c = _batch_covariates(covariates, start, batch_size, device)
+        terms = elbo_terms(model, x, seed + start, covariates=c)
         elbo.append(terms["elbo"])
         nll.append(terms["nll"])
         kl.append(terms["kl_per_layer"])
-        for s, z in zip(stats, model.encode(x)):
+        for s, z in zip(stats, model.encode(x, covariates=c)):
             s.update(z.cpu())
     elbo, nll, kl = np.concatenate(elbo), np.concatenate(nll), np.concatenate(kl)
     n = len(elbo)
@@ -115,14 +117,16 @@ def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: i
 
 
 def reconstruction_section(trained: TrainedModel, heldout: np.ndarray, batch_size: int,
-                           show_progress: bool | None) -> tuple[dict[str, Any], np.ndarray]:
+                           show_progress: bool | None, covariates: np.ndarray | None = None
+                           ) -> tuple[dict[str, Any], np.ndarray]:
     """PSNR, SSIM and MAE of posterior-mean reconstructions, whole volume and foreground only."""
     model, device = trained.model, trained.device
     recons = []
     for start in tqdm(range(0, len(heldout), batch_size), desc="reconstruct", unit="batch",
                       disable=_disable(show_progress)):
         x = torch.from_numpy(heldout[start:start + batch_size])[:, None].to(device)
-        recons.append(model.reconstruct(x).float().cpu()[:, 0].numpy())
+        c = _batch_covariates(covariates, start, batch_size, device)
+        recons.append(model.reconstruct(x, covariates=c).float().cpu()[:, 0].numpy())
     recon = np.concatenate(recons)
     mask = heldout > BACKGROUND_LEVEL
     out = {
@@ -283,6 +287,12 @@ def _stats(values: Any) -> dict[str, float]:
     return {"mean": float(finite.mean()), "std": float(finite.std()),
             "sem": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else float("nan"),
             "min": float(finite.min()), "max": float(finite.max()), "n": int(v.size)}
+
+
+def _batch_covariates(covariates: np.ndarray | None, start: int, size: int, device) -> torch.Tensor | None:
+    if covariates is None:
+        return None
+    return torch.from_numpy(np.asarray(covariates[start:start + size], dtype=np.float32)).to(device)
 
 
 def _disable(show: bool | None) -> bool | None:

@@ -114,6 +114,10 @@ def write_figures(report: dict[str, Any], arrays: dict[str, Any], folder: Path) 
             np.ravel(axes)[0].set_ylabel("estimated ml", fontsize=7)
             _save(fig, folder / "estimator_check.png")
             out["estimator_check"] = "figures/estimator_check.png"
+    if arrays.get("conditional"):
+        from .conditional import write_figures as conditional_figures
+
+        out.update(conditional_figures(report["conditional"], arrays["conditional"], folder))
     return out
 
 
@@ -165,6 +169,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if "voxels" in mem:
         lines.append(f"memorisation: median nearest-training distance ratio samples/held-out "
                      f"{_f(mem['voxels']['median_ratio'])} (voxels), {_f(mem['random_cnn']['median_ratio'])} (features)")
+    if "conditional" in report:
+        from .conditional import summary_lines as conditional_summary
+
+        lines += conditional_summary(report["conditional"])
     return lines
 
 
@@ -312,6 +320,10 @@ def markdown(report: dict[str, Any]) -> str:
                 out.append(f"| {morph['labels'][k]} | {_f(e['pearson_r'], 3)} | {_f(e['mean_estimate_ml'])} | "
                            f"{_f(e['mean_recorded_ml'])} |")
             out += ["", f"![estimator check]({figs.get('estimator_check', '')})", ""]
+    if "conditional" in report:
+        from .conditional import markdown_lines as conditional_markdown
+
+        out += conditional_markdown(report["conditional"], figs)
     out += ["## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in report["timings_seconds"].items()), ""]
     return "\n".join(out)
 

@@ -36,6 +36,13 @@ class EvaluationOptions:
     feature_plugin: str | None = None
     pattern: str | None = None
     show_progress: bool | None = None
+    # conditional models (evaluate/conditional.py): the held-out scans' covariates (default: the
+    # run's covariates.json or a participants.tsv next to them), values per covariate, samples per
+    # value (None: max(4, num_samples // condition_points)), held-out scans given counterfactuals
+    covariates_file: str | None = None
+    condition_points: int = 5
+    condition_samples: int | None = None
+    max_counterfactual: int = 8
 
 
 @dataclass
@@ -81,6 +88,12 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
                                             trained.device)  # first: a bad plug-in fails before any long work
     sel = select_data(trained, data_path, options.pattern, options.max_heldout, options.max_train, options.seed)
     cache_root = _cache_root(trained)
+    heldout_rows = covariates = None
+    if trained.covariates is not None:  # a conditional model encodes a scan with its own covariates
+        from ..conditional import scan_covariates
+
+        heldout_rows, _ = scan_covariates(trained, sel.heldout_files, None, options.covariates_file)
+        covariates = trained.covariates.encode(heldout_rows)
     heldout, metas = load_preprocessed(sel.heldout_files, trained.preprocess_settings, cache_root, show,
                                        desc="held-out volumes")
     lap("load_heldout")
@@ -92,9 +105,11 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
         "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
     }
     report["options"]["temperature"] = temperature
-    report["likelihood"] = compute.likelihood_section(trained, heldout, options.batch_size, options.seed, show)
+    report["likelihood"] = compute.likelihood_section(trained, heldout, options.batch_size, options.seed, show,
+                                                      covariates)
     lap("likelihood")
-    report["reconstruction"], recon = compute.reconstruction_section(trained, heldout, options.batch_size, show)
+    report["reconstruction"], recon = compute.reconstruction_section(trained, heldout, options.batch_size, show,
+                                                                     covariates)
     lap("reconstruction")
     samples = np.concatenate([v for _, v in iter_samples(trained.model, options.num_samples, temperature,
                                                          options.seed, options.batch_size, trained.device, show)])
@@ -128,10 +143,20 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
             "no participants.tsv with phantom volumes next to the held-out files (use --morphometry on for FLAIR data)"
         report["morphometry"], tables = {"skipped": why}, None
     lap("morphometry")
+    conditional_arrays = None
+    if trained.covariates is not None:
+        from .conditional import conditional_section
+
+        per_point = options.condition_samples or max(4, options.num_samples // max(1, options.condition_points))
+        report["conditional"], conditional_arrays = conditional_section(
+            trained, heldout, heldout_rows, tables["real"] if tables else None, temperature, options.seed,
+            options.batch_size, options.condition_points, per_point, options.max_counterfactual, show)
+        lap("conditional")
     timings["total"] = round(sum(timings.values()), 2)
     report["timings_seconds"] = timings
     report["software"] = _software()
     arrays = {"samples": samples, "heldout": heldout, "recon": recon, "closest": closest, "tables": tables,
+              "conditional": conditional_arrays,
               "heldout_names": [participant_id(f) for f in sel.heldout_files]}
     return {"report": report, "arrays": arrays}
 
@@ -151,6 +176,7 @@ def _model_facts(trained: TrainedModel) -> dict[str, Any]:
         "parameters": int(sum(p.numel() for p in model.parameters())), "latent_layers": model.num_layers,
         "latent_dimensions": int(model.latent_dimensions()), "likelihood": cfg.likelihood,
         "discrete_likelihood": bool(model.likelihood.is_discrete), "device": trained.device,
+        "conditioned_on": trained.covariates.names if trained.covariates is not None else None,
     }
 
 

@@ -1,0 +1,325 @@
+"""The report's conditional-generation section (conditional models only): do samples and
+counterfactuals follow the requested covariates?
+
+For each covariate of the model:
+
+* **samples across its range**: numeric covariates at ``points`` values evenly spaced between the
+  5th and 95th percentiles of the training scans' values, categorical ones at every level;
+  ``per_point`` samples each, the other covariates drawn from the training scans given this one
+  (``conditional.resolve``), at the report's temperature and seed;
+* **tissue measurements** (when the report measures tissue: phantom or FLAIR-like data): every
+  sample's estimated volumes (``evaluate/morphometry.py``, ml on the model grid) and CSF fraction
+  (CSF / brain).  For a numeric covariate, per measure: Spearman correlation and least-squares slope
+  of the measurement against the *requested* value, beside the same for the held-out real volumes
+  against their *own* values ("real slope", same estimator, same grid) and the slope ratio; and a
+  two-sided Mann-Whitney U test between the samples at the lowest and at the highest value.  For a
+  categorical covariate, the mean per level, samples beside real;
+* **counterfactuals** of up to ``max_counterfactual`` held-out scans (numeric covariates; noise
+  mode, ``counterfactual.py``): each scan decoded at every point; the measured change from its
+  reconstruction against the requested change (Spearman and slope, beside the real slope), the
+  fraction of scans whose measurement moves monotonically along the sweep in the real slope's
+  direction, and how well the counterfactual at the scan's own values reconstructs it (PSNR
+  against the input; it is the posterior-mean reconstruction by construction).
+
+The *primary* measure of a covariate (the report's summary line) is the one the held-out real
+volumes correlate with most strongly: for the phantom's age, the CSF fraction or ventricles.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from scipy import stats
+
+from .. import conditional
+from ..counterfactual import counterfactual_volumes
+from ..data.covariates import CovariateSchema, Value
+from ..generate import TrainedModel, iter_samples
+from . import morphometry
+
+WHAT = ("Per covariate: samples at values across its range (numeric: evenly spaced between the training scans' "
+        "5th and 95th percentiles; categorical: every level), the other covariates drawn from the training scans given "
+        "it; their estimated tissue measurements against the requested value (Spearman, least-squares slope), beside "
+        "the held-out real volumes against their own values (same estimator, same grid); and counterfactuals of "
+        "held-out scans along the same values (noise mode): measured change against requested change. Method: "
+        "docs/conditional.md")
+MEASURES = morphometry.FEATURES + ("csf_fraction",)
+LABELS = {**morphometry.LABELS, "csf_fraction": "CSF fraction of the brain"}
+UNITS = {k: "ml" for k in morphometry.FEATURES} | {"csf_fraction": "fraction"}
+
+
+def measure(volumes: np.ndarray, voxel_size_mm: float) -> dict[str, np.ndarray]:
+    """Tissue measurements of volumes (N, R, R, R): the morphometry features and the CSF fraction."""
+    table = morphometry.volume_table(volumes, voxel_size_mm)
+    brain = np.asarray(table["brain_ml"], float)
+    table["csf_fraction"] = np.divide(table["csf_ml"], brain, out=np.full_like(brain, np.nan), where=brain > 0)
+    return table
+
+
+def trend(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Spearman correlation (and its p-value) and least-squares slope of y against x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    out: dict[str, Any] = {"n": int(len(x)), "spearman": None, "spearman_p": None, "slope": None}
+    if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
+        rho, p = stats.spearmanr(x, y)
+        out.update(spearman=float(rho), spearman_p=float(p), slope=float(np.polyfit(x, y, 1)[0]))
+    return out
+
+
+def mann_whitney(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if len(a) < 2 or len(b) < 2:
+        return {"p": None, "n": [len(a), len(b)]}
+    return {"p": float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue), "n": [len(a), len(b)],
+            "median_low": float(np.median(a)), "median_high": float(np.median(b))}
+
+
+def sweep_points(schema: CovariateSchema, name: str, points: int) -> list[Value]:
+    """The values a covariate is sampled at (module notes)."""
+    covariate = schema.get(name)
+    if covariate.kind != "numeric":
+        return list(covariate.levels)
+    values = np.asarray([float(v) for v in (row[name] for row in schema.bank_rows())])
+    if len(values) == 0:
+        values = np.asarray([covariate.minimum, covariate.maximum])
+    low, high = np.percentile(values, [5, 95])
+    return [float(v) for v in np.linspace(low, high, max(2, points))]
+
+
+def sample_at(trained: TrainedModel, schema: CovariateSchema, name: str, values: Sequence[Value], per_point: int,
+              temperature: Any, seed: int, batch_size: int, show: bool | None = None
+              ) -> tuple[np.ndarray, list[Value], list[dict[str, Value]]]:
+    """``per_point`` samples at each value of ``name`` (others drawn given it): (volumes (N, R, R, R),
+    the requested value of each, each volume's complete covariates)."""
+    requests = [{name: v} for v in values for _ in range(per_point)]
+    resolved = conditional.resolve(schema, requests, seed)
+    volumes = np.concatenate([v for _, v in iter_samples(trained.model, len(requests), temperature, seed, batch_size,
+                                                         trained.device, show, covariates=resolved.vectors)])
+    return volumes, [r[name] for r in requests], resolved.rows
+
+
+def counterfactual_sweep(trained: TrainedModel, schema: CovariateSchema, volume: np.ndarray, own: dict[str, Value],
+                         name: str, values: Sequence[Value], batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(reconstruction, counterfactuals (K, R, R, R)) of one preprocessed volume along ``values`` of ``name``."""
+    targets = schema.encode([{**own, name: v} for v in values])
+    return counterfactual_volumes(trained.model, volume, schema.encode([own])[0], targets, "noise", batch_size,
+                                  trained.device)
+
+
+def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]],
+                        real_table: dict[str, np.ndarray] | None, temperature: Any, seed: int, batch_size: int,
+                        points: int = 5, per_point: int = 6, max_counterfactual: int = 8,
+                        show: bool | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The section (JSON-ready) and its arrays for the figures; ``real_table``: the held-out volumes'
+    measurements on the model grid, or None when tissue is not measured."""
+    from ..metrics import psnr
+
+    schema = trained.covariates
+    vox = trained.voxel_size_mm
+    section: dict[str, Any] = {
+        "what": WHAT,
+        "covariates": schema.to_json()["covariates"], "points": points, "per_point": per_point,
+        "measured": real_table is not None,
+        "units": {k: UNITS[k] for k in MEASURES}, "labels": LABELS, "per_covariate": {},
+    }
+    if real_table is not None:
+        real_table = dict(real_table)
+        brain = np.asarray(real_table["brain_ml"], float)
+        real_table["csf_fraction"] = np.divide(real_table["csf_ml"], brain, out=np.full_like(brain, np.nan),
+                                               where=brain > 0)
+    arrays: dict[str, Any] = {}
+    for c in schema.covariates:
+        values = sweep_points(schema, c.name, points)
+        volumes, requested, _ = sample_at(trained, schema, c.name, values, per_point, temperature, seed, batch_size,
+                                          show)
+        entry: dict[str, Any] = {"kind": c.kind, "values": values, "requested": requested}
+        arrays[c.name] = {"values": values, "samples": volumes, "requested": requested}
+        if real_table is not None:
+            table = measure(volumes, vox)
+            entry["samples_measured"] = {k: table[k].tolist() for k in MEASURES}
+            own = [row[c.name] for row in heldout_rows]
+            entry["real_values"] = own
+            if c.kind == "numeric":
+                entry["measures"] = _numeric_measures(table, requested, real_table, own, values)
+                entry["primary"] = _primary(entry["measures"])
+            else:
+                entry["measures"] = _categorical_measures(table, requested, real_table, own, values)
+            arrays[c.name].update(table=table, real=real_table, real_values=own)
+        if c.kind == "numeric" and len(heldout) > 0:
+            n = min(max_counterfactual, len(heldout))
+            recons, sweeps = [], []
+            for i in range(n):
+                recon, outs = counterfactual_sweep(trained, schema, heldout[i], heldout_rows[i], c.name, values,
+                                                   batch_size)
+                recons.append(recon)
+                sweeps.append(outs)
+            cf: dict[str, Any] = {
+                "num_scans": n,
+                "psnr_own_values_db": [float(np.atleast_1d(psnr(heldout[i][None], recons[i][None]))[0])
+                                       for i in range(n)],
+                "note": "the counterfactual at a scan's own values is its posterior-mean reconstruction "
+                        "(noise mode), so its PSNR is the reconstruction's"}
+            if real_table is not None:
+                cf["measures"] = _counterfactual_measures(np.stack(recons), np.stack(sweeps), vox,
+                                                          [row[c.name] for row in heldout_rows[:n]], values,
+                                                          entry.get("measures", {}))
+            entry["counterfactual"] = cf
+            arrays[c.name].update(cf_input=heldout[0], cf_recon=recons[0], cf_volumes=sweeps[0],
+                                  cf_own=heldout_rows[0][c.name])
+        section["per_covariate"][c.name] = entry
+    return section, arrays
+
+
+def _numeric_measures(table, requested, real_table, own, values) -> dict[str, Any]:
+    out = {}
+    low = [i for i, r in enumerate(requested) if r == values[0]]
+    high = [i for i, r in enumerate(requested) if r == values[-1]]
+    for k in MEASURES:
+        samples, real = trend(requested, table[k]), trend(own, real_table[k])
+        ratio = (samples["slope"] / real["slope"]) if samples["slope"] is not None and real["slope"] else None
+        out[k] = {"samples": samples, "real": real, "slope_ratio": ratio,
+                  "lowest_vs_highest": mann_whitney(table[k][low], table[k][high])}
+    return out
+
+
+def _categorical_measures(table, requested, real_table, own, levels) -> dict[str, Any]:
+    out = {}
+    for k in MEASURES:
+        out[k] = {str(level): {
+            "samples_mean": _mean([table[k][i] for i, r in enumerate(requested) if r == level]),
+            "real_mean": _mean([real_table[k][i] for i, r in enumerate(own) if r == level]),
+        } for level in levels}
+    return out
+
+
+def _counterfactual_measures(recons: np.ndarray, sweeps: np.ndarray, vox: float, own: Sequence[float],
+                             values: Sequence[float], sample_measures: dict[str, Any]) -> dict[str, Any]:
+    base = measure(recons, vox)
+    flat = measure(sweeps.reshape((-1,) + sweeps.shape[2:]), vox)
+    n, k = sweeps.shape[:2]
+    requested_change = np.asarray([[v - o for v in values] for o in own], float)
+    out = {}
+    for key in MEASURES:
+        change = flat[key].reshape(n, k) - base[key][:, None]
+        direction = np.sign((sample_measures.get(key, {}).get("real", {}) or {}).get("slope") or 0.0)
+        steps = np.diff(flat[key].reshape(n, k), axis=1)
+        monotonic = float(np.mean(np.all(steps * direction >= 0, axis=1))) if direction else None
+        out[key] = {"change_vs_requested": trend(requested_change.ravel(), change.ravel()),
+                    "monotonic_fraction": monotonic,
+                    "mean_change_per_value": change.mean(0).tolist()}
+    return out
+
+
+def _primary(measures: dict[str, Any]) -> str | None:
+    scored = [(abs(m["real"]["spearman"]), k) for k, m in measures.items() if m["real"]["spearman"] is not None]
+    return max(scored)[1] if scored else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if len(v) else None
+
+
+# --- report pieces --------------------------------------------------------------------------------
+
+
+def write_figures(section: dict[str, Any], arrays: dict[str, Any], folder) -> dict[str, str]:
+    from .. import viz
+    from ..viz_conditional import save_counterfactual_strip, save_trend
+
+    out = {}
+    for name, a in arrays.items():
+        per = section["per_covariate"][name]
+        values, samples, requested = a["values"], a["samples"], a["requested"]
+        rows = [[samples[i] for i, r in enumerate(requested) if r == v][:4] for v in values]
+        path = folder / f"conditional_{name}_samples.png"
+        viz.save_grid(rows, path, row_titles=[_fmt(name, v) for v in values],
+                      col_titles=[f"sample {j + 1}" for j in range(max(len(r) for r in rows))])
+        out[f"conditional_{name}_samples"] = f"figures/{path.name}"
+        primary = per.get("primary")
+        if primary and "table" in a:
+            path = folder / f"conditional_{name}_{primary}.png"
+            save_trend(requested, a["table"][primary], path, f"{name} (requested / own)",
+                       f"{LABELS[primary]} ({UNITS[primary]})", real=(a["real_values"], a["real"][primary]),
+                       title=f"{LABELS[primary]} against {name}")
+            out[f"conditional_{name}_trend"] = f"figures/{path.name}"
+        if "cf_volumes" in a:
+            path = folder / f"counterfactual_{name}.png"
+            save_counterfactual_strip([a["cf_input"], a["cf_recon"], *a["cf_volumes"]],
+                                      ["input", f"recon. ({_fmt(name, a['cf_own'])})"] +
+                                      [_fmt(name, v) for v in values], a["cf_recon"], path,
+                                      suptitle=f"counterfactuals of a held-out scan along {name}")
+            out[f"counterfactual_{name}"] = f"figures/{path.name}"
+    return out
+
+
+def summary_lines(section: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, per in section.get("per_covariate", {}).items():
+        primary = per.get("primary")
+        if not primary:
+            continue
+        m = per["measures"][primary]
+        lines.append(f"conditioned on {name}: {LABELS[primary]} of samples vs requested {name}: Spearman "
+                     f"{_n(m['samples']['spearman'])}, slope {_n(m['samples']['slope'])} (real: "
+                     f"{_n(m['real']['spearman'])}, {_n(m['real']['slope'])}; ratio {_n(m['slope_ratio'])})")
+    return lines
+
+
+def markdown_lines(section: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    out = ["## Conditional generation", "", section["what"], ""]
+    for name, per in section["per_covariate"].items():
+        out += [f"### {name} ({per['kind']})", "",
+                f"Samples at {', '.join(_fmt(name, v) for v in per['values'])}, {section['per_point']} each.", ""]
+        if f"conditional_{name}_samples" in figures:
+            out += [f"![samples across {name}]({figures[f'conditional_{name}_samples']})", ""]
+        if "measures" not in per:
+            out += ["Tissue is not measured for these data (see Tissue volumes).", ""]
+            continue
+        if per["kind"] == "numeric":
+            out += ["| measure | samples: Spearman / slope per unit | real: Spearman / slope | slope ratio | "
+                    "lowest vs highest value: Mann-Whitney p |", "|---|---|---|---|---|"]
+            for k, m in per["measures"].items():
+                star = " (primary)" if k == per.get("primary") else ""
+                out.append(f"| {LABELS[k]}{star} | {_n(m['samples']['spearman'])} / {_n(m['samples']['slope'])} | "
+                           f"{_n(m['real']['spearman'])} / {_n(m['real']['slope'])} | {_n(m['slope_ratio'])} | "
+                           f"{_n(m['lowest_vs_highest']['p'])} |")
+        else:
+            out += ["| measure | " + " | ".join(f"{lv}: samples / real" for lv in per["values"]) + " |",
+                    "|---|" + "---|" * len(per["values"])]
+            for k, m in per["measures"].items():
+                out.append(f"| {LABELS[k]} | " + " | ".join(f"{_n(m[str(lv)]['samples_mean'])} / "
+                                                          f"{_n(m[str(lv)]['real_mean'])}" for lv in per["values"]) + " |")
+        out.append("")
+        if f"conditional_{name}_trend" in figures:
+            out += [f"![{name} trend]({figures[f'conditional_{name}_trend']})", ""]
+        cf = per.get("counterfactual")
+        if cf:
+            out += [f"Counterfactuals of {cf['num_scans']} held-out scans along {name}; reconstruction at their own "
+                    f"values: PSNR {_n(float(np.mean(cf['psnr_own_values_db'])))} dB ({cf['note']}).", ""]
+            if "measures" in cf:
+                out += ["| measure | change vs requested change: Spearman / slope | monotonic along the sweep |",
+                        "|---|---|---|"]
+                for k, m in cf["measures"].items():
+                    t = m["change_vs_requested"]
+                    out.append(f"| {LABELS[k]} | {_n(t['spearman'])} / {_n(t['slope'])} | {_n(m['monotonic_fraction'])} |")
+                out.append("")
+            if f"counterfactual_{name}" in figures:
+                out += [f"![counterfactuals along {name}]({figures[f'counterfactual_{name}']})", ""]
+    return out
+
+
+def _fmt(name: str, value: Value) -> str:
+    return f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}"
+
+
+def _n(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    value = float(value)
+    return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
