@@ -156,3 +156,58 @@ def test_atlas_rebuilt_from_nilearn_when_missing(monkeypatch, tmp_path):
     assert np.allclose(rebuilt.affine, packaged.affine)
     for key in ("gm", "wm", "csf", "ventricle"):
         assert np.array_equal(getattr(rebuilt, key), getattr(packaged, key))
+
+
+# --- age and sex (issue 12) -------------------------------------------------------------------------
+
+
+def test_age_and_sex_leave_the_subjects_stream_and_image_untouched(monkeypatch):
+    from verydeepvae.data import phantom
+
+    image, factors = generate_volume(21, 16)
+    assert 45.0 <= factors["age"] <= 90.0 and factors["sex"] in ("F", "M")
+    # without the demographics draw at all, every other factor and the image are bitwise the same
+    monkeypatch.setattr(phantom, "draw_demographics", lambda *args: {})
+    bare_image, bare = generate_volume(21, 16)
+    assert np.array_equal(image, bare_image)
+    assert {k: v for k, v in factors.items() if k not in ("age", "sex")} == bare
+
+
+def test_a_subject_has_the_same_age_and_sex_at_every_resolution():
+    a, b = generate_volume(33, 16)[1], generate_volume(33, 32)[1]
+    assert (a["age"], a["sex"]) == (b["age"], b["sex"])
+
+
+def test_age_rises_with_atrophy_and_lesion_load_and_men_have_larger_brains():
+    from verydeepvae.data.phantom_demographics import draw_demographics
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(400):
+        f = sample_factors(rng)
+        rows.append({**f, **draw_demographics(rng, f["atrophy"], f["lesion_load"], f["brain_scale"])})
+    age = np.array([r["age"] for r in rows])
+    male = np.array([r["sex"] == "M" for r in rows])
+    assert age.min() >= 45 and age.max() <= 90 and 0.3 < male.mean() < 0.7
+    assert spearmanr(age, [r["atrophy"] for r in rows])[0] > 0.8
+    assert spearmanr(age, [r["lesion_load"] for r in rows])[0] > 0.1
+    scale = np.array([r["brain_scale"] for r in rows])
+    assert scale[male].mean() > scale[~male].mean() + 0.02
+
+
+def test_participants_tsv_has_age_and_sex_and_old_tables_are_completed(tmp_path):
+    from verydeepvae.data.phantom import CONDITIONABLE, IDENTITY_COLUMNS, complete_participants
+
+    folder = tmp_path / "p"
+    generate_population(3, 16, folder, seed=2, montage=False, progress=False)
+    path = folder / "participants.tsv"
+    header = path.read_text().splitlines()[0].split("\t")
+    assert header[:7] == list(IDENTITY_COLUMNS) + ["age", "sex"]
+    assert set(header) - set(IDENTITY_COLUMNS) == set(CONDITIONABLE)
+    rows = read_participants(path)
+    assert not complete_participants(folder)
+    # a table written before age and sex existed gets them, with the values generate_volume draws
+    old = [h for h in header if h not in ("age", "sex")]
+    path.write_text("\n".join(["\t".join(old)] + ["\t".join(r[h] for h in old) for r in rows]) + "\n")
+    assert complete_participants(folder)
+    assert read_participants(path) == rows

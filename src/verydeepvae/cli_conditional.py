@@ -118,7 +118,7 @@ def add_counterfactual_command(sub, model_options: Callable[[argparse.ArgumentPa
 
 def _counterfactual(args: argparse.Namespace) -> int:
     from . import cli
-    from .conditional import require_schema, sweep_values
+    from .conditional import require_schema, scan_covariates, sweep_values
     from .counterfactual import write_counterfactuals
     from .data.covariates import parse_assignments
     from .generate import input_files
@@ -131,10 +131,11 @@ def _counterfactual(args: argparse.Namespace) -> int:
     sweep = sweep_values(schema, args.sweep) if args.sweep else None
     if not change and sweep is None:
         raise UserError("counterfactual needs --condition NAME=VALUE and/or --sweep NAME=START:STOP:STEP")
+    own = scan_covariates(trained, files, observed, args.covariates)  # before the output folder is claimed
     notices: list[str] = []
     cli._claim(args, "counterfactual")
     record = write_counterfactuals(trained, files, args.output_dir, change, sweep, observed, args.covariates,
-                                   args.mode, args.batch_size, cli._progress(args), notices)
+                                   args.mode, args.batch_size, cli._progress(args), notices, own=own)
     for note in notices:
         _notice(note)
     for scan in record["scans"]:

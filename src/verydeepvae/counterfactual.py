@@ -72,8 +72,11 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
                           change: Mapping[str, Any] | None = None, sweep: tuple[str, Sequence[Any]] | None = None,
                           observed: Mapping[str, Any] | None = None, covariates_file: str | Path | None = None,
                           mode: str = "noise", batch_size: int = 4, show_progress: bool | None = None,
-                          notices: list[str] | None = None) -> dict[str, Any]:
-    """Counterfactuals of NIfTI scans (module notes); returns the record written as counterfactuals.json."""
+                          notices: list[str] | None = None,
+                          own: tuple[list[dict[str, Value]], list[str]] | None = None) -> dict[str, Any]:
+    """Counterfactuals of NIfTI scans (module notes); returns the record written as counterfactuals.json.
+    ``own``: the scans' covariates and where they came from, when the caller has looked them up
+    already (``conditional.scan_covariates``; else from ``observed`` and ``covariates_file``)."""
     schema = conditional.require_schema(trained, "counterfactual")
     change = conditional.parse_request(schema, change or {}, "--condition")
     if sweep is not None:
@@ -83,7 +86,7 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
     if mode not in MODES:
         raise UserError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     files = [Path(f) for f in files]
-    own, origins = conditional.scan_covariates(trained, files, observed, covariates_file)
+    own, origins = own or conditional.scan_covariates(trained, files, observed, covariates_file)
     notices = [] if notices is None else notices
     volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=show_progress)
     output_dir = Path(output_dir)

@@ -50,9 +50,9 @@ sex                            F or M; M with probability sigmoid(2 (brain_scale
 =============================  ==============================================================
 
 Age and sex (:mod:`verydeepvae.data.phantom_demographics`) were added after the other factors. They
-are drawn from the subject's random stream after everything else, from the factors that carry their
-effects, so every other factor keeps its distribution and every seed still gives bitwise the same
-volume as before they existed; only participants.tsv gained two columns. Any column of
+are drawn given the factors that carry their effects, from a side stream that leaves the subject's
+own random stream untouched, so every other factor keeps its distribution and every seed still gives
+bitwise the same volume as before they existed; only participants.tsv gained two columns. Any column of
 participants.tsv except the identity columns (:data:`CONDITIONABLE`) can condition a model trained on
 the phantom (``verydeepvae train --condition-on age,lesion_load`` without ``--data``).
 
@@ -189,6 +189,8 @@ def generate_volume(
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     anat = pr.anatomy()
     f = sample_factors(rng)
+    # from a side stream (rng itself does not move): every draw below, hence the image, is unchanged
+    f.update(draw_demographics(rng, f["atrophy"], f["lesion_load"], f["brain_scale"]))
     deformation = rng.standard_normal((3,) + (pr.DEFORMATION_GRID,) * 3) * f["deformation_mm"]
     bias = rng.standard_normal((pr.BIAS_GRID,) * 3) * f["bias_field_strength"]
     sites, radii, rotations, periventricular = _draw_lesions(rng, anat, f["lesion_count"], f["lesion_load"])
@@ -233,8 +235,6 @@ def generate_volume(
     for name, fraction in (("gm", gm), ("wm", wm), ("csf", csf), ("ventricle", ventricle), ("lesion", lesion)):
         f[f"{name}_volume_ml"] = float(fraction.sum(dtype=np.float64) * ml)
     f["brain_volume_ml"] = float(index.size * ml)
-    # last: two more draws of this subject's stream, so nothing above (hence the image) moved
-    f.update(draw_demographics(rng, f["atrophy"], f["lesion_load"], f["brain_scale"]))
     if not return_labels:
         return image, f
     fractions = np.stack([csf - ventricle, gm, wm, lesion, ventricle])
@@ -309,18 +309,20 @@ def _write_participants(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def complete_participants(folder: str | os.PathLike) -> bool:
     """Give the participants.tsv of a population written before age and sex existed those columns,
-    by generating each subject again from its recorded seed (the volumes are the same, so they are
-    not rewritten).  Returns whether the file was rewritten."""
+    drawn from each subject's recorded seed exactly as :func:`generate_volume` draws them (the
+    volumes are the same, so they are not touched).  Returns whether the file was rewritten."""
     path = Path(folder) / "participants.tsv"
     rows = read_participants(path)
     if not rows or all(c in rows[0] for c in ("age", "sex")):
         return False
     new_rows = []
     for row in rows:
-        _, factors = generate_volume(int(row["seed"]), int(row["resolution"]))
-        demographics = {"age": factors.pop("age"), "sex": factors.pop("sex")}
+        rng = np.random.default_rng(int(row["seed"]))
+        f = sample_factors(rng)
+        demographics = draw_demographics(rng, f["atrophy"], f["lesion_load"], f["brain_scale"])
         identity = {k: row[k] for k in IDENTITY_COLUMNS}
-        new_rows.append({**identity, **demographics, **factors})
+        rest = {k: v for k, v in row.items() if k not in IDENTITY_COLUMNS}
+        new_rows.append({**identity, **demographics, **rest})
     _write_participants(path, new_rows)
     return True
 

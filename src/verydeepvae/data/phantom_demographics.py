@@ -1,13 +1,16 @@
-"""Age and sex of the phantom subjects (:mod:`verydeepvae.data.phantom`), and why they are drawn last.
+"""Age and sex of the phantom subjects (:mod:`verydeepvae.data.phantom`), and why they are drawn
+the way they are.
 
 The population existed before it had an age or a sex, and quality figures have been measured on it.
 To keep every existing factor's distribution *and* every seed's image exactly as they were, age and
-sex are drawn **given** the factors that carry their effects, from two extra numbers taken from the
-subject's random stream after everything else (after the noise).  No earlier draw moves, so the
-same seed still gives bitwise the same volume and the same factors; participants.tsv only gains
-the ``age`` and ``sex`` columns.  The joint distribution is what matters for conditioning, and it
-is the one a forward description gives: atrophy and lesion load rise with age, brains are larger in
-men, each with noise.
+sex are drawn **given** the factors that carry their effects, from two numbers of a *side stream*:
+a copy of the subject's generator jumped 2^127 draws ahead (``bit_generator.jumped()``), taken right
+after the scalar factors are drawn.  The subject's own stream is not touched, so the same seed
+still gives bitwise the same volume and the same factors (checked against the previous version when
+this was added), participants.tsv only gains the ``age`` and ``sex`` columns, and a subject has the
+same age and sex at every resolution.  The joint distribution is what matters for conditioning, and
+it is the one a forward description gives: atrophy and lesion load rise with age, brains are larger
+in men, each with noise.
 
 * ``age`` (years): ``45 + 45 * Phi(0.90 u_a + 0.25 u_l + 0.36 e)`` with ``u_a = Phi^-1(F_Beta(2,3)(atrophy))``,
   ``u_l = Phi^-1(F_Beta(1,3)(lesion_load))`` (the factors' own quantiles, as standard normals) and
@@ -20,9 +23,9 @@ men, each with noise.
   shows mainly through composition, hardly through size.
 
 Measured over 400 subjects at 32³ (population seed 0; ``docs/conditional.md``): Spearman correlation
-of age with atrophy 0.89, with lesion load 0.24, with the recorded ventricle volume 0.68 (0.30 ml per
-year), with the CSF fraction of the brain 0.81, with lesion volume 0.18; P(M) 0.47, male brains
-210 ml larger (the population sd of brain volume is 189 ml).
+of age with atrophy 0.90, with lesion load 0.21, with the recorded ventricle volume 0.72 (0.30 ml per
+year), with the CSF fraction of the brain 0.82, with lesion volume 0.16; P(M) 0.56, male brains
+220 ml larger (the population sd of brain volume is 189 ml).
 """
 
 from __future__ import annotations
@@ -39,11 +42,17 @@ SEX_SLOPE = 2.0  # log-odds of M per population sd of brain_scale
 BRAIN_SCALE_MEAN, BRAIN_SCALE_SD = 0.92, 0.04  # brain_scale's distribution (phantom.sample_factors)
 
 
+def side_stream(rng: np.random.Generator) -> np.random.Generator:
+    """A generator 2^127 draws ahead of ``rng``'s current state; ``rng`` itself does not move."""
+    return np.random.Generator(rng.bit_generator.jumped())
+
+
 def draw_demographics(rng: np.random.Generator, atrophy: float, lesion_load: float,
                       brain_scale: float) -> dict[str, float | str]:
-    """``{"age": years, "sex": "F" or "M"}``, drawing exactly two numbers from ``rng``."""
-    noise = float(rng.standard_normal())
-    uniform = float(rng.random())
+    """``{"age": years, "sex": "F" or "M"}`` from the side stream of ``rng`` (which does not move)."""
+    side = side_stream(rng)
+    noise = float(side.standard_normal())
+    uniform = float(side.random())
     return {"age": age_from(atrophy, lesion_load, noise), "sex": sex_from(brain_scale, uniform)}
 
 

@@ -112,6 +112,11 @@ def check_before_training(cfg: Any) -> None:
         raise first_problem(found.problems)
     if not found.values:
         raise DataError(f"covariates {cfg.covariates_file}: none of the {len(files)} scans has usable covariates")
+    for name in found.kinds:  # (build_schema checks the training scans alone, once they are split)
+        seen = {row[name] for row in found.values.values()}
+        if len(seen) < 2:
+            raise DataError(f"covariates {found.source}: column {name} has the same value ({next(iter(seen))!r}) for "
+                            "every scan, so it cannot condition the model")
 
 
 def for_files(cfg: Any, files: Sequence[str | Path], phantom_root: Path | None) -> ScanCovariates:

@@ -1,0 +1,250 @@
+"""Conditional generation end to end on one tiny model trained on the phantom population with
+``--condition-on age,sex`` (issue 12): the checkpoint's schema, sample --condition/--conditions,
+counterfactual, reconstruct, evaluate, the Python API, resume, and the one-line errors.  Nothing
+here judges quality: a 6-step model only has to run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from verydeepvae.cli import main
+from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+
+pytestmark = pytest.mark.slow
+TRAIN = ["--preset", "tiny", "--no-progress", "--set", "phantom_num=12", "--set", "subjects_to_plot=1",
+         "--set", "validation_every=3", "--set", "checkpoint_every=3", "--set", "quality_samples=4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("conditional") / "run"
+    assert main(["train", *TRAIN, "--output-dir", str(out), "--max-steps", "6", "--condition-on", "age,sex"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def phantoms(run) -> list[Path]:
+    return sorted((run / "cache").glob("phantom_*/sub-*.nii.gz"))
+
+
+def _read(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+
+def _one_line(capsys, *fragments: str) -> None:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line]
+    assert len(err) == 1 and all(f in err[0] for f in fragments), err
+
+
+def test_the_checkpoint_records_the_schema_and_standardisation_round_trips(run):
+    checkpoint = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])
+    schema = checkpoint.meta["covariates"]
+    assert [c["name"] for c in schema["covariates"]] == ["age", "sex"] and schema["dim"] == 3
+    assert checkpoint.config.condition_on == ["age", "sex"]
+    recorded = json.loads((run / "covariates.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    ages = np.array([recorded["files"][f]["age"] for f in split["train"]])
+    age = schema["covariates"][0]
+    assert age["mean"] == pytest.approx(ages.mean()) and age["sd"] == pytest.approx(ages.std())
+    assert (age["minimum"], age["maximum"]) == (pytest.approx(ages.min()), pytest.approx(ages.max()))
+    assert schema["covariates"][1]["levels"] == ["F", "M"]
+    from verydeepvae.generate import open_trained
+
+    trained = open_trained(run, device="cpu")
+    assert trained.model.covariate_dim == 3 and len(trained.model.covariate_bank) == len(split["train"])
+    np.testing.assert_allclose(trained.covariates.encode([{"age": ages.mean(), "sex": "M"}]), [[0.0, 0.0, 1.0]],
+                               atol=1e-5)
+
+
+def test_config_show_prints_the_covariates(run, capsys):
+    assert main(["config", "show", "--checkpoint", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "conditioned on age, sex (3 inputs)" in out and "sex: categorical, one-hot over F, M" in out
+
+
+def test_sample_with_conditions_records_each_volume(run, tmp_path, capsys):
+    args = ["sample", "--checkpoint", str(run), "--num", "3", "--seed", "2", "--no-progress"]
+    assert main([*args, "--condition", "age=80", "--output-dir", str(tmp_path / "a")]) == 0
+    assert main([*args, "--condition", "age=80", "--output-dir", str(tmp_path / "b")]) == 0
+    assert main([*args, "--condition", "age=50", "--output-dir", str(tmp_path / "c")]) == 0
+    record = json.loads((tmp_path / "a" / "samples.json").read_text())
+    assert [c["file"] for c in record["conditions"]] == [f"sample_{i:04d}.nii.gz" for i in range(3)]
+    assert all(c["covariates"]["age"] == 80.0 and c["drawn"] == ["sex"] and c["covariates"]["sex"] in ("F", "M")
+               for c in record["conditions"])
+    a, b, c = (_read(tmp_path / d / "sample_0000.nii.gz") for d in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_sample_with_a_conditions_file(run, tmp_path):
+    table = tmp_path / "want.tsv"
+    table.write_text("age\tsex\n60\tF\n\tM\n85\t\n")
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(run), "--conditions", str(table), "--output-dir", str(out),
+                 "--no-progress"]) == 0
+    conditions = json.loads((out / "samples.json").read_text())["conditions"]
+    assert len(list(out.glob("sample_*.nii.gz"))) == 3
+    assert [c["drawn"] for c in conditions] == [[], ["age"], ["sex"]]
+    assert conditions[0]["covariates"] == {"age": 60.0, "sex": "F"} and conditions[1]["covariates"]["sex"] == "M"
+
+
+def test_an_age_outside_the_training_range_gets_a_notice(run, tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(run), "--num", "1", "--condition", "age=120",
+                 "--output-dir", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert "age=120 is outside the training range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("condition, fragment", [
+    (["--condition", "agee=70"], "not conditioned on 'agee'"),
+    (["--condition", "sex=X"], "sex must be one of F, M"),
+    (["--condition", "age=old"], "age must be a number"),
+    (["--condition", "age"], "--condition expects name=value"),
+])
+def test_sample_errors_are_one_line(run, tmp_path, capsys, condition, fragment):
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(run), "--output-dir", str(out), "--no-progress", *condition]) == 2
+    _one_line(capsys, fragment)
+    assert not out.exists()
+
+
+def test_a_conditions_file_with_an_unknown_column_is_one_line(run, tmp_path, capsys):
+    table = tmp_path / "want.csv"
+    table.write_text("age,site\n60,1\n")
+    assert main(["sample", "--checkpoint", str(run), "--conditions", str(table), "--output-dir",
+                 str(tmp_path / "s"), "--no-progress"]) == 2
+    _one_line(capsys, "column 'site' is not a covariate of the model")
+
+
+def test_counterfactual_sweep_writes_volumes_differences_and_a_strip(run, phantoms, tmp_path, capsys):
+    out = tmp_path / "cf"
+    assert main(["counterfactual", "--checkpoint", str(run), "--input", str(phantoms[0]), "--condition", "age=85",
+                 "--sweep", "age=50:90:20", "--output-dir", str(out), "--no-progress"]) == 0
+    stem = phantoms[0].name.split(".")[0]
+    for name in ("input", "recon", "counterfactual", "difference", "age-50", "age-70", "age-90"):
+        assert (out / f"{stem}_{name}.nii.gz").is_file(), name
+    assert (out / f"{stem}_sweep.png").is_file()
+    record = json.loads((out / "counterfactuals.json").read_text())
+    scan = record["scans"][0]
+    assert scan["observed_from"].endswith("covariates.json") and record["mode"] == "noise"
+    assert [o["covariates"]["age"] for o in scan["outputs"]] == [85.0, 50.0, 70.0, 90.0]
+    cf, recon, diff = (_read(out / f"{stem}_{n}.nii.gz") for n in ("counterfactual", "recon", "difference"))
+    np.testing.assert_allclose(diff, cf - recon, atol=1e-6)
+    image = nib.load(str(out / f"{stem}_counterfactual.nii.gz"))
+    np.testing.assert_allclose(image.affine, nib.load(str(out / f"{stem}_input.nii.gz")).affine)
+
+
+def test_the_counterfactual_at_the_scans_own_values_is_its_reconstruction(run, phantoms, tmp_path):
+    out, rec = tmp_path / "cf", tmp_path / "rec"
+    own = ["--observed", "age=61", "--observed", "sex=F"]
+    assert main(["counterfactual", "--checkpoint", str(run), "--input", str(phantoms[1]), *own, "--condition",
+                 "age=61", "--output-dir", str(out), "--no-progress"]) == 0
+    assert main(["reconstruct", "--checkpoint", str(run), "--input", str(phantoms[1]), *own, "--output-dir", str(rec),
+                 "--no-progress"]) == 0
+    stem = phantoms[1].name.split(".")[0]
+    recon = _read(rec / f"{stem}_recon.nii.gz")
+    np.testing.assert_allclose(_read(out / f"{stem}_counterfactual.nii.gz"), recon, atol=1e-5)
+    np.testing.assert_allclose(_read(out / f"{stem}_recon.nii.gz"), recon, atol=1e-5)
+
+
+def test_a_scan_without_covariates_is_one_line(run, phantoms, tmp_path, capsys):
+    lonely = tmp_path / "elsewhere"
+    lonely.mkdir()
+    shutil.copy(phantoms[0], lonely / "scan.nii.gz")
+    out = tmp_path / "cf"
+    assert main(["counterfactual", "--checkpoint", str(run), "--input", str(lonely / "scan.nii.gz"), "--condition",
+                 "age=80", "--output-dir", str(out), "--no-progress"]) == 2
+    _one_line(capsys, "no age for scan", "--observed age=VALUE")
+    assert not out.exists()
+    assert main(["counterfactual", "--checkpoint", str(run), "--input", str(lonely / "scan.nii.gz"), "--output-dir",
+                 str(out), "--observed", "age=70", "--observed", "sex=M", "--no-progress"]) == 2
+    _one_line(capsys, "needs --condition NAME=VALUE and/or --sweep")
+
+
+def test_encode_refuses_a_conditional_model(run, phantoms, tmp_path, capsys):
+    assert main(["encode", "--checkpoint", str(run), "--input", str(phantoms[0]), "--output",
+                 str(tmp_path / "z.safetensors")]) == 2
+    _one_line(capsys, "encode does not support conditional models yet")
+
+
+def test_evaluate_adds_the_conditional_section(run, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--checkpoint", str(run), "--output-dir", str(out), "--num-samples", "4",
+                 "--max-train", "4", "--num-pairs", "4", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    section = report["conditional"]
+    assert set(section["per_covariate"]) == {"age", "sex"} and report["model"]["conditioned_on"] == ["age", "sex"]
+    age = section["per_covariate"]["age"]
+    assert len(age["values"]) == 5 and len(age["requested"]) == 5 * section["per_point"]
+    assert "ventricle_ml" in age["measures"] and "slope_ratio" in age["measures"]["ventricle_ml"]
+    assert "counterfactual" in age and "measures" in age["counterfactual"]
+    assert section["per_covariate"]["sex"]["values"] == ["F", "M"]
+    text = (out / "report.md").read_text()
+    assert "## Conditional generation" in text and "counterfactual_age.png" in text
+    assert (out / "figures" / "conditional_age_samples.png").is_file()
+
+
+def test_the_python_api_samples_what_the_cli_samples(run, tmp_path):
+    import verydeepvae
+
+    model = verydeepvae.load(run, device="cpu")
+    assert model.covariates.names == ["age", "sex"]
+    volumes = model.sample(2, seed=4, conditions={"age": 75, "sex": "F"})
+    assert main(["sample", "--checkpoint", str(run), "--num", "2", "--seed", "4", "--condition", "age=75",
+                 "--condition", "sex=F", "--output-dir", str(tmp_path / "cli"), "--no-progress"]) == 0
+    np.testing.assert_allclose(volumes.data[1], _read(tmp_path / "cli" / "sample_0001.nii.gz"), atol=1e-6)
+    assert volumes.conditions == [{"age": 75.0, "sex": "F"}] * 2
+    scans = sorted((run / "cache").glob("phantom_*/sub-*.nii.gz"))[:1]
+    cf = model.counterfactual(scans, sweep=("age", [50, 90]))
+    assert cf.data.shape == (2, 16, 16, 16) and [c["age"] for c in cf.conditions] == [50.0, 90.0]
+
+
+def test_resume_keeps_the_runs_covariates(run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    before = (copy / "covariates.json").read_text()
+    assert main(["train", *TRAIN, "--output-dir", str(copy), "--max-steps", "8", "--condition-on", "age,sex",
+                 "--resume"]) == 0
+    assert (copy / "covariates.json").read_text() == before
+    assert load_checkpoint(list_checkpoints(copy / "checkpoints")[-1]).step == 8
+
+
+def test_resume_refuses_other_covariates(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    assert main(["train", *TRAIN, "--output-dir", str(copy), "--max-steps", "8", "--condition-on", "age",
+                 "--resume"]) == 2
+    _one_line(capsys, "another architecture", "condition_on")
+
+
+def test_an_unconditional_checkpoint_is_unchanged_and_takes_no_conditions(tmp_path, capsys):
+    out = tmp_path / "plain"
+    assert main(["train", *TRAIN, "--output-dir", str(out), "--max-steps", "2"]) == 0
+    checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert "covariates" not in checkpoint.meta and checkpoint.config.condition_on is None
+    assert not any(".condition." in k for k in checkpoint.tensors) and not (out / "covariates.json").exists()
+    # a checkpoint written before conditioning existed has neither key in its configuration
+    from verydeepvae.train.checkpoint import save_checkpoint
+
+    meta = dict(checkpoint.meta)
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("condition_on", "covariates_file")}
+    old = save_checkpoint(tmp_path / "old", checkpoint.step, checkpoint.tensors, meta)
+    assert main(["sample", "--checkpoint", str(old), "--num", "1", "--output-dir", str(tmp_path / "s"),
+                 "--no-progress"]) == 0
+    assert "conditions" not in json.loads((tmp_path / "s" / "samples.json").read_text())
+    assert main(["sample", "--checkpoint", str(old), "--num", "1", "--condition", "age=70", "--output-dir",
+                 str(tmp_path / "t"), "--no-progress"]) == 2
+    _one_line(capsys, "unconditional model", "--condition-on")

@@ -1,0 +1,105 @@
+"""The conditional model (model/condition.py): unconditional models unchanged, a new conditional
+model computes what the unconditional one does, conditioning changes the output, noise abduction
+gives back the reconstruction, and the misuse errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verydeepvae.config import build_config
+from verydeepvae.model import VeryDeepVAE
+
+DIM = 3
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return build_config(preset="tiny")
+
+
+def _pair(cfg):
+    torch.manual_seed(0)
+    plain = VeryDeepVAE(cfg).eval()
+    torch.manual_seed(0)
+    conditional = VeryDeepVAE(cfg, covariate_dim=DIM).eval()
+    return plain, conditional
+
+
+def test_an_unconditional_model_has_no_conditioning_weights(cfg):
+    plain, conditional = _pair(cfg)
+    assert plain.condition is None and plain.covariate_dim == 0
+    assert not any(k.startswith("condition.") for k in plain.state_dict())
+    assert "covariate_bank" not in plain.state_dict() and "covariate_bank" not in conditional.state_dict()
+    extra = set(conditional.state_dict()) - set(plain.state_dict())
+    assert extra and all(k.startswith("condition.") for k in extra)
+
+
+def test_a_new_conditional_model_computes_what_the_unconditional_one_does(cfg):
+    plain, conditional = _pair(cfg)
+    # the other modules are built first, so the same seed gives them the same initial weights
+    shared = plain.state_dict()
+    assert all(torch.equal(shared[k], v) for k, v in conditional.state_dict().items() if k in shared)
+    x = torch.rand(2, 1, 16, 16, 16)
+    c = torch.randn(2, DIM)
+    torch.manual_seed(1)
+    a = plain(x)
+    torch.manual_seed(1)
+    b = conditional(x, covariates=c)
+    torch.testing.assert_close(a.elbo, b.elbo)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    torch.testing.assert_close(plain.sample(2, 1.0, generator=g1), conditional.sample(2, 1.0, generator=g2, covariates=c))
+
+
+def test_conditioning_changes_the_output(cfg):
+    _, model = _pair(cfg)
+    with torch.no_grad():
+        for layer in model.condition.film:
+            layer.weight.normal_(0.0, 0.2)
+    young, old = torch.tensor([[-1.5, 1.0, 0.0]]), torch.tensor([[1.5, 1.0, 0.0]])
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = model.sample(1, 0.0, generator=g1, covariates=young)
+    b = model.sample(1, 0.0, generator=g2, covariates=old)
+    assert (a - b).abs().max() > 1e-3
+    x = torch.rand(1, 1, 16, 16, 16)
+    assert (model.reconstruct(x, covariates=young) - model.reconstruct(x, covariates=old)).abs().max() > 1e-3
+    # the loss depends on the covariates too, and its gradient reaches the embedding
+    out = model(x, covariates=old)
+    out.loss.backward()
+    assert model.condition.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_noise_abduction_gives_back_the_posterior_mean_reconstruction(cfg):
+    _, model = _pair(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    x = torch.rand(2, 1, 16, 16, 16)
+    c = torch.randn(2, DIM)
+    noise = model.encode(x, covariates=c, as_noise=True)
+    torch.testing.assert_close(model.decode_noise(noise, covariates=c), model.reconstruct(x, covariates=c),
+                               atol=1e-5, rtol=1e-4)
+    zs = model.encode(x, covariates=c)
+    torch.testing.assert_close(model.decode(zs, covariates=c), model.reconstruct(x, covariates=c), atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_without_covariates_draws_from_the_bank(cfg):
+    _, model = _pair(cfg)
+    with pytest.raises(ValueError, match="no training covariates"):
+        model.sample(1)
+    model.set_covariate_bank(torch.randn(5, DIM))
+    assert model.sample(2).shape == (2, 1, 16, 16, 16)
+    assert model.draw_covariates(3, torch.Generator().manual_seed(0)).shape == (3, DIM)
+
+
+def test_misuse_is_refused(cfg):
+    plain, conditional = _pair(cfg)
+    x = torch.rand(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain.reconstruct(x, covariates=torch.zeros(1, DIM))
+    with pytest.raises(ValueError, match="conditional: give covariates"):
+        conditional.reconstruct(x)
+    with pytest.raises(ValueError, match="shaped"):
+        conditional.reconstruct(x, covariates=torch.zeros(1, DIM + 1))
+    with pytest.raises(ValueError, match="covariates for 2 volumes"):
+        conditional.reconstruct(x, covariates=torch.zeros(2, DIM))
