@@ -248,3 +248,20 @@ def test_an_unconditional_checkpoint_is_unchanged_and_takes_no_conditions(tmp_pa
     assert main(["sample", "--checkpoint", str(old), "--num", "1", "--condition", "age=70", "--output-dir",
                  str(tmp_path / "t"), "--no-progress"]) == 2
     _one_line(capsys, "unconditional model", "--condition-on")
+
+
+def test_the_python_api_in_docs_conditional_runs_as_written(run, tmp_path, monkeypatch):
+    import re
+
+    from verydeepvae.data.phantom import generate_population
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "conditional.md"
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(run, tmp_path / "runs" / "conditional")
+    generate_population(2, 16, tmp_path / "phantoms", seed=9, montage=False, progress=False)
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102 (our own documentation)
+    assert namespace["again"].data.shape == (1, 16, 16, 16)
