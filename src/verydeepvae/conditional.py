@@ -48,7 +48,7 @@ def parse_request(schema: CovariateSchema, assignments: Mapping[str, Any], where
 
 def read_conditions_file(path: str | os.PathLike, schema: CovariateSchema) -> list[dict[str, Value]]:
     """One request per row of a TSV/CSV whose columns are covariates; empty cells are unspecified."""
-    table = ct.read_table(path)
+    table = ct.read_table(path, "conditions file")
     unknown = [c for c in table.header if c not in schema.names]
     if unknown:
         raise UserError(f"conditions {table.path}: column {unknown[0]!r} is not a covariate of the model "

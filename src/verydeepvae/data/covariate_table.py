@@ -71,34 +71,34 @@ class Table:
         return text + (f", column {column}" if column else "")
 
 
-def read_table(path: str | os.PathLike) -> Table:
-    """Read a TSV (``.tsv``, or tab-separated) or CSV file with a header row."""
+def read_table(path: str | os.PathLike, what: str = "covariates file") -> Table:
+    """Read a TSV (``.tsv``, or tab-separated) or CSV file with a header row; ``what`` names it in messages."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CovariateError(f"covariates file {path} does not exist" if not path.exists() else
-                             f"covariates file {path} is not a regular file")
+        raise CovariateError(f"{what} {path} does not exist" if not path.exists() else
+                             f"{what} {path} is not a regular file")
     try:
         if path.stat().st_size > MAX_TABLE_BYTES:
-            raise CovariateError(f"covariates file {path} is larger than {MAX_TABLE_BYTES // 2**20} MiB")
+            raise CovariateError(f"{what} {path} is larger than {MAX_TABLE_BYTES // 2**20} MiB")
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise CovariateError(f"covariates file {path} is not UTF-8 text") from None
+        raise CovariateError(f"{what} {path} is not UTF-8 text") from None
     except OSError as error:
-        raise CovariateError(f"covariates file {path} cannot be read ({error.strerror or error})") from None
+        raise CovariateError(f"{what} {path} cannot be read ({error.strerror or error})") from None
     lines = text.splitlines()
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
-        raise CovariateError(f"covariates file {path} is empty (expected a header row, then one row per scan)")
+        raise CovariateError(f"{what} {path} is empty (expected a header row, then one row per scan)")
     suffix = path.suffix.lower()
     delimiter = "\t" if suffix == ".tsv" or (suffix != ".csv" and "\t" in lines[first]) else ","
     parsed = list(csv.reader(lines, delimiter=delimiter))
     header = [cell.strip() for cell in parsed[first]]
     if any(not name for name in header):
-        raise CovariateError(f"covariates file {path}: the header (line {first + 1}) has an empty column name")
+        raise CovariateError(f"{what} {path}: the header (line {first + 1}) has an empty column name")
     seen: set[str] = set()
     for name in header:
         if name in seen:
-            raise CovariateError(f"covariates file {path}: column {name!r} appears twice in the header")
+            raise CovariateError(f"{what} {path}: column {name!r} appears twice in the header")
         seen.add(name)
     rows, numbers = [], []
     for index in range(first + 1, len(parsed)):
@@ -106,12 +106,12 @@ def read_table(path: str | os.PathLike) -> Table:
         if not any(cells):
             continue
         if len(cells) != len(header):
-            raise CovariateError(f"covariates file {path}, row {index + 1}: {len(cells)} fields, but the header has "
+            raise CovariateError(f"{what} {path}, row {index + 1}: {len(cells)} fields, but the header has "
                                  f"{len(header)} ({'tab' if delimiter == chr(9) else 'comma'}-separated)")
         rows.append(cells)
         numbers.append(index + 1)
     if not rows:
-        raise CovariateError(f"covariates file {path} has a header but no rows")
+        raise CovariateError(f"{what} {path} has a header but no rows")
     return Table(path, header, rows, numbers)
 
 

@@ -532,9 +532,19 @@ class _Trainer:
     def _final_samples(self) -> None:
         from ..generate import write_samples
 
-        write_samples(self.ema.model, self.output_dir / "samples", num=max(1, self.cfg.subjects_to_plot),
+        num = max(1, self.cfg.subjects_to_plot)
+        covariates, record = None, None
+        schema = getattr(self.bundle, "covariates", None)
+        if schema is not None:  # covariates drawn from the training scans', recorded per volume
+            from ..conditional import resolve
+
+            conditions = resolve(schema, [{} for _ in range(num)], self.seed)
+            covariates = conditions.vectors
+            record = {"conditions": conditions.record([f"sample_{i:04d}.nii.gz" for i in range(num)])}
+        write_samples(self.ema.model, self.output_dir / "samples", num=num,
                       temperature=1.0, seed=self.seed, voxel_size_mm=float(self.bundle.voxel_size_mm),
-                      batch_size=self.cfg.batch_size, device=self.device, show_progress=False)
+                      batch_size=self.cfg.batch_size, device=self.device, show_progress=False,
+                      extra_record=record, covariates=covariates)
 
     def _print_start(self) -> None:
         c, r = self.cfg, self.runtime
