@@ -222,3 +222,13 @@ def test_skip_bad_files_leaves_scans_with_bad_rows_out(tmp_path, scans, capsys):
     recorded = json.loads((run / "covariates.json").read_text())
     assert len(recorded["files"]) == 4 and not any("subject_001" in f for f in recorded["files"])
     assert "skipped 2 of 6 input files" in capsys.readouterr().out
+
+
+def test_condition_on_takes_one_name_or_a_comma_separated_string():
+    from verydeepvae.config import build_config
+
+    assert build_config(preset="tiny", overrides={"condition_on": "age"}).condition_on == ["age"]
+    assert build_config(preset="tiny", overrides={"condition_on": "age, sex:categorical"}).condition_on == \
+        ["age", "sex:categorical"]
+    with pytest.raises(UserError, match="must name at least one covariate"):
+        build_config(preset="tiny", overrides={"condition_on": []})

@@ -490,6 +490,9 @@ def _config_show(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         print(f"checkpoint {checkpoint.path}, step {checkpoint.step}")
         print("\n".join(cli_conditional.show_schema(checkpoint)))
+    elif cfg.condition_on:
+        print(f"conditioned on {', '.join(cfg.condition_on)}: the conditioning weights (not counted above) depend on "
+              "the covariates' levels, known once the data are read")
     if args.estimate_memory:
         from .memory import report
         from .train.memory_plan import for_config_show

@@ -443,6 +443,8 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     unknown = [key for key in values if key not in hints]
     if unknown:
         raise ConfigError(f"unknown configuration key {_short(unknown[0])}{_suggest(str(unknown[0]), set(hints))}")
+    if isinstance(values.get("condition_on"), str):  # one name (--set condition_on=age), or "age,sex" in a file
+        values = {**values, "condition_on": [v.strip() for v in values["condition_on"].split(",")]}
     checked = {key: _check_type(key, value, hints[key]) for key, value in values.items()}
     config = Config(**checked)
     validate(config)
