@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_cli_defaults()  # before any command loads torch
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run record (train)
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -240,7 +241,8 @@ def _config_options(p: argparse.ArgumentParser) -> None:
     from .config import PRESETS
 
     p.add_argument("--preset", choices=PRESETS, help="start from a preset configuration")
-    p.add_argument("--config", help="JSON or YAML configuration file (original key names accepted)")
+    p.add_argument("--config", help="JSON or YAML configuration file (original key names accepted), or a run folder, "
+                                    "its run.json or a checkpoint (the configuration that run trained with)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one configuration value (repeatable), e.g. --set batch_size=2")
 
@@ -250,7 +252,13 @@ def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None, 
 
     overrides: dict[str, Any] = dict(parse_override(text) for text in args.set)
     overrides.update(extra or {})
-    return build_config(preset=args.preset, config_file=args.config, overrides=overrides, notices=notices)
+    stored = None
+    if args.config is not None:
+        from .train.run_record import stored_config
+
+        stored = stored_config(args.config)  # None: an ordinary configuration file
+    return build_config(preset=args.preset, config_file=args.config, overrides=overrides, notices=notices,
+                        file_values=stored)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -273,7 +281,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load_config(args, extra, notices)
     from .train.loop import train
 
-    result = train(cfg, notices=notices, show_progress=_progress(args), verbosity=_verbosity(args))
+    result = train(cfg, notices=notices, show_progress=_progress(args), verbosity=_verbosity(args),
+                   command=args.argv)
     if result.checkpoint is not None:
         print(f"done: step {result.step}; checkpoint {result.checkpoint}; samples in {result.output_dir / 'samples'}")
     return 0

@@ -356,16 +356,20 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     notices: list[str] | None = None,
+    file_values: dict[str, Any] | None = None,
 ) -> Config:
     """Merge preset -> file -> overrides, translate legacy names, validate, return a Config.
 
     ``notices`` collects one-line messages about legacy keys that were accepted but ignored.
+    ``file_values``: the configuration ``config_file`` holds, when the caller has read it already
+    (a run record or a checkpoint holds one among other things: train/run_record.py).
     """
     merged: dict[str, Any] = {}
     if preset is not None:
         merged.update(normalise_keys(read_preset(preset), notices, source=f"preset {preset}"))
-    if config_file is not None:
-        merged.update(normalise_keys(read_config_file(config_file), notices, source=str(config_file)))
+    if config_file is not None or file_values is not None:
+        values = read_config_file(config_file) if file_values is None else file_values
+        merged.update(normalise_keys(values, notices, source=str(config_file or "configuration")))
     if overrides:
         merged.update(normalise_keys(overrides, notices, source="command line"))
     return config_from_dict(merged)

@@ -17,9 +17,9 @@ import random
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from ..console import NORMAL, QUIET, VERBOSE
 from ..errors import CheckpointError, DataError, Stopped, UserError
 from ..model import autocast_for
 from . import checkpoint as ckpt
-from . import distributed, resume_changes, run_folder
+from . import distributed, resume_changes, run_folder, run_record
 from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor, update_loss_scale
 from .precision import configure_backends, out_of_memory_message, resolve_precision
 from .progress import TrainConsole, ending, validation_line
@@ -59,12 +59,14 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 
 def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
-          show_progress: bool | None = None, verbosity: int = NORMAL) -> TrainResult:
+          show_progress: bool | None = None, verbosity: int = NORMAL,
+          command: Sequence[str] | None = None) -> TrainResult:
     """Train (or resume) the model described by ``cfg``; returns where the results are.
 
     ``show_progress`` False: no progress bar (a plain line every ``log_every`` steps instead, as
     wherever the output is not a terminal); ``verbosity``: console.QUIET, NORMAL or VERBOSE
-    (train/progress.py)."""
+    (train/progress.py); ``command``: the command-line arguments, for the run record (default:
+    the process's)."""
     notices = [] if notices is None else notices
     runtime = distributed.setup(cfg, notices)
     held = None
@@ -73,7 +75,7 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
         restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
         held = distributed.main_first(lambda: _claim_output_dir(cfg, runtime, restarted, notices), runtime,
                                       "checking the output folder")
-        return _Trainer(cfg, runtime, bundle, notices, show_progress, restarted, verbosity).run()
+        return _Trainer(cfg, runtime, bundle, notices, show_progress, restarted, verbosity, command).run()
     finally:
         if held is not None:
             held.release()
@@ -94,7 +96,11 @@ def _claim_output_dir(cfg: Config, runtime: distributed.Runtime, restarted: bool
 
 class _Trainer:
     def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
-                 show_progress: bool | None, restarted: bool = False, verbosity: int = NORMAL):
+                 show_progress: bool | None, restarted: bool = False, verbosity: int = NORMAL,
+                 command: Sequence[str] | None = None):
+        self.requested = cfg  # as asked for: the run record notes what the run chose by itself
+        self.command = command
+        self.restarted = restarted
         cfg = resolve_precision(cfg, runtime.device, notices)
         configure_backends(cfg, runtime.device, notices)
         self.cfg = cfg
@@ -106,6 +112,7 @@ class _Trainer:
         self.seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
         _seed_everything(self.seed + runtime.rank)
         resume_from = self._find_resume_checkpoint(restarted)
+        self.resumed_from = resume_from.path if resume_from is not None else None
         if resume_from is not None:  # before any data work: a refused resume costs nothing
             _check_same_architecture(cfg, resume_from)
             cfg = self.cfg = resume_changes.apply(cfg, resume_from.meta["config"], notices)
@@ -214,19 +221,20 @@ class _Trainer:
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        entry = self._write_record()
         self.console.open(self.total_steps, self.step)
         try:
             with self.console.python_warnings():
-                result = self._run()
+                result = self._run(entry)
         except BaseException as error:
             self.console.close(ending(error))
             raise
         self.console.close(f"finished at step {self.step}")
         return result
 
-    def _run(self) -> TrainResult:
+    def _run(self, entry: dict[str, Any] | None) -> TrainResult:
         if self.runtime.is_main:
-            self._print_start()
+            self._print_start(entry)
         batches = self._batches()
         try:
             with self._signal_handlers():
@@ -525,7 +533,23 @@ class _Trainer:
                       temperature=1.0, seed=self.seed, voxel_size_mm=float(self.bundle.voxel_size_mm),
                       batch_size=self.cfg.batch_size, device=self.device, show_progress=False)
 
-    def _print_start(self) -> None:
+    def _write_record(self) -> dict[str, Any] | None:
+        """Append this session to the run record (train/run_record.py); every rank describes its
+        device, rank 0 writes.  Returns the entry (rank 0)."""
+        devices = distributed.gather_to_main(run_record.describe_device(self.device), self.runtime)
+        if not self.runtime.is_main:
+            return None
+        entry = run_record.session(
+            replace(self.cfg, seed=self.seed, device=self.device.type), self.requested, start_step=self.step,
+            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, resumed_from=self.resumed_from,
+            restarted=self.restarted, devices=devices or [], world_size=self.runtime.world_size,
+            data={"train": len(self.bundle.train), "validation": len(self.bundle.val),
+                  "voxel_size_mm": float(self.bundle.voxel_size_mm)},
+            notices=self.notices, command=self.command)
+        run_record.append(self.output_dir, entry, self.notices)
+        return entry
+
+    def _print_start(self, entry: dict[str, Any] | None) -> None:
         c, r = self.cfg, self.runtime
         effective = c.batch_size * c.grad_accumulation * r.world_size
         lines = [
@@ -538,7 +562,7 @@ class _Trainer:
             "(not rescaled with the effective batch)",
             f"  steps {self.step} -> {self.total_steps} ({self.steps_per_epoch} per epoch); output {self.output_dir}",
         ]
-        self.console.start(lines, self.notices)
+        self.console.start(lines, self.notices, run_record.describe(entry) if entry else [])
 
     @contextlib.contextmanager
     def _signal_handlers(self):

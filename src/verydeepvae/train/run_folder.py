@@ -21,10 +21,11 @@ from ..errors import UserError
 from ..output_folder import move_aside
 from .checkpoint import checkpoint_dir, list_checkpoints
 from .progress import LOG_NAME
+from .run_record import RECORD_NAME
 
 LOCK_NAME = ".lock"
 KEPT_ON_OVERWRITE = (LOCK_NAME, "cache")  # the preprocessed-volume cache is keyed by its settings
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "figures", "samples", "split.json", LOG_NAME)
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "figures", "samples", "split.json", RECORD_NAME, LOG_NAME)
 
 
 class RunLock:
