@@ -1,4 +1,4 @@
-"""Run records (issue 14): run.json, and --config from a run folder, its record or a checkpoint."""
+"""Run records and inspection (issue 14): run.json, --config from a run, `verydeepvae inspect`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from verydeepvae.cli import main
+from verydeepvae.train import run_folder
 from verydeepvae.train.checkpoint import list_checkpoints
 
 
@@ -120,3 +121,40 @@ def test_resume_appends_a_session_and_keeps_the_first(trained, tmp_path):
     kept = list(run.glob("run.json.unreadable-*"))
     assert len(kept) == 1 and kept[0].read_text() == "{not json"
     assert len(json.loads((run / "run.json").read_text())["sessions"]) == 1
+
+
+@pytest.mark.slow
+def test_inspect_shows_the_run_on_one_screen(trained, capsys):
+    _, run, _ = trained
+    capsys.readouterr()
+    assert main(["inspect", str(run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) <= 25 and all(len(line) < 400 for line in lines)
+    text = "\n".join(lines)
+    assert "status: not training (last: PID" in text
+    assert "model: 16³" in text and "steps: 4 of 4 (100 %)" in text
+    assert "newest checkpoint: checkpoints/step_00000004.safetensors" in text
+    assert "best checkpoint: checkpoints/step_00000004.safetensors (validation at step 4: " in text
+    assert "last validation (step 4): " in text and "sample quality (step 4): Fréchet ratio" in text
+    assert "chosen automatically: " in text and "last line: finished at step 4" in text
+
+
+@pytest.mark.slow
+def test_inspect_sees_a_process_training_now_without_disturbing_it(trained, capsys):
+    _, run, _ = trained
+    held = run_folder.lock(run)  # as a training process holds it
+    try:
+        capsys.readouterr()
+        assert main(["inspect", str(run)]) == 0
+        assert f"status: training now (PID {os.getpid()} on host {socket.gethostname()}" in capsys.readouterr().out
+        assert run_folder.probe(run)[0] is True  # still held: the probe took nothing away
+    finally:
+        held.release()
+    assert run_folder.probe(run)[0] is False
+
+
+def test_inspect_of_something_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a run folder" in err[0]
+    assert run_folder.probe(tmp_path) is None and not (tmp_path / ".lock").exists()  # the probe creates nothing

@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_parser = p  # bound now: ``p`` is reassigned below, and a lambda would see the last one
     p.set_defaults(handler=lambda args: (config_parser.print_help(), EXIT_USER_ERROR)[1])
 
+    p = sub.add_parser("inspect", help="one screen about a run: training now?, steps, checkpoints, last figures")
+    p.add_argument("run", help="a run folder (the --output-dir of train); read only, safe while it trains")
+    p.set_defaults(handler=_inspect)
+
     p = sub.add_parser("phantom", help="write the built-in FLAIR-like phantom brain population")
     p.add_argument("--num", type=int, default=100)
     p.add_argument("--resolution", type=int, default=64)
@@ -508,6 +512,13 @@ def model_summary(model, cfg) -> str:
                      f"{cfg.latent_feature_maps_per_resolution[level]:13d}  {cfg.channels_per_latent[level]:10d}  "
                      f"{cfg.kernel_sizes_bottom_up[level]}/{cfg.kernel_sizes_top_down[level]}")
     return "\n".join(lines)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .train.inspect_run import inspect_run
+
+    print("\n".join(inspect_run(args.run)))
+    return 0
 
 
 def _phantom(args: argparse.Namespace) -> int:
