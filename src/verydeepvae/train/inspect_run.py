@@ -93,7 +93,11 @@ def _steps(sessions: list[dict[str, Any]], meta: dict[str, Any] | None, config: 
         total = config.get("max_steps") or (config.get("total_epochs") or 10) * int(meta.get("steps_per_epoch", 1))
     share = f" ({100 * done / total:.0f} %)" if total else ""
     elapsed = last.get("train", {}).get("elapsed_seconds")
-    took = f"; {_duration(elapsed)} of training in the newest session" if isinstance(elapsed, (int, float)) else ""
+    took = ""
+    if isinstance(elapsed, (int, float)) and math.isfinite(elapsed):
+        from tqdm import tqdm
+
+        took = f"; {tqdm.format_interval(elapsed)} of training in the newest session"
     return f"  steps: {done} of {total or '?'}{share}{took}"
 
 
@@ -167,9 +171,3 @@ def _num(value: Any, digits: int = 4) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return str(value)
     return f"{value:.{digits}f}"
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

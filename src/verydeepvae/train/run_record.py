@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from ..atomic import write_text
-from ..config import Config
+from ..config import Config, read_config_file
 from ..errors import ConfigError
 from . import checkpoint as ckpt
 
@@ -107,13 +107,8 @@ def _checked(record: Any, path: str | os.PathLike) -> dict[str, Any]:
 MAX_RECORD_BYTES = 64 << 20  # a session adds a few KiB; a configuration file may have 1 MiB
 
 
-def _load(path: Path) -> Any:
-    try:
-        if path.stat().st_size > MAX_RECORD_BYTES:
-            raise ValueError(f"larger than {MAX_RECORD_BYTES} bytes")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"run record {path} could not be read: {str(error).splitlines()[0][:200]}") from None
+def _load(path: Path) -> dict[str, Any]:
+    return read_config_file(path, max_bytes=MAX_RECORD_BYTES)  # JSON, one-line errors
 
 
 def _is_record(data: Any) -> bool:
