@@ -12,14 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_train_args
 from verydeepvae.cli import main
 from verydeepvae.train import run_folder
 from verydeepvae.train.checkpoint import list_checkpoints
-
-
-def _train_args(data: Path, run: Path, *extra: str) -> list[str]:
-    return ["train", "--preset", "tiny", "--data", str(data), "--output-dir", str(run), "--set", "log_every=2",
-            "--set", "validation_every=2", "--set", "subjects_to_plot=0", "--set", "num_workers=0", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +27,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path, str]:
     write_ellipsoids(data, 8, size=16)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        assert main(_train_args(data, run, "--max-steps", "4", "--precision", "auto", "--device", "auto",
+        assert main(tiny_train_args(data, run, "--max-steps", "4", "--precision", "auto", "--device", "auto",
                                 "--verbose")) == 0
     return data, run, printed.getvalue()
 
@@ -110,14 +106,14 @@ def test_resume_appends_a_session_and_keeps_the_first(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(first, run)
     before = json.loads((run / "run.json").read_text())["sessions"]
-    assert main(_train_args(data, run, "--max-steps", "6", "--resume", "--quiet")) == 0
+    assert main(tiny_train_args(data, run, "--max-steps", "6", "--resume", "--quiet")) == 0
     sessions = json.loads((run / "run.json").read_text())["sessions"]
     assert len(sessions) == 2 and sessions[0] == before[0]
     assert sessions[1]["start_step"] == 4 and sessions[1]["resumed_from"].endswith("step_00000004.safetensors")
     assert "--resume --quiet" in sessions[1]["command"]
     # a record nobody can read is kept aside, never overwritten
     (run / "run.json").write_text("{not json")
-    assert main(_train_args(data, run, "--max-steps", "7", "--resume", "--quiet")) == 0
+    assert main(tiny_train_args(data, run, "--max-steps", "7", "--resume", "--quiet")) == 0
     kept = list(run.glob("run.json.unreadable-*"))
     assert len(kept) == 1 and kept[0].read_text() == "{not json"
     assert len(json.loads((run / "run.json").read_text())["sessions"]) == 1
