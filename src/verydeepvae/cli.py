@@ -24,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_cli_defaults()  # before any command loads torch
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run record (train)
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -97,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write augmented training examples to <output-dir>/pipeline_test first")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip unreadable or unusable NIfTI files (listed in skipped_files.txt) instead of stopping")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a plain line every log_every steps (as when the output is not a terminal)")
+    _verbosity_options(p, verbose="also a line for every checkpoint and figure written, and the run's versions, "
+                                  "host and git commit at start")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("sample", help="draw synthetic volumes from a trained model")
@@ -113,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intensity", choices=["model", "data"], default="model",
                    help="model: intensities in [0, 1]; data: mapped to the training data's typical scale")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _verbosity_options(p)
     p.set_defaults(handler=_sample)
 
     _inference_commands(sub)
@@ -131,12 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     config_parser = p  # bound now: ``p`` is reassigned below, and a lambda would see the last one
     p.set_defaults(handler=lambda args: (config_parser.print_help(), EXIT_USER_ERROR)[1])
 
+    p = sub.add_parser("inspect", help="one screen about a run: training now?, steps, checkpoints, last figures")
+    p.add_argument("run", help="a run folder (the --output-dir of train); read only, safe while it trains")
+    p.set_defaults(handler=_inspect)
+
     p = sub.add_parser("phantom", help="write the built-in FLAIR-like phantom brain population")
     p.add_argument("--num", type=int, default=100)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--output-dir", required=True)
     p.add_argument("--seed", type=int, default=0)
     _overwrite_option(p)
+    _verbosity_options(p)
     p.set_defaults(handler=_phantom)
     return parser
 
@@ -202,6 +212,20 @@ def _inference_commands(sub) -> None:
     p.set_defaults(handler=_evaluate)
 
 
+def _verbosity_options(p: argparse.ArgumentParser, verbose: str | None = None) -> None:
+    """--quiet, and --verbose where a command has more to say (console.py)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final result")
+    if verbose:
+        group.add_argument("-v", "--verbose", action="store_true", help=verbose)
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    from .console import NORMAL, QUIET, VERBOSE
+
+    return QUIET if args.quiet else VERBOSE if getattr(args, "verbose", False) else NORMAL
+
+
 def _overwrite_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into an output folder (or file) that holds earlier outputs, moving them aside first")
@@ -214,13 +238,15 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _verbosity_options(p)
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:
     from .config import PRESETS
 
     p.add_argument("--preset", choices=PRESETS, help="start from a preset configuration")
-    p.add_argument("--config", help="JSON or YAML configuration file (original key names accepted)")
+    p.add_argument("--config", help="JSON or YAML configuration file (original key names accepted), or a run folder, "
+                                    "its run.json or a checkpoint (the configuration that run trained with)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one configuration value (repeatable), e.g. --set batch_size=2")
 
@@ -230,7 +256,13 @@ def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None, 
 
     overrides: dict[str, Any] = dict(parse_override(text) for text in args.set)
     overrides.update(extra or {})
-    return build_config(preset=args.preset, config_file=args.config, overrides=overrides, notices=notices)
+    stored = None
+    if args.config is not None:
+        from .train.run_record import stored_config
+
+        stored = stored_config(args.config)  # None: an ordinary configuration file
+    return build_config(preset=args.preset, config_file=args.config, overrides=overrides, notices=notices,
+                        file_values=stored)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -253,7 +285,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load_config(args, extra, notices)
     from .train.loop import train
 
-    result = train(cfg, notices=notices, show_progress=False if args.no_progress else None)
+    result = train(cfg, notices=notices, show_progress=_progress(args), verbosity=_verbosity(args),
+                   command=args.argv)
     if result.checkpoint is not None:
         print(f"done: step {result.step}; checkpoint {result.checkpoint}; samples in {result.output_dir / 'samples'}")
     return 0
@@ -316,7 +349,7 @@ def _sample(args: argparse.Namespace) -> int:
     _claim(args, "sample")
     paths = write_samples(model, args.output_dir, args.num, temperature, args.seed,
                           voxel_size_mm=float(data.get("voxel_size_mm", 1.0)), batch_size=args.batch_size,
-                          device=device, show_progress=not args.no_progress, intensity_reference=reference,
+                          device=device, show_progress=_progress(args), intensity_reference=reference,
                           extra_record={"checkpoint": str(checkpoint.path), "step": checkpoint.step,
                                         "weights": "raw" if args.raw_weights else "ema"})
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
@@ -338,7 +371,7 @@ def _claim(args: argparse.Namespace, command: str) -> None:
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
-    return False if args.no_progress else None
+    return False if args.no_progress or args.quiet else None
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -483,6 +516,13 @@ def model_summary(model, cfg) -> str:
     return "\n".join(lines)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .train.inspect_run import inspect_run
+
+    print("\n".join(inspect_run(args.run)))
+    return 0
+
+
 def _phantom(args: argparse.Namespace) -> int:
     from .data.phantom import generate_population
 
@@ -491,7 +531,8 @@ def _phantom(args: argparse.Namespace) -> int:
     if args.resolution < 8 or args.resolution & (args.resolution - 1):
         raise UserError(f"--resolution must be a power of two >= 8, got {args.resolution}")
     _claim(args, "phantom")
-    paths = generate_population(args.num, args.resolution, args.output_dir, args.seed)
+    paths = generate_population(args.num, args.resolution, args.output_dir, args.seed,
+                                progress=False if args.quiet else None)
     print(f"wrote {len(paths)} volumes and participants.tsv to {args.output_dir}")
     return 0
 

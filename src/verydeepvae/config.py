@@ -320,14 +320,15 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or YAML configuration file into a plain dict."""
+def read_config_file(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+    """Read a JSON or YAML configuration file into a plain dict (``max_bytes``: larger files are
+    refused; YAML files are bounded by MAX_CONFIG_BYTES whatever it says)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"configuration file {path} does not exist")
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes} bytes")
         text = path.read_text()
         data = load_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (OSError, ValueError, yaml.YAMLError) as error:
@@ -362,16 +363,20 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     notices: list[str] | None = None,
+    file_values: dict[str, Any] | None = None,
 ) -> Config:
     """Merge preset -> file -> overrides, translate legacy names, validate, return a Config.
 
     ``notices`` collects one-line messages about legacy keys that were accepted but ignored.
+    ``file_values``: the configuration ``config_file`` holds, when the caller has read it already
+    (a run record or a checkpoint holds one among other things: train/run_record.py).
     """
     merged: dict[str, Any] = {}
     if preset is not None:
         merged.update(normalise_keys(read_preset(preset), notices, source=f"preset {preset}"))
-    if config_file is not None:
-        merged.update(normalise_keys(read_config_file(config_file), notices, source=str(config_file)))
+    if config_file is not None or file_values is not None:
+        values = read_config_file(config_file) if file_values is None else file_values
+        merged.update(normalise_keys(values, notices, source=str(config_file or "configuration")))
     if overrides:
         merged.update(normalise_keys(overrides, notices, source="command line"))
     return config_from_dict(merged)

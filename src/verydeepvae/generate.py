@@ -29,10 +29,10 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import viz
 from .atomic import write_json
+from .console import bar
 from .errors import CheckpointError, DataError, Stopped, UserError
 from .model import VeryDeepVAE
 from .train import checkpoint as ckpt
@@ -213,7 +213,7 @@ def load_preprocessed(files: Sequence[str | Path], settings, cache_root: str | P
     R = settings.resolution
     out = np.empty((len(files), R, R, R), dtype=np.float32)
     metas: list[dict[str, Any]] = []
-    for i, f in enumerate(tqdm(list(files), desc=desc, unit="vol", disable=hide_progress(show_progress, len(files)))):
+    for i, f in enumerate(bar(list(files), desc=desc, unit="vol", show=show_progress)):
         volume = meta = None
         if cache is not None and cache.folder.is_dir():
             try:
@@ -315,12 +315,12 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
     the temperature and the batch size."""
     model = model.to(device).eval()
     generator = torch.Generator(device=device).manual_seed(int(seed))
-    with tqdm(total=num, unit="vol", desc="sample", disable=hide_progress(show_progress, num)) as bar:
+    with bar(total=num, unit="vol", desc="sample", show=show_progress) as shown:
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
             volumes = model.sample(count, temperature, generator=generator).float().cpu()[:, 0].numpy()
             yield start, volumes
-            bar.update(count)
+            shown.update(count)
 
 
 def _intensity_record(low_high: tuple[float, float] | None, what: str) -> dict[str, Any]:
@@ -384,7 +384,7 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
     rows: list[dict[str, Any]] = []
     figure_rows: list[list[np.ndarray]] = []
     progressive_levels = list(range(1, model.decoder.num_levels))
-    bar = tqdm(total=len(files), desc="reconstruct", unit="vol", disable=hide_progress(show_progress, len(files)))
+    shown = bar(total=len(files), desc="reconstruct", unit="vol", show=show_progress)
     for start in range(0, len(files), batch_size):
         x = torch.from_numpy(volumes[start:start + batch_size])[:, None].to(device)
         terms = elbo_terms(model, x, seed + start)
@@ -418,8 +418,8 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
                 "kl_bits_per_voxel": float(terms["kl_per_layer"][i].sum() / LN2),
                 "psnr_db": float(p[i]), "ssim": float(s[i]), "mae": float(m[i]),
             })
-        bar.update(len(xs))
-    bar.close()
+        shown.update(len(xs))
+    shown.close()
     written = "reconstruction" if prior_above is None else f"written (prior above {prior_above}³)"
     titles = ["input", written] + [f"prior above {model.resolution >> lv}³" for lv in progressive_levels]
     viz.save_grid(figure_rows, output_dir / "reconstructions.png", col_titles=titles,
@@ -450,10 +450,3 @@ def _likelihood_note(model: VeryDeepVAE) -> str:
                 "true code length (bits/voxel >= 0)")
     return ("continuous Gaussian density: the negative ELBO in bits/voxel is a differential quantity, "
             "can be negative and is not a code length")
-
-
-def hide_progress(show: bool | None, n: int) -> bool | None:
-    """tqdm's disable flag: None shows a bar only on a terminal (and only for more than one item)."""
-    if show is None:
-        return None if n > 1 else True
-    return not show

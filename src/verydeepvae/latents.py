@@ -14,12 +14,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import viz
 from .atomic import write_json, write_safetensors, write_with
 from .errors import UserError
-from .generate import (TrainedModel, hide_progress, load_preprocessed, output_stems, safe_file_stem, to_data_intensity,
+from .console import bar
+from .generate import (TrainedModel, load_preprocessed, output_stems, safe_file_stem, to_data_intensity,
                        unique_names)
 from .model import VeryDeepVAE
 from .volume_io import grid_affine, save_nifti
@@ -52,8 +52,7 @@ def encode_files(trained: TrainedModel, files: Sequence[str | Path], output_path
     files = [Path(f) for f in files]
     volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=show_progress)
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
-    for start in tqdm(range(0, len(files), batch_size), desc="encode", unit="batch",
-                      disable=hide_progress(show_progress, len(files))):
+    for start in bar(range(0, len(files), batch_size), desc="encode", unit="batch", show=show_progress):
         x = torch.from_numpy(volumes[start:start + batch_size])[:, None].to(device)
         for i, z in enumerate(model.encode(x)):
             per_layer[i].append(z.float().cpu())
@@ -106,7 +105,7 @@ def decode_latents(trained: TrainedModel, path: str | Path, output_dir: str | Pa
                          for k in range(n))
     sizes = meta.get("voxel_size_mm") if isinstance(meta.get("voxel_size_mm"), list) else []
     paths = []
-    for start in tqdm(range(0, n, batch_size), desc="decode", unit="batch", disable=hide_progress(show_progress, n)):
+    for start in bar(range(0, n, batch_size), desc="decode", unit="batch", show=show_progress):
         zs = [z[start:start + batch_size].to(trained.device) for z in latents]
         volumes = model.decode(zs).float().cpu()[:, 0].numpy()
         for i, volume in enumerate(volumes):
@@ -170,8 +169,7 @@ def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, o
     zs = model.encode(x)
     ts = [k / (steps - 1) for k in range(steps)]
     frames: list[np.ndarray] = []
-    for start in tqdm(range(0, steps, batch_size), desc="interpolate", unit="batch",
-                      disable=hide_progress(show_progress, steps)):
+    for start in bar(range(0, steps, batch_size), desc="interpolate", unit="batch", show=show_progress):
         chunk = ts[start:start + batch_size]
         batch = []
         for z in zs:
