@@ -22,11 +22,11 @@ from typing import Any, Optional
 
 import yaml
 
+from .device import check_device_name
 from .errors import ConfigError
 
 LIKELIHOODS = ("discretised_logistic", "gaussian")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-DEVICES = ("auto", "cpu", "cuda")
 OPTIMISERS = ("adamax", "adamw")
 SCHEDULES = ("cosine", "constant")
 DOWNSAMPLING = ("avgpool", "nearest", "conv")
@@ -121,7 +121,7 @@ class Config:
 
     # --- where and how to run -------------------------------------------------------------------
     output_dir: str = "runs/default"
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps (device.py)
     CUDA_devices: Optional[list[str]] = None
     threads_per_rank: Optional[int] = None
     resume: bool = False
@@ -550,7 +550,10 @@ def validate(c: Config) -> None:
         )
     _choice("likelihood", c.likelihood, LIKELIHOODS)
     _choice("precision", c.precision, PRECISIONS)
-    _choice("device", c.device, DEVICES)
+    try:
+        check_device_name(c.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     _choice("optimiser", c.optimiser, OPTIMISERS)
     _choice("lr_schedule", c.lr_schedule, SCHEDULES)
     _choice("downsampling", c.downsampling, DOWNSAMPLING)
@@ -589,8 +592,8 @@ def validate(c: Config) -> None:
         raise ConfigError(f"clamp_percentiles must be [low, high] with 0 <= low < high <= 100, got {lo_hi}")
     if c.num_bins < 2:
         raise ConfigError(f"num_bins must be >= 2, got {c.num_bins}")
-    if c.precision == "fp16" and c.device == "cpu":
-        raise ConfigError("precision fp16 needs a CUDA device; use bf16 on the CPU")
+    if c.precision == "fp16" and c.device in ("cpu", "mps"):
+        raise ConfigError(f"precision fp16 needs a CUDA device; use bf16 on the {c.device.upper()}")
     _validate_performance(c)
     if c.CUDA_devices is not None:
         for d in c.CUDA_devices:

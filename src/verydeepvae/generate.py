@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from . import viz
 from .atomic import write_json
+from .device import resolve_device
 from .errors import CheckpointError, DataError, Stopped, UserError
 from .model import VeryDeepVAE
 from .train import checkpoint as ckpt
@@ -62,16 +63,6 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
             f"(missing {len(missing)} tensors, unexpected {len(unexpected)})"
         )
     return model.to(device).eval()
-
-
-def resolve_device(name: str | None) -> str:
-    """"auto" -> cuda if available else cpu; "cuda" without a GPU is a user error."""
-    name = name or "auto"
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was requested but no CUDA GPU is available; use --device cpu")
-    return name
 
 
 @dataclass
@@ -122,7 +113,7 @@ class TrainedModel:
 
 def open_trained(path: str | Path, use_ema: bool = True, device: str | None = "auto") -> TrainedModel:
     """Load a checkpoint file (or a run folder's newest checkpoint) for inference."""
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # "cuda:1" stays "cuda:1"; "cuda" -> "cuda:0"
     checkpoint = ckpt.resolve_checkpoint(path)
     model = load_model(checkpoint, use_ema=use_ema, device=device)
     return TrainedModel(model=model, checkpoint=checkpoint, weights="ema" if use_ema else "raw", device=device)
