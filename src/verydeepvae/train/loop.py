@@ -64,6 +64,8 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
     runtime = distributed.setup(cfg, notices)
     held = None
     try:
+        # before the output folder is claimed: an impossible precision changes no file
+        cfg = resolve_precision(cfg, runtime.device, notices)
         # decided by all ranks together: torchrun's restart count can differ between nodes
         restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
         held = distributed.main_first(lambda: _claim_output_dir(cfg, runtime, restarted, notices), runtime,
@@ -90,7 +92,6 @@ def _claim_output_dir(cfg: Config, runtime: distributed.Runtime, restarted: bool
 class _Trainer:
     def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
                  show_progress: bool | None, restarted: bool = False):
-        cfg = resolve_precision(cfg, runtime.device, notices)
         configure_backends(cfg, runtime.device, notices)
         self.cfg = cfg
         self.runtime = runtime
