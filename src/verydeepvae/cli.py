@@ -211,13 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NATIVE = "; each also resampled into its input scan's own space (*_native.nii.gz)"
+
+
 def _inference_commands(sub) -> None:
     """reconstruct, encode, decode, interpolate, evaluate: each calls one library function."""
     p = _command(sub, "reconstruct", "reconstruct NIfTI volumes; per-file bits/voxel, PSNR, SSIM, MAE")
     _model_options(p)
     _data_option(p, "a NIfTI file, a folder of them or a text/CSV list of paths", required=True, dest="input")
     p.add_argument("--pattern", help="only files whose path matches this glob (folders only), e.g. '*FLAIR*'")
-    _output_option(p, "folder for the reconstructions, reconstructions.png and reconstructions.json")
+    _output_option(p, "folder for the reconstructions, reconstructions.png and reconstructions.json" + _NATIVE)
     p.add_argument("--mode", choices=["mean", "sample"], default="mean",
                    help="latents: posterior mean at every layer or a posterior sample")
     p.add_argument("--prior-above", type=int, metavar="RES",
@@ -235,13 +238,15 @@ def _inference_commands(sub) -> None:
     _data_option(p, "a NIfTI file, a folder of them or a text/CSV list of paths", required=True, dest="input")
     p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
     p.add_argument("--output", "--output-dir", dest="output", required=True, metavar="FILE",
-                   help="latents file to write (.safetensors; metadata also as .json)")
+                   help="latents file to write (.safetensors; metadata, including each input's scan space, "
+                        "also as .json)")
     p.set_defaults(handler=_encode)
 
     p = _command(sub, "decode", "decode a latents file written by encode back to NIfTI volumes")
     _model_options(p)
     p.add_argument("--latents", required=True, help="a .safetensors file written by verydeepvae encode")
-    _output_option(p, "folder for the decoded volumes")
+    _output_option(p, "folder for the decoded volumes; each also in its encoded scan's own space "
+                      "(*_native.nii.gz) when the latents file records it")
     p.set_defaults(handler=_decode)
 
     p = _command(sub, "interpolate", "volumes between two inputs, interpolating every latent layer")
@@ -251,7 +256,8 @@ def _inference_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=8, help="number of volumes written, both ends included")
     p.add_argument("--method", choices=["slerp", "linear"], default="slerp",
                    help="spherical or linear interpolation of each latent layer")
-    _output_option(p, "folder for interp_XX.nii.gz, interpolation.png and interpolation.json")
+    _output_option(p, "folder for interp_XX.nii.gz, interpolation.png and interpolation.json; the two ends "
+                      "also in their input scan's own space (a_native.nii.gz, b_native.nii.gz)")
     p.add_argument("--intensity", choices=["model", "data"], default="model",
                    help="model: [0, 1]; data: mapped back to the inputs' intensity scales (interpolated)")
     p.set_defaults(handler=_interpolate)
@@ -426,8 +432,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     for row in record["files"]:
         print(f"{row['reconstruction']}: {row['elbo_bits_per_voxel']:.4f} bits/voxel, PSNR {row['psnr_db']:.2f} dB, "
               f"SSIM {row['ssim']:.4f}, MAE {row['mae']:.4f}")
-    print(f"wrote {len(record['files'])} reconstructions, reconstructions.png and reconstructions.json "
-          f"to {args.output_dir}")
+    print(f"wrote {len(record['files'])} reconstructions (model grid, and *_native.nii.gz in each input's own "
+          f"space), reconstructions.png and reconstructions.json to {args.output_dir}")
     return 0
 
 
@@ -448,12 +454,16 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from .latents import decode_latents
+    from .latents import decode_latents, native_path
 
     trained = _open(args)
     _claim(args, "decode")
     paths = decode_latents(trained, args.latents, args.output_dir, args.batch_size, show_progress=_progress(args))
-    print(f"wrote {len(paths)} decoded volumes to {args.output_dir}")
+    native = sum(native_path(p).is_file() for p in paths)
+    where = (f", {native} of them also in their encoded scan's own space (*_native.nii.gz)" if native else
+             "; the latents file records no scan geometry (an older version wrote it), so they are on the model "
+             "grid only")
+    print(f"wrote {len(paths)} decoded volumes to {args.output_dir}{where}")
     return 0
 
 
@@ -467,7 +477,8 @@ def _interpolate(args: argparse.Namespace) -> int:
     _claim(args, "interpolate")
     paths = interpolate(trained, a, b, args.output_dir, steps=args.steps, method=args.method,
                         batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args))
-    print(f"wrote {len(paths)} volumes, interpolation.png and interpolation.json to {args.output_dir}")
+    print(f"wrote {len(paths)} volumes, the two ends in their scans' own space (a_native.nii.gz, b_native.nii.gz), "
+          f"interpolation.png and interpolation.json to {args.output_dir}")
     return 0
 
 
