@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.preview is not None:
         from verydeepvae.viz import save_montage
 
-        save_montage([fractions[..., i] for i in range(len(CHANNELS))], args.preview, titles=list(CHANNELS))
+        save_montage([fractions[..., i] for i in range(len(CHANNELS))], args.preview, titles=list(CHANNELS),
+                     colorbar="tissue fraction of the voxel")
         print(f"wrote {args.preview}")
     return 0
 

@@ -432,7 +432,8 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
         "metrics_note": "PSNR/SSIM/MAE between the preprocessed input and the reconstruction, whole volume, "
                         "model intensity range [0, 1] (data_range 1)",
         "native": NATIVE_NOTE,
-        "figure": "reconstructions.png: axial mid-slices; columns input, the written reconstruction, then "
+        "figure": "reconstructions.png: sagittal, coronal and axial mid-slices; columns input, the written "
+                  "reconstruction, then "
                   f"reconstructions with the latents above r³ taken from the prior (temperature {temperature})",
         "files": rows,
         "mean": {k: float(np.mean([r[k] for r in rows])) for k in

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import viz
-from .atomic import write_json, write_safetensors, write_with
+from .atomic import write_json, write_safetensors
 from .errors import UserError
 from .data.native_space import checked_geometry, native_geometry
 from .generate import (NATIVE_NOTE, TrainedModel, hide_progress, load_preprocessed, output_stems, safe_file_stem,
@@ -217,7 +217,7 @@ def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, o
         ends[end] = write_native(frame, native_geometry(meta, file, model.resolution),
                                  output_dir / f"{end}_native.nii.gz", low_high,
                                  f"verydeepvae interpolation end {end.upper()}, its scan space").name
-    save_strip([volumes[0]] + frames + [volumes[1]], output_dir / "interpolation.png",
+    viz.save_strip([volumes[0]] + frames + [volumes[1]], output_dir / "interpolation.png",
                ["A (input)"] + [f"t={t:.2f}" for t in ts] + ["B (input)"],
                f"{method} interpolation of all latent layers: {files[0].name} -> {files[1].name}")
     write_json(output_dir / "interpolation.json", {
@@ -228,28 +228,3 @@ def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, o
         **trained.record(),
     })
     return paths
-
-
-def save_strip(volumes: Sequence[np.ndarray], path: str | Path, titles: Sequence[str], suptitle: str = "") -> None:
-    """Columns of volumes, rows sagittal / coronal / axial mid-slices (model range [0, 1])."""
-    import matplotlib.pyplot as plt
-
-    n = len(volumes)
-    fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
-    for j, volume in enumerate(volumes):
-        for i, image in enumerate(viz.mid_slices(volume)):
-            ax = axes[i][j]
-            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(titles[j], fontsize=7)
-            if j == 0:
-                ax.set_ylabel(viz.PLANES[i], fontsize=7)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=8)
-    fig.tight_layout()
-    try:
-        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
