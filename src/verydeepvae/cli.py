@@ -500,7 +500,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     for flag in ("num_samples", "max_heldout", "max_train", "num_pairs"):
         if getattr(args, flag) < 1:
-            shown = "--num" if flag == "num_samples" else f"--{flag.replace('_', '-')}"
+            shown = "--num/--num-samples" if flag == "num_samples" else f"--{flag.replace('_', '-')}"
             raise UserError(f"{shown} must be >= 1, got {getattr(args, flag)}")
     check_seed(args.seed)
     options = EvaluationOptions(
