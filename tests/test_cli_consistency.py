@@ -177,3 +177,38 @@ def test_a_configured_device_is_checked_when_the_configuration_is_built():
     assert build_config(preset="tiny", overrides={"device": "cuda:3"}).device == "cuda:3"
     with pytest.raises(ConfigError, match="device must be auto, cpu, cuda, cuda:N"):
         build_config(preset="tiny", overrides={"device": "gpu0"})
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """Every ``verydeepvae ...`` command in a code block of the README and docs/ (continuation lines
+    joined; usage synopses with [optional] or a|b parts are left out)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    found = []
+    for doc in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:sh|console|bash)?\n(.*?)```", doc.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #", 1)[0].strip().removeprefix("$ ")
+                if "verydeepvae " not in line or "[" in line or "|" in line:
+                    continue
+                words = shlex.split(line)
+                if words[0] != "verydeepvae":
+                    words = words[words.index("verydeepvae"):] if "-m" in words else []
+                if words and words[0] == "verydeepvae":
+                    found.append((f"{doc.name}: {line}", words[1:]))
+    return found
+
+
+def test_every_documented_command_parses():
+    from verydeepvae.cli import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) > 20
+    for where, words in commands:
+        try:
+            build_parser().parse_args(words)
+        except SystemExit as error:
+            raise AssertionError(f"{where} does not parse") from error
