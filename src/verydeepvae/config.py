@@ -22,11 +22,11 @@ from typing import Any, Optional
 
 import yaml
 
+from .device import check_device_name
 from .errors import ConfigError
 
 LIKELIHOODS = ("discretised_logistic", "gaussian")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto", "half")
 OPTIMISERS = ("adamax", "adamw")
 SCHEDULES = ("cosine", "constant")
 DOWNSAMPLING = ("avgpool", "nearest", "conv")
@@ -78,7 +78,9 @@ class Config:
     kl_warmup_steps: int = 0
     kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
     kl_free_bits: float = 0.0  # nats of KL per latent layer and volume exempt from the loss (free bits)
-    precision: str = "fp32"  # fp32, bf16, fp16 (CUDA) or auto (bf16 where native, fp16 on CUDA 7.x, else fp32)
+    # fp32, bf16, fp16 (CUDA), auto (bf16 where native, fp16 on CUDA 7.x, else fp32) or half (what the
+    # original's half_precision: true becomes: fp16 on CUDA, bf16 elsewhere; train/precision.py)
+    precision: str = "fp32"
     grad_accumulation: int = 1
     seed: Optional[int] = 0
 
@@ -121,7 +123,7 @@ class Config:
 
     # --- where and how to run -------------------------------------------------------------------
     output_dir: str = "runs/default"
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps (device.py)
     CUDA_devices: Optional[list[str]] = None
     threads_per_rank: Optional[int] = None
     resume: bool = False
@@ -192,7 +194,7 @@ LEGACY_RENAMES = {
     "plot_recons_period": "figures_period_epochs",
     "resume_from_checkpoint": "resume",
     "veto_transformations": "augment",  # inverted, see _legacy_value
-    "half_precision": "precision",  # bool -> "fp16"/"fp32"
+    "half_precision": "precision",  # bool -> "half"/"fp32"
     "keep_every_checkpoint": "keep_checkpoints",  # bool -> 0 (all) / 3
     "convolutional_downsampling": "downsampling",  # bool -> "conv"/"avgpool"
     "output_folder": "output_dir",
@@ -421,7 +423,9 @@ def _legacy_value(key: str, value: Any) -> Any:
             raise ConfigError(f"{key} must be true or false, got {_short(value)}")
         return {
             "veto_transformations": not value,
-            "half_precision": "fp16" if value else "fp32",
+            # the original's fp16 AMP, which it also ran on CPUs (its own tests do): "half" is fp16 on a
+            # CUDA GPU and bf16 elsewhere, decided once the device is known (train/precision.py)
+            "half_precision": "half" if value else "fp32",
             "keep_every_checkpoint": 0 if value else 3,
             "convolutional_downsampling": "conv" if value else "avgpool",
         }[key]
@@ -561,7 +565,10 @@ def validate(c: Config) -> None:
         )
     _choice("likelihood", c.likelihood, LIKELIHOODS)
     _choice("precision", c.precision, PRECISIONS)
-    _choice("device", c.device, DEVICES)
+    try:
+        check_device_name(c.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     _choice("optimiser", c.optimiser, OPTIMISERS)
     _choice("lr_schedule", c.lr_schedule, SCHEDULES)
     _choice("downsampling", c.downsampling, DOWNSAMPLING)
@@ -600,8 +607,8 @@ def validate(c: Config) -> None:
         raise ConfigError(f"clamp_percentiles must be [low, high] with 0 <= low < high <= 100, got {lo_hi}")
     if c.num_bins < 2:
         raise ConfigError(f"num_bins must be >= 2, got {c.num_bins}")
-    if c.precision == "fp16" and c.device == "cpu":
-        raise ConfigError("precision fp16 needs a CUDA device; use bf16 on the CPU")
+    if c.precision == "fp16" and c.device in ("cpu", "mps"):
+        raise ConfigError(f"precision fp16 needs a CUDA device; use bf16 on the {c.device.upper()}")
     _validate_performance(c)
     if c.CUDA_devices is not None:
         for d in c.CUDA_devices:

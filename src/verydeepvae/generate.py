@@ -7,9 +7,11 @@ Input volumes (``reconstruct``, ``encode``, ``interpolate``, and ``evaluate``) g
 preprocessing the model was trained with (:mod:`verydeepvae.data.nifti_load`, settings from the
 checkpoint's own config): RAS+ reorientation, foreground crop, isotropic resampling into the R³
 cube, percentile clamp and scaling to [0, 1].  Outputs therefore live in that preprocessed frame
-(the R³ grid centred on the origin, with the input's own isotropic voxel size), not in the scanner
-space of the original file; ``*_input.nii.gz`` is the preprocessed input on the same grid, for
-side-by-side viewing.
+(the R³ grid centred on the origin, with the input's own isotropic voxel size);
+``*_input.nii.gz`` is the preprocessed input on the same grid, for side-by-side viewing.  Results of
+an input scan (reconstructions, decoded latents of encoded files, the two ends of an interpolation)
+are also written resampled back into that scan's own space, ``*_native.nii.gz``: the scan's shape
+and affine, so they overlay on it (:mod:`verydeepvae.data.native_space` inverts the geometry).
 
 Intensities: "model" keeps the model range [0, 1]; "data" maps back to an intensity scale of the
 data, ``low + v * (high - low)`` with ``low``/``high`` the percentile clamp values (the file's own
@@ -33,6 +35,8 @@ import torch
 from . import viz
 from .atomic import write_json
 from .console import bar
+from .data.native_space import native_geometry, to_scan_space
+from .device import resolve_device
 from .errors import CheckpointError, DataError, Stopped, UserError
 from .model import VeryDeepVAE
 from .train import checkpoint as ckpt
@@ -62,16 +66,6 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
             f"(missing {len(missing)} tensors, unexpected {len(unexpected)})"
         )
     return model.to(device).eval()
-
-
-def resolve_device(name: str | None) -> str:
-    """"auto" -> cuda if available else cpu; "cuda" without a GPU is a user error."""
-    name = name or "auto"
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was requested but no CUDA GPU is available; use --device cpu")
-    return name
 
 
 @dataclass
@@ -122,7 +116,7 @@ class TrainedModel:
 
 def open_trained(path: str | Path, use_ema: bool = True, device: str | None = "auto") -> TrainedModel:
     """Load a checkpoint file (or a run folder's newest checkpoint) for inference."""
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # "cuda:1" stays "cuda:1"; "cuda" -> "cuda:0"
     checkpoint = ckpt.resolve_checkpoint(path)
     model = load_model(checkpoint, use_ema=use_ema, device=device)
     return TrainedModel(model=model, checkpoint=checkpoint, weights="ema" if use_ema else "raw", device=device)
@@ -410,8 +404,12 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
             input_path = output_dir / f"{stems[k]}_input.nii.gz"
             save_nifti(out_recon, recon_path, affine, description="verydeepvae reconstruction")
             save_nifti(out_input, input_path, affine, description="verydeepvae preprocessed input")
+            native_path = write_native(recon[i], native_geometry(meta, files[k], model.resolution),
+                                       output_dir / f"{stems[k]}_recon_native.nii.gz", low_high,
+                                       "verydeepvae reconstruction, input scan space")
             rows.append({
                 "input": str(files[k]), "reconstruction": recon_path.name, "preprocessed_input": input_path.name,
+                "reconstruction_native": native_path.name,
                 "voxel_size_mm": float(meta["voxel_size_mm"]),
                 "elbo_bits_per_voxel": float(terms["elbo"][i] / LN2),
                 "nll_bits_per_voxel": float(terms["nll"][i] / LN2),
@@ -433,7 +431,9 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
                                         "input file's own percentile clamp values"},
         "metrics_note": "PSNR/SSIM/MAE between the preprocessed input and the reconstruction, whole volume, "
                         "model intensity range [0, 1] (data_range 1)",
-        "figure": "reconstructions.png: axial mid-slices; columns input, the written reconstruction, then "
+        "native": NATIVE_NOTE,
+        "figure": "reconstructions.png: sagittal, coronal and axial mid-slices; columns input, the written "
+                  "reconstruction, then "
                   f"reconstructions with the latents above r³ taken from the prior (temperature {temperature})",
         "files": rows,
         "mean": {k: float(np.mean([r[k] for r in rows])) for k in
@@ -442,6 +442,24 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
     }
     write_json(output_dir / "reconstructions.json", record)
     return record
+
+
+NATIVE_NOTE = ("*_native.nii.gz: the model-grid result resampled (trilinear) into the input scan's own grid, same "
+               "shape and affine as the input file, zero outside the preprocessing crop; overlays on the scan")
+
+
+def write_native(volume: np.ndarray, geometry: dict[str, Any], path: Path,
+                 low_high: tuple[float, float] | None, description: str) -> Path:
+    """A model-grid volume (model range [0, 1]) written in an input scan's own space (shape,
+    affine and sform/qform code of the scan; :mod:`verydeepvae.data.native_space`), in the data's
+    intensity scale when ``low_high`` is given (mapped after resampling, so the background test
+    sees the resampled values)."""
+    native = to_scan_space(volume, geometry)
+    if low_high is not None:
+        native = to_data_intensity(native, *low_high)
+    save_nifti(native, path, np.asarray(geometry["affine"], dtype=float), description=description,
+               xform_code=int(geometry.get("xform_code", 1)))  # the scan's own: 0 stays 0
+    return path
 
 
 def _likelihood_note(model: VeryDeepVAE) -> str:

@@ -302,4 +302,4 @@ def write_phantom_montage(
                 raise DataError(f"cannot read phantom volume {item}: {exc}") from exc
             names.append(Path(item).name.split(".")[0])
     save_montage(volumes, png_path, titles=list(titles)[:max_subjects] if titles else names,
-                 vmin=0.0, vmax=1.0, suptitle="Phantom FLAIR-like brains")
+                 vmin=0.0, vmax=1.0, suptitle="Phantom FLAIR-like brains", colorbar="phantom intensity (as written)")

@@ -71,11 +71,14 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
     runtime = distributed.setup(cfg, notices)
     held = None
     try:
+        requested = cfg
+        # before the output folder is claimed: an impossible precision changes no file
+        cfg = resolve_precision(cfg, runtime.device, notices)
         # decided by all ranks together: torchrun's restart count can differ between nodes
         restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
         held = distributed.main_first(lambda: _claim_output_dir(cfg, runtime, restarted, notices), runtime,
                                       "checking the output folder")
-        return _Trainer(cfg, runtime, bundle, notices, show_progress, restarted, verbosity, command).run()
+        return _Trainer(cfg, runtime, bundle, notices, show_progress, restarted, verbosity, command, requested).run()
     finally:
         if held is not None:
             held.release()
@@ -97,11 +100,10 @@ def _claim_output_dir(cfg: Config, runtime: distributed.Runtime, restarted: bool
 class _Trainer:
     def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
                  show_progress: bool | None, restarted: bool = False, verbosity: int = NORMAL,
-                 command: Sequence[str] | None = None):
-        self.requested = cfg  # as asked for: the run record notes what the run chose by itself
+                 command: Sequence[str] | None = None, requested: Config | None = None):
+        self.requested = requested or cfg  # as asked for: the run record notes what the run chose by itself
         self.command = command
         self.restarted = restarted
-        cfg = resolve_precision(cfg, runtime.device, notices)
         configure_backends(cfg, runtime.device, notices)
         self.cfg = cfg
         self.runtime = runtime

@@ -57,7 +57,7 @@ def lock(output_dir: Path) -> RunLock | None:
         holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
         raise UserError(f"{output_dir} is in use by a training run ({holder}); wait for it to finish or stop it, "
-                        "or choose another --output-dir") from None
+                        "or choose another --output") from None
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0)
@@ -116,7 +116,7 @@ def prepare_fresh_run(output_dir: Path, overwrite: bool, notices: list[str]) -> 
         raise UserError(
             f"{output_dir} holds another run (newest checkpoint {checkpoints[-1].name}); continue it with "
             "--resume, or start over with --overwrite (which moves the old run aside), or choose another "
-            "--output-dir")
+            "--output")
     leftovers = [p for p in sorted(output_dir.iterdir()) if p.name in RUN_OUTPUTS] if output_dir.is_dir() else []
     if not leftovers:
         return None
