@@ -14,15 +14,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
 	touch $@
 
+# nilearn, the optional [atlas] extra, only for the test that rebuilds the packaged atlas
+$(VENV)/.installed-atlas: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,atlas]"
+	touch $@
+
 install: $(VENV)/.installed
 
 ## Train the demo model on the built-in phantom population, then sample from it.
 demo: install
-	$(VENV)/bin/verydeepvae train --preset demo --output-dir $(RUN) --overwrite
-	$(VENV)/bin/verydeepvae sample --checkpoint $(RUN) --num 8 --temperature 0.8 --output-dir $(RUN)/samples_t0.8
+	$(VENV)/bin/verydeepvae train --preset demo --output $(RUN) --overwrite
+	$(VENV)/bin/verydeepvae sample --checkpoint $(RUN) --num 8 --temperature 0.8 --output $(RUN)/samples_t0.8
 
 ## The whole test suite, slow end-to-end tests included (what CI runs).
-test: install
+test: install $(VENV)/.installed-atlas
 	$(PY) -m pytest
 
 ## Only the fast tests.

@@ -2,10 +2,10 @@
 """Do a phantom-trained conditional model's samples and counterfactuals follow the requested covariates?
 
 The statistics of issue 12's "Done when", from a trained run and held-out phantoms of another seed
-(made here when ``--heldout`` is not given):
+(made in ``<output>/heldout`` when ``--heldout`` is not given):
 
-    verydeepvae train --preset demo --condition-on age,lesion_load --set phantom_num=400 --output-dir runs/cond_demo
-    python bench/conditional.py --run runs/cond_demo --output-dir runs/cond_demo/stats
+    verydeepvae train --preset demo --condition-on age,lesion_load --set phantom_num=400 --output runs/cond_demo
+    python bench/conditional.py --run runs/cond_demo --output runs/cond_demo/stats
 
 1. **Extremes**: ``--per-group`` samples (32) asked for age 85 and as many for age 50 (other
    covariates drawn from the training scans given the age): ventricle volume and CSF fraction
@@ -56,10 +56,11 @@ SECOND_COVARIATE = {"lesion_load": "lesion_ml"}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="run folder or checkpoint of a model conditioned on age")
-    parser.add_argument("--heldout", help="held-out phantom folder (default: made in <output-dir>/heldout)")
+    parser.add_argument("--heldout", help="held-out phantom folder (default: made in <output>/heldout)")
     parser.add_argument("--heldout-num", type=int, default=64)
     parser.add_argument("--heldout-seed", type=int, default=1)
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output", "--output-dir", dest="output_dir", required=True,
+                        help="folder for stats.json and the figures")
     parser.add_argument("--ages", default="50,85", help="the two ages compared (default 50,85)")
     parser.add_argument("--per-group", type=int, default=32)
     parser.add_argument("--sweep", default="50:90:5", help="start:stop:step of the age sweep")

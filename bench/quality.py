@@ -5,7 +5,7 @@ Trains a preset on the built-in phantom population (training seed from the confi
 wall-clock budget or a number of steps, evaluates evenly spaced checkpoints on a held-out phantom
 population made with another seed, and prints one table plus a learning-curve figure:
 
-    python bench/quality.py --preset demo --minutes 60 --output-dir runs/quality
+    python bench/quality.py --preset demo --minutes 60 --output runs/quality
     python bench/quality.py --preset demo --steps 500 --evaluations 4 --heldout-seed 2 \
         --set learning_rate=0.003 --precision bf16
 
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-num", type=int, default=48)
     parser.add_argument("--samples", type=int, default=32, help="prior samples per evaluation")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--output-dir", default="runs/quality")
+    parser.add_argument("--output", "--output-dir", dest="output_dir", default="runs/quality",
+                        help="where the run, its evaluations and the table go (default: runs/quality)")
     args = parser.parse_args(argv)
 
     out = Path(args.output_dir)

@@ -4,7 +4,9 @@
     python scripts/make_atlas.py            # writes src/verydeepvae/atlas/mni152_2009_tissue.nii.gz
     python scripts/make_atlas.py --preview atlas.png
 
-Reads nilearn/datasets/data/mni_icbm152_{gm,wm,t1}_tal_nlin_sym_09a_converted.nii.gz from the
+Needs nilearn, the optional extra (``pip install "verydeepvae[atlas]"``; nothing else in the
+package uses it, the built atlas ships with the package). Reads
+nilearn/datasets/data/mni_icbm152_{gm,wm,t1}_tal_nlin_sym_09a_converted.nii.gz from the
 installed nilearn (nothing is downloaded), derives CSF and lateral-ventricle maps, crops to the
 brain, block-averages to 2 mm and stores uint8 fractions (see verydeepvae.data.atlas). The
 template's copyright notice is in src/verydeepvae/atlas/NOTICE and must travel with the file.
@@ -13,6 +15,7 @@ template's copyright notice is in src/verydeepvae/atlas/NOTICE and must travel w
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +23,7 @@ import numpy as np
 
 from verydeepvae.atomic import write_with
 from verydeepvae.data.atlas import ATLAS_FILENAME, CHANNELS, DEFAULT_VOXEL_MM, build_atlas
+from verydeepvae.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preview", type=Path, default=None, help="also write a PNG montage")
     args = parser.parse_args(argv)
 
-    data, affine = build_atlas(args.voxel_mm)
+    try:
+        data, affine = build_atlas(args.voxel_mm)
+    except DataError as error:  # e.g. nilearn, the optional [atlas] extra, is not installed
+        print(f"make_atlas: error: {error}", file=sys.stderr)
+        return 2
     image = nib.Nifti1Image(data, affine)
     image.header.set_xyzt_units("mm")
     image.set_qform(affine, code=4)  # 4 = MNI152 space
@@ -45,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.preview is not None:
         from verydeepvae.viz import save_montage
 
-        save_montage([fractions[..., i] for i in range(len(CHANNELS))], args.preview, titles=list(CHANNELS))
+        save_montage([fractions[..., i] for i in range(len(CHANNELS))], args.preview, titles=list(CHANNELS),
+                     colorbar="tissue fraction of the voxel")
         print(f"wrote {args.preview}")
     return 0
 

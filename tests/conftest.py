@@ -41,3 +41,10 @@ def ellipsoid_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "niftis"
     write_ellipsoids(folder, 24)
     return folder
+
+
+def tiny_train_args(data: Path, run: Path, *extra: str) -> list[str]:
+    """``verydeepvae train`` arguments for a few quick steps of the tiny preset (a line every 2 steps,
+    a validation every 2, no figures)."""
+    return ["train", "--preset", "tiny", "--data", str(data), "--output-dir", str(run), "--set", "log_every=2",
+            "--set", "validation_every=2", "--set", "subjects_to_plot=0", "--set", "num_workers=0", *extra]

@@ -56,6 +56,8 @@ def test_the_checkpoint_records_the_schema_and_standardisation_round_trips(run):
     schema = checkpoint.meta["covariates"]
     assert [c["name"] for c in schema["covariates"]] == ["age", "sex"] and schema["dim"] == 3
     assert checkpoint.config.condition_on == ["age", "sex"]
+    record = json.loads((run / "run.json").read_text())
+    assert [c["name"] for c in record["sessions"][-1]["data"]["covariates"]["covariates"]] == ["age", "sex"]
     final = json.loads((run / "samples" / "samples.json").read_text())
     assert len(final["conditions"]) == 1 and set(final["conditions"][0]["covariates"]) == {"age", "sex"}
     recorded = json.loads((run / "covariates.json").read_text())

@@ -52,7 +52,7 @@ def test_seed_readme_names_are_accepted(tmp_path):
     assert cfg.resolution == 128
     assert cfg.latent_feature_maps_per_resolution == [2, 7, 6, 5, 4, 3, 2, 1]
     assert cfg.data_path == "/data/flair"
-    assert cfg.precision == "fp16"
+    assert cfg.precision == "half"  # fp16 on a CUDA GPU, bf16 elsewhere (test_half_precision.py)
     assert cfg.max_niis_to_use == 50
     assert any("verbose" in n for n in notices)
 

@@ -236,7 +236,10 @@ def test_two_ranks_agree_write_one_set_of_outputs_and_log_the_mean(data, tmp_pat
 
     # exactly one set of outputs, written by rank 0
     assert sorted(p.name for p in out.iterdir()) == [
-        ".lock", "cache", "checkpoints", "figures", "metrics.jsonl", "samples", "split.json", "tensorboard"]
+        ".lock", "cache", "checkpoints", "figures", "metrics.jsonl", "run.json", "samples", "split.json", "tensorboard",
+        "train.log"]
+    session = json.loads((out / "run.json").read_text())["sessions"][-1]  # one record, with every rank's device
+    assert session["world_size"] == 2 and len(session["devices"]) == 2 and all(" cpu (" in d for d in session["devices"])
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
         "step_00000004.safetensors", "step_00000008.safetensors"]
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 1

@@ -154,6 +154,46 @@ def test_reconstruct_posterior_samples_are_reproducible_and_mean_is_decode_of_en
     np.testing.assert_allclose(_load(tmp_path / "mean" / name)[0], decoded[0], atol=1e-5)
 
 
+def _reoriented_copy(path: Path, folder: Path) -> Path:
+    """The same scan stored another way round (axes A, L, S instead of R, A, S), so going back to
+    the input's space has to undo a reorientation as well as the crop and the resampling."""
+    from nibabel.orientations import axcodes2ornt, ornt_transform
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = nib.load(str(path))
+    turned = image.as_reoriented(ornt_transform(axcodes2ornt(("R", "A", "S")), axcodes2ornt(("A", "L", "S"))))
+    out = folder / f"turned_{path.name}"
+    nib.save(nib.Nifti1Image(np.asarray(turned.dataobj, dtype=np.float32), turned.affine), str(out))
+    assert nib.aff2axcodes(nib.load(str(out)).affine) == ("A", "L", "S")
+    return out
+
+
+@pytest.mark.slow
+def test_reconstruct_also_writes_the_result_in_the_input_scans_own_space(run, files, tmp_path, capsys):
+    scan = _reoriented_copy(files[0], tmp_path / "scans")
+    out = tmp_path / "recon"
+    assert main(["reconstruct", "--checkpoint", str(run), "--data", str(scan), "--output", str(out),
+                 "--no-progress"]) == 0
+    assert "_native.nii.gz" in capsys.readouterr().out
+    row = json.loads((out / "reconstructions.json").read_text())["files"][0]
+    native = nib.load(str(out / row["reconstruction_native"]))
+    original = nib.load(str(scan))
+    assert native.shape == original.shape and np.allclose(native.affine, original.affine)
+    x, y = np.asarray(native.dataobj, dtype=np.float64).ravel(), np.asarray(original.dataobj, dtype=np.float64).ravel()
+    constant = 0.0  # a constant image has no correlation with anything (zero variance)
+    # 20 training steps, and the percentile clamp maps the ellipsoids' outer shell to background:
+    # the geometry itself is checked to r > 0.97 in test_native_space.py
+    assert np.corrcoef(x, y)[0, 1] > constant + 0.3
+    assert float(native.header["cal_min"]) == 0.0 and float(native.header["cal_max"]) == 1.0
+    data_scale = tmp_path / "recon_data"
+    assert main(["reconstruct", "--checkpoint", str(run), "--input", str(scan), "--output-dir", str(data_scale),
+                 "--intensity", "data", "--no-progress"]) == 0
+    scaled = nib.load(str(data_scale / row["reconstruction_native"]))
+    assert float(scaled.header["cal_max"]) > 100  # the scan's own units (ellipsoids of 300-800)
+    np.testing.assert_allclose(np.corrcoef(np.asarray(scaled.dataobj, dtype=np.float64).ravel(), y)[0, 1],
+                               np.corrcoef(x, y)[0, 1], atol=0.05)
+
+
 # --- encode / decode ------------------------------------------------------------------------------
 
 
@@ -185,6 +225,49 @@ def test_encode_writes_safetensors_latents_that_decode_to_the_reconstruction(run
         assert np.allclose(affine_a, affine_b)
 
 
+@pytest.mark.slow
+def test_decode_of_encoded_scans_goes_back_to_their_own_space_where_the_file_records_it(run, files, tmp_path,
+                                                                                          capsys):
+    from verydeepvae.atomic import write_safetensors
+    from verydeepvae.latents import LATENTS_META_KEY
+
+    scan = _reoriented_copy(files[1], tmp_path / "scans")
+    latents = tmp_path / "z.safetensors"
+    assert main(["encode", "--checkpoint", str(run), "--data", str(scan), "--output", str(latents),
+                 "--no-progress"]) == 0
+    zs, meta = load_latents(latents)
+    assert meta["scan_geometry"][0]["shape"] == list(nib.load(str(scan)).shape)
+    assert main(["decode", "--checkpoint", str(run), "--latents", str(latents), "--output", str(tmp_path / "dec"),
+                 "--no-progress"]) == 0
+    assert "1 of them also in their encoded scan's own space" in capsys.readouterr().out
+    assert main(["reconstruct", "--checkpoint", str(run), "--data", str(scan), "--output", str(tmp_path / "rec"),
+                 "--no-progress"]) == 0
+    stem = output_stems([scan])[0]
+    decoded, affine = _load(tmp_path / "dec" / f"{stem}_decoded_native.nii.gz")
+    recon, affine_recon = _load(tmp_path / "rec" / f"{stem}_recon_native.nii.gz")
+    assert np.allclose(affine, nib.load(str(scan)).affine) and np.allclose(affine, affine_recon)
+    np.testing.assert_allclose(decoded, recon, atol=1e-4)
+
+    # a latents file without the scan's geometry (an older version's): the model grid only, and said so
+    del meta["scan_geometry"]
+    old = tmp_path / "old.safetensors"
+    write_safetensors(old, {f"z.{i:02d}": z.contiguous() for i, z in enumerate(zs)}, {LATENTS_META_KEY: json.dumps(meta)})
+    assert main(["decode", "--checkpoint", str(run), "--latents", str(old), "--output", str(tmp_path / "dec_old"),
+                 "--no-progress"]) == 0
+    assert "records no scan geometry" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "dec_old").iterdir()] == [f"{stem}_decoded.nii.gz"]
+
+    # a hostile geometry is one clear error before anything is decoded
+    meta["scan_geometry"] = [{"shape": [10**6, 10**6, 10**6], "affine": np.eye(4).tolist(),
+                              "grid_to_world": np.eye(4).tolist()}]
+    bad = tmp_path / "bad.safetensors"
+    write_safetensors(bad, {f"z.{i:02d}": z.contiguous() for i, z in enumerate(zs)}, {LATENTS_META_KEY: json.dumps(meta)})
+    assert main(["decode", "--checkpoint", str(run), "--latents", str(bad), "--output", str(tmp_path / "dec_bad"),
+                 "--no-progress"]) == 2
+    _one_line_error(capsys, "the recorded scan geometry is not valid")
+    assert not list((tmp_path / "dec_bad").glob("*.nii.gz"))
+
+
 # --- interpolate ----------------------------------------------------------------------------------
 
 
@@ -207,6 +290,10 @@ def test_interpolation_ends_at_the_two_reconstructions(run, trained, files, tmp_
     np.testing.assert_allclose(last, ends[1], atol=1e-4)
     assert np.allclose(np.diag(affine_first)[:3], metas[0]["voxel_size_mm"])
     assert np.allclose(np.diag(affine_last)[:3], metas[1]["voxel_size_mm"])
+    for end, source in (("a", files[0]), ("b", files[1])):  # each end also in its own scan's space
+        image, scan = nib.load(str(out / f"{end}_native.nii.gz")), nib.load(str(source))
+        assert image.shape == scan.shape and np.allclose(image.affine, scan.affine)
+    assert record["ends_native"] == {"a": "a_native.nii.gz", "b": "b_native.nii.gz"}
     linear = tmp_path / "linear"
     assert main(["interpolate", str(files[0]), str(files[1]), "--checkpoint", str(run), "--steps", "3",
                  "--method", "linear", "--output-dir", str(linear), "--no-progress"]) == 0

@@ -145,6 +145,7 @@ def test_packaged_atlas_and_notice():
 
 @pytest.mark.slow
 def test_atlas_rebuilt_from_nilearn_when_missing(monkeypatch, tmp_path):
+    pytest.importorskip("nilearn", reason="nilearn is the optional [atlas] extra (make test installs it)")
     packaged = atlas_mod.load_atlas()
     monkeypatch.setattr(atlas_mod, "packaged_atlas_path", lambda: tmp_path / "missing.nii.gz")
     atlas_mod.load_atlas.cache_clear()

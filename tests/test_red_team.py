@@ -61,8 +61,9 @@ def test_decode_never_writes_outside_its_output_folder(run, tmp_path, capsys):
     assert main(["decode", "--latents", str(hostile), "--checkpoint", str(run), "--output-dir", str(out),
                  "--no-progress"]) == 0
     written = sorted(p.name for p in out.iterdir())
-    assert written == ["escaped_2_decoded.nii.gz", "escaped_decoded.nii.gz", "volume_0003_decoded.nii.gz"]
-    assert all(p.parent == out for p in tmp_path.rglob("*_decoded.nii.gz")) and not (tmp_path / "abs").exists()
+    stems = ["escaped_2_decoded", "escaped_decoded", "volume_0003_decoded"]
+    assert written == sorted([f"{s}.nii.gz" for s in stems] + [f"{s}_native.nii.gz" for s in stems])
+    assert all(p.parent == out for p in tmp_path.rglob("*_decoded*.nii.gz")) and not (tmp_path / "abs").exists()
     del meta["names"]  # latents without names: numbered volumes, no traceback
     save_file(load_file(str(latents)), str(hostile), metadata={"verydeepvae": json.dumps(meta)})
     assert main(["decode", "--latents", str(hostile), "--checkpoint", str(run), "--output-dir", str(tmp_path / "d2"),

@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     apply_cli_defaults()  # before any command loads torch
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the run record (train)
     if not getattr(args, "handler", None):
         parser.print_help()
         return EXIT_USER_ERROR
@@ -68,63 +69,137 @@ def _sigterm_interrupts(enabled: bool) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Every option's default in its help line (unless the help already says what happens by
+    default), and an option's older spellings shown once, after its name: ``--output DIR (also
+    --output-dir)``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or any(default is v for v in (None, False, True))
+                or default == argparse.SUPPRESS or isinstance(default, list)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if len(action.option_strings) < 2 or not all(o.startswith("--") for o in action.option_strings):
+            return super()._format_action_invocation(action)
+        first, *others = action.option_strings
+        shown = first
+        if action.nargs != 0:
+            shown += " " + self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{shown} (also {', '.join(others)})"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse exits with status 2 on bad arguments already; keep its one-line message."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def _command(sub, name: str, text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+
+
+def _device_name(text: str) -> str:
+    from .device import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+# One spelling per idea in every command; the older spellings stay as aliases (shown in --help).
+def _output_option(p: argparse.ArgumentParser, text: str, required: bool = True, dest: str = "output_dir") -> None:
+    p.add_argument("--output", "--output-dir", dest=dest, required=required, metavar="DIR", help=text)
+
+
+def _data_option(p: argparse.ArgumentParser, text: str, required: bool = False, dest: str = "data") -> None:
+    p.add_argument("--data", "--input", dest=dest, required=required, metavar="PATH", help=text)
+
+
+def _device_option(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--device", type=_device_name, default=default, metavar="DEVICE",
+                   help="auto (a CUDA GPU when there is one, else the CPU), cpu, cuda, cuda:N or mps"
+                        + ("" if default else " (default: the configuration's device, auto)"))
+
+
+def _seed_option(p: argparse.ArgumentParser, text: str = "random seed") -> None:
+    p.add_argument("--seed", type=int, default=0, help=text)
+
+
+def _progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="verydeepvae", description="Very deep VAEs for 3D brain MRI.")
     from . import __version__
 
-    parser.add_argument("--version", action="version", version=f"verydeepvae {__version__}")
+    parser.add_argument("--version", action="version", version=f"verydeepvae {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train (or resume) a model")
+    p = _command(sub, "train", "train (or resume) a model")
     _config_options(p)
-    p.add_argument("--data", help="folder of NIfTI files (nested folders too) or a text/CSV list of paths; "
-                                  "default: the built-in phantom population")
-    p.add_argument("--output-dir", help="where checkpoints, figures, TensorBoard events and samples go")
-    p.add_argument("--max-steps", type=int, help="number of optimiser steps (overrides total_epochs)")
+    _data_option(p, "folder of NIfTI files (nested folders too) or a text/CSV list of paths; "
+                    "default: the built-in phantom population")
+    p.add_argument("--pattern", help="only files whose path matches this glob (folders only), e.g. '*FLAIR*' "
+                                     "(default: every .nii and .nii.gz; sets nifti_filename_pattern)")
+    _output_option(p, "where checkpoints, figures, TensorBoard events and samples go "
+                      "(default: the configuration's output_dir, runs/default)", required=False)
+    p.add_argument("--max-steps", type=int, help="number of optimiser steps (default: from total_epochs)")
+    p.add_argument("--batch-size", type=int, help="volumes per step and process (default: the configuration's)")
     p.add_argument("--seed", type=int, help="random seed of the split, the initial weights and the data order "
                                             "(default: the configuration's, 0)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh in an --output-dir that holds another run, moving that run aside")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"])
+                   help="start afresh in an --output folder that holds another run, moving that run aside")
+    _device_option(p, default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"],
+                   help="arithmetic of the training step: fp16 needs a CUDA GPU, auto = bf16 where it is native, "
+                        "fp16 on CUDA 7.x, else fp32 (default: the configuration's, fp32)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU algorithms (slower): a resumed run repeats an uninterrupted one bitwise")
     p.add_argument("--visualise-pipeline", action="store_true",
-                   help="write augmented training examples to <output-dir>/pipeline_test first")
+                   help="write augmented training examples to <output>/pipeline_test first")
     p.add_argument("--skip-bad-files", action="store_true",
                    help="skip unreadable or unusable NIfTI files (listed in skipped_files.txt) instead of stopping")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a plain line every log_every steps (as when the output is not a terminal)")
+    _verbosity_options(p, verbose="also a line for every checkpoint and figure written, and the run's versions, "
+                                  "host and git commit at start")
     cli_conditional.add_train_options(p)
     p.set_defaults(handler=_train)
 
-    p = sub.add_parser("sample", help="draw synthetic volumes from a trained model")
+    p = _command(sub, "sample", "draw synthetic volumes from a trained model")
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or run folder (newest checkpoint)")
-    p.add_argument("--num", type=int, default=8, help="number of volumes (default 8)")
+    p.add_argument("--num", type=int, default=8, help="number of volumes")
     p.add_argument("--temperature", default="1.0",
                    help="prior temperature: one value, or one per resolution level (highest first), comma separated")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4)
+    _output_option(p, "folder for the volumes, samples.png and samples.json")
+    _seed_option(p)
+    p.add_argument("--batch-size", type=int, default=4, help="volumes generated at once")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
     _overwrite_option(p)
     p.add_argument("--intensity", choices=["model", "data"], default="model",
                    help="model: intensities in [0, 1]; data: mapped to the training data's typical scale")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    _device_option(p)
+    _progress_option(p)
+    _verbosity_options(p)
     cli_conditional.add_sample_options(p)
     p.set_defaults(handler=_sample)
 
     _inference_commands(sub)
-    cli_conditional.add_counterfactual_command(sub, _model_options)
+    cli_conditional.add_counterfactual_command(sub)
 
-    p = sub.add_parser("config", help="inspect configurations")
+    p = _command(sub, "config", "inspect configurations")
     config_sub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
-    show = config_sub.add_parser("show", help="print the resolved configuration and model size")
+    show = _command(config_sub, "show", "print the resolved configuration and model size")
     _config_options(show)
     show.add_argument("--json", action="store_true", help="print only the configuration as JSON")
     show.add_argument("--estimate-memory", action="store_true",
@@ -137,71 +212,86 @@ def build_parser() -> argparse.ArgumentParser:
     config_parser = p  # bound now: ``p`` is reassigned below, and a lambda would see the last one
     p.set_defaults(handler=lambda args: (config_parser.print_help(), EXIT_USER_ERROR)[1])
 
-    p = sub.add_parser("phantom", help="write the built-in FLAIR-like phantom brain population")
-    p.add_argument("--num", type=int, default=100)
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p = _command(sub, "inspect", "one screen about a run: training now?, steps, checkpoints, last figures")
+    p.add_argument("run", help="a run folder (the --output of train); read only, safe while it trains")
+    p.set_defaults(handler=_inspect)
+
+    p = _command(sub, "phantom", "write the built-in FLAIR-like phantom brain population")
+    p.add_argument("--num", type=int, default=100, help="number of subjects")
+    p.add_argument("--resolution", type=int, default=64, help="volumes are RESOLUTION³ voxels (a power of two)")
+    _output_option(p, "folder for the volumes and participants.tsv")
+    _seed_option(p, "random seed of the population")
     _overwrite_option(p)
+    _verbosity_options(p)
     p.set_defaults(handler=_phantom)
     return parser
 
 
+_NATIVE = "; each also resampled into its input scan's own space (*_native.nii.gz)"
+
+
 def _inference_commands(sub) -> None:
     """reconstruct, encode, decode, interpolate, evaluate: each calls one library function."""
-    p = sub.add_parser("reconstruct", help="reconstruct NIfTI volumes; per-file bits/voxel, PSNR, SSIM, MAE")
+    p = _command(sub, "reconstruct", "reconstruct NIfTI volumes; per-file bits/voxel, PSNR, SSIM, MAE")
     _model_options(p)
-    p.add_argument("--input", required=True, help="a NIfTI file, a folder of them or a text/CSV list of paths")
+    _data_option(p, "a NIfTI file, a folder of them or a text/CSV list of paths", required=True, dest="input")
     p.add_argument("--pattern", help="only files whose path matches this glob (folders only), e.g. '*FLAIR*'")
-    p.add_argument("--output-dir", required=True)
+    _output_option(p, "folder for the reconstructions, reconstructions.png and reconstructions.json" + _NATIVE)
     p.add_argument("--mode", choices=["mean", "sample"], default="mean",
-                   help="latents: posterior mean at every layer (default) or a posterior sample")
+                   help="latents: posterior mean at every layer or a posterior sample")
     p.add_argument("--prior-above", type=int, metavar="RES",
-                   help="take the latents at resolutions finer than RES³ from the prior (progressive reconstruction)")
+                   help="take the latents at resolutions finer than RES³ from the prior (progressive "
+                        "reconstruction; default: every latent from the posterior)")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="prior temperature for the latents taken from the prior (default 0: prior means)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="prior temperature for the latents taken from the prior (0: prior means)")
+    _seed_option(p)
     p.add_argument("--intensity", choices=["model", "data"], default="model",
                    help="model: [0, 1]; data: mapped back to each input file's own intensity scale")
     cli_conditional.add_scan_options(p)
     p.set_defaults(handler=_reconstruct)
 
-    p = sub.add_parser("encode", help="write the posterior-mean latents of NIfTI volumes to a .safetensors file")
+    p = _command(sub, "encode", "write the posterior-mean latents of NIfTI volumes to a .safetensors file")
     _model_options(p)
-    p.add_argument("--input", required=True, help="a NIfTI file, a folder of them or a text/CSV list of paths")
+    _data_option(p, "a NIfTI file, a folder of them or a text/CSV list of paths", required=True, dest="input")
     p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
-    p.add_argument("--output", required=True, help="latents file to write (.safetensors; metadata also as .json)")
+    p.add_argument("--output", "--output-dir", dest="output", required=True, metavar="FILE",
+                   help="latents file to write (.safetensors; metadata, including each input's scan space, "
+                        "also as .json)")
     p.set_defaults(handler=_encode)
 
-    p = sub.add_parser("decode", help="decode a latents file written by encode back to NIfTI volumes")
+    p = _command(sub, "decode", "decode a latents file written by encode back to NIfTI volumes")
     _model_options(p)
     p.add_argument("--latents", required=True, help="a .safetensors file written by verydeepvae encode")
-    p.add_argument("--output-dir", required=True)
+    _output_option(p, "folder for the decoded volumes; each also in its encoded scan's own space "
+                      "(*_native.nii.gz) when the latents file records it")
     p.set_defaults(handler=_decode)
 
-    p = sub.add_parser("interpolate", help="volumes between two inputs, interpolating every latent layer")
+    p = _command(sub, "interpolate", "volumes between two inputs, interpolating every latent layer")
     _model_options(p)
     p.add_argument("a", help="first NIfTI file")
     p.add_argument("b", help="second NIfTI file")
-    p.add_argument("--steps", type=int, default=8, help="number of volumes written, both ends included (default 8)")
-    p.add_argument("--method", choices=["slerp", "linear"], default="slerp")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--intensity", choices=["model", "data"], default="model")
+    p.add_argument("--steps", type=int, default=8, help="number of volumes written, both ends included")
+    p.add_argument("--method", choices=["slerp", "linear"], default="slerp",
+                   help="spherical or linear interpolation of each latent layer")
+    _output_option(p, "folder for interp_XX.nii.gz, interpolation.png and interpolation.json; the two ends "
+                      "also in their input scan's own space (a_native.nii.gz, b_native.nii.gz)")
+    p.add_argument("--intensity", choices=["model", "data"], default="model",
+                   help="model: [0, 1]; data: mapped back to the inputs' intensity scales (interpolated)")
     p.set_defaults(handler=_interpolate)
 
-    p = sub.add_parser("evaluate", help="evaluation report (JSON + Markdown + figures) on held-out data")
+    p = _command(sub, "evaluate", "evaluation report (JSON + Markdown + figures) on held-out data")
     _model_options(p)
-    p.add_argument("--data", help="folder / list of NIfTI files to evaluate on; default: the run's own split "
-                                  "(split.json validation files are held out)")
+    _data_option(p, "folder / list of NIfTI files to evaluate on; default: the run's own split "
+                    "(split.json validation files are held out)")
     p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
-    p.add_argument("--output-dir", required=True, help="where report.json, report.md and figures/ go")
-    p.add_argument("--num-samples", type=int, default=32, help="prior samples to draw (default 32)")
+    _output_option(p, "where report.json, report.md and figures/ go")
+    p.add_argument("--num", "--num-samples", dest="num_samples", type=int, default=32, help="prior samples to draw")
     p.add_argument("--temperature", default="1.0", help="sampling temperature: one value or one per level")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-heldout", type=int, default=100, help="at most this many held-out volumes (default 100)")
+    _seed_option(p)
+    p.add_argument("--max-heldout", type=int, default=100, help="at most this many held-out volumes")
     p.add_argument("--max-train", type=int, default=1000,
-                   help="at most this many training volumes for the memorisation check (default 1000)")
-    p.add_argument("--num-pairs", type=int, default=100, help="MS-SSIM pairs for diversity (default 100)")
+                   help="at most this many training volumes for the memorisation check")
+    p.add_argument("--num-pairs", type=int, default=100, help="MS-SSIM pairs for diversity")
     p.add_argument("--morphometry", choices=["auto", "on", "off"], default="auto",
                    help="tissue volumes (FLAIR-like contrast): auto = when participants.tsv (phantom) is found")
     p.add_argument("--feature-plugin", metavar="MODULE:CALLABLE",
@@ -210,6 +300,20 @@ def _inference_commands(sub) -> None:
                    help="a conditional model: TSV/CSV of the held-out scans' covariates (default: the run's "
                         "covariates.json, or a participants.tsv next to the scans)")
     p.set_defaults(handler=_evaluate)
+
+
+def _verbosity_options(p: argparse.ArgumentParser, verbose: str | None = None) -> None:
+    """--quiet, and --verbose where a command has more to say (console.py)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print only errors and the final result")
+    if verbose:
+        group.add_argument("-v", "--verbose", action="store_true", help=verbose)
+
+
+def _verbosity(args: argparse.Namespace) -> int:
+    from .console import NORMAL, QUIET, VERBOSE
+
+    return QUIET if args.quiet else VERBOSE if getattr(args, "verbose", False) else NORMAL
 
 
 def _overwrite_option(p: argparse.ArgumentParser) -> None:
@@ -221,16 +325,19 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     _overwrite_option(p)
     p.add_argument("--checkpoint", required=True, help="checkpoint file, or run folder (newest checkpoint)")
     p.add_argument("--raw-weights", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--batch-size", type=int, default=4, help="volumes processed at once")
+    _device_option(p)
+    _progress_option(p)
+    _verbosity_options(p)
 
 
 def _config_options(p: argparse.ArgumentParser) -> None:
     from .config import PRESETS
 
-    p.add_argument("--preset", choices=PRESETS, help="start from a preset configuration")
-    p.add_argument("--config", help="JSON or YAML configuration file (original key names accepted)")
+    p.add_argument("--preset", choices=PRESETS, help="start from a preset configuration (default: the built-in "
+                                                     "defaults, a 32³ model)")
+    p.add_argument("--config", help="JSON or YAML configuration file (original key names accepted), or a run folder, "
+                                    "its run.json or a checkpoint (the configuration that run trained with)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one configuration value (repeatable), e.g. --set batch_size=2")
 
@@ -240,13 +347,20 @@ def _load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None, 
 
     overrides: dict[str, Any] = dict(parse_override(text) for text in args.set)
     overrides.update(extra or {})
-    return build_config(preset=args.preset, config_file=args.config, overrides=overrides, notices=notices)
+    stored = None
+    if args.config is not None:
+        from .train.run_record import stored_config
+
+        stored = stored_config(args.config)  # None: an ordinary configuration file
+    return build_config(preset=args.preset, config_file=args.config, overrides=overrides, notices=notices,
+                        file_values=stored)
 
 
 def _train(args: argparse.Namespace) -> int:
     extra: dict[str, Any] = {}
     for flag, key in (("data", "data_path"), ("output_dir", "output_dir"), ("max_steps", "max_steps"),
-                      ("device", "device"), ("precision", "precision"), ("seed", "seed")):
+                      ("device", "device"), ("precision", "precision"), ("seed", "seed"),
+                      ("pattern", "nifti_filename_pattern"), ("batch_size", "batch_size")):
         if getattr(args, flag) is not None:
             extra[key] = getattr(args, flag)
     if args.resume:
@@ -264,7 +378,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = _load_config(args, extra, notices)
     from .train.loop import train
 
-    result = train(cfg, notices=notices, show_progress=False if args.no_progress else None)
+    result = train(cfg, notices=notices, show_progress=_progress(args), verbosity=_verbosity(args),
+                   command=args.argv)
     if result.checkpoint is not None:
         print(f"done: step {result.step}; checkpoint {result.checkpoint}; samples in {result.output_dir / 'samples'}")
     return 0
@@ -298,20 +413,15 @@ def check_seed(seed: int) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
-
+    from .device import resolve_device
     from .generate import load_model, write_samples
     from .train.checkpoint import resolve_checkpoint
 
     if args.num < 1 or args.batch_size < 1:
-        raise UserError("--num and --batch-size must be >= 1")
+        raise UserError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
     check_seed(args.seed)
     temperature = parse_temperature(args.temperature)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was requested but no CUDA GPU is available; use --device cpu")
+    device = str(resolve_device(args.device))
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint, use_ema=not args.raw_weights, device=device)
     if isinstance(temperature, list) and len(temperature) != model.decoder.num_levels:
@@ -328,7 +438,7 @@ def _sample(args: argparse.Namespace) -> int:
     _claim(args, "sample")
     paths = write_samples(model, args.output_dir, num, temperature, args.seed,
                           voxel_size_mm=float(data.get("voxel_size_mm", 1.0)), batch_size=args.batch_size,
-                          device=device, show_progress=not args.no_progress, intensity_reference=reference,
+                          device=device, show_progress=_progress(args), intensity_reference=reference,
                           extra_record={"checkpoint": str(checkpoint.path), "step": checkpoint.step,
                                         "weights": "raw" if args.raw_weights else "ema", **conditioned},
                           covariates=covariates)
@@ -351,7 +461,7 @@ def _claim(args: argparse.Namespace, command: str) -> None:
 
 
 def _progress(args: argparse.Namespace) -> bool | None:
-    return False if args.no_progress else None
+    return False if args.no_progress or args.quiet else None
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -370,8 +480,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
     for row in record["files"]:
         print(f"{row['reconstruction']}: {row['elbo_bits_per_voxel']:.4f} bits/voxel, PSNR {row['psnr_db']:.2f} dB, "
               f"SSIM {row['ssim']:.4f}, MAE {row['mae']:.4f}")
-    print(f"wrote {len(record['files'])} reconstructions, reconstructions.png and reconstructions.json "
-          f"to {args.output_dir}")
+    print(f"wrote {len(record['files'])} reconstructions (model grid, and *_native.nii.gz in each input's own "
+          f"space), reconstructions.png and reconstructions.json to {args.output_dir}")
     return 0
 
 
@@ -393,13 +503,17 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from .latents import decode_latents
+    from .latents import decode_latents, native_path
 
     trained = _open(args)
     cli_conditional.refuse(trained, "decode")
     _claim(args, "decode")
     paths = decode_latents(trained, args.latents, args.output_dir, args.batch_size, show_progress=_progress(args))
-    print(f"wrote {len(paths)} decoded volumes to {args.output_dir}")
+    native = sum(native_path(p).is_file() for p in paths)
+    where = (f", {native} of them also in their encoded scan's own space (*_native.nii.gz)" if native else
+             "; the latents file records no scan geometry (an older version wrote it), so they are on the model "
+             "grid only")
+    print(f"wrote {len(paths)} decoded volumes to {args.output_dir}{where}")
     return 0
 
 
@@ -414,7 +528,8 @@ def _interpolate(args: argparse.Namespace) -> int:
     _claim(args, "interpolate")
     paths = interpolate(trained, a, b, args.output_dir, steps=args.steps, method=args.method,
                         batch_size=args.batch_size, intensity=args.intensity, show_progress=_progress(args))
-    print(f"wrote {len(paths)} volumes, interpolation.png and interpolation.json to {args.output_dir}")
+    print(f"wrote {len(paths)} volumes, the two ends in their scans' own space (a_native.nii.gz, b_native.nii.gz), "
+          f"interpolation.png and interpolation.json to {args.output_dir}")
     return 0
 
 
@@ -436,7 +551,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     for flag in ("num_samples", "max_heldout", "max_train", "num_pairs"):
         if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            shown = "--num/--num-samples" if flag == "num_samples" else f"--{flag.replace('_', '-')}"
+            raise UserError(f"{shown} must be >= 1, got {getattr(args, flag)}")
     check_seed(args.seed)
     options = EvaluationOptions(
         num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
@@ -522,6 +638,13 @@ def model_summary(model, cfg) -> str:
     return "\n".join(lines)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from .train.inspect_run import inspect_run
+
+    print("\n".join(inspect_run(args.run)))
+    return 0
+
+
 def _phantom(args: argparse.Namespace) -> int:
     from .data.phantom import generate_population
 
@@ -530,7 +653,8 @@ def _phantom(args: argparse.Namespace) -> int:
     if args.resolution < 8 or args.resolution & (args.resolution - 1):
         raise UserError(f"--resolution must be a power of two >= 8, got {args.resolution}")
     _claim(args, "phantom")
-    paths = generate_population(args.num, args.resolution, args.output_dir, args.seed)
+    paths = generate_population(args.num, args.resolution, args.output_dir, args.seed,
+                                progress=False if args.quiet else None)
     print(f"wrote {len(paths)} volumes and participants.tsv to {args.output_dir}")
     return 0
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from .errors import UserError
 
@@ -98,11 +98,13 @@ def refuse(trained: Any, command: str) -> None:
                         f"{', '.join(trained.covariates.names)}); use reconstruct or counterfactual, or the Python API")
 
 
-def add_counterfactual_command(sub, model_options: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("counterfactual", help="a scan with other covariates (e.g. older): encode it, decode with "
-                                              "changed covariates; NIfTI, difference maps and a PNG strip")
-    model_options(p)
-    p.add_argument("--input", required=True, help="a NIfTI file, a folder of them or a text/CSV list of paths")
+def add_counterfactual_command(sub) -> None:
+    from .cli import _command, _data_option, _model_options, _output_option  # (cli is loaded: it calls this)
+
+    p = _command(sub, "counterfactual", "a scan with other covariates (e.g. older): encode it, decode it with "
+                                        "changed covariates; NIfTI volumes, difference maps and a PNG strip")
+    _model_options(p)
+    _data_option(p, "a NIfTI file, a folder of them or a text/CSV list of paths", required=True, dest="input")
     p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
     p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
                    help="the changed covariate (repeatable); the others keep the scan's own values")
@@ -110,9 +112,9 @@ def add_counterfactual_command(sub, model_options: Callable[[argparse.ArgumentPa
                    help="one volume per value, e.g. age=50:90:5 (stop included) or sex=F,M, and a PNG strip")
     add_scan_options(p)
     p.add_argument("--mode", choices=["noise", "latents"], default="noise",
-                   help="noise (default): keep each layer's standardised residual under the prior, so the latents "
-                        "follow the new covariates; latents: keep the posterior means themselves")
-    p.add_argument("--output-dir", "--output", dest="output_dir", required=True)
+                   help="noise: keep each layer's standardised residual under the prior, so the latents follow "
+                        "the new covariates; latents: keep the posterior means themselves")
+    _output_option(p, "folder for the counterfactual volumes, difference maps, PNG strips and counterfactuals.json")
     p.set_defaults(handler=_counterfactual)
 
 

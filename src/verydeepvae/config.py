@@ -22,11 +22,11 @@ from typing import Any, Optional
 
 import yaml
 
+from .device import check_device_name
 from .errors import ConfigError
 
 LIKELIHOODS = ("discretised_logistic", "gaussian")
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto", "half")
 OPTIMISERS = ("adamax", "adamw")
 SCHEDULES = ("cosine", "constant")
 DOWNSAMPLING = ("avgpool", "nearest", "conv")
@@ -78,7 +78,9 @@ class Config:
     kl_warmup_steps: int = 0
     kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
     kl_free_bits: float = 0.0  # nats of KL per latent layer and volume exempt from the loss (free bits)
-    precision: str = "fp32"  # fp32, bf16, fp16 (CUDA) or auto (bf16 where native, fp16 on CUDA 7.x, else fp32)
+    # fp32, bf16, fp16 (CUDA), auto (bf16 where native, fp16 on CUDA 7.x, else fp32) or half (what the
+    # original's half_precision: true becomes: fp16 on CUDA, bf16 elsewhere; train/precision.py)
+    precision: str = "fp32"
     grad_accumulation: int = 1
     seed: Optional[int] = 0
 
@@ -128,7 +130,7 @@ class Config:
 
     # --- where and how to run -------------------------------------------------------------------
     output_dir: str = "runs/default"
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N or mps (device.py)
     CUDA_devices: Optional[list[str]] = None
     threads_per_rank: Optional[int] = None
     resume: bool = False
@@ -199,7 +201,7 @@ LEGACY_RENAMES = {
     "plot_recons_period": "figures_period_epochs",
     "resume_from_checkpoint": "resume",
     "veto_transformations": "augment",  # inverted, see _legacy_value
-    "half_precision": "precision",  # bool -> "fp16"/"fp32"
+    "half_precision": "precision",  # bool -> "half"/"fp32"
     "keep_every_checkpoint": "keep_checkpoints",  # bool -> 0 (all) / 3
     "convolutional_downsampling": "downsampling",  # bool -> "conv"/"avgpool"
     "output_folder": "output_dir",
@@ -327,14 +329,15 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or YAML configuration file into a plain dict."""
+def read_config_file(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+    """Read a JSON or YAML configuration file into a plain dict (``max_bytes``: larger files are
+    refused; YAML files are bounded by MAX_CONFIG_BYTES whatever it says)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"configuration file {path} does not exist")
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ValueError(f"larger than {MAX_CONFIG_BYTES} bytes")
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes} bytes")
         text = path.read_text()
         data = load_yaml(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (OSError, ValueError, yaml.YAMLError) as error:
@@ -369,16 +372,20 @@ def build_config(
     config_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
     notices: list[str] | None = None,
+    file_values: dict[str, Any] | None = None,
 ) -> Config:
     """Merge preset -> file -> overrides, translate legacy names, validate, return a Config.
 
     ``notices`` collects one-line messages about legacy keys that were accepted but ignored.
+    ``file_values``: the configuration ``config_file`` holds, when the caller has read it already
+    (a run record or a checkpoint holds one among other things: train/run_record.py).
     """
     merged: dict[str, Any] = {}
     if preset is not None:
         merged.update(normalise_keys(read_preset(preset), notices, source=f"preset {preset}"))
-    if config_file is not None:
-        merged.update(normalise_keys(read_config_file(config_file), notices, source=str(config_file)))
+    if config_file is not None or file_values is not None:
+        values = read_config_file(config_file) if file_values is None else file_values
+        merged.update(normalise_keys(values, notices, source=str(config_file or "configuration")))
     if overrides:
         merged.update(normalise_keys(overrides, notices, source="command line"))
     return config_from_dict(merged)
@@ -423,7 +430,9 @@ def _legacy_value(key: str, value: Any) -> Any:
             raise ConfigError(f"{key} must be true or false, got {_short(value)}")
         return {
             "veto_transformations": not value,
-            "half_precision": "fp16" if value else "fp32",
+            # the original's fp16 AMP, which it also ran on CPUs (its own tests do): "half" is fp16 on a
+            # CUDA GPU and bf16 elsewhere, decided once the device is known (train/precision.py)
+            "half_precision": "half" if value else "fp32",
             "keep_every_checkpoint": 0 if value else 3,
             "convolutional_downsampling": "conv" if value else "avgpool",
         }[key]
@@ -565,7 +574,10 @@ def validate(c: Config) -> None:
         )
     _choice("likelihood", c.likelihood, LIKELIHOODS)
     _choice("precision", c.precision, PRECISIONS)
-    _choice("device", c.device, DEVICES)
+    try:
+        check_device_name(c.device)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     _choice("optimiser", c.optimiser, OPTIMISERS)
     _choice("lr_schedule", c.lr_schedule, SCHEDULES)
     _choice("downsampling", c.downsampling, DOWNSAMPLING)
@@ -604,8 +616,8 @@ def validate(c: Config) -> None:
         raise ConfigError(f"clamp_percentiles must be [low, high] with 0 <= low < high <= 100, got {lo_hi}")
     if c.num_bins < 2:
         raise ConfigError(f"num_bins must be >= 2, got {c.num_bins}")
-    if c.precision == "fp16" and c.device == "cpu":
-        raise ConfigError("precision fp16 needs a CUDA device; use bf16 on the CPU")
+    if c.precision == "fp16" and c.device in ("cpu", "mps"):
+        raise ConfigError(f"precision fp16 needs a CUDA device; use bf16 on the {c.device.upper()}")
     _validate_performance(c)
     _validate_conditioning(c)
     if c.CUDA_devices is not None:

@@ -26,13 +26,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import conditional
 from .atomic import write_json
 from .data.covariates import Value
 from .errors import UserError
-from .generate import TrainedModel, hide_progress, load_preprocessed, output_stems
+from .console import bar
+from .generate import TrainedModel, load_preprocessed, output_stems
 from .viz_conditional import save_counterfactual_strip
 from .volume_io import grid_affine, save_nifti
 
@@ -92,7 +92,7 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model, stems, rows = trained.model, output_stems(files), []
-    for i in tqdm(range(len(files)), desc="counterfactual", unit="scan", disable=hide_progress(show_progress, len(files))):
+    for i in bar(range(len(files)), desc="counterfactual", unit="scan", show=show_progress):
         targets, labels = [], []
         if change:
             targets.append({**own[i], **change})

@@ -7,9 +7,11 @@ Input volumes (``reconstruct``, ``encode``, ``interpolate``, and ``evaluate``) g
 preprocessing the model was trained with (:mod:`verydeepvae.data.nifti_load`, settings from the
 checkpoint's own config): RAS+ reorientation, foreground crop, isotropic resampling into the R³
 cube, percentile clamp and scaling to [0, 1].  Outputs therefore live in that preprocessed frame
-(the R³ grid centred on the origin, with the input's own isotropic voxel size), not in the scanner
-space of the original file; ``*_input.nii.gz`` is the preprocessed input on the same grid, for
-side-by-side viewing.
+(the R³ grid centred on the origin, with the input's own isotropic voxel size);
+``*_input.nii.gz`` is the preprocessed input on the same grid, for side-by-side viewing.  Results of
+an input scan (reconstructions, decoded latents of encoded files, the two ends of an interpolation)
+are also written resampled back into that scan's own space, ``*_native.nii.gz``: the scan's shape
+and affine, so they overlay on it (:mod:`verydeepvae.data.native_space` inverts the geometry).
 
 Intensities: "model" keeps the model range [0, 1]; "data" maps back to an intensity scale of the
 data, ``low + v * (high - low)`` with ``low``/``high`` the percentile clamp values (the file's own
@@ -29,10 +31,12 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import viz
 from .atomic import write_json
+from .console import bar
+from .data.native_space import native_geometry, to_scan_space
+from .device import resolve_device
 from .errors import CheckpointError, DataError, Stopped, UserError
 from .model import VeryDeepVAE
 from .train import checkpoint as ckpt
@@ -74,16 +78,6 @@ def covariate_schema(checkpoint: ckpt.Checkpoint):
     from .data.covariates import CovariateSchema
 
     return CovariateSchema.from_json(checkpoint.meta["covariates"], where=f"checkpoint {checkpoint.path}")
-
-
-def resolve_device(name: str | None) -> str:
-    """"auto" -> cuda if available else cpu; "cuda" without a GPU is a user error."""
-    name = name or "auto"
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda was requested but no CUDA GPU is available; use --device cpu")
-    return name
 
 
 @dataclass
@@ -139,7 +133,7 @@ class TrainedModel:
 
 def open_trained(path: str | Path, use_ema: bool = True, device: str | None = "auto") -> TrainedModel:
     """Load a checkpoint file (or a run folder's newest checkpoint) for inference."""
-    device = resolve_device(device)
+    device = str(resolve_device(device))  # "cuda:1" stays "cuda:1"; "cuda" -> "cuda:0"
     checkpoint = ckpt.resolve_checkpoint(path)
     model = load_model(checkpoint, use_ema=use_ema, device=device)
     return TrainedModel(model=model, checkpoint=checkpoint, weights="ema" if use_ema else "raw", device=device)
@@ -230,7 +224,7 @@ def load_preprocessed(files: Sequence[str | Path], settings, cache_root: str | P
     R = settings.resolution
     out = np.empty((len(files), R, R, R), dtype=np.float32)
     metas: list[dict[str, Any]] = []
-    for i, f in enumerate(tqdm(list(files), desc=desc, unit="vol", disable=hide_progress(show_progress, len(files)))):
+    for i, f in enumerate(bar(list(files), desc=desc, unit="vol", show=show_progress)):
         volume = meta = None
         if cache is not None and cache.folder.is_dir():
             try:
@@ -338,14 +332,14 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if covariates is not None:
         covariates = torch.as_tensor(np.asarray(covariates, dtype=np.float32))
-    with tqdm(total=num, unit="vol", desc="sample", disable=hide_progress(show_progress, num)) as bar:
+    with bar(total=num, unit="vol", desc="sample", show=show_progress) as shown:
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
             given = None if covariates is None else covariates[start:start + count].to(device)
             volumes = model.sample(count, temperature, generator=generator,
                                    covariates=given).float().cpu()[:, 0].numpy()
             yield start, volumes
-            bar.update(count)
+            shown.update(count)
 
 
 def _intensity_record(low_high: tuple[float, float] | None, what: str) -> dict[str, Any]:
@@ -412,7 +406,7 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
     rows: list[dict[str, Any]] = []
     figure_rows: list[list[np.ndarray]] = []
     progressive_levels = list(range(1, model.decoder.num_levels))
-    bar = tqdm(total=len(files), desc="reconstruct", unit="vol", disable=hide_progress(show_progress, len(files)))
+    shown = bar(total=len(files), desc="reconstruct", unit="vol", show=show_progress)
     for start in range(0, len(files), batch_size):
         x = torch.from_numpy(volumes[start:start + batch_size])[:, None].to(device)
         c = None if covariates is None else torch.from_numpy(np.asarray(covariates[start:start + batch_size],
@@ -440,16 +434,20 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
             input_path = output_dir / f"{stems[k]}_input.nii.gz"
             save_nifti(out_recon, recon_path, affine, description="verydeepvae reconstruction")
             save_nifti(out_input, input_path, affine, description="verydeepvae preprocessed input")
+            native_path = write_native(recon[i], native_geometry(meta, files[k], model.resolution),
+                                       output_dir / f"{stems[k]}_recon_native.nii.gz", low_high,
+                                       "verydeepvae reconstruction, input scan space")
             rows.append({
                 "input": str(files[k]), "reconstruction": recon_path.name, "preprocessed_input": input_path.name,
+                "reconstruction_native": native_path.name,
                 "voxel_size_mm": float(meta["voxel_size_mm"]),
                 "elbo_bits_per_voxel": float(terms["elbo"][i] / LN2),
                 "nll_bits_per_voxel": float(terms["nll"][i] / LN2),
                 "kl_bits_per_voxel": float(terms["kl_per_layer"][i].sum() / LN2),
                 "psnr_db": float(p[i]), "ssim": float(s[i]), "mae": float(m[i]),
             })
-        bar.update(len(xs))
-    bar.close()
+        shown.update(len(xs))
+    shown.close()
     written = "reconstruction" if prior_above is None else f"written (prior above {prior_above}³)"
     titles = ["input", written] + [f"prior above {model.resolution >> lv}³" for lv in progressive_levels]
     viz.save_grid(figure_rows, output_dir / "reconstructions.png", col_titles=titles,
@@ -463,7 +461,9 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
                                         "input file's own percentile clamp values"},
         "metrics_note": "PSNR/SSIM/MAE between the preprocessed input and the reconstruction, whole volume, "
                         "model intensity range [0, 1] (data_range 1)",
-        "figure": "reconstructions.png: axial mid-slices; columns input, the written reconstruction, then "
+        "native": NATIVE_NOTE,
+        "figure": "reconstructions.png: sagittal, coronal and axial mid-slices; columns input, the written "
+                  "reconstruction, then "
                   f"reconstructions with the latents above r³ taken from the prior (temperature {temperature})",
         "files": rows,
         "mean": {k: float(np.mean([r[k] for r in rows])) for k in
@@ -474,16 +474,27 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
     return record
 
 
+NATIVE_NOTE = ("*_native.nii.gz: the model-grid result resampled (trilinear) into the input scan's own grid, same "
+               "shape and affine as the input file, zero outside the preprocessing crop; overlays on the scan")
+
+
+def write_native(volume: np.ndarray, geometry: dict[str, Any], path: Path,
+                 low_high: tuple[float, float] | None, description: str) -> Path:
+    """A model-grid volume (model range [0, 1]) written in an input scan's own space (shape,
+    affine and sform/qform code of the scan; :mod:`verydeepvae.data.native_space`), in the data's
+    intensity scale when ``low_high`` is given (mapped after resampling, so the background test
+    sees the resampled values)."""
+    native = to_scan_space(volume, geometry)
+    if low_high is not None:
+        native = to_data_intensity(native, *low_high)
+    save_nifti(native, path, np.asarray(geometry["affine"], dtype=float), description=description,
+               xform_code=int(geometry.get("xform_code", 1)))  # the scan's own: 0 stays 0
+    return path
+
+
 def _likelihood_note(model: VeryDeepVAE) -> str:
     if model.likelihood.is_discrete:
         return (f"discretised logistic over {model.likelihood.num_bins} intensity bins: the negative ELBO is a "
                 "true code length (bits/voxel >= 0)")
     return ("continuous Gaussian density: the negative ELBO in bits/voxel is a differential quantity, "
             "can be negative and is not a code length")
-
-
-def hide_progress(show: bool | None, n: int) -> bool | None:
-    """tqdm's disable flag: None shows a bar only on a terminal (and only for more than one item)."""
-    if show is None:
-        return None if n > 1 else True
-    return not show

@@ -1,8 +1,9 @@
 """Latent codes of a trained model: encode inputs to a safetensors file, decode such a file back to
 volumes, and interpolate between two inputs through every latent layer.
 
-Inputs are preprocessed exactly as in training and outputs are NIfTI volumes on the model's grid
-(see :mod:`verydeepvae.generate`, which this builds on).
+Inputs are preprocessed exactly as in training and outputs are NIfTI volumes on the model's grid,
+plus, where an output belongs to one input scan, the same volume in that scan's own space
+(``*_native.nii.gz``; see :mod:`verydeepvae.generate`, which this builds on).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import viz
-from .atomic import write_json, write_safetensors, write_with
+from .atomic import write_json, write_safetensors
 from .errors import UserError
-from .generate import (TrainedModel, hide_progress, load_preprocessed, output_stems, safe_file_stem, to_data_intensity,
-                       unique_names)
+from .console import bar
+from .data.native_space import checked_geometry, native_geometry
+from .generate import (NATIVE_NOTE, TrainedModel, load_preprocessed, output_stems, safe_file_stem,
+                       to_data_intensity, unique_names, write_native)
 from .model import VeryDeepVAE
 from .volume_io import grid_affine, save_nifti
 
@@ -43,7 +45,8 @@ def encode_files(trained: TrainedModel, files: Sequence[str | Path], output_path
 
     Tensors ``z.00``, ``z.01``... (coarsest layer first) shaped (N, C, s, s, s), float32, in input
     order; the safetensors header holds the JSON metadata (format, files, layer layout, per-file
-    voxel size and clamp values, checkpoint), also written beside it as ``<name>.json``. No pickle.
+    voxel size, clamp values and scan geometry, checkpoint), also written beside it as
+    ``<name>.json``. No pickle.
     """
     output_path = Path(output_path)
     if output_path.suffix != ".safetensors":
@@ -52,8 +55,7 @@ def encode_files(trained: TrainedModel, files: Sequence[str | Path], output_path
     files = [Path(f) for f in files]
     volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=show_progress)
     per_layer: list[list[torch.Tensor]] = [[] for _ in range(model.num_layers)]
-    for start in tqdm(range(0, len(files), batch_size), desc="encode", unit="batch",
-                      disable=hide_progress(show_progress, len(files))):
+    for start in bar(range(0, len(files), batch_size), desc="encode", unit="batch", show=show_progress):
         x = torch.from_numpy(volumes[start:start + batch_size])[:, None].to(device)
         for i, z in enumerate(model.encode(x)):
             per_layer[i].append(z.float().cpu())
@@ -64,6 +66,9 @@ def encode_files(trained: TrainedModel, files: Sequence[str | Path], output_path
         "files": [str(f) for f in files], "names": output_stems(files),
         "voxel_size_mm": [float(m["voxel_size_mm"]) for m in metas],
         "clamp_low": [float(m["clamp_low"]) for m in metas], "clamp_high": [float(m["clamp_high"]) for m in metas],
+        # each input scan's own grid and where the model grid sits in it, so decode can write its
+        # volumes back in the scan's space without the file (data/native_space.py)
+        "scan_geometry": [native_geometry(m, f, model.resolution) for m, f in zip(metas, files)],
         **trained.record(),
     }
     write_safetensors(output_path, tensors, {LATENTS_META_KEY: json.dumps(meta)})
@@ -93,11 +98,17 @@ def load_latents(path: str | Path) -> tuple[list[torch.Tensor], dict[str, Any]]:
 
 def decode_latents(trained: TrainedModel, path: str | Path, output_dir: str | Path, batch_size: int = 4,
                    show_progress: bool | None = True) -> list[Path]:
-    """Decode a latents file back to volumes ``<name>_decoded.nii.gz`` (each on its input's grid)."""
+    """Decode a latents file back to volumes ``<name>_decoded.nii.gz`` (each on its input's grid)
+    and, where the file records the encoded scan's geometry (``encode`` of NIfTI files does;
+    latents files of older versions do not), ``<name>_decoded_native.nii.gz`` in that scan's own
+    space.  Returns the model-grid paths (the scan-space ones are :func:`native_path` of them)."""
     model = trained.model
     latents, meta = load_latents(path)
     if meta["layers"] != latent_layout(model):
         raise UserError(f"latents file {path} was made by a model with a different latent layout")
+    recorded = meta.get("scan_geometry") if isinstance(meta.get("scan_geometry"), list) else []
+    geometries = [checked_geometry(g, f"latents file {path}, volume {k + 1}") if g is not None else None
+                  for k, g in enumerate(recorded[:latents[0].shape[0]])]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     n = latents[0].shape[0]
@@ -106,7 +117,7 @@ def decode_latents(trained: TrainedModel, path: str | Path, output_dir: str | Pa
                          for k in range(n))
     sizes = meta.get("voxel_size_mm") if isinstance(meta.get("voxel_size_mm"), list) else []
     paths = []
-    for start in tqdm(range(0, n, batch_size), desc="decode", unit="batch", disable=hide_progress(show_progress, n)):
+    for start in bar(range(0, n, batch_size), desc="decode", unit="batch", show=show_progress):
         zs = [z[start:start + batch_size].to(trained.device) for z in latents]
         volumes = model.decode(zs).float().cpu()[:, 0].numpy()
         for i, volume in enumerate(volumes):
@@ -114,8 +125,16 @@ def decode_latents(trained: TrainedModel, path: str | Path, output_dir: str | Pa
             affine = grid_affine((model.resolution,) * 3, _voxel_size(sizes, k, trained.voxel_size_mm))
             out = output_dir / f"{names[k]}_decoded.nii.gz"
             save_nifti(volume, out, affine, description="verydeepvae decoded latents")
+            if k < len(geometries) and geometries[k] is not None:
+                write_native(volume, geometries[k], native_path(out), None,
+                             "verydeepvae decoded latents, encoded scan space")
             paths.append(out)
     return paths
+
+
+def native_path(path: Path) -> Path:
+    """``x_decoded.nii.gz`` -> ``x_decoded_native.nii.gz``."""
+    return path.with_name(path.name.replace(".nii.gz", "_native.nii.gz"))
 
 
 def _voxel_size(sizes: list, k: int, default: float) -> float:
@@ -170,8 +189,7 @@ def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, o
     zs = model.encode(x)
     ts = [k / (steps - 1) for k in range(steps)]
     frames: list[np.ndarray] = []
-    for start in tqdm(range(0, steps, batch_size), desc="interpolate", unit="batch",
-                      disable=hide_progress(show_progress, steps)):
+    for start in bar(range(0, steps, batch_size), desc="interpolate", unit="batch", show=show_progress):
         chunk = ts[start:start + batch_size]
         batch = []
         for z in zs:
@@ -190,37 +208,21 @@ def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, o
         path = output_dir / f"interp_{k:02d}.nii.gz"
         save_nifti(out, path, grid_affine((model.resolution,) * 3, voxel), description=f"verydeepvae interp t={t:.3f}")
         paths.append(path)
-    save_strip([volumes[0]] + frames + [volumes[1]], output_dir / "interpolation.png",
+    # the two ends are reconstructions of A and B: each also in its own scan's space
+    ends = {}
+    for end, (frame, meta, file) in {"a": (frames[0], metas[0], files[0]), "b": (frames[-1], metas[1], files[1])}.items():
+        low_high = (float(meta["clamp_low"]), float(meta["clamp_high"])) if intensity == "data" else None
+        ends[end] = write_native(frame, native_geometry(meta, file, model.resolution),
+                                 output_dir / f"{end}_native.nii.gz", low_high,
+                                 f"verydeepvae interpolation end {end.upper()}, its scan space").name
+    viz.save_strip([volumes[0]] + frames + [volumes[1]], output_dir / "interpolation.png",
                ["A (input)"] + [f"t={t:.2f}" for t in ts] + ["B (input)"],
                f"{method} interpolation of all latent layers: {files[0].name} -> {files[1].name}")
     write_json(output_dir / "interpolation.json", {
         "a": str(files[0]), "b": str(files[1]), "steps": steps, "method": method, "t": ts,
         "files": [p.name for p in paths], "latents": "posterior means of every layer",
-        "voxel_size_mm": [(1 - t) * va + t * vb for t in ts], **trained.record(),
+        "voxel_size_mm": [(1 - t) * va + t * vb for t in ts], "ends_native": ends,
+        "native": NATIVE_NOTE + " (only the two ends: a frame between them belongs to no one scan)",
+        **trained.record(),
     })
     return paths
-
-
-def save_strip(volumes: Sequence[np.ndarray], path: str | Path, titles: Sequence[str], suptitle: str = "") -> None:
-    """Columns of volumes, rows sagittal / coronal / axial mid-slices (model range [0, 1])."""
-    import matplotlib.pyplot as plt
-
-    n = len(volumes)
-    fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4.2), squeeze=False)
-    for j, volume in enumerate(volumes):
-        for i, image in enumerate(viz.mid_slices(volume)):
-            ax = axes[i][j]
-            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(titles[j], fontsize=7)
-            if j == 0:
-                ax.set_ylabel(viz.PLANES[i], fontsize=7)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=8)
-    fig.tight_layout()
-    try:
-        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)

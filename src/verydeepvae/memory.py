@@ -105,7 +105,7 @@ def levels_text(levels: list[int], num_levels: int) -> str:
 def estimate(cfg: Config) -> MemoryEstimate:
     """Memory of one training step of ``cfg``'s model at its precision (fp32, or bf16/fp16
     autocast: convolution activations in 2 bytes, the float32 KL and likelihood maths in 4)."""
-    low = cfg.precision in ("bf16", "fp16")
+    low = cfg.precision in ("bf16", "fp16", "half")
     act = 2 if low else 4  # bytes of a convolution activation
     f32 = 4
     n = cfg.num_levels

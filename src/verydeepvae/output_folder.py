@@ -23,12 +23,12 @@ def claim_folder(folder: str | os.PathLike, command: str, overwrite: bool, notic
     (one line, nothing touched) unless ``overwrite``, which moves them aside first."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise UserError(f"--output-dir {folder} is a file, not a folder")
+        raise UserError(f"--output {folder} is a file, not a folder")
     entries = sorted(folder.iterdir()) if folder.is_dir() else []
     if entries and not overwrite:
         shown = ", ".join(p.name for p in entries[:3]) + (", ..." if len(entries) > 3 else "")
         raise UserError(f"{folder} already holds files ({shown}); {command} writes into a new or empty folder: "
-                        "choose another --output-dir, or add --overwrite to move the old files aside")
+                        "choose another --output, or add --overwrite to move the old files aside")
     if entries:
         target = move_aside(folder, entries)
         message = f"moved the earlier contents of {folder} to {target}"

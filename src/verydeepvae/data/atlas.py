@@ -8,7 +8,8 @@ already skull-stripped). Nothing is downloaded. ``scripts/make_atlas.py`` runs
 :func:`build_atlas` once and writes the result into the package
 (``verydeepvae/atlas/mni152_2009_tissue.nii.gz``, copyright notice in ``atlas/NOTICE``);
 :func:`load_atlas` reads that file and only falls back to rebuilding from an installed nilearn
-when the packaged file is missing.
+when the packaged file is missing.  nilearn is therefore an optional extra
+(``pip install "verydeepvae[atlas]"``), not a dependency.
 
 How the four channels (x, y, z, channel; uint8, value/255 = fraction of the voxel) are made, at
 1 mm before downsampling:
@@ -79,16 +80,19 @@ def packaged_atlas_path() -> Path:
     return Path(str(importlib.resources.files("verydeepvae").joinpath("atlas", ATLAS_FILENAME)))
 
 
-def nilearn_data_dir() -> Path:
-    try:
-        import nilearn.datasets  # noqa: F401  (imported for its location only)
-    except ImportError as exc:  # pragma: no cover - nilearn is a dependency
-        raise DataError(
-            f"the packaged atlas {packaged_atlas_path()} is missing and nilearn is not installed "
-            "to rebuild it; reinstall verydeepvae or `pip install nilearn`"
-        ) from exc
-    import nilearn.datasets
+NILEARN_MISSING = ("nilearn is not installed; it is only needed to rebuild the tissue atlas from the MNI152 "
+                   "template files it ships: pip install 'verydeepvae[atlas]'")
 
+
+def nilearn_data_dir() -> Path:
+    """nilearn's template folder.  nilearn (with pandas and scikit-learn, ~160 MB) is the optional
+    ``atlas`` extra: the built atlas ships with the package, so only rebuilding it needs nilearn."""
+    try:
+        import nilearn.datasets
+    except ImportError:
+        packaged = packaged_atlas_path()
+        where = f"the packaged atlas {packaged} is missing and " if not packaged.exists() else ""
+        raise DataError(where + NILEARN_MISSING) from None
     return Path(nilearn.datasets.__file__).parent / "data"
 
 

@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..atomic import current_umask, write_text
+from ..console import bar
 from ..errors import ConfigError, DataError
 from . import discover
 from .augment import AugmentSettings, Augmenter, sample_generator
@@ -126,11 +127,13 @@ class WithCovariates(Dataset):
 # --- the whole build -------------------------------------------------------------------------------
 
 
-def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None = None) -> DataBundle:
-    """Everything the training loop needs from the data (see the module notes)."""
+def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None = None,
+                   show_progress: bool | None = None) -> DataBundle:
+    """Everything the training loop needs from the data (see the module notes); ``show_progress``
+    False hides the bars of checking and preprocessing the files."""
     notices = [] if notices is None else notices
     output_dir = Path(output_dir)
-    show = _show_progress()
+    show = _show_progress(show_progress)
     settings = PreprocessSettings.from_config(cfg)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else output_dir / "cache"
     cache = VolumeCache(cache_root, settings)
@@ -278,10 +281,9 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK") in (None, "", "0")
 
 
-def _show_progress() -> bool | None:
-    """Bars on rank 0 only (None lets tqdm decide: only on a terminal)."""
-    rank = os.environ.get("RANK")
-    return False if rank not in (None, "0") else None
+def _show_progress(show: bool | None) -> bool | None:
+    """Bars on rank 0 only (where they are shown at all: console.show_bar)."""
+    return show if _is_main_rank() else False
 
 
 def _handle_bad(bad: list[tuple[str, str]], total: int, skip: bool, output_dir: Path, notices: list[str],
@@ -320,14 +322,12 @@ def prepare_files(
     bad ones, in input order.  Bad files never raise here; the caller decides.  With
     ``stop_early``, a failed header check returns before any (long) preprocessing starts.
     """
-    from tqdm.auto import tqdm
-
     files = [str(f) for f in files]
     bad: dict[str, str] = {}
     digests: dict[str, str] = {}
     prepared: dict[str, tuple[str, dict[str, Any]]] = {}
     todo: dict[str, str] = {}  # digest -> one path with that content
-    for path in tqdm(files, desc="checking NIfTI files", unit="file", disable=_disable(show_progress, len(files))):
+    for path in bar(files, desc="checking NIfTI files", unit="file", show=show_progress):
         try:
             digest = file_digest(path)
             meta = cache.read_meta(digest)
@@ -359,25 +359,16 @@ def prepare_files(
     return prepared, ordered_bad
 
 
-def _disable(show: bool | None, n: int) -> bool | None:
-    if show is None:
-        return None if n > 1 else True
-    return not show
-
-
 def _run_jobs(jobs: list[tuple[str, str]], cache: VolumeCache, workers: int,
               show_progress: bool | None) -> dict[str, tuple[bool, Any]]:
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(jobs), desc="preprocessing volumes", unit="vol",
-               disable=_disable(show_progress, len(jobs)))
+    shown = bar(total=len(jobs), desc="preprocessing volumes", unit="vol", show=show_progress)
     results: dict[str, tuple[bool, Any]] = {}
     workers = max(1, min(int(workers or 1), len(jobs), os.cpu_count() or 1))
     try:
         if workers == 1:
             for digest, path in jobs:
                 results[digest] = prepare_entry(digest, path, cache)
-                bar.update()
+                shown.update()
         else:
             # fork on Linux (like torch's DataLoader; the workers only run numpy/scipy/nibabel code,
             # never torch/OpenMP, so threads of the parent do not matter); spawn elsewhere.
@@ -386,9 +377,9 @@ def _run_jobs(jobs: list[tuple[str, str]], cache: VolumeCache, workers: int,
                 futures = {pool.submit(prepare_entry, digest, path, cache): digest for digest, path in jobs}
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()
-                    bar.update()
+                    shown.update()
     finally:
-        bar.close()
+        shown.close()
     return results
 
 

@@ -87,6 +87,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..atomic import write_text
+from ..console import bar
 from ..errors import ConfigError, DataError
 from ..volume_io import grid_affine, save_nifti
 from . import phantom_render as pr
@@ -268,10 +269,8 @@ def generate_population(
 
     Subject i uses ``subject_seed(seed, i)`` (recorded in the ``seed`` column), so the first k
     subjects do not depend on ``num``. With ``montage`` also writes ``phantom_montage.png`` (the
-    first four subjects). ``progress=None`` shows a bar only on a terminal.
+    first four subjects). ``progress=False`` hides the progress bar (console.show_bar decides otherwise).
     """
-    from tqdm.auto import tqdm
-
     if isinstance(num, bool) or int(num) != num or int(num) < 1:
         raise ConfigError(f"phantom: number of subjects must be a positive integer, got {num!r}")
     resolution = _check_resolution(resolution)
@@ -283,9 +282,7 @@ def generate_population(
     vox = voxel_size_mm(resolution)
     affine = grid_affine((resolution,) * 3, vox)
     paths, rows = [], []
-    disable = None if progress is None else not progress
-    bar = tqdm(range(int(num)), desc=f"phantom {resolution}^3", unit="vol", disable=disable)
-    for index in bar:
+    for index in bar(range(int(num)), desc=f"phantom {resolution}^3", unit="vol", show=progress):
         s = subject_seed(seed, index)
         pid = f"sub-{index + 1:04d}"
         volume, factors = generate_volume(s, resolution)
@@ -358,4 +355,4 @@ def write_phantom_montage(
                 raise DataError(f"cannot read phantom volume {item}: {exc}") from exc
             names.append(Path(item).name.split(".")[0])
     save_montage(volumes, png_path, titles=list(titles)[:max_subjects] if titles else names,
-                 vmin=0.0, vmax=1.0, suptitle="Phantom FLAIR-like brains")
+                 vmin=0.0, vmax=1.0, suptitle="Phantom FLAIR-like brains", colorbar="phantom intensity (as written)")

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import metrics as M
+from ..console import bar
 from ..errors import UserError
 from ..generate import BACKGROUND_LEVEL, LN2, TrainedModel, elbo_terms
 
@@ -56,8 +56,7 @@ def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: i
     # float64 running moments; float32 for models with very many latent units (128³ presets), to bound memory
     dtype = torch.float64 if model.latent_dimensions() <= 20_000_000 else torch.float32
     stats = [_Welford(dtype) for _ in range(model.num_layers)]
-    for start in tqdm(range(0, len(heldout), batch_size), desc="likelihood", unit="batch",
-                      disable=_disable(show_progress)):
+    for start in bar(range(0, len(heldout), batch_size), desc="likelihood", unit="batch", show=show_progress):
         x = torch.from_numpy(heldout[start:start + batch_size])[:, None].to(device)
         c = _batch_covariates(covariates, start, batch_size, device)
         terms = elbo_terms(model, x, seed + start, covariates=c)
@@ -122,8 +121,7 @@ def reconstruction_section(trained: TrainedModel, heldout: np.ndarray, batch_siz
     """PSNR, SSIM and MAE of posterior-mean reconstructions, whole volume and foreground only."""
     model, device = trained.model, trained.device
     recons = []
-    for start in tqdm(range(0, len(heldout), batch_size), desc="reconstruct", unit="batch",
-                      disable=_disable(show_progress)):
+    for start in bar(range(0, len(heldout), batch_size), desc="reconstruct", unit="batch", show=show_progress):
         x = torch.from_numpy(heldout[start:start + batch_size])[:, None].to(device)
         c = _batch_covariates(covariates, start, batch_size, device)
         recons.append(model.reconstruct(x, covariates=c).float().cpu()[:, 0].numpy())
@@ -293,7 +291,3 @@ def _batch_covariates(covariates: np.ndarray | None, start: int, size: int, devi
     if covariates is None:
         return None
     return torch.from_numpy(np.asarray(covariates[start:start + size], dtype=np.float32)).to(device)
-
-
-def _disable(show: bool | None) -> bool | None:
-    return None if show is None else not show

@@ -46,7 +46,8 @@ def write_figures(report: dict[str, Any], arrays: dict[str, Any], folder: Path) 
     n = min(FIGURE_ROWS, len(heldout))
     viz.save_grid([[heldout[i], recon[i], np.abs(heldout[i] - recon[i])] for i in range(n)],
                   folder / "reconstructions.png", row_titles=names[:n],
-                  col_titles=["input", "reconstruction", "|difference|"])
+                  col_titles=["input", "reconstruction", "|difference|"],
+                  colorbar="model intensity (0 background, 1 upper clamp percentile); |difference| on the same scale")
     out["reconstructions"] = "figures/reconstructions.png"
 
     layers = report["likelihood"]["kl_per_layer"]

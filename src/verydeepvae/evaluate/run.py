@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..console import bar
 from ..generate import TrainedModel, check_temperature, iter_samples, load_preprocessed
 from . import compute, morphometry
 from .data import EvaluationData, participant_id, select_data
@@ -191,10 +192,8 @@ def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarra
     z = compute.standardiser(real_cnn, feats["random_cnn"]["samples"])
     queries_cnn = {"samples": z(feats["random_cnn"]["samples"]), "heldout": z(real_cnn)}
     near_vox, near_cnn = compute.RunningNearest(queries_vox), compute.RunningNearest(queries_cnn)
-    from tqdm.auto import tqdm
-
-    for start in tqdm(range(0, len(sel.train_files), TRAIN_CHUNK), desc="training volumes", unit="chunk",
-                      disable=None if show is None else not show):
+    for start in bar(range(0, len(sel.train_files), TRAIN_CHUNK), desc="training volumes", unit="chunk",
+                     show=show):
         vols, _ = load_preprocessed(sel.train_files[start:start + TRAIN_CHUNK], trained.preprocess_settings,
                                     cache_root, show_progress=False)
         near_vox.update(start, vols.reshape(len(vols), -1))

@@ -106,11 +106,29 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
             raise CheckpointError(f"checkpoint {path} is corrupt: its SHA-256 does not match {sidecar.name}")
     try:
         tensors = load_file(str(path), device=str(device))
-        from safetensors import safe_open
+    except _READ_ERRORS as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {str(error).splitlines()[0]}") from None
+    meta = read_metadata(path)
+    checkpoint = Checkpoint(path=path, meta=meta, tensors=tensors, verified=verified)
+    if "config" in meta:
+        checkpoint.config  # noqa: B018 (validated now, kept for every later reader)
+    return checkpoint
 
+
+_READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's metadata (configuration, step, history...) from its header alone: no tensor
+    is read and the SHA-256 is not checked, so looking at a run (``config show``, ``inspect``)
+    costs nothing at any model size.  :func:`load_checkpoint` is the checked way in."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
         with safe_open(str(path), framework="pt") as handle:
             raw_meta = (handle.metadata() or {}).get(META_KEY)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+    except _READ_ERRORS as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {str(error).splitlines()[0]}") from None
     if raw_meta is None:
         raise CheckpointError(f"checkpoint {path} is a safetensors file but not a verydeepvae checkpoint")
@@ -122,10 +140,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"checkpoint {path} has unknown format {str(found)[:40]!r}")
     _check_step(meta, path)
-    checkpoint = Checkpoint(path=path, meta=meta, tensors=tensors, verified=verified)
-    if "config" in meta:
-        checkpoint.config  # noqa: B018 (validated now, kept for every later reader)
-    return checkpoint
+    return meta
 
 
 MAX_STEP = 10**12
@@ -138,12 +153,19 @@ def _check_step(meta: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"checkpoint {path} has an invalid step {str(step)[:40]!r} in its metadata")
 
 
-def _config(meta: dict[str, Any], path: Path) -> Config:
-    """The configuration stored in a checkpoint's metadata, or one line saying what is wrong."""
+def config_values(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The configuration stored in a checkpoint's metadata as plain values (architecture keys
+    newer than the checkpoint set as they were before they existed)."""
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"checkpoint {path} has no configuration in its metadata")
+    return {**ARCHITECTURE_BEFORE_KEY, **meta["config"]}
+
+
+def _config(meta: dict[str, Any], path: Path) -> Config:
+    """The configuration stored in a checkpoint's metadata, or one line saying what is wrong."""
+    values = config_values(meta, path)
     try:
-        return config_from_dict({**ARCHITECTURE_BEFORE_KEY, **meta["config"]})
+        return config_from_dict(values)
     except ConfigError as error:
         raise CheckpointError(f"checkpoint {path} has an invalid configuration: {error}") from None
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from ..device import resolve_device
 from ..errors import UserError
 
 T = TypeVar("T")
@@ -55,22 +56,8 @@ def under_torchrun() -> bool:
 
 
 def choose_device(cfg: Config, local_rank: int, local_world_size: int = 1) -> torch.device:
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("device cuda was requested but no CUDA GPU is available; use --device cpu")
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            shown = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
-            raise UserError(
-                f"local rank {local_rank} of {local_world_size} process(es) on this node needs CUDA device "
-                f"{local_rank}, but only {count} are visible{shown}; start at most {count} processes per node "
-                "(--nproc_per_node) or make more devices visible (--CUDA_devices)")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """This process's device for ``cfg.device`` (the one resolver, :func:`verydeepvae.device.resolve_device`)."""
+    return resolve_device(cfg.device, local_rank, local_world_size)
 
 
 # --- CUDA_devices -----------------------------------------------------------------------------------
@@ -149,12 +136,12 @@ def _env_int(name: str, default: int) -> int:
 
 def setup(cfg: Config, notices: list[str] | None = None) -> Runtime:
     """This process's place in the job, its device, and the process group (several ranks)."""
-    if cfg.CUDA_devices and cfg.device != "cpu":
+    if cfg.CUDA_devices and cfg.device not in ("cpu", "mps"):
         kind, notice = configure_devices(list(cfg.CUDA_devices))
         if notice and notices is not None:
             notices.append(notice)
-        if kind == "cpu" and cfg.device == "cuda":
-            raise UserError(f"device cuda was requested but no CUDA GPU is available "
+        if kind == "cpu" and cfg.device.startswith("cuda"):
+            raise UserError(f"device {cfg.device} was requested but no CUDA GPU is available "
                             f"(CUDA_devices {','.join(cfg.CUDA_devices)}); use --device cpu")
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)

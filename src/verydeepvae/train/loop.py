@@ -17,23 +17,24 @@ import random
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..config import Config
+from ..console import NORMAL, QUIET, VERBOSE
 from ..errors import CheckpointError, DataError, Stopped, UserError
 from ..model import autocast_for
 from . import checkpoint as ckpt
-from . import distributed, memory_plan, resume_changes, run_folder
+from . import distributed, memory_plan, resume_changes, run_folder, run_record
 from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor, update_loss_scale
 from .precision import configure_backends, out_of_memory_message, resolve_precision
+from .progress import TrainConsole, ending, validation_line
 from .reporting import Reporter, to_bits
 from .sampler import EpochKeyed, EpochSampler, EpochStream
 from .state import build_model_with_shared_weights, capture_state, process_rng_state, restore_state
@@ -58,8 +59,14 @@ def total_steps(cfg: Config, steps_per_epoch: int) -> int:
 
 
 def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
-          show_progress: bool | None = None) -> TrainResult:
-    """Train (or resume) the model described by ``cfg``; returns where the results are."""
+          show_progress: bool | None = None, verbosity: int = NORMAL,
+          command: Sequence[str] | None = None) -> TrainResult:
+    """Train (or resume) the model described by ``cfg``; returns where the results are.
+
+    ``show_progress`` False: no progress bar (a plain line every ``log_every`` steps instead, as
+    wherever the output is not a terminal); ``verbosity``: console.QUIET, NORMAL or VERBOSE
+    (train/progress.py); ``command``: the command-line arguments, for the run record (default:
+    the process's)."""
     notices = [] if notices is None else notices
     if bundle is None:  # a conditional run's covariates are checked before anything is written
         from ..data.run_covariates import check_before_training
@@ -68,11 +75,14 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
     runtime = distributed.setup(cfg, notices)
     held = None
     try:
+        requested = cfg
+        # before the output folder is claimed: an impossible precision changes no file
+        cfg = resolve_precision(cfg, runtime.device, notices)
         # decided by all ranks together: torchrun's restart count can differ between nodes
         restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
         held = distributed.main_first(lambda: _claim_output_dir(cfg, runtime, restarted, notices), runtime,
                                       "checking the output folder")
-        return _Trainer(cfg, runtime, bundle, notices, show_progress, restarted).run()
+        return _Trainer(cfg, runtime, bundle, notices, show_progress, restarted, verbosity, command, requested).run()
     finally:
         if held is not None:
             held.release()
@@ -93,17 +103,22 @@ def _claim_output_dir(cfg: Config, runtime: distributed.Runtime, restarted: bool
 
 class _Trainer:
     def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
-                 show_progress: bool | None, restarted: bool = False):
-        cfg = resolve_precision(cfg, runtime.device, notices)
+                 show_progress: bool | None, restarted: bool = False, verbosity: int = NORMAL,
+                 command: Sequence[str] | None = None, requested: Config | None = None):
+        self.requested = requested or cfg  # as asked for: the run record notes what the run chose by itself
+        self.command = command
+        self.restarted = restarted
         configure_backends(cfg, runtime.device, notices)
         self.cfg = cfg
         self.runtime = runtime
         self.notices = notices
         self.output_dir = Path(cfg.output_dir)
         self.ckpt_dir = ckpt.checkpoint_dir(self.output_dir)
+        self.console = TrainConsole(self.output_dir, runtime.is_main, verbosity, show_progress)
         self.seed = cfg.seed if cfg.seed is not None else secrets.randbelow(2**31)
         _seed_everything(self.seed + runtime.rank)
         resume_from = self._find_resume_checkpoint(restarted)
+        self.resumed_from = resume_from.path if resume_from is not None else None
         if resume_from is not None:  # before any data work: a refused resume costs nothing
             _check_same_architecture(cfg, resume_from)
             cfg = self.cfg = resume_changes.apply(cfg, resume_from.meta["config"], notices)
@@ -124,7 +139,9 @@ class _Trainer:
 
             # rank 0 writes split.json / the cache first, then the others read them (no races)
             bundle = distributed.main_first(
-                lambda: build_datasets(cfg, self.output_dir, notices), runtime, "preparing the data",
+                lambda: build_datasets(cfg, self.output_dir, notices,
+                                       show_progress=False if verbosity == QUIET else show_progress),
+                runtime, "preparing the data",
                 fingerprint=lambda b: distributed.fingerprint_strings(list(b.train_files) + ["|"] + list(b.val_files)))
         self.bundle = bundle
         self.device = runtime.device
@@ -157,7 +174,6 @@ class _Trainer:
             _drop_records_after(self.output_dir / "metrics.jsonl", self.step)
         self.reporter = Reporter(self.output_dir, runtime.is_main,
                                  purge_step=self.step + 1 if resume_from is not None else None)
-        self.show_progress = runtime.is_main if show_progress is None else (show_progress and runtime.is_main)
         self.stop_signal: int | None = None
         self.periods = self._periods()
         self.started = time.perf_counter()  # training wall clock of this process (logged as elapsed_seconds)
@@ -218,24 +234,34 @@ class _Trainer:
 
     # -- main loop -------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        entry = self._write_record()
+        self.console.open(self.total_steps, self.step)
+        try:
+            with self.console.python_warnings():
+                result = self._run(entry)
+        except BaseException as error:
+            self.console.close(ending(error))
+            raise
+        self.console.close(f"finished at step {self.step}")
+        return result
+
+    def _run(self, entry: dict[str, Any] | None) -> TrainResult:
         if self.runtime.is_main:
-            self._print_start()
+            self._print_start(entry)
         batches = self._batches()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.show_progress,
-                   unit="step", dynamic_ncols=True, desc="train")
         try:
             with self._signal_handlers():
-                last_checkpoint = self._loop(batches, bar)
+                last_checkpoint = self._loop(batches)
         finally:
             batches.close()  # shuts the DataLoader's worker processes down now, not at garbage collection
-        bar.close()
+        self.console.close_bar()
         self._debug_final("finished")
         if self.runtime.is_main:
             self._final_samples()
         self.reporter.close()
         return TrainResult(self.output_dir, self.step, last_checkpoint, self.history)
 
-    def _loop(self, batches: Iterator[torch.Tensor], bar: tqdm) -> Path | None:
+    def _loop(self, batches: Iterator[torch.Tensor]) -> Path | None:
         """Steps until the end; a stop signal or too many skipped updates raise TrainingStopped."""
         cfg = self.cfg
         last_checkpoint = None
@@ -250,10 +276,10 @@ class _Trainer:
                                                       str(newest[-1]) if newest else None,
                                                       self.memory_plan.budget)) from None
             self.step += 1
-            bar.update(1)
+            self.console.advance()
             window.append(stats)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                self._log_train(window, bar)
+                self._log_train(window)
                 window = []
             done = self.step == self.total_steps
             if self.stop_signal is None and distributed.launcher_gone(self.runtime):
@@ -266,14 +292,12 @@ class _Trainer:
             if self.step % self.periods["figures"] == 0 or done:  # after the checkpoint: side work
                 self._figures()
             if stop:
-                bar.close()
                 self.reporter.close()
                 self._debug_final("stopped")
                 raise TrainingStopped(
                     f"training stopped by signal at step {self.step}; state saved in {self.ckpt_dir}; "
                     "continue with --resume", exit_code=128 + (self.stop_signal or signal.SIGTERM))
             if self.skipper.too_many:
-                bar.close()
                 self.reporter.close()
                 raise TrainingStopped(
                     f"training stopped at step {self.step}: {self.skipper.consecutive} consecutive updates "
@@ -362,7 +386,7 @@ class _Trainer:
         return totals
 
     # -- side work -------------------------------------------------------------------------------
-    def _log_train(self, window: list[torch.Tensor], bar: tqdm) -> None:
+    def _log_train(self, window: list[torch.Tensor]) -> None:
         stats = torch.stack(window).nanmean(0).to(self.device, torch.float64)
         distributed.debug_record(self.runtime, "train_local", step=self.step, loss_nats_per_voxel=stats[0].item())
         stats = distributed.all_reduce_mean(stats, self.runtime).cpu()
@@ -382,14 +406,13 @@ class _Trainer:
         for i, (level, value) in enumerate(zip(self.model.layer_levels, kl.tolist())):
             values[f"kl_layer/{i:02d}_res{self.cfg.resolution >> level}"] = to_bits(value)
         self.reporter.scalars(self.step, values, "train")
-        quality = {}
+        figures = {"bits": f"{to_bits(elbo):.3f}", "kl": f"{to_bits(kl.sum().item()):.3f}",
+                   "gnorm": f"{grad_norm:.1f}", "skips": self.skipper.skipped_nonfinite + self.skipper.skipped_large}
         if math.isfinite(self.last_quality.get("frechet_ratio", math.nan)):
-            quality["fd"] = f"{self.last_quality['frechet_ratio']:.1f}x"
+            figures["fd"] = f"{self.last_quality['frechet_ratio']:.1f}x"
         if "dead_levels" in self.last_quality:
-            quality["dead"] = int(self.last_quality["dead_levels"])
-        bar.set_postfix(bits=f"{to_bits(elbo):.3f}", kl=f"{to_bits(kl.sum().item()):.3f}",
-                        gnorm=f"{grad_norm:.1f}", skips=self.skipper.skipped_nonfinite + self.skipper.skipped_large,
-                        **quality, refresh=False)
+            figures["dead"] = int(self.last_quality["dead_levels"])
+        self.console.report(self.step, figures, rate)
 
     @torch.no_grad()
     def _validate(self) -> None:
@@ -428,6 +451,7 @@ class _Trainer:
                           if math.isfinite(self.last_quality.get(k, math.nan))})
         self.history.append(entry)
         self.last_validation = elbo
+        self.console.say(validation_line(self.step, values, self.last_quality if self.quality_on else {}))
         if self.runtime.is_main:
             self.reporter.curves_figure()
             self.reporter.flush()
@@ -459,8 +483,8 @@ class _Trainer:
                                             cfg.batch_size, self.device, self.seed)
         except Exception as error:  # noqa: BLE001 (any failure: warn, go on training)
             self.quality_on = False
-            tqdm.write(f"verydeepvae: warning: the sample-quality signal failed at step {self.step} "
-                       f"({type(error).__name__}: {error}); it is off for the rest of this run")
+            self.console.warning(f"the sample-quality signal failed at step {self.step} "
+                                 f"({type(error).__name__}: {error}); it is off for the rest of this run")
             return {}
         if set(values) == {"seconds"}:  # too few volumes for either part
             return {}
@@ -489,7 +513,8 @@ class _Trainer:
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
             samples = torch.cat([model.sample(1, 1.0, generator=generator)
                                  for _ in range(max(1, self.cfg.subjects_to_plot))])
-        self.reporter.sample_figure(self.step, samples, 1.0)
+        path = self.reporter.sample_figure(self.step, samples, 1.0)
+        self.console.say(f"figures of step {self.step} written ({path.name} and the reconstructions)", VERBOSE)
 
     def _save_checkpoint(self) -> Path | None:
         is_best = False
@@ -526,6 +551,7 @@ class _Trainer:
                 recorded = ckpt.read_best(self.ckpt_dir)
                 best_path = self.ckpt_dir / recorded["checkpoint"] if recorded else None
             ckpt.prune(self.ckpt_dir, self.cfg.keep_checkpoints, best_path)
+            self.console.say(f"checkpoint {path.name} written" + (" (the best so far)" if is_best else ""), VERBOSE)
         distributed.barrier(self.runtime)
         return path
 
@@ -546,7 +572,30 @@ class _Trainer:
                       batch_size=self.cfg.batch_size, device=self.device, show_progress=False,
                       extra_record=record, covariates=covariates)
 
-    def _print_start(self) -> None:
+    def _write_record(self) -> dict[str, Any] | None:
+        """Append this session to the run record (train/run_record.py); every rank describes its
+        device, rank 0 writes.  Returns the entry (rank 0)."""
+        devices = distributed.gather_to_main(run_record.describe_device(self.device), self.runtime)
+        if not self.runtime.is_main:
+            return None
+        entry = run_record.session(
+            replace(self.cfg, seed=self.seed, device=self.device.type), self.requested, start_step=self.step,
+            total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, resumed_from=self.resumed_from,
+            restarted=self.restarted, devices=devices or [], world_size=self.runtime.world_size,
+            data={"train": len(self.bundle.train), "validation": len(self.bundle.val),
+                  "voxel_size_mm": float(self.bundle.voxel_size_mm), **self._covariate_record()},
+            notices=self.notices, command=self.command)
+        run_record.append(self.output_dir, entry, self.notices)
+        return entry
+
+    def _covariate_record(self) -> dict[str, Any]:
+        """A conditional run's covariate schema for the run record (its training rows stay in the checkpoint)."""
+        schema = getattr(self.bundle, "covariates", None)
+        if schema is None:
+            return {}
+        return {"covariates": {k: v for k, v in schema.to_json().items() if k != "bank"}}
+
+    def _print_start(self, entry: dict[str, Any] | None) -> None:
         c, r = self.cfg, self.runtime
         effective = c.batch_size * c.grad_accumulation * r.world_size
         lines = [
@@ -561,9 +610,7 @@ class _Trainer:
         ]
         if getattr(self.bundle, "covariates", None) is not None:
             lines += [f"  {line}" for line in self.bundle.covariates.summary_lines()]
-        for notice in self.notices:
-            lines.append(f"  notice: {notice}")
-        tqdm.write("\n".join(lines))
+        self.console.start(lines, self.notices, run_record.describe(entry) if entry else [])
 
     @contextlib.contextmanager
     def _signal_handlers(self):

@@ -11,6 +11,7 @@ import torch
 from .. import memory
 from ..config import Config
 from . import memory_plan
+from ..errors import ConfigError
 
 
 def resolve_precision(cfg: Config, device: torch.device, notices: list[str]) -> Config:
@@ -19,8 +20,18 @@ def resolve_precision(cfg: Config, device: torch.device, notices: list[str]) -> 
     loss scaling on CUDA GPUs of capability 7.x (V100, T4: fast float16 tensor cores, no fast
     bfloat16); fp32 elsewhere.  The choice is added to ``notices`` (printed at start) and the
     returned configuration, which the checkpoint stores, holds it.  Explicit settings are returned
-    unchanged (an explicit bf16 where it would be emulated gets a notice).  The KL and the
+    unchanged (an explicit bf16 where it would be emulated gets a notice; an explicit fp16 off a CUDA
+    GPU is a ConfigError: there is no float16 autocast there).  ``precision: half``, the original's
+    ``half_precision: true``, is fp16 on a CUDA GPU and bf16 elsewhere (with a notice), so the
+    original's configurations, its CPU tests among them, run as they did.  The KL and the
     likelihood stay float32."""
+    if cfg.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"precision fp16 needs a CUDA device, and this run is on {device}; use bf16 (or auto)")
+    if cfg.precision == "half":
+        if device.type == "cuda":
+            return dataclasses.replace(cfg, precision="fp16")
+        notices.append(f"half_precision: float16 autocast needs a CUDA GPU, so half precision on {device} is bf16")
+        return dataclasses.replace(cfg, precision="bf16")
     if cfg.precision != "auto":
         if cfg.precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
             notices.append("precision bf16: this CPU has no native bfloat16 instructions (AVX512-BF16 or "
@@ -39,6 +50,8 @@ def resolve_precision(cfg: Config, device: torch.device, notices: list[str]) -> 
                                      "bfloat16; with loss scaling")
         else:
             chosen, where = "fp32", f"this GPU (compute capability {major}.{minor}) has no fast half precision"
+    elif device.type != "cpu":
+        chosen, where = "fp32", f"no half precision is chosen automatically on {device.type}"
     else:
         native = cpu_has_native_bf16()
         chosen = "bf16" if native else "fp32"

@@ -54,7 +54,8 @@ class Reporter:
             self.writer = None
 
     def reconstruction_figure(self, step: int, inputs: torch.Tensor, rows: list[tuple[str, torch.Tensor]]) -> Path:
-        """Axial mid-slices: one row per subject, columns input, reconstruction, progressive ones."""
+        """Sagittal, coronal and axial mid-slices (one line each) per subject; columns input,
+        reconstruction, progressive ones."""
         path = self.figures / f"reconstructions_step_{step:08d}.png"
         grid = []
         for i in range(inputs.shape[0]):

@@ -85,7 +85,7 @@ def apply(configured: Config, stored: dict[str, Any], notices: list[str]) -> Con
     if refused:
         shown = "; ".join(f"{k}: run {stored[k]!r}, now {current[k]!r}" for k in refused)
         how = ("resume with --set restore_optimiser=false to start the optimiser afresh" if refused == ["optimiser"]
-               else "start afresh with --overwrite or another --output-dir")
+               else "start afresh with --overwrite or another --output")
         raise UserError(f"--resume cannot change {', '.join(refused)} ({shown}); {how}")
     keep = {k: stored[k] for k in changed if k in KEPT_FROM_RUN}
     if keep:

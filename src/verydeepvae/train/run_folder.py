@@ -20,10 +20,12 @@ from pathlib import Path
 from ..errors import UserError
 from ..output_folder import move_aside
 from .checkpoint import checkpoint_dir, list_checkpoints
+from .progress import LOG_NAME
+from .run_record import RECORD_NAME
 
 LOCK_NAME = ".lock"
 KEPT_ON_OVERWRITE = (LOCK_NAME, "cache")  # the preprocessed-volume cache is keyed by its settings
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "figures", "samples", "split.json")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "figures", "samples", "split.json", RECORD_NAME, LOG_NAME)
 
 
 class RunLock:
@@ -55,11 +57,39 @@ def lock(output_dir: Path) -> RunLock | None:
         holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
         os.close(fd)
         raise UserError(f"{output_dir} is in use by a training run ({holder}); wait for it to finish or stop it, "
-                        "or choose another --output-dir") from None
+                        "or choose another --output") from None
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"PID {os.getpid()} on host {socket.gethostname()}, started {started}\n".encode(), 0)
     return RunLock(fd, path)
+
+
+def probe(output_dir: Path) -> tuple[bool, str] | None:
+    """Whether a process trains in the folder now, and what its lock file says (host, PID, start
+    time), without disturbing it: the lock file is opened read-only (never created or truncated)
+    and tried with a non-blocking shared lock, let go at once.  A running job holds its lock
+    throughout and never notices; only a ``train`` starting in that same microsecond would find the
+    folder in use.  None when there is no lock file (no run has trained here) or no ``fcntl``.
+
+    As for the lock itself: on a network file system a process on another host may not be seen."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(Path(output_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True, holder
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False, holder
+    finally:
+        os.close(fd)
 
 
 def claim(output_dir: Path, fresh: bool, overwrite: bool, notices: list[str]) -> RunLock | None:
@@ -86,7 +116,7 @@ def prepare_fresh_run(output_dir: Path, overwrite: bool, notices: list[str]) -> 
         raise UserError(
             f"{output_dir} holds another run (newest checkpoint {checkpoints[-1].name}); continue it with "
             "--resume, or start over with --overwrite (which moves the old run aside), or choose another "
-            "--output-dir")
+            "--output")
     leftovers = [p for p in sorted(output_dir.iterdir()) if p.name in RUN_OUTPUTS] if output_dir.is_dir() else []
     if not leftovers:
         return None
