@@ -292,6 +292,8 @@ def _inference_commands(sub) -> None:
     p.add_argument("--max-train", type=int, default=1000,
                    help="at most this many training volumes for the memorisation check")
     p.add_argument("--num-pairs", type=int, default=100, help="MS-SSIM pairs for diversity")
+    p.add_argument("--baseline-repeats", type=int, default=50,
+                   help="random real half splits each real-vs-real baseline is averaged over")
     p.add_argument("--morphometry", choices=["auto", "on", "off"], default="auto",
                    help="tissue volumes (FLAIR-like contrast): auto = when participants.tsv (phantom) is found")
     p.add_argument("--feature-plugin", metavar="MODULE:CALLABLE",
@@ -549,7 +551,7 @@ def _single_file(path: str) -> list:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvaluationOptions, run_evaluation
 
-    for flag in ("num_samples", "max_heldout", "max_train", "num_pairs"):
+    for flag in ("num_samples", "max_heldout", "max_train", "num_pairs", "baseline_repeats"):
         if getattr(args, flag) < 1:
             shown = "--num/--num-samples" if flag == "num_samples" else f"--{flag.replace('_', '-')}"
             raise UserError(f"{shown} must be >= 1, got {getattr(args, flag)}")
@@ -557,8 +559,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     options = EvaluationOptions(
         num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
         batch_size=args.batch_size, max_heldout=args.max_heldout, max_train=args.max_train,
-        num_pairs=args.num_pairs, morphometry=args.morphometry, feature_plugin=args.feature_plugin,
-        pattern=args.pattern, show_progress=_progress(args), covariates_file=args.covariates,
+        num_pairs=args.num_pairs, baseline_repeats=args.baseline_repeats, morphometry=args.morphometry,
+        feature_plugin=args.feature_plugin, pattern=args.pattern, show_progress=_progress(args), covariates_file=args.covariates,
     )
     trained = _open(args)
     _claim(args, "evaluate")
