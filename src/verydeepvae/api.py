@@ -127,13 +127,15 @@ class Model:
         return self._trained.device
 
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
-               batch_size: int = 4, conditions: Conditions = None) -> Volumes:
+               batch_size: int = 4, conditions: Conditions = None, prior: str = "auto") -> Volumes:
         """n volumes from the prior: ``data`` (n, R, R, R).  ``temperature``: one value, or one per
         resolution level (highest resolution first); the same seed, temperature and batch size give
         the same volumes as ``verydeepvae sample``.  A conditional model takes ``conditions``: one
         dict for every volume (``{"age": 75, "sex": "F"}``) or a list of n dicts, each giving any
         subset of the covariates (the rest is drawn from the training scans' given them, as the CLI
-        does); ``Volumes.conditions`` holds every volume's full covariates."""
+        does); ``Volumes.conditions`` holds every volume's full covariates.  ``prior``: "auto" (the
+        Gaussian fitted at the end of training for the coarsest latents when the run chose it),
+        "learned" or "fitted" (``verydeepvae sample --prior``)."""
         if n < 1 or batch_size < 1:
             raise UserError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
         model = self.torch_module
@@ -147,7 +149,7 @@ class Model:
         elif conditions is not None:
             raise UserError("this model is unconditional; it takes no conditions")
         chunks = [v for _, v in iter_samples(model, n, temperature, seed, batch_size, self.device, False,
-                                             covariates=vectors)]
+                                             covariates=vectors, prior=prior)]
         data = np.concatenate(chunks).astype(np.float32)
         return Volumes(data, self._affines(n), [f"sample_{i:04d}" for i in range(n)], rows)
 

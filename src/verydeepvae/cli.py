@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=8, help="number of volumes")
     p.add_argument("--temperature", default="1.0",
                    help="prior temperature: one value, or one per resolution level (highest first), comma separated")
+    p.add_argument("--prior", choices=["auto", "learned", "fitted"], default="auto",
+                   help="which prior draws the coarsest latents: auto = the Gaussian fitted at the end of "
+                        "training when the run chose it (model/fitted_prior.py), else the learned one")
     _output_option(p, "folder for the volumes, samples.png and samples.json")
     _seed_option(p)
     p.add_argument("--batch-size", type=int, default=4, help="volumes generated at once")
@@ -287,6 +290,9 @@ def _inference_commands(sub) -> None:
     _output_option(p, "where report.json, report.md and figures/ go")
     p.add_argument("--num", "--num-samples", dest="num_samples", type=int, default=32, help="prior samples to draw")
     p.add_argument("--temperature", default="1.0", help="sampling temperature: one value or one per level")
+    p.add_argument("--prior", choices=["auto", "learned", "fitted"], default="auto",
+                   help="which prior draws the coarsest latents: auto = the Gaussian fitted at the end of "
+                        "training when the run chose it (model/fitted_prior.py), else the learned one")
     _seed_option(p)
     p.add_argument("--max-heldout", type=int, default=100, help="at most this many held-out volumes")
     p.add_argument("--max-train", type=int, default=1000,
@@ -416,7 +422,7 @@ def check_seed(seed: int) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     from .device import resolve_device
-    from .generate import load_model, write_samples
+    from .generate import check_prior, load_model, write_samples
     from .train.checkpoint import resolve_checkpoint
 
     if args.num < 1 or args.batch_size < 1:
@@ -426,6 +432,7 @@ def _sample(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint, use_ema=not args.raw_weights, device=device)
+    check_prior(model, args.prior)  # before the output folder is touched
     if isinstance(temperature, list) and len(temperature) != model.decoder.num_levels:
         raise UserError(f"--temperature needs 1 or {model.decoder.num_levels} values (one per resolution level), "
                         f"got {len(temperature)}")
@@ -443,7 +450,7 @@ def _sample(args: argparse.Namespace) -> int:
                           device=device, show_progress=_progress(args), intensity_reference=reference,
                           extra_record={"checkpoint": str(checkpoint.path), "step": checkpoint.step,
                                         "weights": "raw" if args.raw_weights else "ema", **conditioned},
-                          covariates=covariates)
+                          covariates=covariates, prior=args.prior)
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
     return 0
 
@@ -550,6 +557,7 @@ def _single_file(path: str) -> list:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvaluationOptions, run_evaluation
+    from .generate import check_prior
 
     for flag in ("num_samples", "max_heldout", "max_train", "num_pairs", "baseline_repeats"):
         if getattr(args, flag) < 1:
@@ -559,10 +567,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     options = EvaluationOptions(
         num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
         batch_size=args.batch_size, max_heldout=args.max_heldout, max_train=args.max_train,
-        num_pairs=args.num_pairs, baseline_repeats=args.baseline_repeats, morphometry=args.morphometry,
+        num_pairs=args.num_pairs, baseline_repeats=args.baseline_repeats, prior=args.prior, morphometry=args.morphometry,
         feature_plugin=args.feature_plugin, pattern=args.pattern, show_progress=_progress(args), covariates_file=args.covariates,
     )
     trained = _open(args)
+    check_prior(trained.model, args.prior)  # before the output folder is touched
     _claim(args, "evaluate")
     report = run_evaluation(trained, args.data, args.output_dir, options)
     print(report.summary())

@@ -78,6 +78,9 @@ class Config:
     kl_warmup_steps: int = 0
     kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
     kl_free_bits: float = 0.0  # nats of KL per latent layer and volume exempt from the loss (free bits)
+    # fit a Gaussian prior for the 1³ and 2³ latents to the training volumes at the end of training,
+    # used for sampling when its samples match the training volumes better (train/fit_prior.py)
+    fitted_prior: bool = True
     # fp32, bf16, fp16 (CUDA), auto (bf16 where native, fp16 on CUDA 7.x, else fp32) or half (what the
     # original's half_precision: true becomes: fp16 on CUDA, bf16 elsewhere; train/precision.py)
     precision: str = "fp32"

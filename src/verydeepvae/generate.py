@@ -39,6 +39,7 @@ from .data.native_space import native_geometry, to_scan_space
 from .device import resolve_device
 from .errors import CheckpointError, DataError, Stopped, UserError
 from .model import VeryDeepVAE
+from .model.fitted_prior import FittedPrior
 from .train import checkpoint as ckpt
 from .volume_io import grid_affine, save_nifti
 
@@ -68,7 +69,16 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
             f"checkpoint {checkpoint.path} does not match its own architecture "
             f"(missing {len(missing)} tensors, unexpected {len(unexpected)})"
         )
-    return model.to(device).eval()
+    prior = checkpoint.meta.get("fitted_prior") or {}
+    if use_ema and prior.get("used"):  # fitted for the EMA weights, which sample (model/fitted_prior.py)
+        try:
+            model.fitted_prior = FittedPrior.from_tensors(checkpoint.tensors, prior)
+        except (KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(f"checkpoint {checkpoint.path} has a damaged fitted prior ({error})") from None
+    model = model.to(device).eval()
+    if model.fitted_prior is not None:
+        model.fitted_prior = model.fitted_prior.to(device)
+    return model
 
 
 def covariate_schema(checkpoint: ckpt.Checkpoint):
@@ -276,7 +286,8 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                   temperature: float | Sequence[float] = 1.0, seed: int = 0, voxel_size_mm: float = 1.0,
                   batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool = True,
                   intensity_reference: dict[str, Any] | None = None,
-                  extra_record: dict | None = None, covariates: np.ndarray | None = None) -> list[Path]:
+                  extra_record: dict | None = None, covariates: np.ndarray | None = None,
+                  prior: str = "auto") -> list[Path]:
     """Draw ``num`` volumes from the prior and write ``sample_XXXX.nii.gz``, a montage and a
     ``samples.json`` record (seed, temperature, checkpoint...).  The same seed gives the same volumes;
     temperature 0 gives the prior means at every layer.  ``covariates`` (num, dim): the encoded
@@ -296,11 +307,12 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
     previews = []
     affine = grid_affine((model.resolution,) * 3, voxel_size_mm)
     record = {"num": num, "seed": seed, "temperature": temperature, "voxel_size_mm": voxel_size_mm,
+              "prior": describe_prior(model, prior),
               "intensity": _intensity_record(low_high, "median clamp values of the training files")}
     record.update(extra_record or {})
     try:
         for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress,
-                                           covariates=covariates):
+                                           covariates=covariates, prior=prior):
             for i, volume in enumerate(volumes):
                 if len(previews) < MAX_FIGURE_ROWS:
                     previews.append(volume)
@@ -322,13 +334,16 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
 
 def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                  batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True,
-                 covariates: np.ndarray | torch.Tensor | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield ``(index of the first, volumes (B, R, R, R) float32 in [0, 1])`` batches of prior samples.
+                 covariates: np.ndarray | torch.Tensor | None = None, prior: str = "auto"
+                 ) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(index of the first, volumes (B, R, R, R) float32 in [0, 1])`` batches of prior samples
+    (``prior``: which prior draws the coarse layers, ``VeryDeepVAE.sample``).
 
     One generator seeded with ``seed`` drives every batch, so the volumes depend only on the seed,
     the temperature and the batch size (and, for a conditional model, ``covariates`` (num, dim):
     each volume's encoded covariates; without them the model draws the training scans')."""
     model = model.to(device).eval()
+    check_prior(model, prior)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if covariates is not None:
         covariates = torch.as_tensor(np.asarray(covariates, dtype=np.float32))
@@ -337,9 +352,27 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
             count = min(batch_size, num - start)
             given = None if covariates is None else covariates[start:start + count].to(device)
             volumes = model.sample(count, temperature, generator=generator,
-                                   covariates=given).float().cpu()[:, 0].numpy()
+                                   covariates=given, prior=prior).float().cpu()[:, 0].numpy()
             yield start, volumes
             shown.update(count)
+
+
+def check_prior(model: VeryDeepVAE, prior: str) -> None:
+    """A clear error for a ``prior`` the model cannot sample with (``VeryDeepVAE.prior_in_use``)."""
+    try:
+        model.prior_in_use(prior)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:
+    """Which prior draws the coarse latents, for samples.json and reports."""
+    check_prior(model, prior)
+    fitted = model.prior_in_use(prior)
+    if fitted is None:
+        return "learned"
+    sizes = sorted({shape[-1] for shape in fitted.shapes})
+    return "fitted Gaussian for the " + ", ".join(f"{s}³" for s in sizes) + " latents (model/fitted_prior.py)"
 
 
 def _intensity_record(low_high: tuple[float, float] | None, what: str) -> dict[str, Any]:

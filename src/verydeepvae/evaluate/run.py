@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..console import bar
-from ..generate import TrainedModel, check_temperature, iter_samples, load_preprocessed
+from ..generate import TrainedModel, check_temperature, describe_prior, iter_samples, load_preprocessed
 from . import compute, morphometry
 from .data import EvaluationData, participant_id, select_data
 
@@ -36,6 +36,7 @@ class EvaluationOptions:
     # 15.8 between evaluation seeds, almost all of it the baseline's noise; with 100, 6.2 to 7.2
     # (docs/training-recipe.md)
     baseline_repeats: int = 50
+    prior: str = "auto"  # which prior draws the coarse latents of the samples (VeryDeepVAE.sample)
     feature_seed: int = 0
     morphometry: str = "auto"  # auto (when participants.tsv with phantom volumes is found), on, off
     feature_plugin: str | None = None
@@ -117,9 +118,10 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
                                                                      covariates)
     lap("reconstruction")
     samples = np.concatenate([v for _, v in iter_samples(trained.model, options.num_samples, temperature,
-                                                         options.seed, options.batch_size, trained.device, show)])
+                                                         options.seed, options.batch_size, trained.device, show,
+                                                         prior=options.prior)])
     report["samples"] = {"num": len(samples), "temperature": temperature, "seed": options.seed,
-                         "batch_size": options.batch_size,
+                         "batch_size": options.batch_size, "prior": describe_prior(trained.model, options.prior),
                          "note": "prior samples, output = mean of p(x | z); the same seed, temperature and batch "
                                  "size give the same volumes"}
     lap("sampling")

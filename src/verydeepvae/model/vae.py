@@ -21,6 +21,7 @@ from .blocks import Conv3d, Downsample, Upsample
 from .condition import ConditionEmbedding, embedding_width
 from .decoder import Decoder
 from .encoder import Encoder
+from .fitted_prior import FittedPrior
 from .latent_layer import LatentChoice
 from .likelihood import build_likelihood
 
@@ -60,6 +61,9 @@ class VeryDeepVAE(nn.Module):
         # the model was trained in): a batch then needs the memory of training's arithmetic, not
         # of float32 (at 128³, 4 float32 reconstructions hold ~12.7 GiB)
         self.inference_precision = "fp32"
+        # a Gaussian for the coarsest layers fitted after training (model/fitted_prior.py), set by
+        # generate.load_model when the checkpoint's training run chose it; None: the learned prior
+        self.fitted_prior: FittedPrior | None = None
 
     # -- speed/memory modes (Config's performance section) ---------------------------------------
     def set_checkpoint_levels(self, levels: Sequence[int]) -> None:
@@ -188,19 +192,33 @@ class VeryDeepVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0,
                generator: torch.Generator | None = None, draw_voxels: bool = False,
-               covariates: torch.Tensor | None = None) -> torch.Tensor:
+               covariates: torch.Tensor | None = None, prior: str = "auto") -> torch.Tensor:
         """n volumes in [0, 1] from the prior; the output is the likelihood's mean unless
         ``draw_voxels`` (then each voxel is drawn from p(x | z) too).  A conditional model samples
         p(x | covariates); without ``covariates`` it first draws them from the training scans'
-        (:meth:`draw_covariates`), i.e. it samples the training population."""
+        (:meth:`draw_covariates`), i.e. it samples the training population.  ``prior``: "learned"
+        draws every layer from its learned prior, "fitted" the coarsest layers from
+        ``fitted_prior`` (an error without one), "auto" the fitted one when there is one."""
         temps = self.layer_temperatures(temperature)
-        choices = [LatentChoice(use_posterior=False, temperature=t) for t in temps]
+        fitted = self.prior_in_use(prior)
+        drawn = fitted.draw(n, temps, generator) if fitted is not None else {}
+        choices = [LatentChoice(z=drawn[i]) if i in drawn else LatentChoice(use_posterior=False, temperature=t)
+                   for i, t in enumerate(temps)]
         if self.condition is not None and covariates is None:
             covariates = self.draw_covariates(n, generator)
         film = self._film(covariates, n)
         with self.inference_autocast(self.output_head.conv.weight.device):
             h, _, _ = self.decoder(None, choices, n, generator, film=film)
             return self._to_volume(self.output_head(F.gelu(h)), draw_voxels, generator)
+
+    def prior_in_use(self, prior: str = "auto") -> FittedPrior | None:
+        """The fitted prior ``sample`` draws the coarse layers from under ``prior`` (None: the learned one)."""
+        if prior not in ("auto", "learned", "fitted"):
+            raise ValueError(f'prior must be "auto", "learned" or "fitted", got {prior!r}')
+        if prior == "fitted" and self.fitted_prior is None:
+            raise ValueError("this model has no fitted prior (its training run kept the learned one, or the "
+                             "checkpoint predates fitted priors, or raw weights are used)")
+        return None if prior == "learned" else self.fitted_prior
 
     @torch.no_grad()
     def reconstruct(self, x01: torch.Tensor, prior_from_level: int | None = None,
@@ -222,16 +240,18 @@ class VeryDeepVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x01: torch.Tensor, covariates: torch.Tensor | None = None,
-               as_noise: bool = False) -> list[torch.Tensor]:
-        """Posterior means of every latent layer, coarsest first.  With ``as_noise``, each as its
-        standardised residual under the prior, (z - prior mean) / prior std: the scan's "noise",
+               as_noise: bool = False, generator: torch.Generator | None = None,
+               draw: bool = False) -> list[torch.Tensor]:
+        """Posterior means of every latent layer, coarsest first (with ``draw``: one posterior
+        sample per layer, each layer's given the drawn layers above it).  With ``as_noise``, each as
+        its standardised residual under the prior, (z - prior mean) / prior std: the scan's "noise",
         which :meth:`decode_noise` turns back into the same volume under the same covariates and
         into its counterfactual under others."""
-        choices = [LatentChoice(posterior_mean=True, return_noise=as_noise)] * self.num_layers
+        choices = [LatentChoice(posterior_mean=not draw, return_noise=as_noise)] * self.num_layers
         film = self._film(covariates, x01.shape[0])
         with self.inference_autocast(x01.device):
             x = self._input(x01)
-            _, _, zs = self.decoder(self.encoder(x), choices, x.shape[0], film=film)
+            _, _, zs = self.decoder(self.encoder(x), choices, x.shape[0], generator, film=film)
         return zs
 
     @torch.no_grad()

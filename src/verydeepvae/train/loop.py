@@ -536,6 +536,11 @@ class _Trainer:
             })
             if getattr(self.bundle, "covariates", None) is not None:
                 meta["covariates"] = self.bundle.covariates.to_json()  # the schema a loaded model encodes with
+            if self.step == self.total_steps and self.cfg.fitted_prior and self.ema.model.condition is None:
+                prior_tensors, prior_meta = self._fit_prior()
+                tensors.update(prior_tensors)
+                if prior_meta:
+                    meta["fitted_prior"] = prior_meta
             try:
                 path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta)
             except OSError as error:
@@ -554,6 +559,22 @@ class _Trainer:
             self.console.say(f"checkpoint {path.name} written" + (" (the best so far)" if is_best else ""), VERBOSE)
         distributed.barrier(self.runtime)
         return path
+
+    def _fit_prior(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The final checkpoint's coarse-level prior (train/fit_prior.py), fitted for the EMA model
+        (the one that samples) under the training precision."""
+        from . import fit_prior
+
+        if len(self.bundle.train) < fit_prior.MIN_VOLUMES:
+            self.console.say(f"coarse-level prior: the learned one (fewer than {fit_prior.MIN_VOLUMES} training "
+                             "volumes to fit another)", VERBOSE)
+            return {}, {}
+        volumes = fit_prior.training_volumes(self.bundle.train)
+        self.ema.model.eval()
+        with self._autocast():
+            tensors, meta = fit_prior.fit_and_choose(self.ema.model, volumes, self.cfg.batch_size, self.seed)
+        self.console.say(fit_prior.notice(meta))
+        return tensors, meta
 
     def _final_samples(self) -> None:
         from ..generate import write_samples

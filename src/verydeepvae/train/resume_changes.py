@@ -71,7 +71,8 @@ SILENT = ("log_every", "validation_every", "checkpoint_every", "figures_every", 
           "checkpoint_period_epochs", "figures_period_epochs", "keep_checkpoints", "subjects_to_plot",
           "max_validation_batches", "quality_samples", "cache_dir", "num_workers",
           "visualise_training_pipeline_before_starting", "output_dir", "device", "CUDA_devices",
-          "threads_per_rank", "resume", "overwrite", "checkpoint_levels", "channels_last", "compile")
+          "threads_per_rank", "resume", "overwrite", "checkpoint_levels", "channels_last", "compile",
+          "fitted_prior")
 
 
 def apply(configured: Config, stored: dict[str, Any], notices: list[str]) -> Config:

@@ -1,0 +1,79 @@
+"""A second prior for the coarsest latent layers: a Gaussian fitted to the latents the encoder
+gives the training volumes (the aggregate posterior), drawn from instead of the learned prior.
+
+Why: after a short run the learned prior of the coarse layers does not yet match what the encoder
+uses them for, and prior samples land where the decoder was never trained ("prior holes").  On
+the demo model (450 CPU steps), drawing the 1³ and 2³ layers from this Gaussian and every finer
+layer from its learned prior took the random-CNN Fréchet ratio of the samples from 3.0-3.5 to
+1.7-1.8 on two held-out phantom sets; taking the coarse latents of the held-out volumes
+themselves (the bound of what a better top prior can give) reached 1.5.  After 4,000 steps the
+learned prior was better (1.67 against 1.91), so training keeps this Gaussian only when its
+samples are closer to the training volumes than the learned prior's (train/fit_prior.py);
+docs/training-recipe.md has the study.
+
+The Gaussian is ``N(mean, L Lᵀ)`` over the concatenated, flattened latents of ``layers`` (indices
+into the decoder's layers, coarsest first); it lives beside the weights in the checkpoint
+(``fitted_prior.*`` tensors), not in the module's state, so checkpoints without it load as before.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+TENSOR_PREFIX = "fitted_prior."
+
+
+@dataclass
+class FittedPrior:
+    layers: list[int]  # decoder layer indices it draws, coarsest first
+    shapes: list[tuple[int, ...]]  # (channels, size, size, size) of each of those layers
+    mean: torch.Tensor  # (D,) float32, D = sum of the layers' element counts
+    scale_tril: torch.Tensor  # (D, D) float32, lower-triangular Cholesky factor of the covariance
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.numel())
+
+    def to(self, device: torch.device | str) -> "FittedPrior":
+        return FittedPrior(self.layers, self.shapes, self.mean.to(device), self.scale_tril.to(device))
+
+    def draw(self, n: int, temperatures: Sequence[float], generator: torch.Generator | None = None
+             ) -> dict[int, torch.Tensor]:
+        """n draws, as {layer index: (n, *shape) tensor}; ``temperatures`` holds one value per
+        decoder layer (the fitted layers' values scale the deviation from the mean, as in
+        ``gaussian.draw``)."""
+        device = generator.device if generator is not None else self.mean.device
+        mean, tril = self.mean.to(device), self.scale_tril.to(device)  # no copy when already there
+        eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float32, device=device)
+        out: dict[int, torch.Tensor] = {}
+        start = 0
+        for layer, shape in zip(self.layers, self.shapes):
+            size = math.prod(shape)
+            block = slice(start, start + size)
+            # rows of L for this layer's elements: the deviations stay jointly Gaussian across layers
+            z = mean[block] + temperatures[layer] * (eps @ tril[block].T)
+            out[layer] = z.reshape((n,) + tuple(shape))
+            start += size
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {TENSOR_PREFIX + "mean": self.mean.detach().cpu().contiguous(),
+                TENSOR_PREFIX + "scale_tril": self.scale_tril.detach().cpu().contiguous()}
+
+    def describe(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "shapes": [list(s) for s in self.shapes], "dim": self.dim}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> "FittedPrior":
+        mean = tensors[TENSOR_PREFIX + "mean"].float()
+        tril = tensors[TENSOR_PREFIX + "scale_tril"].float()
+        shapes = [tuple(int(v) for v in s) for s in info["shapes"]]
+        layers = [int(i) for i in info["layers"]]
+        if len(shapes) != len(layers) or mean.shape != (sum(math.prod(s) for s in shapes),) \
+                or tril.shape != (mean.numel(), mean.numel()):
+            raise ValueError("fitted prior tensors do not match their description")
+        return cls(layers, shapes, mean, tril)

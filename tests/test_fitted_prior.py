@@ -1,0 +1,157 @@
+"""The fitted coarse-level prior: its Gaussian, its fit to the training volumes, the choice made at
+the end of training, and how sampling uses it (model/fitted_prior.py, train/fit_prior.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_train_args, write_ellipsoids
+from verydeepvae.cli import main
+from verydeepvae.config import build_config
+from verydeepvae.generate import load_model
+from verydeepvae.model import VeryDeepVAE
+from verydeepvae.model.fitted_prior import FittedPrior
+from verydeepvae.train import checkpoint as ckpt
+from verydeepvae.train import fit_prior
+
+
+def _gaussian(dim_shapes=((2, 1, 1, 1), (1, 2, 2, 2)), seed=0) -> FittedPrior:
+    g = torch.Generator().manual_seed(seed)
+    dim = sum(int(np.prod(s)) for s in dim_shapes)
+    a = torch.randn(dim, dim, generator=g)
+    cov = a @ a.T / dim + torch.eye(dim) * 0.1
+    return FittedPrior([0, 1], list(dim_shapes), torch.randn(dim, generator=g), torch.linalg.cholesky(cov))
+
+
+def test_draws_follow_the_gaussian_and_the_temperature():
+    prior = _gaussian()
+    draws = prior.draw(20000, [1.0, 1.0], torch.Generator().manual_seed(1))
+    assert draws[0].shape == (20000, 2, 1, 1, 1) and draws[1].shape == (20000, 1, 2, 2, 2)
+    flat = torch.cat([draws[0].flatten(1), draws[1].flatten(1)], 1).double()
+    cov = prior.scale_tril.double() @ prior.scale_tril.double().T
+    assert torch.allclose(flat.mean(0), prior.mean.double(), atol=0.05)
+    assert torch.allclose(torch.cov(flat.T), cov, atol=0.06)
+    at_zero = prior.draw(3, [0.0, 0.0], torch.Generator().manual_seed(2))
+    assert torch.allclose(at_zero[1][0].flatten(), prior.mean[2:])
+
+
+def test_tensors_round_trip_and_damaged_tensors_are_refused():
+    prior = _gaussian()
+    again = FittedPrior.from_tensors(prior.tensors(), prior.describe())
+    assert again.layers == prior.layers and again.shapes == prior.shapes
+    assert torch.equal(again.mean, prior.mean) and torch.equal(again.scale_tril, prior.scale_tril)
+    bad = prior.tensors()
+    bad["fitted_prior.mean"] = bad["fitted_prior.mean"][:-1]
+    with pytest.raises(ValueError):
+        FittedPrior.from_tensors(bad, prior.describe())
+
+
+def _tiny_model() -> VeryDeepVAE:
+    torch.manual_seed(0)
+    return VeryDeepVAE(build_config(preset="tiny")).eval()
+
+
+def test_fit_covers_the_two_coarsest_levels_and_matches_the_posterior_draws():
+    model = _tiny_model()
+    levels = model.decoder.layer_levels
+    layers = fit_prior.coarse_layers(model)
+    top = model.decoder.num_levels - 1
+    assert layers and {levels[i] for i in layers} == {top, top - 1}
+    volumes = np.random.default_rng(0).random((6,) + (model.resolution,) * 3, dtype=np.float32)
+    prior = fit_prior.fit(model, volumes, batch_size=3, seed=0)
+    shapes = model.latent_shapes()
+    assert prior.shapes == [shapes[i] for i in layers]
+    assert prior.dim == sum(int(np.prod(shapes[i])) for i in layers)
+    # the mean is the mean of the same posterior draws, made again with the same seed
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for start in (0, 3):
+        x = torch.from_numpy(volumes[start:start + 3][:, None])
+        for _ in range(fit_prior.DRAWS_PER_VOLUME):
+            zs = model.encode(x, generator=generator, draw=True)
+            rows.append(torch.cat([zs[i].flatten(1) for i in layers], 1))
+    assert torch.allclose(prior.mean, torch.cat(rows).mean(0), atol=1e-5)
+
+
+def test_sampling_uses_the_fitted_prior_only_when_asked_or_attached():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="no fitted prior"):
+        model.sample(2, prior="fitted")
+    learned = model.sample(2, generator=torch.Generator().manual_seed(0))
+    volumes = np.random.default_rng(1).random((4,) + (model.resolution,) * 3, dtype=np.float32)
+    model.fitted_prior = fit_prior.fit(model, volumes, batch_size=2, seed=0)
+    # shift the Gaussian far away: samples drawn with it must change, "learned" must not
+    model.fitted_prior.mean += 5.0
+    fitted = model.sample(2, generator=torch.Generator().manual_seed(0))
+    again_learned = model.sample(2, generator=torch.Generator().manual_seed(0), prior="learned")
+    assert torch.equal(again_learned, learned)
+    assert not torch.allclose(fitted, learned)
+    with pytest.raises(ValueError, match="prior must be"):
+        model.sample(1, prior="other")
+
+
+@pytest.mark.slow
+def test_training_fits_decides_records_and_sampling_follows(tmp_path: Path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    write_ellipsoids(data, 8)
+    monkeypatch.setattr(fit_prior, "MIN_VOLUMES", 2)  # a tiny data set is fitted too
+    # make the fitted Gaussian win, so that the kept case is exercised end to end
+    real = fit_prior.frechet_to
+    monkeypatch.setattr(fit_prior, "frechet_to", lambda model, prior, *a, **k:
+                        real(model, prior, *a, **k) + (1e6 if prior == "learned" else 0.0))
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data, run, "--max-steps", "4")) == 0
+    out = capsys.readouterr().out
+    assert "coarse-level prior: sampling uses the fitted Gaussian" in out
+    path = ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1]
+    checkpoint = ckpt.load_checkpoint(path)
+    meta = checkpoint.meta["fitted_prior"]
+    assert meta["used"] is True and set(meta["frechet_to_training"]) == {"learned", "fitted"}
+    assert meta["num_volumes"] == checkpoint.meta["data"]["num_train"]
+    assert "fitted_prior.mean" in checkpoint.tensors
+    model = load_model(checkpoint)
+    assert model.fitted_prior is not None and model.fitted_prior.layers == meta["layers"]
+    assert load_model(checkpoint, use_ema=False).fitted_prior is None  # fitted for the EMA weights only
+    for prior in ("auto", "learned"):
+        assert main(["sample", "--checkpoint", str(run), "--num", "2", "--output", str(tmp_path / prior),
+                     "--prior", prior, "--no-progress"]) == 0
+    record = json.loads((tmp_path / "auto" / "samples.json").read_text())
+    assert record["prior"].startswith("fitted Gaussian")
+    assert json.loads((tmp_path / "learned" / "samples.json").read_text())["prior"] == "learned"
+    a = [p.read_bytes() for p in sorted((tmp_path / "auto").glob("sample_*.nii.gz"))]
+    b = [p.read_bytes() for p in sorted((tmp_path / "learned").glob("sample_*.nii.gz"))]
+    assert a != b
+
+
+@pytest.mark.slow
+def test_too_few_volumes_or_switched_off_no_fit(tmp_path: Path, capsys):
+    data = tmp_path / "data"
+    write_ellipsoids(data, 6)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data, run, "--max-steps", "2", "--verbose")) == 0
+    assert f"fewer than {fit_prior.MIN_VOLUMES} training volumes" in capsys.readouterr().out
+    checkpoint = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1])
+    assert "fitted_prior" not in checkpoint.meta
+
+
+@pytest.mark.slow
+def test_without_fitting_there_is_nothing_and_fitted_is_a_one_line_error(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setattr(fit_prior, "MIN_VOLUMES", 2)
+    data = tmp_path / "data"
+    write_ellipsoids(data, 6)
+    run = tmp_path / "run"
+    assert main(tiny_train_args(data, run, "--max-steps", "2", "--set", "fitted_prior=false")) == 0
+    checkpoint = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1])
+    assert "fitted_prior" not in checkpoint.meta
+    assert not any(k.startswith("fitted_prior.") for k in checkpoint.tensors)
+    capsys.readouterr()
+    code = main(["sample", "--checkpoint", str(run), "--num", "1", "--output", str(tmp_path / "s"),
+                 "--prior", "fitted"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no fitted prior" in err[0]
+    assert not (tmp_path / "s").exists()  # refused before the output folder was made
