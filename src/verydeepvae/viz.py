@@ -100,7 +100,7 @@ def save_montage(
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     _colour_bar(fig, axes, image, colorbar)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_side_by_side(
@@ -130,7 +130,7 @@ def save_side_by_side(
                     ax.set_title(f"{(left_title, right_title)[side]}\n{label}" if col == 1 else f"\n{label}",
                                  fontsize=7)
     _colour_bar(fig, axes, image, colorbar)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_grid(
@@ -165,7 +165,7 @@ def save_grid(
             name = f"{row_titles[i]}\n" if row_titles is not None and p == 0 else ""
             axes[line][0].set_ylabel(name + slice_label(PLANES[index], np.shape(row[0])), fontsize=6)
     _colour_bar(fig, axes, image, colorbar)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_strip(
@@ -191,7 +191,7 @@ def save_strip(
     if suptitle:
         fig.suptitle(suptitle, fontsize=8)
     _colour_bar(fig, axes, image, colorbar)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_curves(
@@ -213,10 +213,11 @@ def save_curves(
     if series:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig, path: str | os.PathLike) -> None:
+def save_figure(fig, path: str | os.PathLike) -> None:
+    """Write ``fig`` as a PNG atomically and free it."""
     try:
         write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:

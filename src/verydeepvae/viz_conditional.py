@@ -8,8 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import write_with
-from .viz import mid_slices, plt  # (viz selects the headless backend)
+from .viz import mid_slices, plt, save_figure  # (viz selects the headless backend)
 
 ROWS = (("axial", 2), ("coronal", 1))
 
@@ -48,7 +47,7 @@ def save_counterfactual_strip(volumes: Sequence[np.ndarray], titles: Sequence[st
         fig.colorbar(image, ax=list(axes[len(ROWS)][first_compared:]), fraction=0.02, pad=0.01).ax.tick_params(labelsize=6)
     if suptitle:
         fig.suptitle(suptitle, fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def save_trend(requested: Sequence[float], measured: Sequence[float], path: str | os.PathLike, xlabel: str,
@@ -74,11 +73,4 @@ def save_trend(requested: Sequence[float], measured: Sequence[float], path: str 
         ax.set_title(title, fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
-
-
-def _save(fig, path: str | os.PathLike) -> None:
-    try:
-        write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
