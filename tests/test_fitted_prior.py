@@ -134,7 +134,7 @@ def test_too_few_volumes_or_switched_off_no_fit(tmp_path: Path, capsys):
     write_ellipsoids(data, 6)
     run = tmp_path / "run"
     assert main(tiny_train_args(data, run, "--max-steps", "2", "--verbose")) == 0
-    assert f"fewer than {fit_prior.MIN_VOLUMES} training volumes" in capsys.readouterr().out
+    assert f"fewer than {fit_prior.MIN_VOLUMES} usable training volumes" in capsys.readouterr().out
     checkpoint = ckpt.load_checkpoint(ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1])
     assert "fitted_prior" not in checkpoint.meta
 
@@ -155,3 +155,16 @@ def test_without_fitting_there_is_nothing_and_fitted_is_a_one_line_error(tmp_pat
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no fitted prior" in err[0]
     assert not (tmp_path / "s").exists()  # refused before the output folder was made
+
+
+def test_damaged_training_volumes_are_left_out_and_nothing_fits_without_usable_ones():
+    model = _tiny_model()
+    good = np.random.default_rng(2).random((3,) + (model.resolution,) * 3, dtype=np.float32)
+    bad = good[:1].copy()
+    bad[0, 0, 0, 0] = np.nan
+    picked = fit_prior.training_volumes(list(np.concatenate([good, bad])[:, None]))  # items (1, R, R, R)
+    assert picked.shape == good.shape and np.isfinite(picked).all()
+    model.encode = lambda *a, **k: [torch.full((1,) + s, float("nan")) for s in model.latent_shapes()]
+    tensors, meta = fit_prior.fit_and_choose(model, good, batch_size=3, seed=0)
+    assert tensors == {} and meta["used"] is False and model.fitted_prior is None
+    assert "learned" in fit_prior.notice(meta)

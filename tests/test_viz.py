@@ -14,7 +14,7 @@ from verydeepvae import viz
 def figures(monkeypatch):
     """Every figure viz would save, kept open for inspection (the PNG is still written)."""
     kept = []
-    save = viz._save
+    save = viz.save_figure
 
     def keep(fig, path):
         kept.append(fig)
@@ -24,7 +24,7 @@ def figures(monkeypatch):
         fig._seen = {"texts": texts, "labels": labels}
         save(fig, path)
 
-    monkeypatch.setattr(viz, "_save", keep)
+    monkeypatch.setattr(viz, "save_figure", keep)
     return kept
 
 

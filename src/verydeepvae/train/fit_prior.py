@@ -51,6 +51,8 @@ def fit(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int) -> 
             zs = model.encode(x, generator=generator, draw=True)
             rows.append(torch.cat([zs[i].float().flatten(1) for i in layers], 1).double().cpu())
     z = torch.cat(rows).numpy()
+    if not np.isfinite(z).all():
+        raise ValueError("non-finite posterior latents")
     cov, _ = metrics.ledoit_wolf_covariance(z)
     cov += np.eye(len(cov)) * (1e-6 * np.trace(cov) / len(cov) + 1e-12)  # strictly positive definite
     tril = np.linalg.cholesky(cov)
@@ -68,6 +70,8 @@ def frechet_to(model: VeryDeepVAE, prior: str, reference_feats: np.ndarray, feat
     samples = np.concatenate([
         model.sample(min(batch_size, COMPARE_SAMPLES - start), 1.0, generator=generator, prior=prior)
         .float().cpu()[:, 0].numpy() for start in range(0, COMPARE_SAMPLES, batch_size)])
+    if not np.isfinite(samples).all():
+        return float("inf")  # a prior that makes non-finite volumes loses the comparison
     sample_feats = features(samples)
     z = compute.standardiser(reference_feats, sample_feats)
     return float(metrics.frechet_distance(z(sample_feats), z(reference_feats)))
@@ -77,7 +81,12 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Fit, compare and decide; returns the checkpoint tensors (empty when the learned prior wins)
     and the metadata entry.  Leaves ``model.fitted_prior`` as decided."""
-    fitted = fit(model, volumes, batch_size, seed)
+    try:
+        fitted = fit(model, volumes, batch_size, seed)
+    except (ValueError, np.linalg.LinAlgError) as error:  # nothing usable to fit: the learned prior stays
+        model.fitted_prior = None
+        return {}, {"used": False, "num_volumes": int(len(volumes)), "not_fitted": str(error),
+                    "frechet_to_training": {}}
     device = model.output_head.conv.weight.device
     features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, model.resolution)), device=device)
     reference = features(volumes)
@@ -93,12 +102,23 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
 
 
 def training_volumes(dataset: Any, limit: int = MAX_VOLUMES) -> np.ndarray:
-    """Up to ``limit`` unaugmented training volumes (N, R, R, R), evenly spaced over the set."""
+    """Up to ``limit`` training volumes (N, R, R, R), evenly spaced over the set: unaugmented where
+    the dataset can give them (``VolumeDataset.volume``), else its items as they come."""
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int))
-    return np.stack([np.asarray(dataset.volume(int(i)), dtype=np.float32) for i in picks])
+    volumes = []
+    for i in picks:
+        item = dataset.volume(int(i)) if hasattr(dataset, "volume") else dataset[int(i)]
+        if isinstance(item, (tuple, list)):  # (volume, covariates)
+            item = item[0]
+        item = np.asarray(item, dtype=np.float32)
+        if np.isfinite(item).all():  # a damaged item would poison the fit and the comparison
+            volumes.append(item.reshape(item.shape[-3:]))
+    return np.stack(volumes) if volumes else np.zeros((0, 0, 0, 0), np.float32)
 
 
 def notice(meta: dict[str, Any]) -> str:
+    if "not_fitted" in meta:
+        return f"coarse-level prior: the learned one (no Gaussian could be fitted: {meta['not_fitted']})"
     d = meta["frechet_to_training"]
     which = "the fitted Gaussian" if meta["used"] else "the learned prior"
     return (f"coarse-level prior: sampling uses {which} (random-CNN Fréchet distance of samples to the "

@@ -565,11 +565,12 @@ class _Trainer:
         (the one that samples) under the training precision."""
         from . import fit_prior
 
-        if len(self.bundle.train) < fit_prior.MIN_VOLUMES:
-            self.console.say(f"coarse-level prior: the learned one (fewer than {fit_prior.MIN_VOLUMES} training "
-                             "volumes to fit another)", VERBOSE)
+        volumes = fit_prior.training_volumes(self.bundle.train) if len(self.bundle.train) >= fit_prior.MIN_VOLUMES \
+            else []
+        if len(volumes) < fit_prior.MIN_VOLUMES:
+            self.console.say(f"coarse-level prior: the learned one (fewer than {fit_prior.MIN_VOLUMES} usable "
+                             "training volumes to fit another)", VERBOSE)
             return {}, {}
-        volumes = fit_prior.training_volumes(self.bundle.train)
         self.ema.model.eval()
         with self._autocast():
             tensors, meta = fit_prior.fit_and_choose(self.ema.model, volumes, self.cfg.batch_size, self.seed)
