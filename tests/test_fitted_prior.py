@@ -122,7 +122,7 @@ def test_training_fits_decides_records_and_sampling_follows(tmp_path: Path, monk
                      "--prior", prior, "--no-progress"]) == 0
     record = json.loads((tmp_path / "auto" / "samples.json").read_text())
     assert record["prior"].startswith("fitted Gaussian")
-    assert json.loads((tmp_path / "learned" / "samples.json").read_text())["prior"] == "learned"
+    assert json.loads((tmp_path / "learned" / "samples.json").read_text())["prior"] == "learned prior"
     a = [p.read_bytes() for p in sorted((tmp_path / "auto").glob("sample_*.nii.gz"))]
     b = [p.read_bytes() for p in sorted((tmp_path / "learned").glob("sample_*.nii.gz"))]
     assert a != b

@@ -370,7 +370,7 @@ def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:
     check_prior(model, prior)
     fitted = model.prior_in_use(prior)
     if fitted is None:
-        return "learned"
+        return "learned prior"
     sizes = sorted({shape[-1] for shape in fitted.shapes})
     return "fitted Gaussian for the " + ", ".join(f"{s}³" for s in sizes) + " latents (model/fitted_prior.py)"
 

@@ -191,8 +191,9 @@ def markdown(report: dict[str, Any]) -> str:
             ""]
     out += [f"- {note}" for note in d["notes"]] + ([""] if d["notes"] else [])
     o = report["options"]
+    prior = report["samples"].get("prior")
     out += [f"Samples: {report['samples']['num']} at temperature {report['samples']['temperature']}, seed "
-            f"{o['seed']}. Created {report['created']}; {report['timings_seconds']['total']} s on "
+            f"{o['seed']}" + (f", coarse latents from the {prior}" if prior else "") + f". Created {report['created']}; {report['timings_seconds']['total']} s on "
             f"{m['device']}; verydeepvae {report['software']['verydeepvae']}, torch {report['software']['torch']}.", ""]
 
     out += ["## Summary", "", "| measure | model / samples | reference |", "|---|---|---|"]
