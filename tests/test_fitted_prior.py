@@ -117,6 +117,9 @@ def test_training_fits_decides_records_and_sampling_follows(tmp_path: Path, monk
     model = load_model(checkpoint)
     assert model.fitted_prior is not None and model.fitted_prior.layers == meta["layers"]
     assert load_model(checkpoint, use_ema=False).fitted_prior is None  # fitted for the EMA weights only
+    from verydeepvae.train.inspect_run import inspect_run
+
+    assert any("coarse-level prior for sampling: the fitted Gaussian" in line for line in inspect_run(run))
     for prior in ("auto", "learned"):
         assert main(["sample", "--checkpoint", str(run), "--num", "2", "--output", str(tmp_path / prior),
                      "--prior", prior, "--no-progress"]) == 0

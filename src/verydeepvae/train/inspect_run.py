@@ -45,6 +45,8 @@ def inspect_run(folder: str | Path) -> list[str]:
         lines += _configuration(config, sessions[-1] if sessions else {})
     lines.append(_steps(sessions, newest_meta, config, last))
     lines += _checkpoints(folder, checkpoints)
+    if newest_meta and newest_meta.get("fitted_prior"):
+        lines.append(_prior(newest_meta["fitted_prior"]))
     lines += _figures(last)
     lines.append(_log(folder))
     return lines
@@ -113,6 +115,15 @@ def _checkpoints(folder: Path, checkpoints: list[Path]) -> list[str]:
         bits = f": {to_bits(value):.4f} bits/voxel" if isinstance(value, (int, float)) else ""
         lines.append(f"  best checkpoint: checkpoints/{best['checkpoint']} (validation at step {best.get('step')}{bits})")
     return lines
+
+
+def _prior(meta: dict[str, Any]) -> str:
+    """The newest checkpoint's choice of prior for the coarsest latents (train/fit_prior.py)."""
+    distances = meta.get("frechet_to_training") or {}
+    shown = ", ".join(f"{k} {_num(v, 1)}" for k, v in distances.items())
+    which = "the fitted Gaussian" if meta.get("used") else "the learned prior"
+    return f"  coarse-level prior for sampling: {which}" + (f" (Fréchet distance to the training volumes: {shown})"
+                                                           if shown else "")
 
 
 def _figures(last: dict[str, dict[str, Any]]) -> list[str]:
