@@ -48,3 +48,14 @@ def tiny_train_args(data: Path, run: Path, *extra: str) -> list[str]:
     a validation every 2, no figures)."""
     return ["train", "--preset", "tiny", "--data", str(data), "--output-dir", str(run), "--set", "log_every=2",
             "--set", "validation_every=2", "--set", "subjects_to_plot=0", "--set", "num_workers=0", *extra]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tiny models (``pytestmark = pytest.mark.usefixtures(...)``):
+    they gain nothing from a second thread, and on a busy 2-core machine two threads wait on each
+    other and run several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

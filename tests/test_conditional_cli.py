@@ -17,17 +17,9 @@ import torch
 from verydeepvae.cli import main
 from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TRAIN = ["--preset", "tiny", "--no-progress", "--set", "phantom_num=12", "--set", "subjects_to_plot=1",
          "--set", "validation_every=3", "--set", "checkpoint_every=3", "--set", "quality_samples=4"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from verydeepvae.evaluate import compute, morphometry
 from verydeepvae.generate import open_trained
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread; on a busy 2-core machine two threads
-    wait on each other and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from verydeepvae.generate import BACKGROUND_LEVEL, load_preprocessed, open_train
 from verydeepvae.latents import latent_layout, load_latents, slerp
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny 16³ models gain nothing from a second intra-op thread; on a busy 2-core machine two
-    threads wait on each other and run several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -367,7 +367,7 @@ def check_prior(model: VeryDeepVAE, prior: str) -> None:
 
 def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:
     """Which prior draws the coarse latents, for samples.json and reports."""
-    check_prior(model, prior)
+    check_prior(model, prior)  # the one-line error for "fitted" without one, before anything is written
     fitted = model.prior_in_use(prior)
     if fitted is None:
         return "learned prior"

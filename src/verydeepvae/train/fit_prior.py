@@ -42,7 +42,8 @@ def fit(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int) -> 
     in [0, 1]; Ledoit-Wolf shrinkage keeps the covariance well conditioned when N is small."""
     device = model.output_head.conv.weight.device
     layers = coarse_layers(model)
-    shapes = [model.latent_shapes()[i] for i in layers]
+    every_shape = model.latent_shapes()
+    shapes = [every_shape[i] for i in layers]
     generator = torch.Generator(device=device).manual_seed(seed)
     rows = []
     for start in range(0, len(volumes), batch_size):

@@ -565,8 +565,7 @@ class _Trainer:
         (the one that samples) under the training precision."""
         from . import fit_prior
 
-        volumes = fit_prior.training_volumes(self.bundle.train) if len(self.bundle.train) >= fit_prior.MIN_VOLUMES \
-            else []
+        volumes = fit_prior.training_volumes(self.bundle.train)
         if len(volumes) < fit_prior.MIN_VOLUMES:
             self.console.say(f"coarse-level prior: the learned one (fewer than {fit_prior.MIN_VOLUMES} usable "
                              "training volumes to fit another)", VERBOSE)
