@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-point", type=int, default=8)
     parser.add_argument("--counterfactuals", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="covariate guidance scale of samples and counterfactuals (verydeepvae sample --guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
@@ -90,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     ages = np.array([float(r["age"]) for r in rows])
     result: dict = {"run": str(trained.checkpoint.path), "step": trained.checkpoint.step,
                     "heldout": str(heldout_dir), "num_heldout": len(files), "covariates": schema.names,
-                    "temperature": args.temperature, "seed": args.seed}
+                    "temperature": args.temperature, "guidance": args.guidance, "seed": args.seed}
 
     # 1. extremes
     low, high = (float(a) for a in args.ages.split(","))
     group, requested, _ = sample_at(trained, schema, "age", [low, high], args.per_group, args.temperature, args.seed,
-                                    args.batch_size)
+                                    args.batch_size, guidance=args.guidance)
     table = measure(group, vox)
     req = np.asarray(requested, float)
     result["extremes"] = {}
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_samples = {}
     for name, (values, key) in sweeps.items():
         samples, requested, _ = sample_at(trained, schema, name, values, args.per_point, args.temperature,
-                                          args.seed + 1, args.batch_size)
+                                          args.seed + 1, args.batch_size, guidance=args.guidance)
         measured = measure(samples, vox)
         own = np.array([float(r[name]) for r in rows])
         s, r = trend(requested, measured[key]), trend(own, real[key])
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     per_scan, changes, own_psnr, recon_psnr = [], [], [], []
     first = None
     for i in range(n):
-        recon, outs = counterfactual_sweep(trained, schema, volumes[i], rows[i], "age", sweep, args.batch_size)
+        recon, outs = counterfactual_sweep(trained, schema, volumes[i], rows[i], "age", sweep, args.batch_size,
+                                           args.guidance)
         vent = measure(outs, vox)["ventricle_ml"]
         per_scan.append(float(stats.spearmanr(sweep, vent)[0]) if np.ptp(vent) > 0 else 0.0)
         changes.append(float(np.polyfit(sweep, vent, 1)[0]))
@@ -180,7 +183,8 @@ def _print(r: dict) -> None:
     def f(v):
         return "n/a" if v is None else f"{v:.3g}"
 
-    print(f"run {r['run']} (step {r['step']}), {r['num_heldout']} held-out phantoms in {r['heldout']}")
+    print(f"run {r['run']} (step {r['step']}), {r['num_heldout']} held-out phantoms in {r['heldout']}, "
+          f"guidance {r['guidance']:g}, seed {r['seed']}")
     print("| criterion | measured | target | pass |")
     print("|---|---|---|---|")
     for key, e in r["extremes"].items():

@@ -117,6 +117,51 @@ def test_sample_errors_are_one_line(run, tmp_path, capsys, condition, fragment):
     assert not out.exists()
 
 
+def test_guidance_is_recorded_changes_the_samples_and_reaches_the_api_and_evaluate(run, tmp_path):
+    import verydeepvae
+
+    args = ["sample", "--checkpoint", str(run), "--num", "2", "--seed", "3", "--condition", "age=85", "--no-progress"]
+    assert main([*args, "--output-dir", str(tmp_path / "w1")]) == 0
+    assert main([*args, "--guidance", "3", "--output-dir", str(tmp_path / "w3")]) == 0
+    assert json.loads((tmp_path / "w3" / "samples.json").read_text())["guidance"] == 3.0
+    assert json.loads((tmp_path / "w1" / "samples.json").read_text())["guidance"] == 1.0
+    w1, w3 = (_read(tmp_path / d / "sample_0000.nii.gz") for d in ("w1", "w3"))
+    assert not np.array_equal(w1, w3)
+    model = verydeepvae.load(run, device="cpu")
+    api = model.sample(2, seed=3, conditions={"age": 85}, guidance=3.0)
+    np.testing.assert_allclose(api.data[0], w3, atol=1e-6)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--checkpoint", str(run), "--output-dir", str(out), "--num-samples", "4",
+                 "--max-train", "4", "--num-pairs", "4", "--guidance", "2", "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["guidance"] == 2.0 and report["conditional"]["guidance"] == 2.0
+    assert "Covariate guidance 2" in (out / "report.md").read_text()
+
+
+def test_counterfactual_guidance_keeps_the_reconstruction_and_moves_further(run, phantoms, tmp_path):
+    own = ["--observed", "age=61", "--observed", "sex=F"]
+    base = ["counterfactual", "--checkpoint", str(run), "--input", str(phantoms[1]), *own, "--sweep", "age=61,90",
+            "--no-progress"]
+    assert main([*base, "--output-dir", str(tmp_path / "w1")]) == 0
+    assert main([*base, "--guidance", "3", "--output-dir", str(tmp_path / "w3")]) == 0
+    stem = phantoms[1].name.split(".")[0]
+    assert json.loads((tmp_path / "w3" / "counterfactuals.json").read_text())["guidance"] == 3.0
+    own1, own3 = (_read(tmp_path / d / f"{stem}_age-61.nii.gz") for d in ("w1", "w3"))
+    np.testing.assert_allclose(own3, own1, atol=1e-5)
+    old1, old3 = (_read(tmp_path / d / f"{stem}_age-90.nii.gz") for d in ("w1", "w3"))
+    assert not np.allclose(old1, old3, atol=1e-5)
+
+
+@pytest.mark.parametrize("value, fragment", [("-1", "--guidance must be a number >= 0"),
+                                             ("nan", "--guidance must be a number >= 0")])
+def test_bad_guidance_is_one_line(run, tmp_path, capsys, value, fragment):
+    out = tmp_path / "s"
+    assert main(["sample", "--checkpoint", str(run), "--guidance", value, "--output-dir", str(out),
+                 "--no-progress"]) == 2
+    _one_line(capsys, fragment)
+    assert not out.exists()
+
+
 def test_a_conditions_file_with_an_unknown_column_is_one_line(run, tmp_path, capsys):
     table = tmp_path / "want.csv"
     table.write_text("age,site\n60,1\n")
@@ -244,6 +289,9 @@ def test_an_unconditional_checkpoint_is_unchanged_and_takes_no_conditions(tmp_pa
     assert main(["sample", "--checkpoint", str(old), "--num", "1", "--condition", "age=70", "--output-dir",
                  str(tmp_path / "t"), "--no-progress"]) == 2
     _one_line(capsys, "unconditional model", "--condition-on")
+    assert main(["sample", "--checkpoint", str(old), "--num", "1", "--guidance", "2", "--output-dir",
+                 str(tmp_path / "u"), "--no-progress"]) == 2
+    _one_line(capsys, "--guidance is for conditional models")
 
 
 def test_the_python_api_in_docs_conditional_runs_as_written(run, tmp_path, monkeypatch):

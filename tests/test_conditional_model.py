@@ -103,3 +103,50 @@ def test_misuse_is_refused(cfg):
         conditional.reconstruct(x, covariates=torch.zeros(1, DIM + 1))
     with pytest.raises(ValueError, match="covariates for 2 volumes"):
         conditional.reconstruct(x, covariates=torch.zeros(2, DIM))
+
+
+def _random_film(model):
+    with torch.no_grad():
+        for layer in model.condition.film:
+            layer.weight.normal_(0.0, 0.2)
+            layer.bias.normal_(0.0, 0.1)
+
+
+def test_guidance_extrapolates_every_levels_film_from_the_reference(cfg):
+    _, model = _pair(cfg)
+    _random_film(model)
+    model.set_covariate_bank(torch.randn(6, DIM))
+    c = torch.randn(2, DIM)
+    plain = model._film(c, 2)
+    assert all(torch.equal(a, b) for pa, pb in zip(plain, model._film(c, 2, guidance=1.0)) for a, b in zip(pa, pb))
+    centre = model.condition(model.covariate_bank.mean(0, keepdim=True).expand(2, -1))
+    for w in (0.0, 3.0):
+        guided = model._film(c, 2, guidance=w)
+        for (s, b), (s0, b0), (sg, bg) in zip(plain, centre, guided):
+            torch.testing.assert_close(sg, s0 + w * (s - s0))
+            torch.testing.assert_close(bg, b0 + w * (b - b0))
+    # guidance 0 at any covariates samples what the population centre does
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    centre_c = model.covariate_bank.mean(0, keepdim=True).expand(2, -1)
+    torch.testing.assert_close(model.sample(2, 1.0, generator=g1, covariates=c, guidance=0.0),
+                               model.sample(2, 1.0, generator=g2, covariates=centre_c))
+
+
+def test_guidance_around_a_scans_own_values_keeps_its_reconstruction(cfg):
+    _, model = _pair(cfg)
+    _random_film(model)
+    x = torch.rand(2, 1, 16, 16, 16)
+    c = torch.randn(2, DIM)
+    noise = model.encode(x, covariates=c, as_noise=True)
+    torch.testing.assert_close(model.decode_noise(noise, covariates=c, guidance=4.0, reference=c),
+                               model.reconstruct(x, covariates=c), atol=1e-5, rtol=1e-4)
+    other = c + 1.0
+    plain = model.decode_noise(noise, covariates=other)
+    guided = model.decode_noise(noise, covariates=other, guidance=4.0, reference=c)
+    assert (guided - plain).abs().max() > 1e-4
+
+
+def test_guidance_needs_a_conditional_model(cfg):
+    plain, _ = _pair(cfg)
+    with pytest.raises(ValueError, match="guidance needs a conditional model"):
+        plain.sample(1, guidance=2.0)

@@ -127,7 +127,8 @@ class Model:
         return self._trained.device
 
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
-               batch_size: int = 4, conditions: Conditions = None, prior: str = "auto") -> Volumes:
+               batch_size: int = 4, conditions: Conditions = None, prior: str = "auto",
+               guidance: float = 1.0) -> Volumes:
         """n volumes from the prior: ``data`` (n, R, R, R).  ``temperature``: one value, or one per
         resolution level (highest resolution first); the same seed, temperature and batch size give
         the same volumes as ``verydeepvae sample``.  A conditional model takes ``conditions``: one
@@ -135,9 +136,11 @@ class Model:
         subset of the covariates (the rest is drawn from the training scans' given them, as the CLI
         does); ``Volumes.conditions`` holds every volume's full covariates.  ``prior``: "auto" (the
         Gaussian fitted at the end of training for the coarsest latents when the run chose it),
-        "learned" or "fitted" (``verydeepvae sample --prior``)."""
+        "learned" or "fitted" (``verydeepvae sample --prior``).  ``guidance``: a conditional model's
+        covariate guidance scale (``verydeepvae sample --guidance``; 1 = the model as trained)."""
         if n < 1 or batch_size < 1:
             raise UserError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
+        guidance = conditional.check_guidance(guidance, self.covariates)
         model = self.torch_module
         temperature = check_temperature(model, temperature)
         vectors, rows = None, None
@@ -149,7 +152,7 @@ class Model:
         elif conditions is not None:
             raise UserError("this model is unconditional; it takes no conditions")
         chunks = [v for _, v in iter_samples(model, n, temperature, seed, batch_size, self.device, False,
-                                             covariates=vectors, prior=prior)]
+                                             covariates=vectors, prior=prior, guidance=guidance)]
         data = np.concatenate(chunks).astype(np.float32)
         return Volumes(data, self._affines(n), [f"sample_{i:04d}" for i in range(n)], rows)
 
@@ -192,16 +195,18 @@ class Model:
 
     def counterfactual(self, inputs: Inputs, condition: dict[str, Any] | None = None,
                        sweep: tuple[str, Sequence[Any]] | None = None, observed: Conditions = None,
-                       mode: str = "noise", batch_size: int = 4) -> Volumes:
+                       mode: str = "noise", batch_size: int = 4, guidance: float = 1.0) -> Volumes:
         """Counterfactuals of scans (a conditional model; ``verydeepvae counterfactual``'s method,
         ``counterfactual.py``): each scan encoded with its own covariates (``observed``, else looked up
         as :meth:`reconstruct` does) and decoded with ``condition`` applied (``{"age": 80}``), or at
         every value of ``sweep`` (``("age", [50, 60, 70])``).  ``data`` (N x K, R, R, R), scan by
         scan; ``names`` ``<scan>_<covariate>-<value>``; ``conditions`` each volume's covariates.
-        ``mode="latents"`` keeps the latents instead of their standardised residuals."""
+        ``mode="latents"`` keeps the latents instead of their standardised residuals; ``guidance`` W
+        moves the conditioning W times as far from each scan's own values (``--guidance``)."""
         from .counterfactual import counterfactual_volumes, value_label
 
         schema = conditional.require_schema(self._trained, "counterfactual")
+        guidance = conditional.check_guidance(guidance, schema)
         x, affines, names = self._inputs(inputs)
         own = self._scan_covariates(inputs, observed, x.shape[0])
         change = conditional.parse_request(schema, condition or {})
@@ -212,7 +217,7 @@ class Model:
         for i in range(x.shape[0]):
             targets = [{**own[i], **change, **({} if v is None else {sweep[0]: v})} for v in values]
             _, volumes = counterfactual_volumes(self.torch_module, x[i, 0].numpy(), schema.encode([own[i]])[0],
-                                                schema.encode(targets), mode, batch_size, self.device)
+                                                schema.encode(targets), mode, batch_size, self.device, guidance)
             data.append(volumes)
             out_affines += [affines[i]] * len(targets)
             out_names += [f"{names[i]}_" + ("counterfactual" if v is None else value_label(sweep[0], v))

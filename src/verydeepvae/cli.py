@@ -293,6 +293,7 @@ def _inference_commands(sub) -> None:
     p.add_argument("--prior", choices=["auto", "learned", "fitted"], default="auto",
                    help="which prior draws the coarsest latents: auto = the Gaussian fitted at the end of "
                         "training when the run chose it (model/fitted_prior.py), else the learned one")
+    cli_conditional.add_guidance_option(p, "around the training population's centre")
     _seed_option(p)
     p.add_argument("--max-heldout", type=int, default=100, help="at most this many held-out volumes")
     p.add_argument("--max-train", type=int, default=1000,
@@ -450,7 +451,7 @@ def _sample(args: argparse.Namespace) -> int:
                           device=device, show_progress=_progress(args), intensity_reference=reference,
                           extra_record={"checkpoint": str(checkpoint.path), "step": checkpoint.step,
                                         "weights": "raw" if args.raw_weights else "ema", **conditioned},
-                          covariates=covariates, prior=args.prior)
+                          covariates=covariates, prior=args.prior, guidance=args.guidance)
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
     return 0
 
@@ -572,6 +573,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     trained = _open(args)
     check_prior(trained.model, args.prior)  # before the output folder is touched
+    options.guidance = cli_conditional.checked_guidance(args, trained.covariates)
     _claim(args, "evaluate")
     report = run_evaluation(trained, args.data, args.output_dir, options)
     print(report.summary())

@@ -39,6 +39,19 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conditions", metavar="FILE",
                    help="TSV/CSV with one row per volume to generate and covariates as columns (empty cells are "
                         "drawn); the number of volumes is the number of rows")
+    add_guidance_option(p, "around the training population's centre")
+
+
+def add_guidance_option(p: argparse.ArgumentParser, around: str) -> None:
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help=f"a conditional model: scale the covariates' effect W times, {around}, as classifier-free "
+                        "guidance does (1: the model as trained; docs/conditional.md)")
+
+
+def checked_guidance(args: argparse.Namespace, schema: Any) -> float:
+    from .conditional import check_guidance
+
+    return check_guidance(args.guidance, schema, "--guidance")
 
 
 def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, Any, dict[str, Any]]:
@@ -48,6 +61,7 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, A
     from .generate import covariate_schema
 
     schema = covariate_schema(checkpoint)
+    guidance = checked_guidance(args, schema)
     if schema is None:
         if args.condition or args.conditions:
             raise UserError(f"checkpoint {checkpoint.path} is an unconditional model; --condition/--conditions need "
@@ -66,7 +80,7 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, A
     for note in resolved.notices:
         _notice(note)
     names = [f"sample_{i:04d}.nii.gz" for i in range(num)]
-    return num, resolved.vectors, {"conditions": resolved.record(names),
+    return num, resolved.vectors, {"conditions": resolved.record(names), "guidance": guidance,
                                    "covariates": schema.to_json()["covariates"]}
 
 
@@ -114,6 +128,7 @@ def add_counterfactual_command(sub) -> None:
     p.add_argument("--mode", choices=["noise", "latents"], default="noise",
                    help="noise: keep each layer's standardised residual under the prior, so the latents follow "
                         "the new covariates; latents: keep the posterior means themselves")
+    add_guidance_option(p, "around each scan's own values (so its reconstruction is kept)")
     _output_option(p, "folder for the counterfactual volumes, difference maps, PNG strips and counterfactuals.json")
     p.set_defaults(handler=_counterfactual)
 
@@ -130,6 +145,7 @@ def _counterfactual(args: argparse.Namespace) -> int:
     files = input_files(args.input, args.pattern)
     trained = cli._open(args)
     schema = require_schema(trained, "counterfactual")
+    guidance = checked_guidance(args, schema)
     sweep = sweep_values(schema, args.sweep) if args.sweep else None
     if not change and sweep is None:
         raise UserError("counterfactual needs --condition NAME=VALUE and/or --sweep NAME=START:STOP:STEP")
@@ -137,7 +153,8 @@ def _counterfactual(args: argparse.Namespace) -> int:
     notices: list[str] = []
     cli._claim(args, "counterfactual")
     record = write_counterfactuals(trained, files, args.output_dir, change, sweep, observed, args.covariates,
-                                   args.mode, args.batch_size, cli._progress(args), notices, own=own)
+                                   args.mode, args.batch_size, cli._progress(args), notices, own=own,
+                                   guidance=guidance)
     for note in notices:
         _notice(note)
     for scan in record["scans"]:

@@ -56,6 +56,8 @@ class Config:
     bias_max_resolution: int = 32
     likelihood: str = "discretised_logistic"
     num_bins: int = 256
+    # soft ceiling on the discretised logistic's per-voxel scale, in [-1, 1] intensity units (0: none)
+    output_scale_max: float = 0.0
 
     # --- optimisation -----------------------------------------------------------------------------
     batch_size: int = 8
@@ -603,7 +605,7 @@ def validate(c: Config) -> None:
             raise ConfigError(f"{name} must be > 0, got {getattr(c, name)}")
     if c.skip_threshold is not None and c.skip_threshold <= 0:
         raise ConfigError(f"skip_threshold must be > 0 (or null), got {c.skip_threshold}")
-    for name in ("weight_decay", "l2_reg_coeff", "kl_free_bits"):
+    for name in ("weight_decay", "l2_reg_coeff", "kl_free_bits", "output_scale_max"):
         if getattr(c, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(c, name)}")
     for name in ("ema_rate", "lr_min_ratio"):

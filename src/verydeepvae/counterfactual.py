@@ -41,10 +41,12 @@ MODES = ("noise", "latents")
 
 @torch.no_grad()
 def counterfactual_volumes(model: Any, x: np.ndarray, observed: np.ndarray, targets: np.ndarray,
-                           mode: str = "noise", batch_size: int = 4, device: str | torch.device = "cpu"
-                           ) -> tuple[np.ndarray, np.ndarray]:
+                           mode: str = "noise", batch_size: int = 4, device: str | torch.device = "cpu",
+                           guidance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(reconstruction (R, R, R), counterfactuals (K, R, R, R)) of one volume ``x`` (R, R, R) in
-    [0, 1], from its encoded covariates ``observed`` (dim,) to each row of ``targets`` (K, dim)."""
+    [0, 1], from its encoded covariates ``observed`` (dim,) to each row of ``targets`` (K, dim).
+    ``guidance`` w scales the change: the decoder's conditioning moves w times as far from the
+    scan's own covariates (model/vae.py ``_film``), so the reconstruction at its own values is kept."""
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     x_t = torch.as_tensor(np.asarray(x, np.float32))[None, None].to(device)
@@ -57,7 +59,8 @@ def counterfactual_volumes(model: Any, x: np.ndarray, observed: np.ndarray, targ
     for start in range(0, len(targets), batch_size):
         chunk = targets[start:start + batch_size].to(device)
         expanded = [code.expand(len(chunk), *code.shape[1:]) for code in codes]
-        out.append(decode(expanded, covariates=chunk).float().cpu()[:, 0].numpy())
+        out.append(decode(expanded, covariates=chunk, guidance=guidance,
+                          reference=c.expand(len(chunk), -1)).float().cpu()[:, 0].numpy())
     volumes = np.concatenate(out) if out else np.zeros((0,) + recon.shape, np.float32)
     return recon, volumes
 
@@ -73,7 +76,8 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
                           observed: Mapping[str, Any] | None = None, covariates_file: str | Path | None = None,
                           mode: str = "noise", batch_size: int = 4, show_progress: bool | None = None,
                           notices: list[str] | None = None,
-                          own: tuple[list[dict[str, Value]], list[str]] | None = None) -> dict[str, Any]:
+                          own: tuple[list[dict[str, Value]], list[str]] | None = None,
+                          guidance: float = 1.0) -> dict[str, Any]:
     """Counterfactuals of NIfTI scans (module notes); returns the record written as counterfactuals.json.
     ``own``: the scans' covariates and where they came from, when the caller has looked them up
     already (``conditional.scan_covariates``; else from ``observed`` and ``covariates_file``)."""
@@ -106,7 +110,7 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
                 if note and note not in notices:
                     notices.append(note)
         recon, outs = counterfactual_volumes(model, volumes[i], schema.encode([own[i]])[0], schema.encode(targets),
-                                             mode, batch_size, trained.device)
+                                             mode, batch_size, trained.device, guidance)
         affine = grid_affine((model.resolution,) * 3, float(metas[i]["voxel_size_mm"]))
         written = {"input": f"{stems[i]}_input.nii.gz", "reconstruction": f"{stems[i]}_recon.nii.gz"}
         save_nifti(volumes[i], output_dir / written["input"], affine, description="verydeepvae preprocessed input")
@@ -129,7 +133,7 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
                      "psnr_reconstruction_db": _psnr(volumes[i], recon), "outputs": entries,
                      "files": written, "figure": figure})
     record = {
-        "mode": mode, "change": change, "sweep": {"covariate": sweep[0], "values": sweep[1]} if sweep else None,
+        "mode": mode, "guidance": guidance, "change": change, "sweep": {"covariate": sweep[0], "values": sweep[1]} if sweep else None,
         "method": ("noise: each latent layer keeps the scan's standardised residual under the prior, "
                    "(z - prior mean) / prior sd, and the priors follow the new covariates" if mode == "noise" else
                    "latents: the scan's posterior-mean latents are kept; only the decoder's conditioning changes"),

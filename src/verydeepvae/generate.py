@@ -287,7 +287,7 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                   batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool = True,
                   intensity_reference: dict[str, Any] | None = None,
                   extra_record: dict | None = None, covariates: np.ndarray | None = None,
-                  prior: str = "auto") -> list[Path]:
+                  prior: str = "auto", guidance: float = 1.0) -> list[Path]:
     """Draw ``num`` volumes from the prior and write ``sample_XXXX.nii.gz``, a montage and a
     ``samples.json`` record (seed, temperature, checkpoint...).  The same seed gives the same volumes;
     temperature 0 gives the prior means at every layer.  ``covariates`` (num, dim): the encoded
@@ -312,7 +312,7 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
     record.update(extra_record or {})
     try:
         for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress,
-                                           covariates=covariates, prior=prior):
+                                           covariates=covariates, prior=prior, guidance=guidance):
             for i, volume in enumerate(volumes):
                 if len(previews) < MAX_FIGURE_ROWS:
                     previews.append(volume)
@@ -334,10 +334,11 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
 
 def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                  batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True,
-                 covariates: np.ndarray | torch.Tensor | None = None, prior: str = "auto"
-                 ) -> Iterator[tuple[int, np.ndarray]]:
+                 covariates: np.ndarray | torch.Tensor | None = None, prior: str = "auto",
+                 guidance: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index of the first, volumes (B, R, R, R) float32 in [0, 1])`` batches of prior samples
-    (``prior``: which prior draws the coarse layers, ``VeryDeepVAE.sample``).
+    (``prior``: which prior draws the coarse layers; ``guidance``: a conditional model's covariate
+    guidance scale; both as in ``VeryDeepVAE.sample``).
 
     One generator seeded with ``seed`` drives every batch, so the volumes depend only on the seed,
     the temperature and the batch size (and, for a conditional model, ``covariates`` (num, dim):
@@ -352,7 +353,7 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
             count = min(batch_size, num - start)
             given = None if covariates is None else covariates[start:start + count].to(device)
             volumes = model.sample(count, temperature, generator=generator,
-                                   covariates=given, prior=prior).float().cpu()[:, 0].numpy()
+                                   covariates=given, prior=prior, guidance=guidance).float().cpu()[:, 0].numpy()
             yield start, volumes
             shown.update(count)
 

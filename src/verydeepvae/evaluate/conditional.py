@@ -91,29 +91,31 @@ def sweep_points(schema: CovariateSchema, name: str, points: int) -> list[Value]
 
 
 def sample_at(trained: TrainedModel, schema: CovariateSchema, name: str, values: Sequence[Value], per_point: int,
-              temperature: Any, seed: int, batch_size: int, show: bool | None = None
+              temperature: Any, seed: int, batch_size: int, show: bool | None = None, guidance: float = 1.0
               ) -> tuple[np.ndarray, list[Value], list[dict[str, Value]]]:
     """``per_point`` samples at each value of ``name`` (others drawn given it): (volumes (N, R, R, R),
     the requested value of each, each volume's complete covariates)."""
     requests = [{name: v} for v in values for _ in range(per_point)]
     resolved = conditional.resolve(schema, requests, seed)
     volumes = np.concatenate([v for _, v in iter_samples(trained.model, len(requests), temperature, seed, batch_size,
-                                                         trained.device, show, covariates=resolved.vectors)])
+                                                         trained.device, show, covariates=resolved.vectors,
+                                                         guidance=guidance)])
     return volumes, [r[name] for r in requests], resolved.rows
 
 
 def counterfactual_sweep(trained: TrainedModel, schema: CovariateSchema, volume: np.ndarray, own: dict[str, Value],
-                         name: str, values: Sequence[Value], batch_size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                         name: str, values: Sequence[Value], batch_size: int = 4, guidance: float = 1.0
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """(reconstruction, counterfactuals (K, R, R, R)) of one preprocessed volume along ``values`` of ``name``."""
     targets = schema.encode([{**own, name: v} for v in values])
     return counterfactual_volumes(trained.model, volume, schema.encode([own])[0], targets, "noise", batch_size,
-                                  trained.device)
+                                  trained.device, guidance)
 
 
 def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]],
                         real_table: dict[str, np.ndarray] | None, temperature: Any, seed: int, batch_size: int,
                         points: int = 5, per_point: int = 6, max_counterfactual: int = 8,
-                        show: bool | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                        show: bool | None = None, guidance: float = 1.0) -> tuple[dict[str, Any], dict[str, Any]]:
     """The section (JSON-ready) and its arrays for the figures; ``real_table``: the held-out volumes'
     measurements on the model grid, or None when tissue is not measured."""
     from ..metrics import psnr
@@ -122,7 +124,7 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
     vox = trained.voxel_size_mm
     section: dict[str, Any] = {
         "what": WHAT,
-        "covariates": schema.to_json()["covariates"], "points": points, "per_point": per_point,
+        "covariates": schema.to_json()["covariates"], "points": points, "per_point": per_point, "guidance": guidance,
         "measured": real_table is not None,
         "units": {k: UNITS[k] for k in MEASURES}, "labels": LABELS, "per_covariate": {},
     }
@@ -135,7 +137,7 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
     for c in schema.covariates:
         values = sweep_points(schema, c.name, points)
         volumes, requested, _ = sample_at(trained, schema, c.name, values, per_point, temperature, seed, batch_size,
-                                          show)
+                                          show, guidance)
         entry: dict[str, Any] = {"kind": c.kind, "values": values, "requested": requested}
         arrays[c.name] = {"values": values, "samples": volumes, "requested": requested}
         if real_table is not None:
@@ -154,7 +156,7 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
             recons, sweeps = [], []
             for i in range(n):
                 recon, outs = counterfactual_sweep(trained, schema, heldout[i], heldout_rows[i], c.name, values,
-                                                   batch_size)
+                                                   batch_size, guidance)
                 recons.append(recon)
                 sweeps.append(outs)
             cf: dict[str, Any] = {
@@ -273,6 +275,10 @@ def summary_lines(section: dict[str, Any]) -> list[str]:
 
 def markdown_lines(section: dict[str, Any], figures: dict[str, str]) -> list[str]:
     out = ["## Conditional generation", "", section["what"], ""]
+    if section.get("guidance", 1.0) != 1.0:
+        out += [f"Covariate guidance {section['guidance']:g}: the covariates' effect on the decoder scaled "
+                f"{section['guidance']:g}x (around the population centre for samples, around each scan's own "
+                "values for counterfactuals).", ""]
     for name, per in section["per_covariate"].items():
         out += [f"### {name} ({per['kind']})", "",
                 f"Samples at {', '.join(_fmt(name, v) for v in per['values'])}, {section['per_point']} each.", ""]

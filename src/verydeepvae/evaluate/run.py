@@ -37,6 +37,7 @@ class EvaluationOptions:
     # (docs/training-recipe.md)
     baseline_repeats: int = 50
     prior: str = "auto"  # which prior draws the coarse latents of the samples (VeryDeepVAE.sample)
+    guidance: float = 1.0  # a conditional model's covariate guidance scale (VeryDeepVAE.sample)
     feature_seed: int = 0
     morphometry: str = "auto"  # auto (when participants.tsv with phantom volumes is found), on, off
     feature_plugin: str | None = None
@@ -119,7 +120,7 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
     lap("reconstruction")
     samples = np.concatenate([v for _, v in iter_samples(trained.model, options.num_samples, temperature,
                                                          options.seed, options.batch_size, trained.device, show,
-                                                         prior=options.prior)])
+                                                         prior=options.prior, guidance=options.guidance)])
     report["samples"] = {"num": len(samples), "temperature": temperature, "seed": options.seed,
                          "batch_size": options.batch_size, "prior": describe_prior(trained.model, options.prior),
                          "note": "prior samples, output = mean of p(x | z); the same seed, temperature and batch "
@@ -157,7 +158,8 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
         per_point = options.condition_samples or max(4, options.num_samples // max(1, options.condition_points))
         report["conditional"], conditional_arrays = conditional_section(
             trained, heldout, heldout_rows, tables["real"] if tables else None, temperature, options.seed,
-            options.batch_size, options.condition_points, per_point, options.max_counterfactual, show)
+            options.batch_size, options.condition_points, per_point, options.max_counterfactual, show,
+            options.guidance)
         lap("conditional")
     timings["total"] = round(sum(timings.values()), 2)
     report["timings_seconds"] = timings

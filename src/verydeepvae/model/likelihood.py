@@ -25,9 +25,12 @@ class DiscretisedLogistic(nn.Module):
     is_discrete = True
     num_params = 2
 
-    def __init__(self, num_bins: int = 256):
+    def __init__(self, num_bins: int = 256, max_scale: float = 0.0):
         super().__init__()
         self.num_bins = num_bins
+        # a soft ceiling on the per-voxel scale (0: none): keeps the decoder from calling detail it
+        # has not encoded "noise" by widening its scale, which leaves the finest latents unused
+        self.log_scale_max = math.log(max_scale) if max_scale > 0 else None
 
     def quantise(self, x: torch.Tensor) -> torch.Tensor:
         """Bin index of every voxel of x in [-1, 1]."""
@@ -65,7 +68,10 @@ class DiscretisedLogistic(nn.Module):
 
     def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         params = _dense_float(params)
-        return params[:, 0:1], params[:, 1:2].clamp_min(LOG_SCALE_MIN)
+        log_scale = params[:, 1:2]
+        if self.log_scale_max is not None:
+            log_scale = self.log_scale_max - F.softplus(self.log_scale_max - log_scale)
+        return params[:, 0:1], log_scale.clamp_min(LOG_SCALE_MIN)
 
 
 class Gaussian(nn.Module):
@@ -94,9 +100,9 @@ def _dense_float(params: torch.Tensor) -> torch.Tensor:
     return params.float().contiguous()
 
 
-def build_likelihood(name: str, num_bins: int) -> nn.Module:
+def build_likelihood(name: str, num_bins: int, max_scale: float = 0.0) -> nn.Module:
     if name == "discretised_logistic":
-        return DiscretisedLogistic(num_bins)
+        return DiscretisedLogistic(num_bins, max_scale)
     if name == "gaussian":
         return Gaussian()
     raise ValueError(f"unknown likelihood {name!r}")

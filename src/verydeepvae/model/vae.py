@@ -44,7 +44,7 @@ class VeryDeepVAE(nn.Module):
         self.resolution = cfg.resolution
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.likelihood = build_likelihood(cfg.likelihood, cfg.num_bins)
+        self.likelihood = build_likelihood(cfg.likelihood, cfg.num_bins, cfg.output_scale_max)
         self.output_head = Conv3d(cfg.resolved("channels_top_down")[0], self.likelihood.num_params, 1)
         # created last, so the other modules' initial weights are those of the unconditional model
         widths = cfg.resolved("channels_top_down")
@@ -100,17 +100,35 @@ class VeryDeepVAE(nn.Module):
             raise ValueError(f"expected covariate vectors (N, {self.covariate_dim}), got {tuple(vectors.shape)}")
         self.covariate_bank = vectors.to(self.covariate_bank.device)
 
-    def _film(self, covariates: torch.Tensor | None, batch: int):
-        """The decoder's per-level FiLM for these covariates; None for an unconditional model."""
+    def _film(self, covariates: torch.Tensor | None, batch: int, guidance: float = 1.0,
+              reference: torch.Tensor | None = None):
+        """The decoder's per-level FiLM for these covariates; None for an unconditional model.
+
+        ``guidance`` w != 1 scales the covariates' effect, as classifier-free guidance does in
+        diffusion models: every level's FiLM becomes F(ref) + w (F(c) - F(ref)), where the reference
+        ``reference`` (B, dim) defaults to the training scans' mean covariates (the population
+        centre).  Models trained for a few thousand steps learn the covariates' effect too weakly
+        (docs/conditional.md); w > 1 restores it at some cost in realism, w = 1 is the model as trained."""
         if self.condition is None:
             if covariates is not None:
                 raise ValueError("this model is unconditional; it takes no covariates")
+            if guidance != 1.0:
+                raise ValueError("guidance needs a conditional model")
             return None
         if covariates is None:
             raise ValueError(f"this model is conditional: give covariates ({batch}, {self.covariate_dim})")
         if covariates.shape[0] != batch:
             raise ValueError(f"covariates for {covariates.shape[0]} volumes, expected {batch}")
-        return self.condition(covariates.to(self.covariate_bank.device))
+        device = self.covariate_bank.device
+        film = self.condition(covariates.to(device))
+        if guidance == 1.0:
+            return film
+        if reference is None:
+            if len(self.covariate_bank) == 0:
+                raise ValueError("guidance needs the training scans' covariates (or a reference)")
+            reference = self.covariate_bank.mean(0, keepdim=True).expand(batch, -1)
+        base = self.condition(reference.to(device))
+        return [(s0 + guidance * (s - s0), b0 + guidance * (b - b0)) for (s, b), (s0, b0) in zip(film, base)]
 
     def draw_covariates(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n covariate vectors drawn from the training scans' (uniformly, with replacement)."""
@@ -192,13 +210,14 @@ class VeryDeepVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0,
                generator: torch.Generator | None = None, draw_voxels: bool = False,
-               covariates: torch.Tensor | None = None, prior: str = "auto") -> torch.Tensor:
+               covariates: torch.Tensor | None = None, prior: str = "auto", guidance: float = 1.0) -> torch.Tensor:
         """n volumes in [0, 1] from the prior; the output is the likelihood's mean unless
         ``draw_voxels`` (then each voxel is drawn from p(x | z) too).  A conditional model samples
         p(x | covariates); without ``covariates`` it first draws them from the training scans'
         (:meth:`draw_covariates`), i.e. it samples the training population.  ``prior``: "learned"
         draws every layer from its learned prior, "fitted" the coarsest layers from
-        ``fitted_prior`` (an error without one), "auto" the fitted one when there is one."""
+        ``fitted_prior`` (an error without one), "auto" the fitted one when there is one.
+        ``guidance``: the covariates' effect scaled around the population centre (``_film``)."""
         temps = self.layer_temperatures(temperature)
         fitted = self.prior_in_use(prior)
         drawn = fitted.draw(n, temps, generator) if fitted is not None else {}
@@ -206,7 +225,7 @@ class VeryDeepVAE(nn.Module):
                    for i, t in enumerate(temps)]
         if self.condition is not None and covariates is None:
             covariates = self.draw_covariates(n, generator)
-        film = self._film(covariates, n)
+        film = self._film(covariates, n, guidance)
         with self.inference_autocast(self.output_head.conv.weight.device):
             h, _, _ = self.decoder(None, choices, n, generator, film=film)
             return self._to_volume(self.output_head(F.gelu(h)), draw_voxels, generator)
@@ -255,23 +274,27 @@ class VeryDeepVAE(nn.Module):
         return zs
 
     @torch.no_grad()
-    def decode(self, latents: Sequence[torch.Tensor], covariates: torch.Tensor | None = None) -> torch.Tensor:
-        """Volumes in [0, 1] from given latents of every layer (as returned by ``encode``)."""
+    def decode(self, latents: Sequence[torch.Tensor], covariates: torch.Tensor | None = None,
+               guidance: float = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """Volumes in [0, 1] from given latents of every layer (as returned by ``encode``);
+        ``guidance`` and ``reference`` as in ``_film`` (a counterfactual's reference: the scan's own covariates)."""
         if len(latents) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} latent tensors, got {len(latents)}")
-        return self._decode_choices([LatentChoice(z=z) for z in latents], latents[0], covariates)
+        return self._decode_choices([LatentChoice(z=z) for z in latents], latents[0], covariates, guidance, reference)
 
     @torch.no_grad()
-    def decode_noise(self, noise: Sequence[torch.Tensor], covariates: torch.Tensor | None = None) -> torch.Tensor:
+    def decode_noise(self, noise: Sequence[torch.Tensor], covariates: torch.Tensor | None = None,
+                     guidance: float = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
         """Volumes in [0, 1] with z = prior mean + prior std * noise at every layer (the noise as
-        returned by ``encode(..., as_noise=True)``), the priors following ``covariates``."""
+        returned by ``encode(..., as_noise=True)``), the priors following ``covariates``
+        (``guidance``, ``reference``: as in ``decode``)."""
         if len(noise) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} noise tensors, got {len(noise)}")
-        return self._decode_choices([LatentChoice(noise=e) for e in noise], noise[0], covariates)
+        return self._decode_choices([LatentChoice(noise=e) for e in noise], noise[0], covariates, guidance, reference)
 
-    def _decode_choices(self, choices: list[LatentChoice], first: torch.Tensor,
-                        covariates: torch.Tensor | None) -> torch.Tensor:
-        film = self._film(covariates, first.shape[0])
+    def _decode_choices(self, choices: list[LatentChoice], first: torch.Tensor, covariates: torch.Tensor | None,
+                        guidance: float = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
+        film = self._film(covariates, first.shape[0], guidance, reference)
         with self.inference_autocast(first.device):
             h, _, _ = self.decoder(None, choices, first.shape[0], film=film)
             return self._to_volume(self.output_head(F.gelu(h)), False, None)
