@@ -120,6 +120,20 @@ def test_discretised_probabilities_sum_to_one(mean, log_scale):
     assert total.item() == pytest.approx(1.0, abs=2e-3)
 
 
+def test_a_scale_ceiling_bounds_the_scale_and_keeps_small_scales():
+    capped, free = DiscretisedLogistic(256, max_scale=0.04), DiscretisedLogistic(256)
+    params = torch.zeros(1, 2, 5, 1, 1)
+    params[:, 1, :, 0, 0] = torch.tensor([-6.0, -4.0, -3.0, 0.0, 3.0])
+    scale = capped._split(params)[1].exp().flatten()
+    assert torch.all(scale <= 0.04) and scale[0] == pytest.approx(math.exp(-6.0), rel=0.1)  # soft: nearly unchanged
+    assert torch.all(scale[1:] < free._split(params)[1].exp().flatten()[1:])
+    # still a distribution over the bins
+    bins = torch.linspace(-1, 1, 256).view(1, 1, 256, 1, 1)
+    wide = torch.zeros(1, 2, 256, 1, 1)
+    wide[:, 1] = 2.0
+    assert capped.log_prob(wide, bins).exp().sum().item() == pytest.approx(1.0, abs=2e-3)
+
+
 def test_discretised_nll_is_a_code_length():
     lik = DiscretisedLogistic(256)
     params = torch.randn(2, 2, 4, 4, 4)
