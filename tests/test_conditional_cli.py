@@ -127,6 +127,12 @@ def test_guidance_is_recorded_changes_the_samples_and_reaches_the_api_and_evalua
     assert json.loads((tmp_path / "w1" / "samples.json").read_text())["guidance"] == 1.0
     w1, w3 = (_read(tmp_path / d / "sample_0000.nii.gz") for d in ("w1", "w3"))
     assert not np.array_equal(w1, w3)
+    # nothing requested: guidance scales nothing (drawn covariates are never amplified)
+    free = ["sample", "--checkpoint", str(run), "--num", "2", "--seed", "3", "--no-progress"]
+    assert main([*free, "--output-dir", str(tmp_path / "f1")]) == 0
+    assert main([*free, "--guidance", "3", "--output-dir", str(tmp_path / "f3")]) == 0
+    np.testing.assert_array_equal(_read(tmp_path / "f1" / "sample_0001.nii.gz"),
+                                  _read(tmp_path / "f3" / "sample_0001.nii.gz"))
     model = verydeepvae.load(run, device="cpu")
     api = model.sample(2, seed=3, conditions={"age": 85}, guidance=3.0)
     np.testing.assert_allclose(api.data[0], w3, atol=1e-6)

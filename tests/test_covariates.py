@@ -109,6 +109,22 @@ def test_unspecified_covariates_are_drawn_near_the_specified_ones():
     assert all(r["age"] <= 70 and r["sex"] == "F" for r in rows[20:])
 
 
+def test_guidance_references_move_only_the_requested_covariates_to_the_centre():
+    from verydeepvae.conditional import resolve
+
+    bank = [[float(a), "M" if a > 70 else "F"] for a in range(50, 91)]
+    schema = CovariateSchema((Covariate("age", "numeric", 70.0, 12.0, 50.0, 90.0), Covariate("sex", "categorical",
+                                                                                             levels=("F", "M"))),
+                             bank=bank)
+    centre = schema.encode(schema.bank_rows()).mean(axis=0)
+    got = resolve(schema, [{"age": 85.0}, {"sex": "F"}, {}, {"age": 60.0, "sex": "M"}], seed=1)
+    ref, vec = got.references, got.vectors
+    assert ref[0, 0] == pytest.approx(centre[0]) and np.array_equal(ref[0, 1:], vec[0, 1:])  # age asked
+    np.testing.assert_allclose(ref[1, 1:], centre[1:]) and np.testing.assert_array_equal(ref[1, 0], vec[1, 0])
+    np.testing.assert_array_equal(ref[2], vec[2])  # nothing asked: guidance has nothing to scale
+    np.testing.assert_allclose(ref[3], centre, rtol=1e-6)
+
+
 def test_a_malformed_schema_in_a_checkpoint_is_one_clear_error():
     with pytest.raises(CheckpointError, match="unreadable covariate schema"):
         CovariateSchema.from_json({"covariates": [{"name": "age", "kind": "numeric", "mean": 1, "sd": 0,

@@ -143,16 +143,17 @@ class Model:
         guidance = conditional.check_guidance(guidance, self.covariates)
         model = self.torch_module
         temperature = check_temperature(model, temperature)
-        vectors, rows = None, None
+        vectors, rows, references = None, None, None
         if self.covariates is not None:
             requests = _per_volume(conditions, n, "conditions")
             resolved = conditional.resolve(self.covariates,
                                            [conditional.parse_request(self.covariates, r) for r in requests], seed)
-            vectors, rows = resolved.vectors, resolved.rows
+            vectors, rows, references = resolved.vectors, resolved.rows, resolved.references
         elif conditions is not None:
             raise UserError("this model is unconditional; it takes no conditions")
         chunks = [v for _, v in iter_samples(model, n, temperature, seed, batch_size, self.device, False,
-                                             covariates=vectors, prior=prior, guidance=guidance)]
+                                             covariates=vectors, prior=prior, guidance=guidance,
+                                             references=references)]
         data = np.concatenate(chunks).astype(np.float32)
         return Volumes(data, self._affines(n), [f"sample_{i:04d}" for i in range(n)], rows)
 

@@ -293,7 +293,7 @@ def _inference_commands(sub) -> None:
     p.add_argument("--prior", choices=["auto", "learned", "fitted"], default="auto",
                    help="which prior draws the coarsest latents: auto = the Gaussian fitted at the end of "
                         "training when the run chose it (model/fitted_prior.py), else the learned one")
-    cli_conditional.add_guidance_option(p, "around the training population's centre")
+    cli_conditional.add_guidance_option(p, "the requested covariate's effect W times in the conditional section")
     _seed_option(p)
     p.add_argument("--max-heldout", type=int, default=100, help="at most this many held-out volumes")
     p.add_argument("--max-train", type=int, default=1000,
@@ -444,14 +444,14 @@ def _sample(args: argparse.Namespace) -> int:
 
         reference = dict(data.get("intensity_reference") or {})
         reference_range(reference, str(checkpoint.path))  # a clear error if the checkpoint has none
-    num, covariates, conditioned = cli_conditional.sample_conditions(args, checkpoint)
+    num, covariates, references, conditioned = cli_conditional.sample_conditions(args, checkpoint)
     _claim(args, "sample")
     paths = write_samples(model, args.output_dir, num, temperature, args.seed,
                           voxel_size_mm=float(data.get("voxel_size_mm", 1.0)), batch_size=args.batch_size,
                           device=device, show_progress=_progress(args), intensity_reference=reference,
                           extra_record={"checkpoint": str(checkpoint.path), "step": checkpoint.step,
                                         "weights": "raw" if args.raw_weights else "ema", **conditioned},
-                          covariates=covariates, prior=args.prior, guidance=args.guidance)
+                          covariates=covariates, prior=args.prior, guidance=args.guidance, references=references)
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
     return 0
 

@@ -39,13 +39,13 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conditions", metavar="FILE",
                    help="TSV/CSV with one row per volume to generate and covariates as columns (empty cells are "
                         "drawn); the number of volumes is the number of rows")
-    add_guidance_option(p, "around the training population's centre")
+    add_guidance_option(p, "the --condition/--conditions covariates' effect W times (drawn ones are not scaled)")
 
 
-def add_guidance_option(p: argparse.ArgumentParser, around: str) -> None:
+def add_guidance_option(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--guidance", type=float, default=1.0, metavar="W",
-                   help=f"a conditional model: scale the covariates' effect W times, {around}, as classifier-free "
-                        "guidance does (1: the model as trained; docs/conditional.md)")
+                   help=f"a conditional model: scale {what}, as classifier-free guidance does (1: the model as "
+                        "trained; docs/conditional.md)")
 
 
 def checked_guidance(args: argparse.Namespace, schema: Any) -> float:
@@ -54,8 +54,9 @@ def checked_guidance(args: argparse.Namespace, schema: Any) -> float:
     return check_guidance(args.guidance, schema, "--guidance")
 
 
-def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, Any, dict[str, Any]]:
-    """(number of volumes, encoded covariates or None, what samples.json records about them)."""
+def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, Any, Any, dict[str, Any]]:
+    """(number of volumes, encoded covariates or None, their guidance references or None, what
+    samples.json records about them)."""
     from . import conditional
     from .data.covariates import parse_assignments
     from .generate import covariate_schema
@@ -66,7 +67,7 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, A
         if args.condition or args.conditions:
             raise UserError(f"checkpoint {checkpoint.path} is an unconditional model; --condition/--conditions need "
                             "a model trained with --condition-on")
-        return args.num, None, {}
+        return args.num, None, None, {}
     fixed = conditional.parse_request(schema, parse_assignments(args.condition), "--condition")
     num = args.num
     if args.conditions:
@@ -80,8 +81,8 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, A
     for note in resolved.notices:
         _notice(note)
     names = [f"sample_{i:04d}.nii.gz" for i in range(num)]
-    return num, resolved.vectors, {"conditions": resolved.record(names), "guidance": guidance,
-                                   "covariates": schema.to_json()["covariates"]}
+    return num, resolved.vectors, resolved.references, {"conditions": resolved.record(names), "guidance": guidance,
+                                                        "covariates": schema.to_json()["covariates"]}
 
 
 def add_scan_options(p: argparse.ArgumentParser) -> None:
@@ -128,7 +129,7 @@ def add_counterfactual_command(sub) -> None:
     p.add_argument("--mode", choices=["noise", "latents"], default="noise",
                    help="noise: keep each layer's standardised residual under the prior, so the latents follow "
                         "the new covariates; latents: keep the posterior means themselves")
-    add_guidance_option(p, "around each scan's own values (so its reconstruction is kept)")
+    add_guidance_option(p, "the change W times (at the scan's own values it is still its reconstruction)")
     _output_option(p, "folder for the counterfactual volumes, difference maps, PNG strips and counterfactuals.json")
     p.set_defaults(handler=_counterfactual)
 

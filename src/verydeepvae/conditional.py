@@ -74,12 +74,16 @@ def read_conditions_file(path: str | os.PathLike, schema: CovariateSchema) -> li
 @dataclass
 class Conditions:
     """Complete covariates of the volumes to generate: raw ``rows``, their encoding ``vectors``
-    (N, dim) float32, which covariates were ``drawn`` per row, and notices for the user."""
+    (N, dim) float32, which covariates were ``drawn`` per row, notices for the user, and the
+    ``references`` (N, dim) that covariate guidance scales around: each vector with its *requested*
+    covariates moved to the training population's centre (drawn ones keep their values), so
+    guidance strengthens what was asked for and nothing else."""
 
     rows: list[dict[str, Value]]
     vectors: np.ndarray
     drawn: list[list[str]]
     notices: list[str] = field(default_factory=list)
+    references: np.ndarray | None = None
 
     def record(self, names: Sequence[str]) -> list[dict[str, Any]]:
         """Per volume: the file name, every covariate's value, and which were drawn (samples.json)."""
@@ -94,7 +98,14 @@ def resolve(schema: CovariateSchema, requests: Sequence[Mapping[str, Value]], se
     notices = sorted({note for request in requests for name, value in request.items()
                       if (note := schema.get(name).out_of_range(value))})
     drawn = [[n for n in schema.names if n not in request] for request in requests]
-    return Conditions(rows, schema.encode(rows), drawn, notices)
+    vectors = schema.encode(rows)
+    bank = schema.encode(schema.bank_rows())
+    centre = bank.mean(axis=0) if len(bank) else np.zeros(schema.dim, np.float32)
+    references = vectors.copy()
+    for i, request in enumerate(requests):
+        for name in request:
+            references[i, schema.slots(name)] = centre[schema.slots(name)]
+    return Conditions(rows, vectors, drawn, notices, references.astype(np.float32))
 
 
 def sweep_values(schema: CovariateSchema, text: str) -> tuple[str, list[Value]]:

@@ -287,7 +287,7 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                   batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool = True,
                   intensity_reference: dict[str, Any] | None = None,
                   extra_record: dict | None = None, covariates: np.ndarray | None = None,
-                  prior: str = "auto", guidance: float = 1.0) -> list[Path]:
+                  prior: str = "auto", guidance: float = 1.0, references: np.ndarray | None = None) -> list[Path]:
     """Draw ``num`` volumes from the prior and write ``sample_XXXX.nii.gz``, a montage and a
     ``samples.json`` record (seed, temperature, checkpoint...).  The same seed gives the same volumes;
     temperature 0 gives the prior means at every layer.  ``covariates`` (num, dim): the encoded
@@ -312,7 +312,8 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
     record.update(extra_record or {})
     try:
         for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress,
-                                           covariates=covariates, prior=prior, guidance=guidance):
+                                           covariates=covariates, prior=prior, guidance=guidance,
+                                           references=references):
             for i, volume in enumerate(volumes):
                 if len(previews) < MAX_FIGURE_ROWS:
                     previews.append(volume)
@@ -335,10 +336,11 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
 def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                  batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True,
                  covariates: np.ndarray | torch.Tensor | None = None, prior: str = "auto",
-                 guidance: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
+                 guidance: float = 1.0, references: np.ndarray | torch.Tensor | None = None
+                 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index of the first, volumes (B, R, R, R) float32 in [0, 1])`` batches of prior samples
-    (``prior``: which prior draws the coarse layers; ``guidance``: a conditional model's covariate
-    guidance scale; both as in ``VeryDeepVAE.sample``).
+    (``prior``: which prior draws the coarse layers; ``guidance``, ``references`` (num, dim): a
+    conditional model's covariate guidance, ``conditional.Conditions``; as in ``VeryDeepVAE.sample``).
 
     One generator seeded with ``seed`` drives every batch, so the volumes depend only on the seed,
     the temperature and the batch size (and, for a conditional model, ``covariates`` (num, dim):
@@ -348,12 +350,15 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if covariates is not None:
         covariates = torch.as_tensor(np.asarray(covariates, dtype=np.float32))
+    if references is not None:
+        references = torch.as_tensor(np.asarray(references, dtype=np.float32))
     with bar(total=num, unit="vol", desc="sample", show=show_progress) as shown:
         for start in range(0, num, batch_size):
             count = min(batch_size, num - start)
             given = None if covariates is None else covariates[start:start + count].to(device)
-            volumes = model.sample(count, temperature, generator=generator,
-                                   covariates=given, prior=prior, guidance=guidance).float().cpu()[:, 0].numpy()
+            around = None if references is None else references[start:start + count].to(device)
+            volumes = model.sample(count, temperature, generator=generator, covariates=given, prior=prior,
+                                   guidance=guidance, reference=around).float().cpu()[:, 0].numpy()
             yield start, volumes
             shown.update(count)
 

@@ -99,7 +99,7 @@ def sample_at(trained: TrainedModel, schema: CovariateSchema, name: str, values:
     resolved = conditional.resolve(schema, requests, seed)
     volumes = np.concatenate([v for _, v in iter_samples(trained.model, len(requests), temperature, seed, batch_size,
                                                          trained.device, show, covariates=resolved.vectors,
-                                                         guidance=guidance)])
+                                                         guidance=guidance, references=resolved.references)])
     return volumes, [r[name] for r in requests], resolved.rows
 
 
@@ -276,8 +276,8 @@ def summary_lines(section: dict[str, Any]) -> list[str]:
 def markdown_lines(section: dict[str, Any], figures: dict[str, str]) -> list[str]:
     out = ["## Conditional generation", "", section["what"], ""]
     if section.get("guidance", 1.0) != 1.0:
-        out += [f"Covariate guidance {section['guidance']:g}: the covariates' effect on the decoder scaled "
-                f"{section['guidance']:g}x (around the population centre for samples, around each scan's own "
+        out += [f"Covariate guidance {section['guidance']:g}: the requested covariate's effect on the decoder "
+                f"scaled {section['guidance']:g}x (from the population centre for samples, from each scan's own "
                 "values for counterfactuals).", ""]
     for name, per in section["per_covariate"].items():
         out += [f"### {name} ({per['kind']})", "",

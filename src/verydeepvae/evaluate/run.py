@@ -120,7 +120,7 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
     lap("reconstruction")
     samples = np.concatenate([v for _, v in iter_samples(trained.model, options.num_samples, temperature,
                                                          options.seed, options.batch_size, trained.device, show,
-                                                         prior=options.prior, guidance=options.guidance)])
+                                                         prior=options.prior)])
     report["samples"] = {"num": len(samples), "temperature": temperature, "seed": options.seed,
                          "batch_size": options.batch_size, "prior": describe_prior(trained.model, options.prior),
                          "note": "prior samples, output = mean of p(x | z); the same seed, temperature and batch "

@@ -210,14 +210,16 @@ class VeryDeepVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0,
                generator: torch.Generator | None = None, draw_voxels: bool = False,
-               covariates: torch.Tensor | None = None, prior: str = "auto", guidance: float = 1.0) -> torch.Tensor:
+               covariates: torch.Tensor | None = None, prior: str = "auto", guidance: float = 1.0,
+               reference: torch.Tensor | None = None) -> torch.Tensor:
         """n volumes in [0, 1] from the prior; the output is the likelihood's mean unless
         ``draw_voxels`` (then each voxel is drawn from p(x | z) too).  A conditional model samples
         p(x | covariates); without ``covariates`` it first draws them from the training scans'
         (:meth:`draw_covariates`), i.e. it samples the training population.  ``prior``: "learned"
         draws every layer from its learned prior, "fitted" the coarsest layers from
         ``fitted_prior`` (an error without one), "auto" the fitted one when there is one.
-        ``guidance``: the covariates' effect scaled around the population centre (``_film``)."""
+        ``guidance``: the covariates' effect scaled around ``reference`` (default: the population
+        centre; ``_film``)."""
         temps = self.layer_temperatures(temperature)
         fitted = self.prior_in_use(prior)
         drawn = fitted.draw(n, temps, generator) if fitted is not None else {}
@@ -225,7 +227,7 @@ class VeryDeepVAE(nn.Module):
                    for i, t in enumerate(temps)]
         if self.condition is not None and covariates is None:
             covariates = self.draw_covariates(n, generator)
-        film = self._film(covariates, n, guidance)
+        film = self._film(covariates, n, guidance, reference)
         with self.inference_autocast(self.output_head.conv.weight.device):
             h, _, _ = self.decoder(None, choices, n, generator, film=film)
             return self._to_volume(self.output_head(F.gelu(h)), draw_voxels, generator)
