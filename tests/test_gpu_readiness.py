@@ -17,7 +17,7 @@ from verydeepvae.cli import main
 from verydeepvae.config import build_config
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.train import precision, state
-from verydeepvae.train.checkpoint import load_checkpoint, save_checkpoint
+from verydeepvae.checkpoint import load_checkpoint, save_checkpoint
 from verydeepvae.train.optim import EMA, UpdateSkipper, build_optimiser, update_loss_scale
 
 
@@ -94,7 +94,7 @@ def test_a_checkpoint_of_an_eight_gpu_run_resumes_on_one_gpu(tmp_path, monkeypat
 def test_resuming_with_another_world_size_says_what_is_not_exact(tmp_path):
     from conftest import write_ellipsoids
 
-    from verydeepvae.train.checkpoint import list_checkpoints
+    from verydeepvae.checkpoint import list_checkpoints
     from verydeepvae.train.loop import train
 
     data = tmp_path / "data"
@@ -293,7 +293,7 @@ def test_out_of_memory_advice_uses_the_estimator(monkeypatch):
 
 def test_generation_runs_in_the_precision_the_model_was_trained_in(tmp_path):
     from verydeepvae.generate import load_model
-    from verydeepvae.train.checkpoint import load_checkpoint, save_checkpoint
+    from verydeepvae.checkpoint import load_checkpoint, save_checkpoint
 
     cfg = build_config(preset="tiny", overrides={"precision": "bf16"})
     model = VeryDeepVAE(cfg)

@@ -16,7 +16,7 @@ from verydeepvae import legacy
 from verydeepvae.config import build_config
 from verydeepvae.errors import ConfigError, UserError
 from verydeepvae.train import distributed
-from verydeepvae.train.checkpoint import architecture_difference, list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import architecture_difference, list_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240

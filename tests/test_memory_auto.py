@@ -17,7 +17,7 @@ from verydeepvae.config import Config, build_config
 from verydeepvae.errors import ConfigError
 from verydeepvae.presets import __file__ as presets_init
 from verydeepvae.train import memory_plan, precision
-from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 from verydeepvae.train.distributed import Runtime
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))

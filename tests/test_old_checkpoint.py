@@ -20,7 +20,7 @@ import pytest
 
 from verydeepvae import api
 from verydeepvae.cli import main
-from verydeepvae.train.checkpoint import load_checkpoint
+from verydeepvae.checkpoint import load_checkpoint
 
 OLD_RUN = Path(__file__).parent / "data" / "old_run"
 OLD_SETTINGS = ["--preset", "tiny", "--set", "phantom_num=8", "--set", "channels=4,4,4,4,4",

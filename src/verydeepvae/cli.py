@@ -403,7 +403,7 @@ def parse_temperature(text: str) -> float | list[float]:
 
 
 def _check_temperatures(values: list[float], shown: str) -> None:
-    from .generate import MAX_TEMPERATURE, temperatures_in_range
+    from .sampling import MAX_TEMPERATURE, temperatures_in_range
 
     if not temperatures_in_range(values):
         raise UserError(f"--temperature must be between 0 and {MAX_TEMPERATURE:g}, got {shown}")
@@ -421,42 +421,35 @@ def check_seed(seed: int) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .device import resolve_device
-    from .generate import check_prior, load_model, write_samples
-    from .train.checkpoint import resolve_checkpoint
+    from .inference import reference_range
+    from .sampling import check_prior, write_samples
 
     if args.num < 1 or args.batch_size < 1:
         raise UserError(f"--num and --batch-size must be >= 1, got {args.num} and {args.batch_size}")
     check_seed(args.seed)
     temperature = parse_temperature(args.temperature)
-    device = str(resolve_device(args.device))
-    checkpoint = resolve_checkpoint(args.checkpoint)
-    model = load_model(checkpoint, use_ema=not args.raw_weights, device=device)
+    trained = _open(args)
+    model = trained.model
     check_prior(model, args.prior)  # before the output folder is touched
     if isinstance(temperature, list) and len(temperature) != model.decoder.num_levels:
         raise UserError(f"--temperature needs 1 or {model.decoder.num_levels} values (one per resolution level), "
                         f"got {len(temperature)}")
-    data = checkpoint.meta.get("data", {})
     reference = None
     if args.intensity == "data":
-        from .generate import reference_range
-
-        reference = dict(data.get("intensity_reference") or {})
-        reference_range(reference, str(checkpoint.path))  # a clear error if the checkpoint has none
-    num, covariates, conditioned = cli_conditional.sample_conditions(args, checkpoint)
+        reference = trained.intensity_reference
+        reference_range(reference, str(trained.checkpoint.path))  # a clear error if the checkpoint has none
+    num, covariates, conditioned = cli_conditional.sample_conditions(args, trained.checkpoint)
     _claim(args, "sample")
     paths = write_samples(model, args.output_dir, num, temperature, args.seed,
-                          voxel_size_mm=float(data.get("voxel_size_mm", 1.0)), batch_size=args.batch_size,
-                          device=device, show_progress=_progress(args), intensity_reference=reference,
-                          extra_record={"checkpoint": str(checkpoint.path), "step": checkpoint.step,
-                                        "weights": "raw" if args.raw_weights else "ema", **conditioned},
-                          covariates=covariates, prior=args.prior)
+                          voxel_size_mm=trained.voxel_size_mm, batch_size=args.batch_size,
+                          device=trained.device, show_progress=_progress(args), intensity_reference=reference,
+                          extra_record={**trained.record(), **conditioned}, covariates=covariates, prior=args.prior)
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
     return 0
 
 
 def _open(args: argparse.Namespace):
-    from .generate import open_trained
+    from .inference import open_trained
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -474,7 +467,8 @@ def _progress(args: argparse.Namespace) -> bool | None:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from .generate import input_files, reconstruct_files
+    from .generate import reconstruct_files
+    from .scan_files import input_files
 
     _check_temperatures([args.temperature], str(args.temperature))
     check_seed(args.seed)
@@ -497,7 +491,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
 def _encode(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .generate import input_files
+    from .scan_files import input_files
     from .latents import encode_files
     from .output_folder import claim_file
 
@@ -545,7 +539,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 def _single_file(path: str) -> list:
     from pathlib import Path
 
-    from .generate import input_files
+    from .scan_files import input_files
 
     if Path(path).is_dir():
         raise UserError(f"interpolate takes two NIfTI files; {path} is a folder")
@@ -557,7 +551,7 @@ def _single_file(path: str) -> list:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import EvaluationOptions, run_evaluation
-    from .generate import check_prior
+    from .sampling import check_prior
 
     for flag in ("num_samples", "max_heldout", "max_train", "num_pairs", "baseline_repeats"):
         if getattr(args, flag) < 1:
@@ -592,7 +586,7 @@ def _config_show(args: argparse.Namespace) -> int:
             raise UserError(f"--gpu-memory: {error}") from None
     checkpoint = None
     if args.checkpoint is not None:
-        from .train.checkpoint import resolve_checkpoint
+        from .checkpoint import resolve_checkpoint
 
         if args.preset or args.config or args.set:
             raise UserError("config show --checkpoint shows the checkpoint's own configuration; drop --preset, "
@@ -608,7 +602,7 @@ def _config_show(args: argparse.Namespace) -> int:
 
     schema = None
     if checkpoint is not None:
-        from .generate import covariate_schema
+        from .inference import covariate_schema
 
         schema = covariate_schema(checkpoint)
     model = VeryDeepVAE(cfg, schema.dim if schema is not None else 0)

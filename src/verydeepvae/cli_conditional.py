@@ -45,7 +45,7 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, A
     """(number of volumes, encoded covariates or None, what samples.json records about them)."""
     from . import conditional
     from .data.covariates import parse_assignments
-    from .generate import covariate_schema
+    from .inference import covariate_schema
 
     schema = covariate_schema(checkpoint)
     if schema is None:
@@ -123,7 +123,7 @@ def _counterfactual(args: argparse.Namespace) -> int:
     from .conditional import require_schema, scan_covariates, sweep_values
     from .counterfactual import write_counterfactuals
     from .data.covariates import parse_assignments
-    from .generate import input_files
+    from .scan_files import input_files
 
     change = parse_assignments(args.condition)
     observed = parse_assignments(args.observed, "--observed")
@@ -150,7 +150,7 @@ def _counterfactual(args: argparse.Namespace) -> int:
 
 def show_schema(checkpoint: Any) -> list[str]:
     """Lines of ``config show --checkpoint`` about a conditional model's covariates."""
-    from .generate import covariate_schema
+    from .inference import covariate_schema
 
     schema = covariate_schema(checkpoint)
     return schema.summary_lines() if schema is not None else ["unconditional model (no covariates)"]

@@ -32,7 +32,8 @@ from .atomic import write_json
 from .data.covariates import Value
 from .errors import UserError
 from .console import bar
-from .generate import TrainedModel, load_preprocessed, output_stems
+from .inference import TrainedModel
+from .scan_files import load_preprocessed, output_stems
 from .viz_conditional import save_counterfactual_strip
 from .volume_io import grid_affine, save_nifti
 

@@ -21,8 +21,8 @@ from .atomic import write_json, write_safetensors
 from .errors import UserError
 from .console import bar
 from .data.native_space import checked_geometry, native_geometry
-from .generate import (NATIVE_NOTE, TrainedModel, load_preprocessed, output_stems, safe_file_stem,
-                       to_data_intensity, unique_names, write_native)
+from .inference import TrainedModel, to_data_intensity
+from .scan_files import NATIVE_NOTE, load_preprocessed, output_stems, safe_file_stem, unique_names, write_native
 from .model import VeryDeepVAE
 from .volume_io import grid_affine, save_nifti
 

@@ -35,7 +35,8 @@ from scipy import stats
 from .. import conditional
 from ..counterfactual import counterfactual_volumes
 from ..data.covariates import CovariateSchema, Value
-from ..generate import TrainedModel, iter_samples
+from ..inference import TrainedModel
+from ..sampling import iter_samples
 from . import morphometry
 
 WHAT = ("Per covariate: samples at values across its range (numeric: evenly spaced between the training scans' "

@@ -11,8 +11,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import metrics
 from ..console import bar
-from ..generate import TrainedModel, check_temperature, describe_prior, iter_samples, load_preprocessed
+from ..inference import TrainedModel
+from ..sampling import check_temperature, describe_prior, iter_samples
+from ..scan_files import load_preprocessed
 from . import compute, morphometry
 from .data import EvaluationData, participant_id, select_data
 
@@ -195,7 +198,7 @@ def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarra
     cnn = extractors["random_cnn"][0]
     real_cnn = feats["random_cnn"]["real"]
     queries_vox = {"samples": samples.reshape(len(samples), -1), "heldout": heldout.reshape(len(heldout), -1)}
-    z = compute.standardiser(real_cnn, feats["random_cnn"]["samples"])
+    z = metrics.pooled_standardiser(real_cnn, feats["random_cnn"]["samples"])
     queries_cnn = {"samples": z(feats["random_cnn"]["samples"]), "heldout": z(real_cnn)}
     near_vox, near_cnn = compute.RunningNearest(queries_vox), compute.RunningNearest(queries_cnn)
     for start in bar(range(0, len(sel.train_files), TRAIN_CHUNK), desc="training volumes", unit="chunk",

@@ -332,7 +332,7 @@ def same_checkpoint(found: Any, directory: Path, runtime: Runtime) -> Any:
     system, or a copy that differs) receive it from rank 0."""
     if not runtime.distributed:
         return found
-    from .checkpoint import CheckpointError, load_checkpoint
+    from ..checkpoint import CheckpointError, load_checkpoint
 
     choice = [None]
     if runtime.is_main and found is not None:

@@ -30,7 +30,7 @@ from ..config import Config
 from ..console import NORMAL, QUIET, VERBOSE
 from ..errors import CheckpointError, DataError, Stopped, UserError
 from ..model import autocast_for
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from . import distributed, memory_plan, resume_changes, run_folder, run_record
 from .optim import EMA, UpdateSkipper, build_optimiser, kl_weight, lr_factor, update_loss_scale
 from .precision import configure_backends, out_of_memory_message, resolve_precision
@@ -577,7 +577,7 @@ class _Trainer:
         return tensors, meta
 
     def _final_samples(self) -> None:
-        from ..generate import write_samples
+        from ..sampling import write_samples
 
         num = max(1, self.cfg.subjects_to_plot)
         covariates, record = None, None

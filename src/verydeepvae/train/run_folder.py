@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..output_folder import move_aside
-from .checkpoint import checkpoint_dir, list_checkpoints
+from ..checkpoint import checkpoint_dir, list_checkpoints
 from .progress import LOG_NAME
 from .run_record import RECORD_NAME
 

@@ -31,7 +31,7 @@ import torch
 from ..atomic import write_text
 from ..config import Config, read_config_file
 from ..errors import ConfigError
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 
 RECORD_NAME = "run.json"
 FORMAT = "verydeepvae-run-record-1"

@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..atomic import write_json, write_safetensors, write_text
-from ..config import ARCHITECTURE_BEFORE_KEY, LAYER_LISTS, Config, config_from_dict
-from ..errors import CheckpointError, ConfigError
+from .atomic import write_json, write_safetensors, write_text
+from .config import ARCHITECTURE_BEFORE_KEY, LAYER_LISTS, Config, config_from_dict
+from .errors import CheckpointError, ConfigError
 
 FORMAT = "verydeepvae-checkpoint-1"
 META_KEY = "verydeepvae"
