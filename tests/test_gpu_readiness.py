@@ -248,11 +248,12 @@ def test_deterministic_turns_autotuning_off_and_deterministic_algorithms_on(rest
 
 
 def test_deterministic_flag_on_the_command_line_reaches_the_configuration():
-    from verydeepvae.cli import _load_config, build_parser
+    from verydeepvae.cli import build_parser
+    from verydeepvae.commands import load_config
 
     args = build_parser().parse_args(["train", "--preset", "tiny", "--deterministic"])
-    assert args.deterministic and not _load_config(args).deterministic  # set by _train's extra options
-    assert _load_config(args, {"deterministic": True}).deterministic
+    assert args.deterministic and not load_config(args).deterministic  # set by train_command's extra options
+    assert load_config(args, {"deterministic": True}).deterministic
 
 
 def test_cpu_runs_get_no_gpu_backend_notice(restore_backends):
