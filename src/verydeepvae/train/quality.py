@@ -163,3 +163,25 @@ def _as_input(item: Any) -> torch.Tensor:
     """One volume as a (1, R, R, R) float32 tensor."""
     x = torch.as_tensor(np.asarray(item, np.float32)) if not isinstance(item, torch.Tensor) else item.float()
     return x[None] if x.dim() == 3 else x
+
+
+def validation_signal(model: Any, bundle: Any, cfg: Any, device: torch.device, seed: int,
+                      reference: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`sample_quality` at a validation of a training run: over the validation volumes that
+    validation itself uses, against ``reference`` real volumes (read from the run's data on the
+    first call; the same ones every time).  Returns (the values, the reference volumes)."""
+    from torch.utils.data import Subset
+
+    val = bundle.val
+    used = len(val)  # active units over the validation volumes that validation itself uses
+    if cfg.max_validation_batches is not None:
+        used = min(used, cfg.max_validation_batches * cfg.batch_size)
+    if reference is None:
+        reference = reference_volumes(val, bundle.train, cfg.quality_samples, seed)
+    if getattr(val, "covariates", None) is not None:
+        from ..data.datasets import WithCovariates
+
+        val = WithCovariates(val)  # (volume, covariates) items: encoding needs both
+    values = sample_quality(model, Subset(val, range(used)), reference, cfg.quality_samples, cfg.batch_size,
+                            device, seed)
+    return values, reference

@@ -222,3 +222,11 @@ def source_commit() -> dict[str, Any] | None:
     if head.returncode != 0:
         return None
     return {"commit": head.stdout.strip(), "modified": bool(status.stdout.strip())}
+
+
+def covariate_record(bundle: Any) -> dict[str, Any]:
+    """A conditional run's covariate schema for the run record (its training rows stay in the checkpoint)."""
+    schema = getattr(bundle, "covariates", None)
+    if schema is None:
+        return {}
+    return {"covariates": {k: v for k, v in schema.to_json().items() if k != "bank"}}
