@@ -187,11 +187,12 @@ def _untrained(**overrides):
 def test_a_continuous_likelihood_is_not_called_a_code_length():
     volumes = np.random.default_rng(5).uniform(0, 1, (3, 16, 16, 16)).astype(np.float32)
     gaussian = compute.likelihood_section(_untrained(likelihood="gaussian"), volumes, 2, 0, False)
-    assert not gaussian["discrete"] and "not a code length" in gaussian["statement"]
+    assert not gaussian.discrete and "not a code length" in gaussian.statement
     discrete = compute.likelihood_section(_untrained(), volumes, 2, 0, False)
-    assert discrete["discrete"] and "true code length" in discrete["statement"]
-    assert discrete["elbo_bits_per_voxel"]["mean"] > 0
-    assert len(discrete["per_volume_elbo_bits_per_voxel"]) == 3
+    assert discrete.discrete and "true code length" in discrete.statement
+    assert discrete.elbo_bits_per_voxel.mean > 0
+    assert len(discrete.per_volume_elbo_bits_per_voxel) == 3
+    assert discrete.to_json()["elbo_bits_per_voxel"]["mean"] == discrete.elbo_bits_per_voxel.mean
 
 
 # --- the report -----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ so that set-size effects cancel in the comparison.
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +19,8 @@ from .. import metrics as M
 from ..console import bar
 from ..errors import UserError
 from ..inference import BACKGROUND_LEVEL, LN2, TrainedModel, elbo_terms
+from .population import DiversitySection
+from .sections import LikelihoodSection, ReconstructionSection, Stats
 
 ACTIVE_THRESHOLD = M.ACTIVE_THRESHOLD
 
@@ -28,7 +29,7 @@ ACTIVE_THRESHOLD = M.ACTIVE_THRESHOLD
 
 
 def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: int, seed: int,
-                       show_progress: bool | None, covariates: np.ndarray | None = None) -> dict[str, Any]:
+                       show_progress: bool | None, covariates: np.ndarray | None = None) -> LikelihoodSection:
     """Negative ELBO (nats and bits per voxel), its terms, KL per latent layer and active units
     (``covariates`` (N, dim): the held-out volumes' own, for a conditional model)."""
     model, device = trained.model, trained.device
@@ -74,15 +75,13 @@ def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: i
         statement = ("The output likelihood is a continuous Gaussian density: the negative ELBO in bits/voxel is a "
                      "differential quantity, can be negative, is not a code length and is not comparable with "
                      "discrete (bits/dim) figures.")
-    return {
-        "num_volumes": n, "discrete": discrete, "statement": statement,
-        "estimator": "one posterior sample per volume (seeded); the negative ELBO bounds the negative "
-                     "log-likelihood from above",
-        "elbo_nats_per_voxel": _stats(elbo), "elbo_bits_per_voxel": _stats(elbo / LN2),
-        "reconstruction_bits_per_voxel": _stats(nll / LN2), "kl_bits_per_voxel": _stats(kl.sum(1) / LN2),
-        "per_volume_elbo_bits_per_voxel": (elbo / LN2).tolist(),
-        "kl_per_layer": layers, "active_units": units,
-    }
+    return LikelihoodSection(
+        num_volumes=n, discrete=discrete, statement=statement,
+        estimator="one posterior sample per volume (seeded); the negative ELBO bounds the negative "
+                  "log-likelihood from above",
+        elbo_nats_per_voxel=Stats.of(elbo), elbo_bits_per_voxel=Stats.of(elbo / LN2),
+        reconstruction_bits_per_voxel=Stats.of(nll / LN2), kl_bits_per_voxel=Stats.of(kl.sum(1) / LN2),
+        per_volume_elbo_bits_per_voxel=(elbo / LN2).tolist(), kl_per_layer=layers, active_units=units)
 
 
 # --- reconstruction -------------------------------------------------------------------------------
@@ -90,7 +89,7 @@ def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: i
 
 def reconstruction_section(trained: TrainedModel, heldout: np.ndarray, batch_size: int,
                            show_progress: bool | None, covariates: np.ndarray | None = None
-                           ) -> tuple[dict[str, Any], np.ndarray]:
+                           ) -> tuple[ReconstructionSection, np.ndarray]:
     """PSNR, SSIM and MAE of posterior-mean reconstructions, whole volume and foreground only."""
     model, device = trained.model, trained.device
     recons = []
@@ -100,29 +99,29 @@ def reconstruction_section(trained: TrainedModel, heldout: np.ndarray, batch_siz
         recons.append(model.reconstruct(x, covariates=c).float().cpu()[:, 0].numpy())
     recon = np.concatenate(recons)
     mask = heldout > BACKGROUND_LEVEL
-    out = {
-        "num_volumes": len(heldout), "latents": "posterior mean at every layer", "data_range": 1.0,
-        "note": "model intensity range [0, 1]; 'foreground' averages over voxels where the input is above "
-                "background (> 0.5/255) only, so the empty background does not inflate the scores",
-        "psnr_db": _stats(M.psnr(heldout, recon)), "ssim": _stats(M.ssim3d(heldout, recon)),
-        "mae": _stats(M.mae(heldout, recon)),
-    }
+    foreground = None
     if mask.reshape(len(mask), -1).any(axis=1).all():
-        out["foreground"] = {"psnr_db": _stats(M.psnr(heldout, recon, mask=mask)),
-                             "mae": _stats(M.mae(heldout, recon, mask=mask))}
-    return out, recon
+        foreground = {"psnr_db": Stats.of(M.psnr(heldout, recon, mask=mask)),
+                      "mae": Stats.of(M.mae(heldout, recon, mask=mask))}
+    section = ReconstructionSection(
+        num_volumes=len(heldout), latents="posterior mean at every layer", data_range=1.0,
+        note="model intensity range [0, 1]; 'foreground' averages over voxels where the input is above "
+             "background (> 0.5/255) only, so the empty background does not inflate the scores",
+        psnr_db=Stats.of(M.psnr(heldout, recon)), ssim=Stats.of(M.ssim3d(heldout, recon)),
+        mae=Stats.of(M.mae(heldout, recon)), foreground=foreground)
+    return section, recon
 
 
 # --- diversity ------------------------------------------------------------------------------------
 
 
-def diversity_section(samples: np.ndarray, heldout: np.ndarray, num_pairs: int, seed: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"what": "mean 3D MS-SSIM over random pairs of distinct volumes; lower = more diverse; "
-                                   "the goal is to match the real value"}
-    for name, volumes in (("samples", samples), ("real", heldout)):
-        out[name] = M.pairwise_ms_ssim(volumes, num_pairs=num_pairs, seed=seed) if len(volumes) >= 2 else None
-    out["settings"] = (out["samples"] or out["real"] or {}).get("settings")
-    return out
+def diversity_section(samples: np.ndarray, heldout: np.ndarray, num_pairs: int, seed: int) -> DiversitySection:
+    pairs = {name: M.pairwise_ms_ssim(volumes, num_pairs=num_pairs, seed=seed) if len(volumes) >= 2 else None
+             for name, volumes in (("samples", samples), ("real", heldout))}
+    return DiversitySection(
+        what="mean 3D MS-SSIM over random pairs of distinct volumes; lower = more diverse; the goal is to match "
+             "the real value",
+        samples=pairs["samples"], real=pairs["real"], settings=(pairs["samples"] or pairs["real"] or {}).get("settings"))
 
 
 # --- feature distances ----------------------------------------------------------------------------
@@ -217,17 +216,6 @@ def memorisation_entry(sample_d: np.ndarray, heldout_d: np.ndarray, space: str, 
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _stats(values: Any) -> dict[str, float]:
-    v = np.asarray(values, dtype=np.float64).ravel()
-    finite = v[np.isfinite(v)]
-    if finite.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "sem": float("nan"), "min": float("nan"),
-                "max": float("nan"), "n": int(v.size)}
-    return {"mean": float(finite.mean()), "std": float(finite.std()),
-            "sem": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else float("nan"),
-            "min": float(finite.min()), "max": float(finite.max()), "n": int(v.size)}
 
 
 def _batch_covariates(covariates: np.ndarray | None, start: int, size: int, device) -> torch.Tensor | None:
