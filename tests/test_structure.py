@@ -107,11 +107,9 @@ def long_files() -> list[str]:
     return out
 
 
-@pytest.mark.xfail(reason="issue 15: functions still being split", strict=False)
 def test_no_function_is_longer_than_60_lines():
     assert long_functions() == []
 
 
-@pytest.mark.xfail(reason="issue 15: files still being split", strict=False)
 def test_no_source_file_reaches_450_lines():
     assert long_files() == []
