@@ -17,7 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from .config_check import at_least, between, check_fields, check_type, greater_than, one_of
+from .config_check import (at_least, between, check_conditioning, check_fields, check_performance, check_type,
+                           greater_than, one_of)
 from .config_names import LEGACY_IGNORED, LEGACY_RENAMES, legacy_value
 from .config_text import load_yaml, parse_override, read_config_file  # noqa: F401 (importable from here)
 from .config_text import short_repr as _short
@@ -249,6 +250,11 @@ class ModelConfig:
     def level_resolutions(self) -> list[int]:
         return [self.resolution >> i for i in range(self.num_levels)]
 
+    def encoder_blocks_per_level(self) -> list[int]:
+        """Residual blocks of the encoder at each level: two, one at the top with
+        ``only_use_one_conv_block_at_top``."""
+        return [2] * (self.num_levels - 1) + [1 if self.only_use_one_conv_block_at_top else 2]
+
 
 # Architecture keys added after checkpoints were first written, with the value that rebuilds the
 # model such a checkpoint holds (Checkpoint.config fills them in when they are missing).
@@ -360,8 +366,8 @@ def validate(c: Config) -> None:
         raise ConfigError(f"clamp_percentiles must be [low, high] with 0 <= low < high <= 100, got {lo_hi}")
     if c.precision == "fp16" and c.device in ("cpu", "mps"):
         raise ConfigError(f"precision fp16 needs a CUDA device; use bf16 on the {c.device.upper()}")
-    _validate_performance(c)
-    _validate_conditioning(c)
+    check_performance(c)
+    check_conditioning(c)
     if c.CUDA_devices is not None:
         for d in c.CUDA_devices:
             if not d.isdigit():
@@ -400,45 +406,3 @@ def _validate_layers(c: Config) -> None:
             "latent_feature_maps_per_resolution must have at least 1 latent layer at the coarsest "
             f"level (its last entry), got {c.latent_feature_maps_per_resolution}"
         )
-
-
-COVARIATE_KINDS = ("numeric", "categorical")
-
-
-def _validate_conditioning(c: Config) -> None:
-    if c.condition_on is None:
-        if c.covariates_file is not None:
-            raise ConfigError("covariates_file (--covariates) needs condition_on (--condition-on): which of its "
-                              "columns condition the model")
-        return
-    if not c.condition_on:
-        raise ConfigError("condition_on must name at least one covariate (e.g. age,sex), or be null")
-    seen = set()
-    for entry in c.condition_on:
-        name, _, kind = entry.partition(":")
-        if not name.strip():
-            raise ConfigError(f"condition_on entries must be column names (optionally name:numeric or "
-                              f"name:categorical), got {_short(entry)}")
-        if kind and kind.strip() not in COVARIATE_KINDS:
-            raise ConfigError(f"condition_on: the kind of {name.strip()!r} must be numeric or categorical, got "
-                              f"{_short(kind)}")
-        if name.strip() in seen:
-            raise ConfigError(f"condition_on names {name.strip()!r} twice")
-        seen.add(name.strip())
-    if c.data_path is not None and c.covariates_file is None:
-        raise ConfigError("condition_on with data_path needs covariates_file (--covariates FILE): a TSV/CSV with one "
-                          "row per scan (only the built-in phantom population brings its own)")
-
-
-def _validate_performance(c: Config) -> None:
-    levels = c.checkpoint_levels
-    if isinstance(levels, str):
-        if levels not in ("auto", "none", "all"):
-            raise ConfigError(f'checkpoint_levels must be "auto", "none", "all" or a list of resolution level '
-                              f"indices, got {levels!r}")
-        return
-    for level in levels:
-        if not 0 <= level < c.num_levels:
-            raise ConfigError(
-                f"checkpoint_levels entries must be level indices from 0 (resolution {c.resolution}) to "
-                f"{c.num_levels - 1} (resolution {c.level_resolutions()[-1]}), got {level}")

@@ -153,3 +153,47 @@ def check_type(key: str, value: Any, annotation: Any) -> Any:
             raise ConfigError(f"{key} must be a string, got {short_repr(value)}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug, not user input
+
+
+COVARIATE_KINDS = ("numeric", "categorical")
+
+
+def check_conditioning(c: Any) -> None:
+    """condition_on names covariates once each, with a known kind, and has a source of values."""
+    if c.condition_on is None:
+        if c.covariates_file is not None:
+            raise ConfigError("covariates_file (--covariates) needs condition_on (--condition-on): which of its "
+                              "columns condition the model")
+        return
+    if not c.condition_on:
+        raise ConfigError("condition_on must name at least one covariate (e.g. age,sex), or be null")
+    seen = set()
+    for entry in c.condition_on:
+        name, _, kind = entry.partition(":")
+        if not name.strip():
+            raise ConfigError(f"condition_on entries must be column names (optionally name:numeric or "
+                              f"name:categorical), got {short_repr(entry)}")
+        if kind and kind.strip() not in COVARIATE_KINDS:
+            raise ConfigError(f"condition_on: the kind of {name.strip()!r} must be numeric or categorical, got "
+                              f"{short_repr(kind)}")
+        if name.strip() in seen:
+            raise ConfigError(f"condition_on names {name.strip()!r} twice")
+        seen.add(name.strip())
+    if c.data_path is not None and c.covariates_file is None:
+        raise ConfigError("condition_on with data_path needs covariates_file (--covariates FILE): a TSV/CSV with one "
+                          "row per scan (only the built-in phantom population brings its own)")
+
+
+def check_performance(c: Any) -> None:
+    """checkpoint_levels is auto, none, all or level indices that exist."""
+    levels = c.checkpoint_levels
+    if isinstance(levels, str):
+        if levels not in ("auto", "none", "all"):
+            raise ConfigError(f'checkpoint_levels must be "auto", "none", "all" or a list of resolution level '
+                              f"indices, got {levels!r}")
+        return
+    for level in levels:
+        if not 0 <= level < c.num_levels:
+            raise ConfigError(
+                f"checkpoint_levels entries must be level indices from 0 (resolution {c.resolution}) to "
+                f"{c.num_levels - 1} (resolution {c.level_resolutions()[-1]}), got {level}")

@@ -116,9 +116,7 @@ def estimate(cfg: Config) -> MemoryEstimate:
     dec_h = cfg.hidden_top_down_channels
     z_ch = cfg.channels_per_latent
     layers = cfg.latent_feature_maps_per_resolution
-    blocks = [2] * n
-    if cfg.only_use_one_conv_block_at_top:
-        blocks[-1] = 1
+    blocks = cfg.model.encoder_blocks_per_level()
 
     levels = []
     for lv in range(n):

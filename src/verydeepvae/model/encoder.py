@@ -21,9 +21,7 @@ class Encoder(nn.Module):
         hidden = cfg.channels_hidden
         kernels = cfg.kernel_sizes_bottom_up
         n = cfg.num_levels
-        blocks_per_level = [2] * n
-        if cfg.only_use_one_conv_block_at_top:
-            blocks_per_level[-1] = 1
+        blocks_per_level = cfg.encoder_blocks_per_level()
         self.depth = sum(blocks_per_level)
         scale = 1.0 / math.sqrt(self.depth)
         self.levels = nn.ModuleList()

@@ -289,30 +289,12 @@ def main_first(fn: Callable[[], T], runtime: Runtime, what: str,
     prefix = (f"verydeepvae/main_first/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
               f"{runtime.restart_count}/{_main_first_calls}")
 
-    def status(result: Any) -> str:
-        return "ok:" + (fingerprint(result) if fingerprint is not None else "")
-
-    result: Any = None
-    if runtime.is_main:
-        try:
-            result = fn()
-        except BaseException as error:
-            store.set(f"{prefix}/0", f"error:{type(error).__name__}")
-            raise
-        mine = status(result)
-        store.set(f"{prefix}/0", mine)
-    else:
+    if not runtime.is_main:
         _wait_for_keys(store, [f"{prefix}/0"])
         first = store.get(f"{prefix}/0").decode()
         if not first.startswith("ok:"):
             raise UserError(f"stopped: rank 0 failed while {what} (its message says why)")
-        try:
-            result = fn()
-        except BaseException as error:
-            store.set(f"{prefix}/{runtime.rank}", f"error:{type(error).__name__}")
-            raise
-        mine = status(result)
-        store.set(f"{prefix}/{runtime.rank}", mine)
+    result = _run_and_record(fn, store, f"{prefix}/{runtime.rank}", fingerprint)
     keys = [f"{prefix}/{r}" for r in range(runtime.world_size)]
     _wait_for_keys(store, keys)
     values = [store.get(k).decode() for k in keys]
@@ -323,6 +305,18 @@ def main_first(fn: Callable[[], T], runtime: Runtime, what: str,
     if differ:
         raise UserError(f"rank {differ[0]} got a different result than rank 0 while {what} (do all nodes see "
                         "the same data folder and output folder?)")
+    return result
+
+
+def _run_and_record(fn: Callable[[], T], store, key: str, fingerprint: Callable[[T], str] | None) -> T:
+    """``fn()``, with its outcome under ``key`` in the store: ``ok:<fingerprint>``, or
+    ``error:<exception class>`` (then re-raised) for the other ranks to see."""
+    try:
+        result = fn()
+    except BaseException as error:
+        store.set(key, f"error:{type(error).__name__}")
+        raise
+    store.set(key, "ok:" + (fingerprint(result) if fingerprint is not None else ""))
     return result
 
 
