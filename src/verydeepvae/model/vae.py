@@ -58,12 +58,12 @@ class VeryDeepVAE(nn.Module):
         self.channels_last = False
         if cfg.channels_last:
             self.set_channels_last(True)
-        # the arithmetic of sample/reconstruct/encode/decode (generate.load_model sets the precision
+        # the arithmetic of sample/reconstruct/encode/decode (inference.load_model sets the precision
         # the model was trained in): a batch then needs the memory of training's arithmetic, not
         # of float32 (at 128³, 4 float32 reconstructions hold ~12.7 GiB)
         self.inference_precision = "fp32"
         # a Gaussian for the coarsest layers fitted after training (model/fitted_prior.py), set by
-        # generate.load_model when the checkpoint's training run chose it; None: the learned prior
+        # inference.load_model when the checkpoint's training run chose it; None: the learned prior
         self.fitted_prior: FittedPrior | None = None
 
     # -- speed/memory modes (Config's performance section) ---------------------------------------
