@@ -184,12 +184,12 @@ def test_out_of_memory_in_training_is_one_line_with_advice(tmp_path, monkeypatch
 
 
 def test_out_of_memory_in_an_inference_command_is_one_line(tmp_path, monkeypatch, capsys):
-    import verydeepvae.cli as cli
+    import verydeepvae.commands as commands
 
     def sample(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore details")
 
-    monkeypatch.setattr(cli, "_sample", sample)
+    monkeypatch.setattr(commands, "sample_command", sample)
     code = main(["sample", "--checkpoint", str(tmp_path), "--output-dir", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
