@@ -34,7 +34,7 @@ from .progress import TrainConsole, ending, start_lines, validation_line
 from .batches import covariates_of, split_batch, training_batches
 from .figures import final_samples, training_figures
 from .reporting import Reporter, drop_records_after, to_bits
-from .state import capture_state, process_rng_state
+from .state import capture_state, process_rng_state, run_meta
 from .stats import StepStats, ValidationSums, layer_kl_values, loss_values
 from .stopping import StopRequest
 
@@ -376,17 +376,8 @@ class _Trainer:
         rank_rngs = distributed.gather_to_main(process_rng_state(), self.runtime) if self.runtime.distributed else None
         if self.runtime.is_main:
             tensors, meta = capture_state(self.model, self.ema, self.optimiser, self.scaler, self.skipper, rank_rngs)
-            meta.update({
-                "config": self.cfg.to_dict(), "seed": self.seed, "world_size": self.runtime.world_size,
-                "memory": self.memory_plan.record(),
-                "best_validation": self.best, "validation_history": self.history,
-                "ema_updates": self.ema.updates, "steps_per_epoch": self.steps_per_epoch,
-                "data": {"voxel_size_mm": float(self.bundle.voxel_size_mm),
-                         "intensity_reference": dict(getattr(self.bundle, "intensity_reference", {}) or {}),
-                         "num_train": len(self.bundle.train), "num_val": len(self.bundle.val)},
-            })
-            if getattr(self.bundle, "covariates", None) is not None:
-                meta["covariates"] = self.bundle.covariates.to_json()  # the schema a loaded model encodes with
+            meta.update(run_meta(self.cfg, self.seed, self.runtime.world_size, self.memory_plan.record(), self.best,
+                                 self.history, self.ema.updates, self.steps_per_epoch, self.bundle))
             if self.step == self.total_steps and self.cfg.fitted_prior and self.ema.model.condition is None:
                 prior_tensors, prior_meta = self._fit_prior()
                 tensors.update(prior_tensors)
