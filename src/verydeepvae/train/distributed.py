@@ -62,7 +62,8 @@ def choose_device(cfg: Config, local_rank: int, local_world_size: int = 1) -> to
 
 # --- CUDA_devices -----------------------------------------------------------------------------------
 
-# the CUDA_VISIBLE_DEVICES this process set from CUDA_devices ("" = the CPU), once set
+# the CUDA_VISIBLE_DEVICES this process set from CUDA_devices ("" = the CPU), once set; process-wide
+# like the variable itself, which must be set once, before CUDA initialises
 _applied_devices: str | None = None
 
 
@@ -253,6 +254,8 @@ def gather_to_main(obj: Any, runtime: Runtime) -> list[Any] | None:
 
 # --- rank 0 first, then everybody (without collective time-outs) -----------------------------------
 
+# Process-wide on purpose: the calls' store keys must differ across every train() of this process,
+# and torchrun's agent store outlives one process group (a per-Runtime count would restart at 1).
 _main_first_calls = 0
 POLL_SECONDS = 0.2
 
