@@ -6,9 +6,9 @@
 
 The model has freshly initialised weights (the speed does not depend on what it learned).  Columns:
 
-* model: ``generate.iter_samples`` (the decoder's top-down pass with prior draws, and the output
+* model: ``sampling.iter_samples`` (the decoder's top-down pass with prior draws, and the output
   head), per mode: fp32, bf16 autocast, channels-last-3D, both;
-* +write: ``generate.write_samples`` in fp32 (also gzip-compressed NIfTI files, a montage and the
+* +write: ``sampling.write_samples`` in fp32 (also gzip-compressed NIfTI files, a montage and the
   JSON record), i.e. what ``verydeepvae sample`` does.
 
 Modes are interleaved over ``--repeats`` and the best repeat is shown.  CPU timings swing with
@@ -30,7 +30,7 @@ apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_P
 import torch  # noqa: I001
 
 from verydeepvae.config import build_config
-from verydeepvae.generate import iter_samples, write_samples
+from verydeepvae.sampling import iter_samples, write_samples
 from verydeepvae.model import VeryDeepVAE
 
 MODES = ("fp32", "bf16", "channels_last", "bf16+channels_last")

@@ -163,10 +163,10 @@ def test_cuda_without_a_gpu_and_mps_without_mps_are_one_line_exit_2(monkeypatch,
 
 
 def test_training_and_generation_share_the_resolver():
-    from verydeepvae import device, generate
+    from verydeepvae import device, inference
     from verydeepvae.train import distributed
 
-    assert generate.resolve_device is device.resolve_device
+    assert inference.resolve_device is device.resolve_device
     assert distributed.resolve_device is device.resolve_device
 
 

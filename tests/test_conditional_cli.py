@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from verydeepvae.cli import main
-from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TRAIN = ["--preset", "tiny", "--no-progress", "--set", "phantom_num=12", "--set", "subjects_to_plot=1",
@@ -284,7 +284,7 @@ def test_an_unconditional_checkpoint_is_unchanged_and_takes_no_conditions(tmp_pa
     assert "covariates" not in checkpoint.meta and checkpoint.config.condition_on is None
     assert not any(".condition." in k for k in checkpoint.tensors) and not (out / "covariates.json").exists()
     # a checkpoint written before conditioning existed has neither key in its configuration
-    from verydeepvae.train.checkpoint import save_checkpoint
+    from verydeepvae.checkpoint import save_checkpoint
 
     meta = dict(checkpoint.meta)
     meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("condition_on", "covariates_file")}

@@ -64,7 +64,7 @@ def test_later_names_are_accepted():
         "channels_per_latent": [2, 2, 2, 2, 2], "latent_feature_maps_per_resolution": [1, 1, 1, 1, 1],
         "kernel_sizes_bottom_up": [3, 3, 3, 2, 1], "kernel_sizes_top_down": [3, 3, 3, 2, 1],
     })
-    assert cfg.resolved("channels_hidden_top_down") == [3] * 5
+    assert cfg.hidden_top_down_channels == [3] * 5 and cfg.model.channels_hidden_top_down == (3,) * 5
 
 
 def test_shorter_lists_put_the_top_at_a_coarser_level():

@@ -21,7 +21,7 @@ import torch
 from test_legacy import free_port, worker_env
 from verydeepvae.errors import UserError
 from verydeepvae.train import distributed
-from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 
 TIMEOUT = 240
 
@@ -168,7 +168,7 @@ def test_every_ranks_rng_streams_round_trip_through_a_checkpoint(tmp_path):
 
     from verydeepvae.config import build_config
     from verydeepvae.model import VeryDeepVAE
-    from verydeepvae.train.checkpoint import save_checkpoint
+    from verydeepvae.checkpoint import save_checkpoint
     from verydeepvae.train.optim import EMA, UpdateSkipper, build_optimiser
     from verydeepvae.train.state import capture_state, process_rng_state, restore_state
 
@@ -190,7 +190,7 @@ def test_every_ranks_rng_streams_round_trip_through_a_checkpoint(tmp_path):
 
 
 def test_a_safetensors_header_starting_with_byte_0x80_is_not_mistaken_for_a_pickle(tmp_path):
-    from verydeepvae.train.checkpoint import save_checkpoint
+    from verydeepvae.checkpoint import save_checkpoint
 
     for pad in range(256):
         path = save_checkpoint(tmp_path / str(pad), 1, {"a": torch.zeros(2)}, {"pad": "x" * pad})

@@ -101,7 +101,7 @@ def test_held_out_files_follow_the_split(tmp_path):
 def test_streaming_active_units_match_the_metric():
     rng = np.random.default_rng(0)
     z = rng.normal(size=(12, 3, 2, 2, 2)) * np.array([0.01, 0.5, 2.0])[None, :, None, None, None]
-    stats = compute._Welford()
+    stats = M.RunningVariance()
     for start in range(0, 12, 5):
         stats.update(torch.from_numpy(z[start:start + 5]))
     var = stats.variance()
@@ -118,7 +118,7 @@ def test_distances_are_at_the_baseline_for_the_same_distribution_and_far_above_f
     assert shifted["frechet"]["ratio_to_baseline"] > 10
     assert shifted["mmd"]["samples_vs_real_half"] > 10 * max(abs(same["mmd"]["samples_vs_real_half"]), 0.01)
     assert same["frechet"]["real_vs_real"] == pytest.approx(
-        M.real_vs_real_baseline(compute.standardiser(real, real)(real), M.frechet_distance, seed=0, repeats=5),
+        M.real_vs_real_baseline(M.pooled_standardiser(real, real)(real), M.frechet_distance, seed=0, repeats=5),
         rel=0.5)
 
 
@@ -187,11 +187,12 @@ def _untrained(**overrides):
 def test_a_continuous_likelihood_is_not_called_a_code_length():
     volumes = np.random.default_rng(5).uniform(0, 1, (3, 16, 16, 16)).astype(np.float32)
     gaussian = compute.likelihood_section(_untrained(likelihood="gaussian"), volumes, 2, 0, False)
-    assert not gaussian["discrete"] and "not a code length" in gaussian["statement"]
+    assert not gaussian.discrete and "not a code length" in gaussian.statement
     discrete = compute.likelihood_section(_untrained(), volumes, 2, 0, False)
-    assert discrete["discrete"] and "true code length" in discrete["statement"]
-    assert discrete["elbo_bits_per_voxel"]["mean"] > 0
-    assert len(discrete["per_volume_elbo_bits_per_voxel"]) == 3
+    assert discrete.discrete and "true code length" in discrete.statement
+    assert discrete.elbo_bits_per_voxel.mean > 0
+    assert len(discrete.per_volume_elbo_bits_per_voxel) == 3
+    assert discrete.to_json()["elbo_bits_per_voxel"]["mean"] == discrete.elbo_bits_per_voxel.mean
 
 
 # --- the report -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from verydeepvae.config import build_config
 from verydeepvae.generate import load_model
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model.fitted_prior import FittedPrior
-from verydeepvae.train import checkpoint as ckpt
+from verydeepvae import checkpoint as ckpt
 from verydeepvae.train import fit_prior
 
 

@@ -17,7 +17,7 @@ from verydeepvae.cli import main
 from verydeepvae.config import build_config
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.train import precision, state
-from verydeepvae.train.checkpoint import load_checkpoint, save_checkpoint
+from verydeepvae.checkpoint import load_checkpoint, save_checkpoint
 from verydeepvae.train.optim import EMA, UpdateSkipper, build_optimiser, update_loss_scale
 
 
@@ -94,7 +94,7 @@ def test_a_checkpoint_of_an_eight_gpu_run_resumes_on_one_gpu(tmp_path, monkeypat
 def test_resuming_with_another_world_size_says_what_is_not_exact(tmp_path):
     from conftest import write_ellipsoids
 
-    from verydeepvae.train.checkpoint import list_checkpoints
+    from verydeepvae.checkpoint import list_checkpoints
     from verydeepvae.train.loop import train
 
     data = tmp_path / "data"
@@ -184,12 +184,12 @@ def test_out_of_memory_in_training_is_one_line_with_advice(tmp_path, monkeypatch
 
 
 def test_out_of_memory_in_an_inference_command_is_one_line(tmp_path, monkeypatch, capsys):
-    import verydeepvae.cli as cli
+    import verydeepvae.commands as commands
 
     def sample(args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore details")
 
-    monkeypatch.setattr(cli, "_sample", sample)
+    monkeypatch.setattr(commands, "sample_command", sample)
     code = main(["sample", "--checkpoint", str(tmp_path), "--output-dir", str(tmp_path / "s")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
@@ -248,11 +248,12 @@ def test_deterministic_turns_autotuning_off_and_deterministic_algorithms_on(rest
 
 
 def test_deterministic_flag_on_the_command_line_reaches_the_configuration():
-    from verydeepvae.cli import _load_config, build_parser
+    from verydeepvae.cli import build_parser
+    from verydeepvae.commands import load_config
 
     args = build_parser().parse_args(["train", "--preset", "tiny", "--deterministic"])
-    assert args.deterministic and not _load_config(args).deterministic  # set by _train's extra options
-    assert _load_config(args, {"deterministic": True}).deterministic
+    assert args.deterministic and not load_config(args).deterministic  # set by train_command's extra options
+    assert load_config(args, {"deterministic": True}).deterministic
 
 
 def test_cpu_runs_get_no_gpu_backend_notice(restore_backends):
@@ -293,7 +294,7 @@ def test_out_of_memory_advice_uses_the_estimator(monkeypatch):
 
 def test_generation_runs_in_the_precision_the_model_was_trained_in(tmp_path):
     from verydeepvae.generate import load_model
-    from verydeepvae.train.checkpoint import load_checkpoint, save_checkpoint
+    from verydeepvae.checkpoint import load_checkpoint, save_checkpoint
 
     cfg = build_config(preset="tiny", overrides={"precision": "bf16"})
     model = VeryDeepVAE(cfg)

@@ -12,7 +12,7 @@ from verydeepvae import legacy
 from verydeepvae.config import build_config
 from verydeepvae.errors import ConfigError
 from verydeepvae.train import precision
-from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 
 
 def test_half_precision_is_fp16_on_a_gpu_and_bf16_with_a_notice_on_the_cpu(tmp_path):

@@ -17,7 +17,7 @@ from verydeepvae.config import Config, build_config
 from verydeepvae.errors import ConfigError
 from verydeepvae.presets import __file__ as presets_init
 from verydeepvae.train import memory_plan, precision
-from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 from verydeepvae.train.distributed import Runtime
 
 CPU = Runtime(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -251,13 +251,13 @@ def test_nothing_fits_names_the_largest_batch_that_does(data, tmp_path, monkeypa
 
 
 def test_a_training_run_prints_its_choice_uses_it_and_records_it(data, tmp_path, monkeypatch, capsys):
-    from verydeepvae.train import loop
+    from verydeepvae.train import builder
 
     cfg = build_config(preset="tiny")
     _ram(monkeypatch, _ram_for(cfg, [0]))  # level 0 checkpointed just fits
     built = []
-    original = loop.build_model_with_shared_weights
-    monkeypatch.setattr(loop, "build_model_with_shared_weights",
+    original = builder.build_model_with_shared_weights
+    monkeypatch.setattr(builder, "build_model_with_shared_weights",
                         lambda *args: built.append(original(*args)) or built[-1])
     out = tmp_path / "run"
     assert _train(data, out) == 0

@@ -319,12 +319,12 @@ def test_one_data_loader_serves_every_epoch_with_augmentation_keyed_by_epoch(tmp
     from conftest import write_ellipsoids
 
     from verydeepvae.config import build_config
-    from verydeepvae.train import loop
+    from verydeepvae.train import batches, loop
     from verydeepvae.train.sampler import EpochKeyed
 
     created, keys = [], []
-    real_loader, real_getitem = loop.DataLoader, EpochKeyed.__getitem__
-    monkeypatch.setattr(loop, "DataLoader", lambda *a, **k: created.append(1) or real_loader(*a, **k))
+    real_loader, real_getitem = batches.DataLoader, EpochKeyed.__getitem__
+    monkeypatch.setattr(batches, "DataLoader", lambda *a, **k: created.append(1) or real_loader(*a, **k))
     monkeypatch.setattr(EpochKeyed, "__getitem__", lambda self, item: keys.append(item[0]) or real_getitem(self, item))
     write_ellipsoids(tmp_path / "data", 10, size=16)
     cfg = build_config(preset="tiny", overrides={"data_path": str(tmp_path / "data"), "output_dir": str(tmp_path / "run"),

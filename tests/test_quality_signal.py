@@ -15,7 +15,7 @@ from verydeepvae.config import build_config
 from verydeepvae.errors import ConfigError
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.train import quality
-from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 from verydeepvae.train.loop import train
 
 LEVELS = ("res16", "res8", "res4", "res2", "res1")  # the tiny preset's latent levels

@@ -16,7 +16,7 @@ from verydeepvae.config import build_config
 from verydeepvae.evaluate.summary import quality_row
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model.vae import balanced_kl_coefficients
-from verydeepvae.train.checkpoint import Checkpoint
+from verydeepvae.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import torch
 from verydeepvae.cli import main
 from verydeepvae.config import build_config
 from verydeepvae.errors import UserError
-from verydeepvae.train import checkpoint as ckpt
+from verydeepvae import checkpoint as ckpt
 from verydeepvae.train.loop import TrainingStopped, train
 
 

@@ -14,7 +14,7 @@ from verydeepvae.cli import main
 from verydeepvae.config import Config, build_config
 from verydeepvae.errors import UserError
 from verydeepvae.train import resume_changes as rules
-from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 
 
 def test_every_configuration_key_has_exactly_one_rule():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from verydeepvae.cli import main
-from verydeepvae.train.checkpoint import load_checkpoint
+from verydeepvae.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow

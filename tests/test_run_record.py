@@ -15,7 +15,7 @@ import pytest
 from conftest import tiny_train_args
 from verydeepvae.cli import main
 from verydeepvae.train import run_folder
-from verydeepvae.train.checkpoint import list_checkpoints
+from verydeepvae.checkpoint import list_checkpoints
 
 
 @pytest.fixture(scope="module")

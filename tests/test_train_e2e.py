@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from verydeepvae.cli import main
-from verydeepvae.train.checkpoint import list_checkpoints, load_checkpoint
+from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 
 
 def _validation_curve(run: Path) -> list[float]:

@@ -23,8 +23,9 @@ import torch
 from . import conditional
 from .config import Config, build_config
 from .errors import UserError
-from .generate import (TrainedModel, check_temperature, input_files, iter_samples, load_preprocessed, open_trained,
-                       output_stems)
+from .inference import TrainedModel, open_trained
+from .sampling import check_temperature, iter_samples
+from .scan_files import input_files, load_preprocessed, output_stems
 from .volume_io import grid_affine
 from .volume_io import save_nifti as _save_nifti
 

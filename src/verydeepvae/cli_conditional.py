@@ -59,7 +59,7 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, A
     samples.json records about them)."""
     from . import conditional
     from .data.covariates import parse_assignments
-    from .generate import covariate_schema
+    from .inference import covariate_schema
 
     schema = covariate_schema(checkpoint)
     guidance = checked_guidance(args, schema)
@@ -114,12 +114,12 @@ def refuse(trained: Any, command: str) -> None:
 
 
 def add_counterfactual_command(sub) -> None:
-    from .cli import _command, _data_option, _model_options, _output_option  # (cli is loaded: it calls this)
+    from .cli_options import command, data_option, model_options, output_option
 
-    p = _command(sub, "counterfactual", "a scan with other covariates (e.g. older): encode it, decode it with "
+    p = command(sub, "counterfactual", "a scan with other covariates (e.g. older): encode it, decode it with "
                                         "changed covariates; NIfTI volumes, difference maps and a PNG strip")
-    _model_options(p)
-    _data_option(p, "a NIfTI file, a folder of them or a text/CSV list of paths", required=True, dest="input")
+    model_options(p)
+    data_option(p, "a NIfTI file, a folder of them or a text/CSV list of paths", required=True, dest="input")
     p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
     p.add_argument("--condition", action="append", default=[], metavar="NAME=VALUE",
                    help="the changed covariate (repeatable); the others keep the scan's own values")
@@ -130,21 +130,21 @@ def add_counterfactual_command(sub) -> None:
                    help="noise: keep each layer's standardised residual under the prior, so the latents follow "
                         "the new covariates; latents: keep the posterior means themselves")
     add_guidance_option(p, "the change W times (at the scan's own values it is still its reconstruction)")
-    _output_option(p, "folder for the counterfactual volumes, difference maps, PNG strips and counterfactuals.json")
+    output_option(p, "folder for the counterfactual volumes, difference maps, PNG strips and counterfactuals.json")
     p.set_defaults(handler=_counterfactual)
 
 
 def _counterfactual(args: argparse.Namespace) -> int:
-    from . import cli
+    from . import commands
     from .conditional import require_schema, scan_covariates, sweep_values
     from .counterfactual import write_counterfactuals
     from .data.covariates import parse_assignments
-    from .generate import input_files
+    from .scan_files import input_files
 
     change = parse_assignments(args.condition)
     observed = parse_assignments(args.observed, "--observed")
     files = input_files(args.input, args.pattern)
-    trained = cli._open(args)
+    trained = commands.open_model(args)
     schema = require_schema(trained, "counterfactual")
     guidance = checked_guidance(args, schema)
     sweep = sweep_values(schema, args.sweep) if args.sweep else None
@@ -152,9 +152,9 @@ def _counterfactual(args: argparse.Namespace) -> int:
         raise UserError("counterfactual needs --condition NAME=VALUE and/or --sweep NAME=START:STOP:STEP")
     own = scan_covariates(trained, files, observed, args.covariates)  # before the output folder is claimed
     notices: list[str] = []
-    cli._claim(args, "counterfactual")
+    commands.claim_output(args, "counterfactual")
     record = write_counterfactuals(trained, files, args.output_dir, change, sweep, observed, args.covariates,
-                                   args.mode, args.batch_size, cli._progress(args), notices, own=own,
+                                   args.mode, args.batch_size, commands.progress_setting(args), notices, own=own,
                                    guidance=guidance)
     for note in notices:
         _notice(note)
@@ -168,7 +168,7 @@ def _counterfactual(args: argparse.Namespace) -> int:
 
 def show_schema(checkpoint: Any) -> list[str]:
     """Lines of ``config show --checkpoint`` about a conditional model's covariates."""
-    from .generate import covariate_schema
+    from .inference import covariate_schema
 
     schema = covariate_schema(checkpoint)
     return schema.summary_lines() if schema is not None else ["unconditional model (no covariates)"]

@@ -32,7 +32,8 @@ from .atomic import write_json
 from .data.covariates import Value
 from .errors import UserError
 from .console import bar
-from .generate import TrainedModel, load_preprocessed, output_stems
+from .inference import TrainedModel
+from .scan_files import load_preprocessed, output_stems
 from .viz_conditional import save_counterfactual_strip
 from .volume_io import grid_affine, save_nifti
 
@@ -97,13 +98,7 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
     output_dir.mkdir(parents=True, exist_ok=True)
     model, stems, rows = trained.model, output_stems(files), []
     for i in bar(range(len(files)), desc="counterfactual", unit="scan", show=show_progress):
-        targets, labels = [], []
-        if change:
-            targets.append({**own[i], **change})
-            labels.append("counterfactual")
-        for value in (sweep[1] if sweep else []):
-            targets.append({**own[i], **change, sweep[0]: value})
-            labels.append(value_label(sweep[0], value))
+        targets, labels = _targets(own[i], change, sweep)
         for target in targets:
             for name, value in target.items():
                 note = schema.get(name).out_of_range(value)
@@ -112,19 +107,7 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
         recon, outs = counterfactual_volumes(model, volumes[i], schema.encode([own[i]])[0], schema.encode(targets),
                                              mode, batch_size, trained.device, guidance)
         affine = grid_affine((model.resolution,) * 3, float(metas[i]["voxel_size_mm"]))
-        written = {"input": f"{stems[i]}_input.nii.gz", "reconstruction": f"{stems[i]}_recon.nii.gz"}
-        save_nifti(volumes[i], output_dir / written["input"], affine, description="verydeepvae preprocessed input")
-        save_nifti(recon, output_dir / written["reconstruction"], affine, description="verydeepvae reconstruction")
-        entries = []
-        for target, label, volume in zip(targets, labels, outs):
-            name = f"{stems[i]}_{label}.nii.gz"
-            save_nifti(volume, output_dir / name, affine, description=f"verydeepvae counterfactual {label}"[:79])
-            entry = {"covariates": target, "file": name}
-            if label == "counterfactual":
-                entry["difference"] = f"{stems[i]}_difference.nii.gz"
-                save_nifti(volume - recon, output_dir / entry["difference"], affine,
-                           description="verydeepvae counterfactual minus reconstruction")
-            entries.append(entry)
+        written, entries = _write_scan(output_dir, stems[i], affine, volumes[i], recon, targets, labels, outs)
         figure = f"{stems[i]}_{'sweep' if sweep else 'counterfactual'}.png"
         titles = ["input", "recon. (own)"] + [_title(t, change, sweep) for t in targets]
         save_counterfactual_strip([volumes[i], recon, *outs], titles, recon, output_dir / figure,
@@ -143,6 +126,39 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
     }
     write_json(output_dir / "counterfactuals.json", record)
     return record
+
+
+def _targets(own: dict[str, Value], change: Mapping[str, Value], sweep) -> tuple[list[dict[str, Value]], list[str]]:
+    """One scan's target covariates and their file labels: the ``change``, then each sweep value."""
+    targets, labels = [], []
+    if change:
+        targets.append({**own, **change})
+        labels.append("counterfactual")
+    for value in (sweep[1] if sweep else []):
+        targets.append({**own, **change, sweep[0]: value})
+        labels.append(value_label(sweep[0], value))
+    return targets, labels
+
+
+def _write_scan(output_dir: Path, stem: str, affine: np.ndarray, volume: np.ndarray, recon: np.ndarray,
+                targets: list[dict[str, Value]], labels: list[str], outs: np.ndarray
+                ) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """One scan's preprocessed input, reconstruction, counterfactuals and (for ``--condition``) the
+    difference map, on the model grid; returns (input/reconstruction file names, one entry per target)."""
+    written = {"input": f"{stem}_input.nii.gz", "reconstruction": f"{stem}_recon.nii.gz"}
+    save_nifti(volume, output_dir / written["input"], affine, description="verydeepvae preprocessed input")
+    save_nifti(recon, output_dir / written["reconstruction"], affine, description="verydeepvae reconstruction")
+    entries = []
+    for target, label, out in zip(targets, labels, outs):
+        name = f"{stem}_{label}.nii.gz"
+        save_nifti(out, output_dir / name, affine, description=f"verydeepvae counterfactual {label}"[:79])
+        entry = {"covariates": target, "file": name}
+        if label == "counterfactual":
+            entry["difference"] = f"{stem}_difference.nii.gz"
+            save_nifti(out - recon, output_dir / entry["difference"], affine,
+                       description="verydeepvae counterfactual minus reconstruction")
+        entries.append(entry)
+    return written, entries
 
 
 def _title(target: Mapping[str, Value], change: Mapping[str, Value], sweep) -> str:

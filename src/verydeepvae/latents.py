@@ -21,8 +21,8 @@ from .atomic import write_json, write_safetensors
 from .errors import UserError
 from .console import bar
 from .data.native_space import checked_geometry, native_geometry
-from .generate import (NATIVE_NOTE, TrainedModel, load_preprocessed, output_stems, safe_file_stem,
-                       to_data_intensity, unique_names, write_native)
+from .inference import TrainedModel, to_data_intensity
+from .scan_files import NATIVE_NOTE, load_preprocessed, output_stems, safe_file_stem, unique_names, write_native
 from .model import VeryDeepVAE
 from .volume_io import grid_affine, save_nifti
 
@@ -165,6 +165,21 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return out.reshape(a.shape).to(a.dtype)
 
 
+def _interpolated_frames(model, zs: list[torch.Tensor], ts: list[float], method: str, batch_size: int,
+                         show_progress: bool | None) -> list[np.ndarray]:
+    """Decode every layer's latents mixed at each t of ``ts`` (``zs``: per layer, A's and B's
+    posterior means stacked); volumes (R, R, R) in the model range [0, 1]."""
+    frames: list[np.ndarray] = []
+    for start in bar(range(0, len(ts), batch_size), desc="interpolate", unit="batch", show=show_progress):
+        chunk = ts[start:start + batch_size]
+        batch = []
+        for z in zs:
+            mix = [slerp(z[0], z[1], t) if method == "slerp" else (1 - t) * z[0] + t * z[1] for t in chunk]
+            batch.append(torch.stack(mix).float())
+        frames.extend(model.decode(batch).float().cpu()[:, 0].numpy())
+    return frames
+
+
 def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, output_dir: str | Path,
                 steps: int = 8, method: str = "slerp", batch_size: int = 4, intensity: str = "model",
                 show_progress: bool | None = True) -> list[Path]:
@@ -186,16 +201,8 @@ def interpolate(trained: TrainedModel, file_a: str | Path, file_b: str | Path, o
     files = [Path(file_a), Path(file_b)]
     volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=False)
     x = torch.from_numpy(volumes)[:, None].to(device)
-    zs = model.encode(x)
     ts = [k / (steps - 1) for k in range(steps)]
-    frames: list[np.ndarray] = []
-    for start in bar(range(0, steps, batch_size), desc="interpolate", unit="batch", show=show_progress):
-        chunk = ts[start:start + batch_size]
-        batch = []
-        for z in zs:
-            mix = [slerp(z[0], z[1], t) if method == "slerp" else (1 - t) * z[0] + t * z[1] for t in chunk]
-            batch.append(torch.stack(mix).float())
-        frames.extend(model.decode(batch).float().cpu()[:, 0].numpy())
+    frames = _interpolated_frames(model, model.encode(x), ts, method, batch_size, show_progress)
     va, vb = float(metas[0]["voxel_size_mm"]), float(metas[1]["voxel_size_mm"])
     paths = []
     for k, (t, frame) in enumerate(zip(ts, frames)):

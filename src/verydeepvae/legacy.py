@@ -136,15 +136,6 @@ ORIGINAL_ONLY: dict[str, tuple[str, tuple[Any, ...] | None]] = {
     "prob_spiking": ("scanner artefacts are not simulated", None),
 }
 
-# Original keys with a direct counterpart that config.LEGACY_RENAMES does not (yet) know.
-EXTRA_RENAMES = {
-    "prob_affine": "aug_prob_affine",
-    "prob_three_d_elastic": "aug_prob_elastic",
-    "prob_anisotroper": "aug_prob_anisotropy",
-    "prob_haircut": "aug_prob_haircut",
-}
-
-
 # --- command line ----------------------------------------------------------------------------------
 
 
@@ -213,9 +204,6 @@ def translate(hyper_params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
                                   "'discretised_logistic' (the default)")
             overrides["likelihood"] = "gaussian" if str(value).lower() == "gaussian" else value
             continue
-        if key in EXTRA_RENAMES:
-            overrides[EXTRA_RENAMES[key]] = value
-            continue
         if key in ORIGINAL_ONLY:
             reason, accepted = ORIGINAL_ONLY[key]
             if accepted is not None and value not in accepted:
@@ -233,7 +221,7 @@ def translate(hyper_params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 def canonical_key(key: str) -> str:
     """The configuration field an original or current key name sets."""
-    return LEGACY_RENAMES.get(key, EXTRA_RENAMES.get(key, key))
+    return LEGACY_RENAMES.get(key, key)
 
 
 def merge_keys(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

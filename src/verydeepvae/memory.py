@@ -110,15 +110,13 @@ def estimate(cfg: Config) -> MemoryEstimate:
     f32 = 4
     n = cfg.num_levels
     res = cfg.level_resolutions()
-    enc_w = cfg.resolved("channels")
-    enc_h = cfg.resolved("channels_hidden")
-    dec_w = cfg.resolved("channels_top_down")
-    dec_h = cfg.resolved("channels_hidden_top_down")
+    enc_w = list(cfg.channels)
+    enc_h = cfg.hidden_channels
+    dec_w = cfg.top_down_channels
+    dec_h = cfg.hidden_top_down_channels
     z_ch = cfg.channels_per_latent
     layers = cfg.latent_feature_maps_per_resolution
-    blocks = [2] * n
-    if cfg.only_use_one_conv_block_at_top:
-        blocks[-1] = 1
+    blocks = cfg.model.encoder_blocks_per_level()
 
     levels = []
     for lv in range(n):

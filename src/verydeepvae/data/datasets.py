@@ -128,38 +128,20 @@ class WithCovariates(Dataset):
 
 
 def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None = None,
-                   show_progress: bool | None = None) -> DataBundle:
+                   show_progress: bool | None = None, is_main: bool = True) -> DataBundle:
     """Everything the training loop needs from the data (see the module notes); ``show_progress``
-    False hides the bars of checking and preprocessing the files."""
+    False hides the bars of checking and preprocessing the files.  ``is_main``: this process is
+    global rank 0 (or the only one): it alone writes the shared files (split.json, covariates.json,
+    skipped_files.txt) and shows bars; the other ranks compute the same and read them."""
     notices = [] if notices is None else notices
     output_dir = Path(output_dir)
-    show = _show_progress(show_progress)
+    show = show_progress if is_main else False
     settings = PreprocessSettings.from_config(cfg)
     cache_root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else output_dir / "cache"
     cache = VolumeCache(cache_root, settings)
     split_path = output_dir / discover.SPLIT_FILE
     seed = int(cfg.seed) if cfg.seed is not None else 0
-
-    saved = None
-    phantom_root = None
-    if split_path.exists():
-        train_names, val_names, info = discover.load_split(split_path)
-        saved = (train_names, val_names)
-        files = [Path(f) for f in dict.fromkeys(train_names + val_names)]
-        source = str(info.get("data_source", split_path))
-        current = _describe_source(cfg)
-        if current is not None and info.get("data_source") not in (None, current):
-            notices.append(
-                f"using the saved split {split_path} (made from {info.get('data_source')}), not {current}; "
-                "delete it or use a new output_dir to split other data"
-            )
-    else:
-        root = Path(cfg.data_path).expanduser() if cfg.data_path else phantom_folder(cfg, cache_root, show)
-        phantom_root = None if cfg.data_path else root
-        source = str(root.resolve())
-        found = discover.discover_files(root, cfg.nifti_filename_pattern, exclude=[output_dir], notices=notices)
-        files = discover.cap_files(found, cfg.max_niis_to_use)
-
+    files, source, saved, phantom_root = _file_list(cfg, output_dir, split_path, cache_root, show, notices)
     conditioning = covariate_bad = None
     total = len(files)
     if getattr(cfg, "condition_on", None):  # before any preprocessing: a bad row writes nothing
@@ -171,14 +153,62 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
         notices.extend(meta[1].get("warnings", []))
     bad = (covariate_bad or []) + bad
     if bad:
-        _handle_bad(bad, total, cfg.skip_bad_files, output_dir, notices, write_report=_is_main_rank())
+        _handle_bad(bad, total, cfg.skip_bad_files, output_dir, notices, write_report=is_main)
     good = [str(f) for f in files if str(f) in prepared]
     if not good:
         raise DataError(f"none of the {total} input files from {source} can be used")
+    train_names, val_names = _split(cfg, good, saved, prepared, split_path, source, seed, is_main, notices)
+    augmenter = None
+    aug = AugmentSettings.from_config(cfg)
+    if cfg.augment and aug.any():
+        augmenter = Augmenter(aug, cfg.resolution)
+    train = _dataset(train_names, prepared, cache, augmenter)
+    val = _dataset(val_names, prepared, cache, None)
+    schema = None
+    if conditioning is not None:
+        schema = _attach_covariates(conditioning, train, val, output_dir, seed, write=saved is None and is_main)
+    bundle = DataBundle(
+        train=train, val=val, voxel_size_mm=float(np.median([m["voxel_size_mm"] for m in train.metas])),
+        train_files=list(train_names), val_files=list(val_names),
+        skipped_files=[p for p, _ in bad] if bad else [], intensity_reference=_intensity_reference(train, settings),
+        data_source=source, cache_dir=str(cache_root), split_file=str(split_path), notices=notices,
+        covariates=schema,
+    )
+    if cfg.visualise_training_pipeline_before_starting and show is not False:  # rank 0 only
+        from .pipeline_preview import write_pipeline_preview
 
+        folder = write_pipeline_preview(bundle, output_dir, max(1, cfg.subjects_to_plot))
+        notices.append(f"training pipeline preview written to {folder}")
+    return bundle
+
+
+def _file_list(cfg: Any, output_dir: Path, split_path: Path, cache_root: Path, show: bool | None,
+               notices: list[str]) -> tuple[list[Path], str, tuple[list[str], list[str]] | None, Path | None]:
+    """(the files, where they come from, the saved (train, validation) names of a split.json or
+    None, the phantom population's folder or None)."""
+    if split_path.exists():
+        train_names, val_names, info = discover.load_split(split_path)
+        files = [Path(f) for f in dict.fromkeys(train_names + val_names)]
+        source = str(info.get("data_source", split_path))
+        current = _describe_source(cfg)
+        if current is not None and info.get("data_source") not in (None, current):
+            notices.append(
+                f"using the saved split {split_path} (made from {info.get('data_source')}), not {current}; "
+                "delete it or use a new output_dir to split other data"
+            )
+        return files, source, (train_names, val_names), None
+    root = Path(cfg.data_path).expanduser() if cfg.data_path else phantom_folder(cfg, cache_root, show)
+    found = discover.discover_files(root, cfg.nifti_filename_pattern, exclude=[output_dir], notices=notices)
+    return discover.cap_files(found, cfg.max_niis_to_use), str(root.resolve()), None, None if cfg.data_path else root
+
+
+def _split(cfg: Any, good: list[str], saved: tuple[list[str], list[str]] | None, prepared: dict, split_path: Path,
+           source: str, seed: int, is_main: bool, notices: list[str]) -> tuple[list[str], list[str]]:
+    """(training, validation) names: a fresh seeded split (recorded in split.json by rank 0), or the
+    saved one without the files that can no longer be used."""
     if saved is None:
         train_names, val_names = discover.split_keeping_copies_together(good, cfg.train_fraction, seed, notices)
-        if _is_main_rank():  # other ranks compute the same split; rank 0 records it
+        if is_main:  # other ranks compute the same split; rank 0 records it
             discover.save_split(split_path, train_names, val_names, {
                 "data_source": source, "seed": seed, "train_fraction": cfg.train_fraction,
                 "max_niis_to_use": cfg.max_niis_to_use, "nifti_filename_pattern": cfg.nifti_filename_pattern,
@@ -193,39 +223,22 @@ def build_datasets(cfg: Any, output_dir: str | Path, notices: list[str] | None =
             notices.append("no validation file of the saved split can be used; validating on a training file")
     if len(good) == 1:
         notices.append("only one usable input file: it is used for both training and validation")
+    return train_names, val_names
 
-    augmenter = None
-    aug = AugmentSettings.from_config(cfg)
-    if cfg.augment and aug.any():
-        augmenter = Augmenter(aug, cfg.resolution)
-    train = _dataset(train_names, prepared, cache, augmenter)
-    val = _dataset(val_names, prepared, cache, None)
-    schema = None
-    if conditioning is not None:
-        schema = _attach_covariates(conditioning, train, val, output_dir, seed, write=saved is None and _is_main_rank())
-    train_metas = train.metas
-    voxel = float(np.median([m["voxel_size_mm"] for m in train_metas]))
-    reference = {
-        "low": float(np.median([m["clamp_low"] for m in train_metas])),
-        "high": float(np.median([m["clamp_high"] for m in train_metas])),
+
+def _intensity_reference(train: VolumeDataset, settings: PreprocessSettings) -> dict[str, Any]:
+    """How model intensities map back to the data's scale: medians over the training files of the
+    per-file clamp values (what ``--intensity data`` uses)."""
+    metas = train.metas
+    return {
+        "low": float(np.median([m["clamp_low"] for m in metas])),
+        "high": float(np.median([m["clamp_high"] for m in metas])),
         "clamp_percentiles": list(settings.clamp_percentiles),
-        "voxel_size_mm_range": [float(min(m["voxel_size_mm"] for m in train_metas)),
-                                float(max(m["voxel_size_mm"] for m in train_metas))],
+        "voxel_size_mm_range": [float(min(m["voxel_size_mm"] for m in metas)),
+                                float(max(m["voxel_size_mm"] for m in metas))],
         "mapping": "data = low + model * (high - low); low/high are medians over training files of the "
                    "per-file intensity clamp values (0 maps to background)",
     }
-    bundle = DataBundle(
-        train=train, val=val, voxel_size_mm=voxel, train_files=list(train_names), val_files=list(val_names),
-        skipped_files=[p for p, _ in bad] if bad else [], intensity_reference=reference,
-        data_source=source, cache_dir=str(cache_root), split_file=str(split_path), notices=notices,
-        covariates=schema,
-    )
-    if cfg.visualise_training_pipeline_before_starting and show is not False:  # rank 0 only
-        from .pipeline_preview import write_pipeline_preview
-
-        folder = write_pipeline_preview(bundle, output_dir, max(1, cfg.subjects_to_plot))
-        notices.append(f"training pipeline preview written to {folder}")
-    return bundle
 
 
 def _conditioning(cfg: Any, files: Sequence[Path | str], output_dir: Path, phantom_root: Path | None,
@@ -274,16 +287,6 @@ def _describe_source(cfg: Any) -> str | None:
     if cfg.data_path is None:
         return None
     return str(Path(cfg.data_path).expanduser().resolve())
-
-
-def _is_main_rank() -> bool:
-    """Global rank 0 (or no torch.distributed at all): the only process that writes shared files."""
-    return os.environ.get("RANK") in (None, "", "0")
-
-
-def _show_progress(show: bool | None) -> bool | None:
-    """Bars on rank 0 only (where they are shown at all: console.show_bar)."""
-    return show if _is_main_rank() else False
 
 
 def _handle_bad(bad: list[tuple[str, str]], total: int, skip: bool, output_dir: Path, notices: list[str],

@@ -219,6 +219,22 @@ def generate_volume(
     index = index[inside]
     gm, wm, csf, ventricle, lesion = (a[inside] for a in (gm, wm, csf, ventricle, lesion))
 
+    image = _image(rng, f, bias, index, resolution, csf=csf, gm=gm, wm=wm, lesion=lesion)
+
+    _record_volumes(f, periventricular, index.size, resolution,
+                    {"gm": gm, "wm": wm, "csf": csf, "ventricle": ventricle, "lesion": lesion})
+    if not return_labels:
+        return image, f
+    fractions = np.stack([csf - ventricle, gm, wm, lesion, ventricle])
+    labels = np.zeros(resolution**3, dtype=np.uint8)
+    labels[index] = np.argmax(fractions, axis=0) + 1
+    return image, f, labels.reshape((resolution,) * 3)
+
+
+def _image(rng: np.random.Generator, f: dict[str, Any], bias: np.ndarray, index: np.ndarray, resolution: int,
+           csf: np.ndarray, gm: np.ndarray, wm: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """The FLAIR-like image (R, R, R) in [0, 1] from the brain voxels' (``index``) tissue fractions:
+    each tissue's intensity, the bias field, then Rician noise (the last draws from ``rng``)."""
     values = (
         f["csf_intensity"] * csf + f["gm_intensity"] * gm + f["wm_intensity"] * wm + f["lesion_intensity"] * lesion
     )
@@ -228,20 +244,19 @@ def generate_volume(
     values = np.sqrt((values + noise[0]) ** 2 + noise[1] ** 2)
     image = np.zeros(resolution**3, dtype=np.float32)
     image[index] = np.clip(values, 0.0, 1.0)
-    image = image.reshape((resolution,) * 3)
+    return image.reshape((resolution,) * 3)
 
+
+def _record_volumes(f: dict[str, Any], periventricular: np.ndarray, brain_voxels: int, resolution: int,
+                    fractions: dict[str, np.ndarray]) -> None:
+    """The truth recorded with a subject (participants.tsv): lesion counts, and each tissue's
+    volume in ml (its partial-volume fractions summed over the brain's voxels)."""
     ml = voxel_size_mm(resolution) ** 3 / 1000.0
     f["lesion_count_periventricular"] = int(periventricular.sum())
     f["lesion_count_deep"] = int((~periventricular).sum())
-    for name, fraction in (("gm", gm), ("wm", wm), ("csf", csf), ("ventricle", ventricle), ("lesion", lesion)):
+    for name, fraction in fractions.items():
         f[f"{name}_volume_ml"] = float(fraction.sum(dtype=np.float64) * ml)
-    f["brain_volume_ml"] = float(index.size * ml)
-    if not return_labels:
-        return image, f
-    fractions = np.stack([csf - ventricle, gm, wm, lesion, ventricle])
-    labels = np.zeros(resolution**3, dtype=np.uint8)
-    labels[index] = np.argmax(fractions, axis=0) + 1
-    return image, f, labels.reshape((resolution,) * 3)
+    f["brain_volume_ml"] = float(brain_voxels * ml)
 
 
 def _check_resolution(resolution: int) -> int:

@@ -44,7 +44,6 @@ def anatomy() -> Anatomy:
     # Pial distance: mm to the nearest sulcal/cisternal CSF (fraction > 0.2, ventricles
     # excluded) or to the outside of the brain. Cortical thinning by t mm turns the grey matter
     # closer than t to it into CSF, so sulci widen and the cortex recedes from the surface.
-    # within ~2 mm. Cortical thinning turns grey matter into CSF in proportion to it.
     pial = (sulcal > 0.2) | (mask < 0.5)
     pial_distance = ndi.distance_transform_edt(~pial) * vox
     channels = np.stack([atlas.gm, atlas.wm, atlas.csf, atlas.ventricle, pial_distance]).astype(np.float32)

@@ -10,7 +10,6 @@ so that set-size effects cancel in the comparison.
 from __future__ import annotations
 
 import importlib
-import math
 from typing import Any, Callable
 
 import numpy as np
@@ -19,43 +18,25 @@ import torch
 from .. import metrics as M
 from ..console import bar
 from ..errors import UserError
-from ..generate import BACKGROUND_LEVEL, LN2, TrainedModel, elbo_terms
+from ..inference import BACKGROUND_LEVEL, LN2, TrainedModel, elbo_terms
+from .population import DiversitySection
+from .sections import LikelihoodSection, ReconstructionSection, Stats
 
-ACTIVE_THRESHOLD = 0.01
+ACTIVE_THRESHOLD = M.ACTIVE_THRESHOLD
 
 
 # --- likelihood, KL per layer, active units -------------------------------------------------------
 
 
-class _Welford:
-    """Streaming per-unit mean and variance (float64), for the active-units count."""
-
-    def __init__(self, dtype: torch.dtype = torch.float64):
-        self.n, self.mean, self.m2, self.dtype = 0, None, None, dtype
-
-    def update(self, batch: torch.Tensor) -> None:
-        for row in batch.to(self.dtype).flatten(1):
-            self.n += 1
-            if self.mean is None:
-                self.mean, self.m2 = row.clone(), torch.zeros_like(row)
-                continue
-            delta = row - self.mean
-            self.mean += delta / self.n
-            self.m2 += delta * (row - self.mean)
-
-    def variance(self) -> np.ndarray:
-        return (self.m2 / max(self.n, 1)).cpu().numpy()
-
-
 def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: int, seed: int,
-                       show_progress: bool | None, covariates: np.ndarray | None = None) -> dict[str, Any]:
+                       show_progress: bool | None, covariates: np.ndarray | None = None) -> LikelihoodSection:
     """Negative ELBO (nats and bits per voxel), its terms, KL per latent layer and active units
     (``covariates`` (N, dim): the held-out volumes' own, for a conditional model)."""
     model, device = trained.model, trained.device
     elbo, nll, kl = [], [], []
     # float64 running moments; float32 for models with very many latent units (128³ presets), to bound memory
     dtype = torch.float64 if model.latent_dimensions() <= 20_000_000 else torch.float32
-    stats = [_Welford(dtype) for _ in range(model.num_layers)]
+    stats = [M.RunningVariance(dtype) for _ in range(model.num_layers)]
     for start in bar(range(0, len(heldout), batch_size), desc="likelihood", unit="batch", show=show_progress):
         x = torch.from_numpy(heldout[start:start + batch_size])[:, None].to(device)
         c = _batch_covariates(covariates, start, batch_size, device)
@@ -78,20 +59,13 @@ def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: i
         })
     units = None
     if n >= 2:
-        per_layer = []
-        for i, s in enumerate(stats):
-            var = s.variance()
-            per_layer.append({"name": f"{i:02d} ({model.resolution >> model.layer_levels[i]}³)",
-                              "active": int(np.sum(var > ACTIVE_THRESHOLD)), "units": int(var.size),
-                              "fraction": float(np.mean(var > ACTIVE_THRESHOLD))})
-            layers[i]["active_units"] = per_layer[-1]["active"]
-            layers[i]["units"] = per_layer[-1]["units"]
-        total_a, total_u = sum(p["active"] for p in per_layer), sum(p["units"] for p in per_layer)
-        units = {"threshold": ACTIVE_THRESHOLD, "num_volumes": n, "per_layer": per_layer, "total_active": total_a,
-                 "total_units": total_u, "fraction_active": total_a / total_u if total_u else 0.0,
-                 "definition": "a unit is active when the variance over held-out volumes of its posterior mean "
+        names = [f"{i:02d} ({model.resolution >> model.layer_levels[i]}³)" for i in range(len(stats))]
+        units = M.active_units_from_variances([s.variance() for s in stats], n, names, ACTIVE_THRESHOLD)
+        for layer, counted in zip(layers, units["per_layer"]):
+            layer["active_units"], layer["units"] = counted["active"], counted["units"]
+        units["definition"] = ("a unit is active when the variance over held-out volumes of its posterior mean "
                                f"exceeds {ACTIVE_THRESHOLD} (Burda et al. 2016); posterior means from one pass "
-                               "with every layer at its posterior mean"}
+                               "with every layer at its posterior mean")
     if discrete:
         statement = (f"The output likelihood is a discretised logistic over {model.likelihood.num_bins} intensity "
                      "bins, so the negative ELBO is a true code length: an upper bound on -log2 P(x) of the "
@@ -101,15 +75,13 @@ def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: i
         statement = ("The output likelihood is a continuous Gaussian density: the negative ELBO in bits/voxel is a "
                      "differential quantity, can be negative, is not a code length and is not comparable with "
                      "discrete (bits/dim) figures.")
-    return {
-        "num_volumes": n, "discrete": discrete, "statement": statement,
-        "estimator": "one posterior sample per volume (seeded); the negative ELBO bounds the negative "
-                     "log-likelihood from above",
-        "elbo_nats_per_voxel": _stats(elbo), "elbo_bits_per_voxel": _stats(elbo / LN2),
-        "reconstruction_bits_per_voxel": _stats(nll / LN2), "kl_bits_per_voxel": _stats(kl.sum(1) / LN2),
-        "per_volume_elbo_bits_per_voxel": (elbo / LN2).tolist(),
-        "kl_per_layer": layers, "active_units": units,
-    }
+    return LikelihoodSection(
+        num_volumes=n, discrete=discrete, statement=statement,
+        estimator="one posterior sample per volume (seeded); the negative ELBO bounds the negative "
+                  "log-likelihood from above",
+        elbo_nats_per_voxel=Stats.of(elbo), elbo_bits_per_voxel=Stats.of(elbo / LN2),
+        reconstruction_bits_per_voxel=Stats.of(nll / LN2), kl_bits_per_voxel=Stats.of(kl.sum(1) / LN2),
+        per_volume_elbo_bits_per_voxel=(elbo / LN2).tolist(), kl_per_layer=layers, active_units=units)
 
 
 # --- reconstruction -------------------------------------------------------------------------------
@@ -117,7 +89,7 @@ def likelihood_section(trained: TrainedModel, heldout: np.ndarray, batch_size: i
 
 def reconstruction_section(trained: TrainedModel, heldout: np.ndarray, batch_size: int,
                            show_progress: bool | None, covariates: np.ndarray | None = None
-                           ) -> tuple[dict[str, Any], np.ndarray]:
+                           ) -> tuple[ReconstructionSection, np.ndarray]:
     """PSNR, SSIM and MAE of posterior-mean reconstructions, whole volume and foreground only."""
     model, device = trained.model, trained.device
     recons = []
@@ -127,29 +99,29 @@ def reconstruction_section(trained: TrainedModel, heldout: np.ndarray, batch_siz
         recons.append(model.reconstruct(x, covariates=c).float().cpu()[:, 0].numpy())
     recon = np.concatenate(recons)
     mask = heldout > BACKGROUND_LEVEL
-    out = {
-        "num_volumes": len(heldout), "latents": "posterior mean at every layer", "data_range": 1.0,
-        "note": "model intensity range [0, 1]; 'foreground' averages over voxels where the input is above "
-                "background (> 0.5/255) only, so the empty background does not inflate the scores",
-        "psnr_db": _stats(M.psnr(heldout, recon)), "ssim": _stats(M.ssim3d(heldout, recon)),
-        "mae": _stats(M.mae(heldout, recon)),
-    }
+    foreground = None
     if mask.reshape(len(mask), -1).any(axis=1).all():
-        out["foreground"] = {"psnr_db": _stats(M.psnr(heldout, recon, mask=mask)),
-                             "mae": _stats(M.mae(heldout, recon, mask=mask))}
-    return out, recon
+        foreground = {"psnr_db": Stats.of(M.psnr(heldout, recon, mask=mask)),
+                      "mae": Stats.of(M.mae(heldout, recon, mask=mask))}
+    section = ReconstructionSection(
+        num_volumes=len(heldout), latents="posterior mean at every layer", data_range=1.0,
+        note="model intensity range [0, 1]; 'foreground' averages over voxels where the input is above "
+             "background (> 0.5/255) only, so the empty background does not inflate the scores",
+        psnr_db=Stats.of(M.psnr(heldout, recon)), ssim=Stats.of(M.ssim3d(heldout, recon)),
+        mae=Stats.of(M.mae(heldout, recon)), foreground=foreground)
+    return section, recon
 
 
 # --- diversity ------------------------------------------------------------------------------------
 
 
-def diversity_section(samples: np.ndarray, heldout: np.ndarray, num_pairs: int, seed: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"what": "mean 3D MS-SSIM over random pairs of distinct volumes; lower = more diverse; "
-                                   "the goal is to match the real value"}
-    for name, volumes in (("samples", samples), ("real", heldout)):
-        out[name] = M.pairwise_ms_ssim(volumes, num_pairs=num_pairs, seed=seed) if len(volumes) >= 2 else None
-    out["settings"] = (out["samples"] or out["real"] or {}).get("settings")
-    return out
+def diversity_section(samples: np.ndarray, heldout: np.ndarray, num_pairs: int, seed: int) -> DiversitySection:
+    pairs = {name: M.pairwise_ms_ssim(volumes, num_pairs=num_pairs, seed=seed) if len(volumes) >= 2 else None
+             for name, volumes in (("samples", samples), ("real", heldout))}
+    return DiversitySection(
+        what="mean 3D MS-SSIM over random pairs of distinct volumes; lower = more diverse; the goal is to match "
+             "the real value",
+        samples=pairs["samples"], real=pairs["real"], settings=(pairs["samples"] or pairs["real"] or {}).get("settings"))
 
 
 # --- feature distances ----------------------------------------------------------------------------
@@ -196,19 +168,9 @@ def load_plugin(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str
     return obj, {"kind": "plugin", "spec": spec, "label": name, "note": "features from a user-supplied plug-in"}
 
 
-def standardiser(real_feats: np.ndarray, sample_feats: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """Z-scoring with the mean and std of the pooled real + sample features, applied alike to every set.
-
-    Pooled rather than real-only statistics: a feature that is (nearly) constant over the real volumes
-    but not over the samples (e.g. a background corner) would otherwise be divided by ~0 and swamp
-    every distance."""
-    pooled = np.concatenate([np.asarray(real_feats, np.float64), np.asarray(sample_feats, np.float64)])
-    return lambda feats: M.standardize_features(feats, pooled)
-
-
 def distance_section(sample_feats: np.ndarray, real_feats: np.ndarray, seed: int, repeats: int) -> dict[str, Any]:
-    """Fréchet distance and MMD on standardised features (:func:`standardiser`)."""
-    z = standardiser(real_feats, sample_feats)
+    """Fréchet distance and MMD on standardised features (:func:`metrics.pooled_standardiser`)."""
+    z = M.pooled_standardiser(real_feats, sample_feats)
     s, r = z(sample_feats), z(real_feats)
     out: dict[str, Any] = {"num_samples": len(s), "num_real": len(r),
                            "standardisation": "z-scores with the pooled held-out real + sample features' mean/std"}
@@ -218,31 +180,11 @@ def distance_section(sample_feats: np.ndarray, real_feats: np.ndarray, seed: int
         if len(s) >= 2 and len(r) >= 2:
             entry["samples_vs_real"] = float(fn(s, r))
         if len(r) >= 4:
-            entry.update(_matched(s, r, fn, seed, repeats))
+            entry.update(M.matched_to_baseline(s, r, fn, seed, repeats))
         out[name] = entry
     out["frechet"]["definition"] = ("squared Fréchet distance between Gaussians fitted to the two feature sets "
                                     "(Ledoit-Wolf covariances); not FID")
     out["mmd"]["definition"] = "unbiased MMD² with an RBF kernel, median-heuristic bandwidth"
-    return out
-
-
-def _matched(samples: np.ndarray, real: np.ndarray, fn, seed: int, repeats: int) -> dict[str, Any]:
-    """fn(real half A, real half B) and fn(samples subset of the same size, real half A), averaged
-    over ``repeats`` random splits (the baseline equals metrics.real_vs_real_baseline's)."""
-    half = len(real) // 2
-    baseline = M.real_vs_real_baseline(real, fn, seed=seed, repeats=repeats)
-    rng = np.random.default_rng(seed)
-    pick_rng = np.random.default_rng(seed + 1)
-    values = []
-    for _ in range(max(1, repeats)):
-        perm = rng.permutation(len(real))
-        pick = pick_rng.permutation(len(samples))[:half]
-        if len(pick) >= 2:
-            values.append(float(fn(samples[pick], real[perm[:half]])))
-    out = {"real_vs_real": baseline, "set_size": half, "repeats": repeats}
-    if values:
-        out["samples_vs_real_half"] = float(np.mean(values))
-        out["ratio_to_baseline"] = out["samples_vs_real_half"] / baseline if baseline > 0 else None
     return out
 
 
@@ -274,17 +216,6 @@ def memorisation_entry(sample_d: np.ndarray, heldout_d: np.ndarray, space: str, 
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-def _stats(values: Any) -> dict[str, float]:
-    v = np.asarray(values, dtype=np.float64).ravel()
-    finite = v[np.isfinite(v)]
-    if finite.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "sem": float("nan"), "min": float("nan"),
-                "max": float("nan"), "n": int(v.size)}
-    return {"mean": float(finite.mean()), "std": float(finite.std()),
-            "sem": float(finite.std(ddof=1) / math.sqrt(finite.size)) if finite.size > 1 else float("nan"),
-            "min": float(finite.min()), "max": float(finite.max()), "n": int(v.size)}
 
 
 def _batch_covariates(covariates: np.ndarray | None, start: int, size: int, device) -> torch.Tensor | None:

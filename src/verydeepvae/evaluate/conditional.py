@@ -35,7 +35,8 @@ from scipy import stats
 from .. import conditional
 from ..counterfactual import counterfactual_volumes
 from ..data.covariates import CovariateSchema, Value
-from ..generate import TrainedModel, iter_samples
+from ..inference import TrainedModel
+from ..sampling import iter_samples
 from . import morphometry
 
 WHAT = ("Per covariate: samples at values across its range (numeric: evenly spaced between the training scans' "
@@ -118,8 +119,6 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
                         show: bool | None = None, guidance: float = 1.0) -> tuple[dict[str, Any], dict[str, Any]]:
     """The section (JSON-ready) and its arrays for the figures; ``real_table``: the held-out volumes'
     measurements on the model grid, or None when tissue is not measured."""
-    from ..metrics import psnr
-
     schema = trained.covariates
     vox = trained.voxel_size_mm
     section: dict[str, Any] = {
@@ -152,28 +151,38 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
                 entry["measures"] = _categorical_measures(table, requested, real_table, own, values)
             arrays[c.name].update(table=table, real=real_table, real_values=own)
         if c.kind == "numeric" and len(heldout) > 0:
-            n = min(max_counterfactual, len(heldout))
-            recons, sweeps = [], []
-            for i in range(n):
-                recon, outs = counterfactual_sweep(trained, schema, heldout[i], heldout_rows[i], c.name, values,
-                                                   batch_size, guidance)
-                recons.append(recon)
-                sweeps.append(outs)
-            cf: dict[str, Any] = {
-                "num_scans": n,
-                "psnr_own_values_db": [float(np.atleast_1d(psnr(heldout[i][None], recons[i][None]))[0])
-                                       for i in range(n)],
-                "note": "the counterfactual at a scan's own values is its posterior-mean reconstruction "
-                        "(noise mode), so its PSNR is the reconstruction's"}
-            if real_table is not None:
-                cf["measures"] = _counterfactual_measures(np.stack(recons), np.stack(sweeps), vox,
-                                                          [row[c.name] for row in heldout_rows[:n]], values,
-                                                          entry.get("measures", {}))
-            entry["counterfactual"] = cf
-            arrays[c.name].update(cf_input=heldout[0], cf_recon=recons[0], cf_volumes=sweeps[0],
-                                  cf_own=heldout_rows[0][c.name])
+            entry["counterfactual"] = _counterfactuals(trained, heldout, heldout_rows, c.name, values,
+                                                       min(max_counterfactual, len(heldout)), batch_size,
+                                                       entry.get("measures", {}) if real_table is not None else None,
+                                                       arrays[c.name], guidance)
         section["per_covariate"][c.name] = entry
     return section, arrays
+
+
+def _counterfactuals(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]], name: str,
+                     values: Sequence[Value], n: int, batch_size: int, measures: dict[str, Any] | None,
+                     arrays: dict[str, Any], guidance: float = 1.0) -> dict[str, Any]:
+    """The first ``n`` held-out scans swept along ``values`` of ``name`` (noise mode, ``guidance``): their
+    reconstructions' PSNR (dB) and, with ``measures`` (tissue is measured), the measured change
+    against the requested one; the first scan's volumes go into ``arrays`` for the figure."""
+    from ..metrics import psnr
+
+    recons, sweeps = [], []
+    for i in range(n):
+        recon, outs = counterfactual_sweep(trained, trained.covariates, heldout[i], heldout_rows[i], name, values,
+                                           batch_size, guidance)
+        recons.append(recon)
+        sweeps.append(outs)
+    cf: dict[str, Any] = {
+        "num_scans": n,
+        "psnr_own_values_db": [float(np.atleast_1d(psnr(heldout[i][None], recons[i][None]))[0]) for i in range(n)],
+        "note": "the counterfactual at a scan's own values is its posterior-mean reconstruction "
+                "(noise mode), so its PSNR is the reconstruction's"}
+    if measures is not None:
+        cf["measures"] = _counterfactual_measures(np.stack(recons), np.stack(sweeps), trained.voxel_size_mm,
+                                                  [row[name] for row in heldout_rows[:n]], values, measures)
+    arrays.update(cf_input=heldout[0], cf_recon=recons[0], cf_volumes=sweeps[0], cf_own=heldout_rows[0][name])
+    return cf
 
 
 def _numeric_measures(table, requested, real_table, own, values) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..generate import TrainedModel, input_files
+from ..inference import TrainedModel
+from ..scan_files import input_files
 
 PHANTOM_COLUMNS = ("gm_volume_ml", "wm_volume_ml", "ventricle_volume_ml", "lesion_volume_ml", "brain_volume_ml")
 

@@ -11,10 +11,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .. import metrics
 from ..console import bar
-from ..generate import TrainedModel, check_temperature, describe_prior, iter_samples, load_preprocessed
+from ..inference import TrainedModel
+from ..sampling import check_temperature, describe_prior, iter_samples
+from ..scan_files import load_preprocessed
 from . import compute, morphometry
 from .data import EvaluationData, participant_id, select_data
+from .population import DistancesSection, MemorisationSection, MorphometrySection
 
 FORMAT = "verydeepvae-evaluation-1"
 TRAIN_CHUNK = 32
@@ -78,19 +82,27 @@ def run_evaluation(trained: TrainedModel, data_path: str | Path | None, output_d
     return Report(data["report"], output_dir)
 
 
+class _Laps:
+    """Seconds spent on each part of the evaluation (``timings_seconds`` of the report)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self.clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.clock, 2)
+        self.clock = now
+
+    def total(self) -> dict[str, float]:
+        self.timings["total"] = round(sum(self.timings.values()), 2)
+        return self.timings
+
+
 def compute_report(trained: TrainedModel, data_path: str | Path | None, options: EvaluationOptions) -> dict[str, Any]:
     """Everything the report holds: ``{"report": JSON-ready dict, "arrays": volumes for the figures}``."""
     temperature = check_temperature(trained.model, options.temperature)
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-    show = options.show_progress
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 2)
-        clock = now
-
+    lap, show = _Laps(), options.show_progress
     extractors = compute.feature_extractors(trained.resolution, options.feature_plugin, options.feature_seed,
                                             trained.device)  # first: a bad plug-in fails before any long work
     sel = select_data(trained, data_path, options.pattern, options.max_heldout, options.max_train, options.seed)
@@ -112,11 +124,40 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
         "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
     }
     report["options"]["temperature"] = temperature
+    recon, samples = _model_sections(report, trained, heldout, covariates, temperature, options, lap)
+    feats = _distances(report, extractors, heldout, samples, options)
+    lap("distances")
+    memorisation, closest = _memorisation(trained, sel, heldout, samples, feats, extractors, cache_root, options,
+                                          show)
+    report["memorisation"] = memorisation.to_json()
+    lap("memorisation")
+    morph, tables = _morphometry_if_enabled(trained, sel, heldout, metas, samples, options)
+    report["morphometry"] = morph.to_json()
+    lap("morphometry")
+    conditional_arrays = None
+    if trained.covariates is not None:
+        report["conditional"], conditional_arrays = _conditional(trained, heldout, heldout_rows, tables, temperature,
+                                                                 options)
+        lap("conditional")
+    report["timings_seconds"] = lap.total()
+    report["software"] = _software()
+    arrays = {"samples": samples, "heldout": heldout, "recon": recon, "closest": closest, "tables": tables,
+              "conditional": conditional_arrays,
+              "heldout_names": [participant_id(f) for f in sel.heldout_files]}
+    return {"report": report, "arrays": arrays}
+
+
+def _model_sections(report: dict[str, Any], trained: TrainedModel, heldout: np.ndarray,
+                    covariates: np.ndarray | None, temperature: Any, options: EvaluationOptions,
+                    lap: _Laps) -> tuple[np.ndarray, np.ndarray]:
+    """Likelihood, reconstruction, samples and diversity into ``report``; returns the
+    reconstructions and the samples, (N, R, R, R) each in the model range [0, 1]."""
+    show = options.show_progress
     report["likelihood"] = compute.likelihood_section(trained, heldout, options.batch_size, options.seed, show,
-                                                      covariates)
+                                                      covariates).to_json()
     lap("likelihood")
-    report["reconstruction"], recon = compute.reconstruction_section(trained, heldout, options.batch_size, show,
-                                                                     covariates)
+    reconstruction, recon = compute.reconstruction_section(trained, heldout, options.batch_size, show, covariates)
+    report["reconstruction"] = reconstruction.to_json()
     lap("reconstruction")
     samples = np.concatenate([v for _, v in iter_samples(trained.model, options.num_samples, temperature,
                                                          options.seed, options.batch_size, trained.device, show,
@@ -126,48 +167,43 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
                          "note": "prior samples, output = mean of p(x | z); the same seed, temperature and batch "
                                  "size give the same volumes"}
     lap("sampling")
-    report["diversity"] = compute.diversity_section(samples, heldout, options.num_pairs, options.seed)
+    report["diversity"] = compute.diversity_section(samples, heldout, options.num_pairs, options.seed).to_json()
     lap("diversity")
+    return recon, samples
 
+
+def _distances(report: dict[str, Any], extractors, heldout: np.ndarray, samples: np.ndarray,
+               options: EvaluationOptions) -> dict[str, dict[str, np.ndarray]]:
+    """The distances section into ``report``; returns each extractor's features (real, samples)."""
     feats: dict[str, dict[str, np.ndarray]] = {}
-    report["distances"] = {}
+    by_features = {}
     for name, (fn, info) in extractors.items():
         feats[name] = {"real": np.asarray(fn(heldout), dtype=np.float64),
                        "samples": np.asarray(fn(samples), dtype=np.float64)}
-        report["distances"][name] = {"features": info, **compute.distance_section(
+        by_features[name] = {"features": info, **compute.distance_section(
             feats[name]["samples"], feats[name]["real"], options.seed, options.baseline_repeats)}
-    lap("distances")
+    report["distances"] = DistancesSection(by_features).to_json()
+    return feats
 
-    closest = None
-    report["memorisation"], closest = _memorisation(trained, sel, heldout, samples, feats, extractors, cache_root,
-                                                    options, show)
-    lap("memorisation")
 
+def _conditional(trained: TrainedModel, heldout: np.ndarray, heldout_rows, tables, temperature: Any,
+                 options: EvaluationOptions):
+    from .conditional import conditional_section
+
+    per_point = options.condition_samples or max(4, options.num_samples // max(1, options.condition_points))
+    return conditional_section(trained, heldout, heldout_rows, tables["real"] if tables else None, temperature,
+                               options.seed, options.batch_size, options.condition_points, per_point,
+                               options.max_counterfactual, options.show_progress, options.guidance)
+
+
+def _morphometry_if_enabled(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray, metas, samples,
+                            options: EvaluationOptions) -> tuple[MorphometrySection, dict[str, Any] | None]:
     enabled = options.morphometry == "on" or (options.morphometry == "auto" and sel.participants is not None)
     if enabled:
-        report["morphometry"], tables = _morphometry(trained, sel, heldout, metas, samples, options)
-    else:
-        why = "off (--morphometry off)" if options.morphometry == "off" else \
-            "no participants.tsv with phantom volumes next to the held-out files (use --morphometry on for FLAIR data)"
-        report["morphometry"], tables = {"skipped": why}, None
-    lap("morphometry")
-    conditional_arrays = None
-    if trained.covariates is not None:
-        from .conditional import conditional_section
-
-        per_point = options.condition_samples or max(4, options.num_samples // max(1, options.condition_points))
-        report["conditional"], conditional_arrays = conditional_section(
-            trained, heldout, heldout_rows, tables["real"] if tables else None, temperature, options.seed,
-            options.batch_size, options.condition_points, per_point, options.max_counterfactual, show,
-            options.guidance)
-        lap("conditional")
-    timings["total"] = round(sum(timings.values()), 2)
-    report["timings_seconds"] = timings
-    report["software"] = _software()
-    arrays = {"samples": samples, "heldout": heldout, "recon": recon, "closest": closest, "tables": tables,
-              "conditional": conditional_arrays,
-              "heldout_names": [participant_id(f) for f in sel.heldout_files]}
-    return {"report": report, "arrays": arrays}
+        return _morphometry(trained, sel, heldout, metas, samples, options)
+    why = "off (--morphometry off)" if options.morphometry == "off" else \
+        "no participants.tsv with phantom volumes next to the held-out files (use --morphometry on for FLAIR data)"
+    return MorphometrySection(skipped=why), None
 
 
 def _cache_root(trained: TrainedModel) -> Path | None:
@@ -191,13 +227,13 @@ def _model_facts(trained: TrainedModel) -> dict[str, Any]:
 
 def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray, samples: np.ndarray,
                   feats: dict[str, dict[str, np.ndarray]], extractors, cache_root: Path | None,
-                  options: EvaluationOptions, show: bool | None) -> tuple[dict[str, Any], Any]:
+                  options: EvaluationOptions, show: bool | None) -> tuple[MemorisationSection, Any]:
     if not sel.train_files:
-        return {"skipped": "no training files known (" + sel.train_rule + ")"}, None
+        return MemorisationSection(skipped="no training files known (" + sel.train_rule + ")"), None
     cnn = extractors["random_cnn"][0]
     real_cnn = feats["random_cnn"]["real"]
     queries_vox = {"samples": samples.reshape(len(samples), -1), "heldout": heldout.reshape(len(heldout), -1)}
-    z = compute.standardiser(real_cnn, feats["random_cnn"]["samples"])
+    z = metrics.pooled_standardiser(real_cnn, feats["random_cnn"]["samples"])
     queries_cnn = {"samples": z(feats["random_cnn"]["samples"]), "heldout": z(real_cnn)}
     near_vox, near_cnn = compute.RunningNearest(queries_vox), compute.RunningNearest(queries_cnn)
     for start in bar(range(0, len(sel.train_files), TRAIN_CHUNK), desc="training volumes", unit="chunk",
@@ -207,11 +243,7 @@ def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarra
         near_vox.update(start, vols.reshape(len(vols), -1))
         near_cnn.update(start, z(cnn(vols)))
     voxels = heldout[0].size
-    out = {
-        "train_rule": sel.train_rule, "num_train": len(sel.train_files),
-        "method": "distance of each sample to its nearest training volume, beside the same for held-out real "
-                  "volumes (never trained on); median_ratio well below 1 or many samples below the held-out 5th "
-                  "percentile suggest copying",
+    spaces = {
         "voxels": compute.memorisation_entry(near_vox.distances["samples"], near_vox.distances["heldout"], "voxels",
                                              f"L2 norm over the {voxels} voxels (model range)"),
         "random_cnn": compute.memorisation_entry(near_cnn.distances["samples"], near_cnn.distances["heldout"],
@@ -222,27 +254,32 @@ def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarra
     nearest_idx = near_vox.indices["samples"][order]
     nearest_files = [sel.train_files[i] for i in nearest_idx]
     nearest_vols, _ = load_preprocessed(nearest_files, trained.preprocess_settings, cache_root, show_progress=False)
-    out["closest_samples"] = [{"sample": int(s), "distance": float(near_vox.distances["samples"][s]),
-                               "nearest_training_file": f} for s, f in zip(order, nearest_files)]
-    return out, {"samples": samples[order], "train": nearest_vols, "order": order.tolist(),
-                 "distances": near_vox.distances["samples"][order].tolist()}
+    section = MemorisationSection(
+        train_rule=sel.train_rule, num_train=len(sel.train_files),
+        method="distance of each sample to its nearest training volume, beside the same for held-out real "
+               "volumes (never trained on); median_ratio well below 1 or many samples below the held-out 5th "
+               "percentile suggest copying",
+        spaces=spaces,
+        closest_samples=[{"sample": int(s), "distance": float(near_vox.distances["samples"][s]),
+                          "nearest_training_file": f} for s, f in zip(order, nearest_files)])
+    return section, {"samples": samples[order], "train": nearest_vols, "order": order.tolist(),
+                     "distances": near_vox.distances["samples"][order].tolist()}
 
 
 def _morphometry(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray, metas: list[dict[str, Any]],
-                 samples: np.ndarray, options: EvaluationOptions) -> tuple[dict[str, Any], dict[str, Any]]:
+                 samples: np.ndarray, options: EvaluationOptions) -> tuple[MorphometrySection, dict[str, Any]]:
     vox = trained.voxel_size_mm
     real = morphometry.volume_table(heldout, vox)
     gen = morphometry.volume_table(samples, vox)
-    out: dict[str, Any] = {
-        "method": "partial-volume tissue fractions of FLAIR-like intensities normalised to the volume's own "
-                  "white-matter level (metrics.tissue.flair_partial_volumes, fitted to and validated against the "
-                  "phantom's true fractions, docs/morphometry.md); ventricles = deep CSF",
-        "units": f"ml on the model grid at the training median voxel size ({vox:.3f} mm), for samples and real "
-                 "volumes alike (preprocessing fits every brain to the cube, so absolute head size is normalised)",
-        "labels": morphometry.LABELS,
-        "comparison": morphometry.wasserstein_with_baseline(gen, real, options.seed, options.baseline_repeats),
-        "real": {k: v.tolist() for k, v in real.items()}, "samples": {k: v.tolist() for k, v in gen.items()},
-    }
+    section = MorphometrySection(
+        method="partial-volume tissue fractions of FLAIR-like intensities normalised to the volume's own "
+               "white-matter level (metrics.tissue.flair_partial_volumes, fitted to and validated against the "
+               "phantom's true fractions, docs/morphometry.md); ventricles = deep CSF",
+        units=f"ml on the model grid at the training median voxel size ({vox:.3f} mm), for samples and real "
+              "volumes alike (preprocessing fits every brain to the cube, so absolute head size is normalised)",
+        labels=morphometry.LABELS,
+        comparison=morphometry.wasserstein_with_baseline(gen, real, options.seed, options.baseline_repeats),
+        real={k: v.tolist() for k, v in real.items()}, samples={k: v.tolist() for k, v in gen.items()})
     tables = {"real": real, "samples": gen}
     if sel.participants is not None:
         pairs = [(i, sel.participants[participant_id(f)]) for i, f in enumerate(sel.heldout_files)
@@ -250,14 +287,14 @@ def _morphometry(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray
         idx = [i for i, _ in pairs]
         physical = morphometry.volume_table(heldout[idx], [metas[i]["voxel_size_mm"] for i in idx])
         recorded = {k: np.array([float(row[c]) for _, row in pairs]) for k, c in morphometry.RECORDED.items()}
-        out["estimator_check"] = {
+        section.estimator_check = {
             "what": "estimates from the preprocessed held-out volumes (each at its own voxel size, physical ml) "
                     "against the volumes recorded in participants.tsv when the phantoms were generated",
             "participants_file": sel.participants_file, "num_volumes": len(idx),
             "features": morphometry.recovery(physical, recorded),
         }
         tables["check"] = {"estimated": physical, "recorded": recorded}
-    return out, tables
+    return section, tables
 
 
 def _software() -> dict[str, str]:

@@ -184,3 +184,14 @@ def standardize_features(feats: ArrayLike, reference: ArrayLike, eps: float = 1e
         raise ValueError(f"expected (N, F) and (M, F) matrices, got {f.shape} and {r.shape}")
     sd = r.std(axis=0)
     return (f - r.mean(axis=0)) / np.where(sd > eps, sd, 1.0)
+
+
+def pooled_standardiser(real_feats: ArrayLike, sample_feats: ArrayLike):
+    """Z-scoring with the mean and std of the pooled real + sample features, applied alike to every set
+    (a function (N, F) -> (N, F)).
+
+    Pooled rather than real-only statistics: a feature that is (nearly) constant over the real volumes
+    but not over the samples (e.g. a background corner) would otherwise be divided by ~0 and swamp
+    every distance."""
+    pooled = np.concatenate([np.asarray(real_feats, np.float64), np.asarray(sample_feats, np.float64)])
+    return lambda feats: standardize_features(feats, pooled)

@@ -16,13 +16,59 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from ._arrays import ArrayLike, to_numpy
 
 
+ACTIVE_THRESHOLD = 0.01  # Burda et al. 2016
+
+
+class RunningVariance:
+    """Streaming per-unit mean and variance (Welford), so the posterior means of many volumes need
+    not be held at once.  ``update`` takes a batch (B, ...) of any shape; ``variance`` is the
+    population variance per unit, flattened, as numpy."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.n, self.mean, self.m2, self.dtype = 0, None, None, dtype
+
+    def update(self, batch: torch.Tensor) -> None:
+        for row in batch.to(self.dtype).flatten(1):
+            self.n += 1
+            if self.mean is None:
+                self.mean, self.m2 = row.clone(), torch.zeros_like(row)
+                continue
+            delta = row - self.mean
+            self.mean += delta / self.n
+            self.m2 += delta * (row - self.mean)
+
+    def variance(self) -> np.ndarray:
+        return (self.m2 / max(self.n, 1)).cpu().numpy()
+
+
+def active_units_from_variances(variances: Sequence[np.ndarray], num_volumes: int, names: Sequence[str],
+                                threshold: float = ACTIVE_THRESHOLD) -> dict:
+    """The JSON-ready count of :func:`active_units` from each layer's per-unit variances over the
+    data of the posterior means (the streaming form: :class:`RunningVariance`)."""
+    per_layer = []
+    for name, var in zip(names, variances):
+        active, units = int(np.sum(var > threshold)), int(var.size)
+        per_layer.append({"name": name, "active": active, "units": units, "fraction": active / units if units else 0.0})
+    total_a = sum(p["active"] for p in per_layer)
+    total_u = sum(p["units"] for p in per_layer)
+    return {
+        "threshold": float(threshold),
+        "num_volumes": int(num_volumes),
+        "per_layer": per_layer,
+        "total_active": total_a,
+        "total_units": total_u,
+        "fraction_active": total_a / total_u if total_u else 0.0,
+    }
+
+
 def active_units(
     posterior_means_per_layer: Sequence[ArrayLike],
-    threshold: float = 0.01,
+    threshold: float = ACTIVE_THRESHOLD,
     names: Sequence[str] | None = None,
 ) -> dict:
     """Count active latent units per layer: variance over the data of the posterior mean > ``threshold``.
@@ -40,7 +86,7 @@ def active_units(
         raise ValueError("active_units needs at least one layer")
     if names is not None and len(names) != len(posterior_means_per_layer):
         raise ValueError("names must have one entry per layer")
-    per_layer = []
+    variances = []
     n0 = None
     for i, m in enumerate(posterior_means_per_layer):
         arr = to_numpy(m, dtype=np.float64)
@@ -50,23 +96,6 @@ def active_units(
             n0 = arr.shape[0]
         elif arr.shape[0] != n0:
             raise ValueError(f"layer {i}: {arr.shape[0]} volumes, but layer 0 has {n0}")
-        var = arr.reshape(arr.shape[0], -1).var(axis=0)
-        active, units = int(np.sum(var > threshold)), int(var.size)
-        per_layer.append(
-            {
-                "name": names[i] if names is not None else f"layer_{i}",
-                "active": active,
-                "units": units,
-                "fraction": active / units if units else 0.0,
-            }
-        )
-    total_a = sum(p["active"] for p in per_layer)
-    total_u = sum(p["units"] for p in per_layer)
-    return {
-        "threshold": float(threshold),
-        "num_volumes": int(n0),
-        "per_layer": per_layer,
-        "total_active": total_a,
-        "total_units": total_u,
-        "fraction_active": total_a / total_u if total_u else 0.0,
-    }
+        variances.append(arr.reshape(arr.shape[0], -1).var(axis=0))
+    names = list(names) if names is not None else [f"layer_{i}" for i in range(len(variances))]
+    return active_units_from_variances(variances, int(n0), names, threshold)

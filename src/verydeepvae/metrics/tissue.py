@@ -209,6 +209,23 @@ def pv_normalised_intensities(volume: np.ndarray, voxel_size_mm: float, brain_th
                               gm_level: float | None = None) -> dict | None:
     """Steps 1-3 of :func:`flair_partial_volumes`: brain regions and normalised intensities.
 
+    1. *exterior* = voxels darker than :data:`PV_EXTERIOR_LEVEL` x the median brain intensity (of
+       voxels above a tenth of the 99th percentile, so a faint background does not lower it) that
+       are connected to the array border through channels of about :data:`PV_CHANNEL_MM` or more
+       (a morphological opening), so the outside of the brain but not the ventricles or narrow
+       sulci; *interior* = voxels more than :data:`PV_EDGE_VOXELS` from the exterior; *edge* = the
+       other voxels above ``brain_threshold`` within :data:`PV_HALO_VOXELS` of the interior (the
+       boundary layer and any blur halo, mixed with background);
+    2. local white-matter reference: Gaussian-weighted (:data:`PV_REFERENCE_SIGMA_MM`) mean
+       intensity of interior voxels deeper than :data:`PV_REFERENCE_DEPTH_MM` with intensities
+       within 0.75-1.25 x the interior median (mostly white matter); u = v / reference removes
+       smooth bias fields and any global scale;
+    3. contrast adaptation: the :data:`PV_GM_QUANTILE` th percentile g of interior tissue
+       intensities (0.7 < u < 1.5) tracks the grey-matter level; intensities above the
+       white-matter level w = :data:`PV_WM_LEVEL` are stretched towards putting g on
+       :data:`PV_GM_LEVEL`: u' = w + (u - w) ((G - w) / (g - w)) ** :data:`PV_GM_ADAPTATION` (the
+       exponent below 1 because g also drops when there is less grey matter);
+
     Returns ``None`` for volumes without a usable brain, else a dict with the boolean masks
     ``interior`` and ``edge``, ``depth`` (voxels from the exterior), ``u_interior`` (the
     contrast-adapted u' of the interior voxels, in ``volume[interior]`` order), ``u_edge`` (u of
@@ -262,35 +279,11 @@ def flair_partial_volumes(
     sees them (skull-stripped, resampled, intensities in [0, 1], background 0), where at 32³-64³
     almost every brain voxel mixes tissues. Every threshold is relative to the volume's own
     intensities, so a global rescale does not change the result, and the brain boundary is found
-    at a mid-intensity level, so mild blurring moves it little. Steps:
+    at a mid-intensity level, so mild blurring moves it little.
 
-    1. *exterior* = voxels darker than :data:`PV_EXTERIOR_LEVEL` x the median brain intensity (of
-       voxels above a tenth of the 99th percentile, so a faint background does not lower it) that
-       are connected to the array border through channels of about :data:`PV_CHANNEL_MM` or more
-       (a morphological opening), so the outside of the brain but not the ventricles or narrow
-       sulci; *interior* = voxels more than :data:`PV_EDGE_VOXELS` from the exterior; *edge* = the
-       other voxels above ``brain_threshold`` within :data:`PV_HALO_VOXELS` of the interior (the
-       boundary layer and any blur halo, mixed with background);
-    2. local white-matter reference: Gaussian-weighted (:data:`PV_REFERENCE_SIGMA_MM`) mean
-       intensity of interior voxels deeper than :data:`PV_REFERENCE_DEPTH_MM` with intensities
-       within 0.75-1.25 x the interior median (mostly white matter); u = v / reference removes
-       smooth bias fields and any global scale;
-    3. contrast adaptation: the :data:`PV_GM_QUANTILE` th percentile g of interior tissue
-       intensities (0.7 < u < 1.5) tracks the grey-matter level; intensities above the
-       white-matter level w = :data:`PV_WM_LEVEL` are stretched towards putting g on
-       :data:`PV_GM_LEVEL`: u' = w + (u - w) ((G - w) / (g - w)) ** :data:`PV_GM_ADAPTATION` (the
-       exponent below 1 because g also drops when there is less grey matter);
-    4. interior voxels: tissue fractions from the response curves :data:`PV_INTERIOR`; edge
-       voxels: tissue share min(u / w, 1) (the rest is background), of which
-       :data:`PV_EDGE_WM_SHARE` is white matter;
-    5. volumes: brain = interior voxels + tissue share of the edge; CSF = interior CSF x
-       :data:`PV_CSF_SCALE` (surface CSF is invisible, see the calibration notes); WM = its
-       fractions; lesions = lesion fractions deeper than :data:`PV_LESION_MIN_DEPTH_MM` (white
-       matter hyperintensities are deep or periventricular; closer to the boundary bright voxels
-       are taken as grey matter) x :data:`PV_LESION_SCALE`; GM = brain - CSF - WM -
-       lesions (so the four add up to the brain); ventricles = interior CSF deeper than
-       :data:`PV_VENTRICLE_DEPTH` x the brain's largest depth (and than ``ventricle_min_depth_mm``),
-       x :data:`PV_VENTRICLE_SCALE`.
+    Steps 1-3 (brain regions, a local white-matter reference, contrast adaptation) are
+    :func:`pv_normalised_intensities`; steps 4-5 (tissue fractions and volumes) are
+    :func:`_pv_volumes`; each docstring states its steps.
 
     Returns ``csf_ml``, ``gm_ml``, ``wm_ml``, ``lesion_ml``, ``brain_ml``, ``ventricle_ml`` and
     diagnostics: ``reference`` (median white-matter reference intensity), ``gm_level`` (g) and
@@ -313,7 +306,37 @@ def flair_partial_volumes(
     if n is None:  # no brain with contrast to analyse: count what is there
         out["brain_ml"] = float(np.count_nonzero(v > brain_threshold) * ml)
         return out
-    interior, edge, depth, ui = n["interior"], n["edge"], n["depth"], n["u_interior"]
+    volumes, f, share = _pv_volumes(n, vox, ventricle_min_depth_mm)
+    out.update(volumes)
+    if return_maps:
+        interior, edge = n["interior"], n["edge"]
+        for k in maps:
+            maps[k][interior] = f[k]
+        maps["wm"][edge] = PV_EDGE_WM_SHARE * share
+        maps["gm"][edge] = (1.0 - PV_EDGE_WM_SHARE) * share
+    return out
+
+
+def _pv_volumes(n: dict, vox: float, ventricle_min_depth_mm: float) -> tuple[dict, dict, np.ndarray]:
+    """Steps 4-5 of :func:`flair_partial_volumes`, from :func:`pv_normalised_intensities`' ``n``:
+
+    4. interior voxels: tissue fractions from the response curves :data:`PV_INTERIOR`; edge
+       voxels: tissue share min(u / w, 1) (the rest is background), of which
+       :data:`PV_EDGE_WM_SHARE` is white matter;
+    5. volumes: brain = interior voxels + tissue share of the edge; CSF = interior CSF x
+       :data:`PV_CSF_SCALE` (surface CSF is invisible, see the calibration notes); WM = its
+       fractions; lesions = lesion fractions deeper than :data:`PV_LESION_MIN_DEPTH_MM` (white
+       matter hyperintensities are deep or periventricular; closer to the boundary bright voxels
+       are taken as grey matter) x :data:`PV_LESION_SCALE`; GM = brain - CSF - WM -
+       lesions (so the four add up to the brain); ventricles = interior CSF deeper than
+       :data:`PV_VENTRICLE_DEPTH` x the brain's largest depth (and than ``ventricle_min_depth_mm``),
+       x :data:`PV_VENTRICLE_SCALE`.
+
+
+    Returns (the volumes and diagnostics, the interior voxels' tissue fractions, the edge voxels'
+    tissue share)."""
+    interior, depth, ui = n["interior"], n["depth"], n["u_interior"]
+    ml = vox**3 / 1000.0
     w = PV_WM_LEVEL
     f = {k: _pv_curve(ui, PV_INTERIOR[k]) for k in ("csf", "gm", "wm", "lesion")}
     share = np.clip(n["u_edge"] / w, 0.0, 1.0)
@@ -326,7 +349,7 @@ def flair_partial_volumes(
     f["lesion"][shallow] = 0.0
     lesion = PV_LESION_SCALE * float(f["lesion"].sum() * ml)
     deep = depth[interior] > max(PV_VENTRICLE_DEPTH * float(depth[interior].max()), ventricle_min_depth_mm / vox)
-    out.update(
+    volumes = dict(
         csf_ml=csf,
         gm_ml=float(brain - csf - wm - lesion),
         wm_ml=wm,
@@ -337,12 +360,7 @@ def flair_partial_volumes(
         gm_level=n["gm_level"],
         csf_interior_ml=csf_interior,
     )
-    if return_maps:
-        for k in maps:
-            maps[k][interior] = f[k]
-        maps["wm"][edge] = PV_EDGE_WM_SHARE * share
-        maps["gm"][edge] = (1.0 - PV_EDGE_WM_SHARE) * share
-    return out
+    return volumes, f, share
 
 
 def tissue_volume_table(volumes: ArrayLike, voxel_volume_ml: float, **kwargs) -> dict[str, np.ndarray]:

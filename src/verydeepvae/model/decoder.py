@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import ModelConfig
 from .blocks import Upsample
 from .condition import modulate
 from .latent_layer import LatentChoice, LatentLayer
@@ -36,11 +36,11 @@ BIAS_GAIN = 10.0
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        width = cfg.resolved("channels_top_down")
-        hidden = cfg.resolved("channels_hidden_top_down")
-        encoder_width = cfg.resolved("channels")
+        width = cfg.channels_top_down
+        hidden = cfg.channels_hidden_top_down
+        encoder_width = cfg.channels
         latents = cfg.latent_feature_maps_per_resolution
         z_channels = cfg.channels_per_latent
         kernels = cfg.kernel_sizes_top_down

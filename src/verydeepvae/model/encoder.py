@@ -10,20 +10,18 @@ import math
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import ModelConfig
 from .blocks import Downsample, ResBlock
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        channels = cfg.resolved("channels")
-        hidden = cfg.resolved("channels_hidden")
+        channels = cfg.channels
+        hidden = cfg.channels_hidden
         kernels = cfg.kernel_sizes_bottom_up
         n = cfg.num_levels
-        blocks_per_level = [2] * n
-        if cfg.only_use_one_conv_block_at_top:
-            blocks_per_level[-1] = 1
+        blocks_per_level = cfg.encoder_blocks_per_level()
         self.depth = sum(blocks_per_level)
         scale = 1.0 / math.sqrt(self.depth)
         self.levels = nn.ModuleList()

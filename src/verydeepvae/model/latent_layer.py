@@ -49,10 +49,6 @@ class LatentLayer(nn.Module):
         p_mean, p_raw, feature = self._prior(F.gelu(h))
         return p_mean, gaussian.std_from_raw(p_raw), feature
 
-    def posterior_params(self, h: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        q_mean, q_raw = self._posterior(F.gelu(h), F.gelu(e))
-        return q_mean, gaussian.std_from_raw(q_raw)
-
     def forward(self, h: torch.Tensor, e_act: torch.Tensor | None, choice: LatentChoice,
                 generator: torch.Generator | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import Config
+from ..config import Config, ModelConfig
 from .blocks import Conv3d, Downsample, Upsample
 from .condition import ConditionEmbedding, embedding_width
 from .decoder import Decoder
@@ -39,30 +39,31 @@ class VeryDeepVAE(nn.Module):
     """``covariate_dim`` > 0 makes a conditional model (model/condition.py): every method that runs
     the decoder then takes ``covariates`` (B, covariate_dim), encoded as in data/covariates.py."""
 
-    def __init__(self, cfg: Config, covariate_dim: int = 0):
+    def __init__(self, cfg: ModelConfig | Config, covariate_dim: int = 0):
         super().__init__()
+        cfg = cfg.model if isinstance(cfg, Config) else cfg  # the architecture alone
         self.resolution = cfg.resolution
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.likelihood = build_likelihood(cfg.likelihood, cfg.num_bins, cfg.output_scale_max)
-        self.output_head = Conv3d(cfg.resolved("channels_top_down")[0], self.likelihood.num_params, 1)
+        self.output_head = Conv3d(cfg.channels_top_down[0], self.likelihood.num_params, 1)
         # created last, so the other modules' initial weights are those of the unconditional model
-        widths = cfg.resolved("channels_top_down")
+        widths = cfg.channels_top_down
         self.condition = ConditionEmbedding(covariate_dim, widths, embedding_width(widths[-1])) if covariate_dim else None
         # training covariate vectors (N, covariate_dim): ``sample`` without covariates draws from them
         # (not saved with the weights: the checkpoint's covariate schema holds them)
         self.register_buffer("covariate_bank", torch.zeros(0, max(covariate_dim, 0)), persistent=False)
         self.num_voxels = cfg.resolution ** 3
-        self.set_checkpoint_levels(cfg.checkpointed_levels())
+        self.set_checkpoint_levels(cfg.checkpointed_levels)
         self.channels_last = False
         if cfg.channels_last:
             self.set_channels_last(True)
-        # the arithmetic of sample/reconstruct/encode/decode (generate.load_model sets the precision
+        # the arithmetic of sample/reconstruct/encode/decode (inference.load_model sets the precision
         # the model was trained in): a batch then needs the memory of training's arithmetic, not
         # of float32 (at 128³, 4 float32 reconstructions hold ~12.7 GiB)
         self.inference_precision = "fp32"
         # a Gaussian for the coarsest layers fitted after training (model/fitted_prior.py), set by
-        # generate.load_model when the checkpoint's training run chose it; None: the learned prior
+        # inference.load_model when the checkpoint's training run chose it; None: the learned prior
         self.fitted_prior: FittedPrior | None = None
 
     # -- speed/memory modes (Config's performance section) ---------------------------------------

@@ -62,7 +62,8 @@ def choose_device(cfg: Config, local_rank: int, local_world_size: int = 1) -> to
 
 # --- CUDA_devices -----------------------------------------------------------------------------------
 
-# the CUDA_VISIBLE_DEVICES this process set from CUDA_devices ("" = the CPU), once set
+# the CUDA_VISIBLE_DEVICES this process set from CUDA_devices ("" = the CPU), once set; process-wide
+# like the variable itself, which must be set once, before CUDA initialises
 _applied_devices: str | None = None
 
 
@@ -253,6 +254,8 @@ def gather_to_main(obj: Any, runtime: Runtime) -> list[Any] | None:
 
 # --- rank 0 first, then everybody (without collective time-outs) -----------------------------------
 
+# Process-wide on purpose: the calls' store keys must differ across every train() of this process,
+# and torchrun's agent store outlives one process group (a per-Runtime count would restart at 1).
 _main_first_calls = 0
 POLL_SECONDS = 0.2
 
@@ -289,30 +292,12 @@ def main_first(fn: Callable[[], T], runtime: Runtime, what: str,
     prefix = (f"verydeepvae/main_first/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
               f"{runtime.restart_count}/{_main_first_calls}")
 
-    def status(result: Any) -> str:
-        return "ok:" + (fingerprint(result) if fingerprint is not None else "")
-
-    result: Any = None
-    if runtime.is_main:
-        try:
-            result = fn()
-        except BaseException as error:
-            store.set(f"{prefix}/0", f"error:{type(error).__name__}")
-            raise
-        mine = status(result)
-        store.set(f"{prefix}/0", mine)
-    else:
+    if not runtime.is_main:
         _wait_for_keys(store, [f"{prefix}/0"])
         first = store.get(f"{prefix}/0").decode()
         if not first.startswith("ok:"):
             raise UserError(f"stopped: rank 0 failed while {what} (its message says why)")
-        try:
-            result = fn()
-        except BaseException as error:
-            store.set(f"{prefix}/{runtime.rank}", f"error:{type(error).__name__}")
-            raise
-        mine = status(result)
-        store.set(f"{prefix}/{runtime.rank}", mine)
+    result = _run_and_record(fn, store, f"{prefix}/{runtime.rank}", fingerprint)
     keys = [f"{prefix}/{r}" for r in range(runtime.world_size)]
     _wait_for_keys(store, keys)
     values = [store.get(k).decode() for k in keys]
@@ -326,13 +311,25 @@ def main_first(fn: Callable[[], T], runtime: Runtime, what: str,
     return result
 
 
+def _run_and_record(fn: Callable[[], T], store, key: str, fingerprint: Callable[[T], str] | None) -> T:
+    """``fn()``, with its outcome under ``key`` in the store: ``ok:<fingerprint>``, or
+    ``error:<exception class>`` (then re-raised) for the other ranks to see."""
+    try:
+        result = fn()
+    except BaseException as error:
+        store.set(key, f"error:{type(error).__name__}")
+        raise
+    store.set(key, "ok:" + (fingerprint(result) if fingerprint is not None else ""))
+    return result
+
+
 def same_checkpoint(found: Any, directory: Path, runtime: Runtime) -> Any:
     """Rank 0's choice of checkpoint (``found``, a loaded Checkpoint or None; ignored on other ranks),
     loaded on every rank.  Ranks that cannot read the same file (another node without a shared file
     system, or a copy that differs) receive it from rank 0."""
     if not runtime.distributed:
         return found
-    from .checkpoint import CheckpointError, load_checkpoint
+    from ..checkpoint import CheckpointError, load_checkpoint
 
     choice = [None]
     if runtime.is_main and found is not None:

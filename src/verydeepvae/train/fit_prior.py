@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..evaluate import compute
 from ..model import VeryDeepVAE
 from ..model.fitted_prior import FittedPrior
 
@@ -74,7 +73,7 @@ def frechet_to(model: VeryDeepVAE, prior: str, reference_feats: np.ndarray, feat
     if not np.isfinite(samples).all():
         return float("inf")  # a prior that makes non-finite volumes loses the comparison
     sample_feats = features(samples)
-    z = compute.standardiser(reference_feats, sample_feats)
+    z = metrics.pooled_standardiser(reference_feats, sample_feats)
     return float(metrics.frechet_distance(z(sample_feats), z(reference_feats)))
 
 

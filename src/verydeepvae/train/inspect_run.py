@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from . import run_folder, run_record
 from .progress import LOG_NAME
 from .reporting import to_bits

@@ -179,3 +179,23 @@ def ending(error: BaseException) -> str:
     if isinstance(error, KeyboardInterrupt):
         return "interrupted"
     return f"error: {type(error).__name__}: {error} (a bug: the traceback is on the console)"
+
+
+def start_lines(cfg: Any, device: Any, world_size: int, model: Any, bundle: Any, step: int, total_steps: int,
+                steps_per_epoch: int, output_dir: Path) -> list[str]:
+    """The lines that open a training run's console output: model size, data, device, batch and steps."""
+    c = cfg
+    effective = c.batch_size * c.grad_accumulation * world_size
+    lines = [
+        f"verydeepvae: training {c.resolution}³ model, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, {model.num_layers} latent layers, {model.latent_dimensions():,} latent dims",
+        f"  data: {len(bundle.train)} training / {len(bundle.val)} validation volumes; "
+        f"device {device}; {world_size} process(es)",
+        f"  effective batch {effective} = batch_size {c.batch_size} x grad_accumulation "
+        f"{c.grad_accumulation} x world size {world_size}; learning rate {c.learning_rate:g} "
+        "(not rescaled with the effective batch)",
+        f"  steps {step} -> {total_steps} ({steps_per_epoch} per epoch); output {output_dir}",
+    ]
+    if getattr(bundle, "covariates", None) is not None:
+        lines += [f"  {line}" for line in bundle.covariates.summary_lines()]
+    return lines

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..evaluate import compute  # (the training loop imports this module only when the signal is on)
 
 # the most validation volumes encoded for the active-unit count: enough for the variance of a
 # posterior mean, and a bound on the cost with large validation sets
@@ -33,7 +32,7 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
     * ``active_units_res{r}`` (count of latent units, one per channel-voxel, summed over the latent
       layers at resolution r³) and ``dead_levels`` (levels with latent layers but no active unit):
       a unit is active when the variance over ``validation`` of its posterior mean
-      (``model.encode``) exceeds 0.01 (Burda et al. 2016; ``evaluate.compute.ACTIVE_THRESHOLD``).
+      (``model.encode``) exceeds 0.01 (Burda et al. 2016; ``metrics.ACTIVE_THRESHOLD``).
       At most the first 64 volumes of ``validation`` (a sequence of (1, R, R, R) or (R, R, R)
       volumes in [0, 1], e.g. a dataset; for a conditional model (volume, covariates) pairs) are
       encoded; needs at least 2, else these keys are absent.
@@ -43,7 +42,7 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
       ``num_samples`` prior samples at temperature 1 against the real volumes ``reference``
       ((N, R, R, R) in [0, 1]).  As in the evaluation report, a subset of the samples is compared
       with a random half A of the real set and divided by the distance between the real halves A
-      and B of the same size (``evaluate.compute._matched``, mean over 5 splits), so set-size
+      and B of the same size (``metrics.matched_to_baseline``, mean over 5 splits), so set-size
       effects cancel: 1 means the samples are as close to real volumes as real volumes are to
       each other; larger is worse.  With few volumes (8 by default) it is noisy and only the trend
       means something.  Needs ``num_samples`` >= 4 and 4 reference volumes, else these keys are
@@ -113,7 +112,7 @@ def _active_units(model, validation, batch_size, device) -> dict[str, float]:
         return {}
     # as the evaluation report: float64 moments, float32 for very many latent units (memory)
     dtype = torch.float64 if model.latent_dimensions() <= 20_000_000 else torch.float32
-    stats = [compute._Welford(dtype) for _ in range(model.num_layers)]
+    stats = [metrics.RunningVariance(dtype) for _ in range(model.num_layers)]
     for start in range(0, n, batch_size):
         items = [validation[i] for i in range(start, min(n, start + batch_size))]
         covariates = None
@@ -126,7 +125,7 @@ def _active_units(model, validation, batch_size, device) -> dict[str, float]:
     levels = sorted(set(model.layer_levels))
     active = dict.fromkeys(levels, 0)
     for level, s in zip(model.layer_levels, stats):
-        active[level] += int(np.sum(s.variance() > compute.ACTIVE_THRESHOLD))
+        active[level] += int(np.sum(s.variance() > metrics.ACTIVE_THRESHOLD))
     out = {f"active_units_res{model.resolution >> level}": float(active[level]) for level in levels}
     out["dead_levels"] = float(sum(1 for level in levels if active[level] == 0))
     return out
@@ -142,8 +141,8 @@ def _frechet(model, reference, num_samples, batch_size, device, seed) -> dict[st
     features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, model.resolution)), device=device)
     real_feats, sample_feats = features(reference), features(samples)
     with _one_blas_thread():
-        z = compute.standardiser(real_feats, sample_feats)
-        matched = compute._matched(z(sample_feats), z(real_feats), metrics.frechet_distance, seed, FRECHET_REPEATS)
+        z = metrics.pooled_standardiser(real_feats, sample_feats)
+        matched = metrics.matched_to_baseline(z(sample_feats), z(real_feats), metrics.frechet_distance, seed, FRECHET_REPEATS)
     ratio = matched.get("ratio_to_baseline")
     return {"frechet_samples": float(matched.get("samples_vs_real_half", math.nan)),
             "frechet_real_vs_real": float(matched["real_vs_real"]),
@@ -164,3 +163,25 @@ def _as_input(item: Any) -> torch.Tensor:
     """One volume as a (1, R, R, R) float32 tensor."""
     x = torch.as_tensor(np.asarray(item, np.float32)) if not isinstance(item, torch.Tensor) else item.float()
     return x[None] if x.dim() == 3 else x
+
+
+def validation_signal(model: Any, bundle: Any, cfg: Any, device: torch.device, seed: int,
+                      reference: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
+    """:func:`sample_quality` at a validation of a training run: over the validation volumes that
+    validation itself uses, against ``reference`` real volumes (read from the run's data on the
+    first call; the same ones every time).  Returns (the values, the reference volumes)."""
+    from torch.utils.data import Subset
+
+    val = bundle.val
+    used = len(val)  # active units over the validation volumes that validation itself uses
+    if cfg.max_validation_batches is not None:
+        used = min(used, cfg.max_validation_batches * cfg.batch_size)
+    if reference is None:
+        reference = reference_volumes(val, bundle.train, cfg.quality_samples, seed)
+    if getattr(val, "covariates", None) is not None:
+        from ..data.datasets import WithCovariates
+
+        val = WithCovariates(val)  # (volume, covariates) items: encoding needs both
+    values = sample_quality(model, Subset(val, range(used)), reference, cfg.quality_samples, cfg.batch_size,
+                            device, seed)
+    return values, reference

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import viz
+from ..atomic import write_text
 
 LN2 = math.log(2.0)
 
@@ -96,3 +97,18 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """On resume: forget logged records newer than the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) > step:
+                continue
+        except (ValueError, AttributeError):
+            continue
+        kept.append(line + "\n")
+    write_text(path, "".join(kept))

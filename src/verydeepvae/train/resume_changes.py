@@ -26,7 +26,7 @@ from typing import Any
 
 from ..config import ARCHITECTURE_BEFORE_KEY, Config
 from ..errors import UserError
-from .checkpoint import ARCHITECTURE_KEYS
+from ..checkpoint import ARCHITECTURE_KEYS
 
 PREPROCESSING = ("clamp_percentiles", "crop_to_foreground")
 # the architecture is compared by checkpoint.architecture_difference (derived widths resolved)

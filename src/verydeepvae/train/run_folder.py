@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..output_folder import move_aside
-from .checkpoint import checkpoint_dir, list_checkpoints
+from ..checkpoint import checkpoint_dir, list_checkpoints
 from .progress import LOG_NAME
 from .run_record import RECORD_NAME
 
@@ -126,3 +126,24 @@ def prepare_fresh_run(output_dir: Path, overwrite: bool, notices: list[str]) -> 
     what = "the previous run" if checkpoints else "the outputs of a previous run that wrote no checkpoint"
     notices.append(f"moved {what} ({', '.join(p.name for p in leftovers)}) to {target}")
     return target
+
+
+def claim_for_training(cfg, runtime, restarted: bool, notices: list[str]) -> RunLock | None:
+    """Global rank 0 only: the folder is writable, no other run trains in it (its lock), and a fresh
+    run does not land among an older run's files (``restarted``: torchrun brought the workers back)."""
+    if not runtime.is_main:
+        return None
+    output_dir = Path(cfg.output_dir)
+    check_writable(output_dir)
+    return claim(output_dir, fresh=not (cfg.resume or restarted), overwrite=cfg.overwrite, notices=notices)
+
+
+def check_writable(directory: Path) -> None:
+    """Create ``directory`` if needed and write a probe file in it; one clear error when that fails."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"output directory {directory} is not writable: {error.strerror or error}") from None

@@ -31,7 +31,7 @@ import torch
 from ..atomic import write_text
 from ..config import Config, read_config_file
 from ..errors import ConfigError
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 
 RECORD_NAME = "run.json"
 FORMAT = "verydeepvae-run-record-1"
@@ -222,3 +222,11 @@ def source_commit() -> dict[str, Any] | None:
     if head.returncode != 0:
         return None
     return {"commit": head.stdout.strip(), "modified": bool(status.stdout.strip())}
+
+
+def covariate_record(bundle: Any) -> dict[str, Any]:
+    """A conditional run's covariate schema for the run record (its training rows stay in the checkpoint)."""
+    schema = getattr(bundle, "covariates", None)
+    if schema is None:
+        return {}
+    return {"covariates": {k: v for k, v in schema.to_json().items() if k != "bank"}}

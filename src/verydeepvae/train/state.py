@@ -91,6 +91,25 @@ def capture_state(model: torch.nn.Module, ema: EMA, optimiser: torch.optim.Optim
     return tensors, meta
 
 
+def run_meta(cfg: Config, seed: int, world_size: int, memory: dict[str, Any], best: float | None,
+             history: list[dict[str, float]], ema_updates: int, steps_per_epoch: int, bundle: Any) -> dict[str, Any]:
+    """The JSON a checkpoint keeps about its run besides the optimiser state: the configuration, seed
+    and world size, the memory plan, the best validation loss (nats/voxel) and history, and the
+    data facts a loaded model needs (voxel size in mm, intensity reference, a conditional run's
+    covariate schema)."""
+    meta = {
+        "config": cfg.to_dict(), "seed": seed, "world_size": world_size, "memory": memory,
+        "best_validation": best, "validation_history": history,
+        "ema_updates": ema_updates, "steps_per_epoch": steps_per_epoch,
+        "data": {"voxel_size_mm": float(bundle.voxel_size_mm),
+                 "intensity_reference": dict(getattr(bundle, "intensity_reference", {}) or {}),
+                 "num_train": len(bundle.train), "num_val": len(bundle.val)},
+    }
+    if getattr(bundle, "covariates", None) is not None:
+        meta["covariates"] = bundle.covariates.to_json()  # the schema a loaded model encodes with
+    return meta
+
+
 def restore_state(checkpoint, optimiser: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
                   skipper: UpdateSkipper, rank: int = 0) -> bool:
     """Restore optimiser, scaler, skip policy and this rank's RNG streams.  Returns False when the

@@ -18,9 +18,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..atomic import write_json, write_safetensors, write_text
-from ..config import ARCHITECTURE_BEFORE_KEY, LAYER_LISTS, Config, config_from_dict
-from ..errors import CheckpointError, ConfigError
+from .atomic import write_json, write_safetensors, write_text
+from .config import ARCHITECTURE_BEFORE_KEY, LAYER_LISTS, Config, config_from_dict
+from .errors import CheckpointError, ConfigError
 
 FORMAT = "verydeepvae-checkpoint-1"
 META_KEY = "verydeepvae"
@@ -229,6 +229,18 @@ def read_best(directory: Path) -> dict[str, Any] | None:
     return best
 
 
+def keep_newest_and_best(directory: Path, path: Path, step: int, keep: int, best_value: float | None) -> None:
+    """After writing ``path`` (step ``step``): record it as the best when ``best_value`` (its
+    validation loss, nats/voxel) is given, then keep the newest ``keep`` checkpoints and the best."""
+    if best_value is not None:
+        record_best(directory, path, best_value, step)
+        best_path: Path | None = path
+    else:
+        recorded = read_best(directory)
+        best_path = directory / recorded["checkpoint"] if recorded else None
+    prune(directory, keep, best_path)
+
+
 def architecture_difference(configured: Config, stored: Config) -> list[str]:
     """Architecture keys whose values differ, as 'key: configured X, checkpoint Y'.
 
@@ -247,7 +259,7 @@ def architecture_difference(configured: Config, stored: Config) -> list[str]:
 
 def _arch_value(c: Config, key: str) -> Any:
     if key in ("channels_hidden", "channels_top_down", "channels_hidden_top_down"):
-        return c.resolved(key)
+        return list(getattr(c.model, key))  # defaults filled in
     return getattr(c, key)
 
 

@@ -1,0 +1,233 @@
+"""The report's sections that compare the population of samples with real volumes: diversity,
+feature distances, memorisation and tissue volumes.  Like ``sections.py``: a small dataclass per
+section with its JSON form (the keys ``report.json`` has always had) and how it reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .text import num
+
+DISTANCES_NOTE = (
+    "Each distance is computed on features z-scored with the pooled (held-out real + sample) statistics, between "
+    "a random subset of samples and one random half of the real set, beside the same distance between "
+    "the two real halves (sampling noise alone), averaged over random splits; the full-set value is also "
+    "given. These use no downloaded weights and are **not FID**: the numbers are comparable only with "
+    "figures computed by the same extractor and set sizes.")
+
+
+@dataclass
+class DiversitySection:
+    """Mean 3D MS-SSIM between random pairs of samples and of real volumes (None: fewer than 2)."""
+
+    what: str
+    samples: dict[str, Any] | None  # metrics.pairwise_ms_ssim
+    real: dict[str, Any] | None
+    settings: dict[str, Any] | None
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DiversitySection:
+        return cls(data["what"], data.get("samples"), data.get("real"), data.get("settings"))
+
+    @property
+    def measured(self) -> bool:
+        return bool(self.samples and self.real)
+
+    def summary_rows(self) -> list[str]:
+        if not self.measured:
+            return []
+        return [f"| 3D MS-SSIM between pairs (diversity) | {num(self.samples['mean'])} | "
+                f"{num(self.real['mean'])} between real pairs |"]
+
+    def console_lines(self) -> list[str]:
+        if not self.measured:
+            return []
+        return [f"MS-SSIM between pairs: samples {num(self.samples['mean'])}, real {num(self.real['mean'])}"]
+
+    def markdown(self) -> list[str]:
+        if not self.measured:
+            return []
+        st = self.settings
+        out = ["| pairs of | mean MS-SSIM | std | pairs |", "|---|---|---|---|"]
+        for name, e in (("samples", self.samples), ("real", self.real)):
+            out.append(f"| {name} | {num(e['mean'])} | {num(e['std'])} | {e['num_pairs']} |")
+        return out + ["", f"Settings for {'×'.join(map(str, st['volume_shape']))} volumes: {st['num_scales']} scales, "
+                          f"{st['kernel_size']}-voxel Gaussian window (sigma {st['kernel_sigma']}), weights "
+                          f"{', '.join(num(w) for w in st['weights'])}: {st['note']}.", ""]
+
+
+@dataclass
+class DistancesSection:
+    """Fréchet distance and MMD between sample and real features, per feature extractor (name ->
+    its description under ``features`` and the two distances beside their real-vs-real baselines)."""
+
+    by_features: dict[str, dict[str, Any]]
+
+    KINDS = (("frechet", "Fréchet"), ("mmd", "MMD²"))
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.by_features)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DistancesSection:
+        return cls(dict(data))
+
+    def summary_rows(self) -> list[str]:
+        rows = []
+        for entry in self.by_features.values():
+            for key, what in (("frechet", "Fréchet distance"), ("mmd", "MMD²")):
+                e = entry[key]
+                if "samples_vs_real_half" in e:
+                    rows.append(f"| {what} on {entry['features']['label']} (sets of {e['set_size']}) | "
+                                f"{num(e['samples_vs_real_half'])} | {num(e['real_vs_real'])} real vs real |")
+        return rows
+
+    def console_lines(self) -> list[str]:
+        lines = []
+        for entry in self.by_features.values():
+            fr = entry["frechet"]
+            if "samples_vs_real_half" in fr:
+                lines.append(f"Fréchet distance on {entry['features']['label']}: samples "
+                             f"{num(fr['samples_vs_real_half'])} vs real-vs-real {num(fr['real_vs_real'])} "
+                             f"(sets of {fr['set_size']})")
+        return lines
+
+    def markdown(self) -> list[str]:
+        out = ["## Distances between sample and real populations", "", DISTANCES_NOTE, "",
+               "| features | distance | samples vs real (half sets) | real vs real | ratio | samples vs real (all) |",
+               "|---|---|---|---|---|---|"]
+        for entry in self.by_features.values():
+            for key, what in self.KINDS:
+                e = entry[key]
+                out.append(f"| {entry['features']['label']} | {what} | {num(e.get('samples_vs_real_half'))} | "
+                           f"{num(e.get('real_vs_real'))} | {num(e.get('ratio_to_baseline'), 3)} | "
+                           f"{num(e.get('samples_vs_real'))} |")
+        out.append("")
+        for entry in self.by_features.values():
+            f = entry["features"]
+            out.append(f"- **{f['label']}**: {f.get('note', '')}" + (f" (seed {f['seed']}, input {f['input_size']}³, "
+                       f"channels {f['channels']}, {f['dim']} features)" if f["kind"] == "random_cnn" else ""))
+        first = next(iter(self.by_features.values()))
+        return out + [f"- Fréchet: {first['frechet']['definition']}. MMD: {first['mmd']['definition']}.", ""]
+
+
+@dataclass
+class MemorisationSection:
+    """Each sample's distance to its nearest training volume beside held-out volumes' (in voxels and
+    in random-CNN feature space), or why the check was skipped."""
+
+    skipped: str | None = None
+    train_rule: str = ""
+    num_train: int = 0
+    method: str = ""
+    spaces: dict[str, dict[str, Any]] = field(default_factory=dict)  # "voxels", "random_cnn"
+    closest_samples: list[dict[str, Any]] = field(default_factory=list)
+
+    SPACES = ("voxels", "random_cnn")
+
+    def to_json(self) -> dict[str, Any]:
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        return {"train_rule": self.train_rule, "num_train": self.num_train, "method": self.method, **self.spaces,
+                "closest_samples": self.closest_samples}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MemorisationSection:
+        if "skipped" in data:
+            return cls(skipped=data["skipped"])
+        return cls(None, data["train_rule"], data["num_train"], data["method"],
+                   {k: data[k] for k in cls.SPACES}, data.get("closest_samples", []))
+
+    def summary_rows(self) -> list[str]:
+        if self.skipped is not None:
+            return []
+        return ["| nearest-training distance, median sample / median held-out (voxels) | "
+                f"{num(self.spaces['voxels']['median_ratio'])} | 1 = as novel as unseen real brains |"]
+
+    def console_lines(self) -> list[str]:
+        if self.skipped is not None:
+            return []
+        return ["memorisation: median nearest-training distance ratio samples/held-out "
+                f"{num(self.spaces['voxels']['median_ratio'])} (voxels), "
+                f"{num(self.spaces['random_cnn']['median_ratio'])} (features)"]
+
+    def markdown(self, figures: dict[str, str]) -> list[str]:
+        out = ["## Memorisation", ""]
+        if self.skipped is not None:
+            return out + [f"Skipped: {self.skipped}.", ""]
+        out += [self.method + f". Training set: {self.num_train} volumes ({self.train_rule}).", "",
+                "| space | median sample→train | median held-out→train | ratio | held-out 5th pct | "
+                "samples below it | Mann-Whitney p (samples closer) |", "|---|---|---|---|---|---|---|"]
+        for key in self.SPACES:
+            e = self.spaces[key]
+            out.append(f"| {e['space']} | {num(e['median_sample'])} | {num(e['median_heldout'])} | "
+                       f"{num(e['median_ratio'], 3)} | {num(e['heldout_p5'])} | {num(e['fraction_below_p5'], 3)} | "
+                       f"{num(e['mannwhitney_p'], 3)} |")
+        return out + ["", f"![nearest training distances]({figures.get('nearest_training', '')})",
+                      f"![closest samples]({figures.get('closest_samples', '')})", ""]
+
+
+@dataclass
+class MorphometrySection:
+    """Estimated tissue volumes (ml) of samples and real volumes with Wasserstein distances, and the
+    estimator checked against recorded volumes; or why it was skipped."""
+
+    skipped: str | None = None
+    method: str = ""
+    units: str = ""
+    labels: dict[str, str] = field(default_factory=dict)  # tissue key -> its name
+    comparison: dict[str, Any] = field(default_factory=dict)  # evaluate.morphometry.wasserstein_with_baseline
+    real: dict[str, list[float]] = field(default_factory=dict)  # ml per volume, per tissue
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    estimator_check: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.skipped is not None:
+            return {"skipped": self.skipped}
+        out = {"method": self.method, "units": self.units, "labels": self.labels, "comparison": self.comparison,
+               "real": self.real, "samples": self.samples}
+        if self.estimator_check is not None:
+            out["estimator_check"] = self.estimator_check
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MorphometrySection:
+        if "skipped" in data:
+            return cls(skipped=data["skipped"])
+        return cls(None, data["method"], data["units"], data["labels"], data["comparison"], data["real"],
+                   data["samples"], data.get("estimator_check"))
+
+    def summary_rows(self) -> list[str]:
+        if self.skipped is not None:
+            return []
+        return [f"| W1 distance, {self.labels[k]} volume (ml) | {num(e['samples_vs_real_half_ml'])} | "
+                f"{num(e['real_vs_real_half_ml'])} real vs real |"
+                for k, e in self.comparison["features"].items() if "samples_vs_real_half_ml" in e]
+
+    def markdown(self, figures: dict[str, str]) -> list[str]:
+        out = ["## Tissue volumes", ""]
+        if self.skipped is not None:
+            return out + [f"Skipped: {self.skipped}.", ""]
+        out += [f"Method: {self.method}. Units: {self.units}.", "",
+                "| volume | real mean ± sd (ml) | samples mean ± sd (ml) | W1 samples vs real (half sets) | "
+                "W1 real vs real | W1 all samples vs all real (in real sd) |", "|---|---|---|---|---|---|"]
+        for k, e in self.comparison["features"].items():
+            out.append(f"| {self.labels[k]} | {num(e['real_mean_ml'])} ± {num(e['real_sd_ml'], 3)} | "
+                       f"{num(e['samples_mean_ml'])} ± {num(e['samples_sd_ml'], 3)} | "
+                       f"{num(e.get('samples_vs_real_half_ml'))} | {num(e.get('real_vs_real_half_ml'))} | "
+                       f"{num(e['samples_vs_real_in_real_sd'], 3)} |")
+        out += ["", f"![tissue volumes]({figures.get('tissue_volumes', '')})", ""]
+        check = self.estimator_check
+        if check:
+            out += [f"Estimator check ({check['num_volumes']} volumes, `{check['participants_file']}`): "
+                    f"{check['what']}.", "", "| volume | Pearson r | mean estimate (ml) | mean recorded (ml) |",
+                    "|---|---|---|---|"]
+            for k, e in check["features"].items():
+                out.append(f"| {self.labels[k]} | {num(e['pearson_r'], 3)} | {num(e['mean_estimate_ml'])} | "
+                           f"{num(e['mean_recorded_ml'])} |")
+            out += ["", f"![estimator check]({figures.get('estimator_check', '')})", ""]
+        return out

@@ -1,0 +1,69 @@
+"""What training writes for people to look at besides the curves: reconstructions and prior samples
+of the EMA model every ``figures_every`` steps, and the final folder of samples (rank 0 only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import Config
+from ..model import VeryDeepVAE, autocast_for
+from .batches import covariates_of
+from .reporting import Reporter
+
+
+@torch.no_grad()
+def training_figures(model: VeryDeepVAE, cfg: Config, val: Any, device: torch.device, seed: int,
+                     reporter: Reporter, step: int) -> Path:
+    """Reconstructions and samples of ``model`` (the EMA one), one subject at a time under the
+    training precision: a batch of ``subjects_to_plot`` full-precision volumes can need more memory
+    than the training step itself (at 128³, 4 reconstructions in fp32 hold ~12.7 GiB).  Returns
+    the sample figure's path."""
+    model = model.eval()
+    n = min(cfg.subjects_to_plot, len(val))
+    with autocast_for(cfg.precision, device):
+        if n > 0:
+            x = torch.stack([val[i] for i in range(n)]).to(device)
+            c = covariates_of(val, range(n), device)
+            rows = [("reconstruction", _one_by_one(model.reconstruct, x, covariates=c))]
+            for level in range(1, model.decoder.num_levels):
+                rows.append((f"prior <{cfg.resolution >> (level - 1)}³",
+                             _one_by_one(model.reconstruct, x, covariates=c, prior_from_level=level,
+                                         temperature=0.0)))
+            reporter.reconstruction_figure(step, x, rows)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        samples = torch.cat([model.sample(1, 1.0, generator=generator)
+                             for _ in range(max(1, cfg.subjects_to_plot))])
+    return reporter.sample_figure(step, samples, 1.0)
+
+
+def final_samples(model: VeryDeepVAE, bundle: Any, cfg: Config, seed: int, device: torch.device,
+                  output_dir: Path) -> None:
+    """``<run>/samples``: ``max(1, subjects_to_plot)`` prior samples of the EMA model, at temperature
+    1, written as ``verydeepvae sample`` writes them (a conditional run's covariates drawn from the
+    training scans' and recorded per volume)."""
+    from ..sampling import write_samples
+
+    num = max(1, cfg.subjects_to_plot)
+    covariates, record = None, None
+    schema = getattr(bundle, "covariates", None)
+    if schema is not None:  # covariates drawn from the training scans', recorded per volume
+        from ..conditional import resolve
+
+        conditions = resolve(schema, [{} for _ in range(num)], seed)
+        covariates = conditions.vectors
+        record = {"conditions": conditions.record([f"sample_{i:04d}.nii.gz" for i in range(num)])}
+    write_samples(model, output_dir / "samples", num=num,
+                  temperature=1.0, seed=seed, voxel_size_mm=float(bundle.voxel_size_mm),
+                  batch_size=cfg.batch_size, device=device, show_progress=False,
+                  extra_record=record, covariates=covariates)
+
+
+def _one_by_one(function, x: torch.Tensor, covariates: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    """``function(x, **kwargs)`` one volume at a time (bounded memory), with each volume's
+    ``covariates`` when there are (a conditional model)."""
+    if covariates is not None:
+        return torch.cat([function(x[i:i + 1], covariates=covariates[i:i + 1], **kwargs) for i in range(x.shape[0])])
+    return torch.cat([function(x[i:i + 1], **kwargs) for i in range(x.shape[0])])
