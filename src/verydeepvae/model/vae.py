@@ -108,8 +108,10 @@ class VeryDeepVAE(nn.Module):
         ``guidance`` w != 1 scales the covariates' effect, as classifier-free guidance does in
         diffusion models: every level's FiLM becomes F(ref) + w (F(c) - F(ref)), where the reference
         ``reference`` (B, dim) defaults to the training scans' mean covariates (the population
-        centre).  Models trained for a few thousand steps learn the covariates' effect too weakly
-        (docs/conditional.md); w > 1 restores it at some cost in realism, w = 1 is the model as trained."""
+        centre); callers pass c with only the requested covariates moved there
+        (``conditional.Conditions.references``), or a scan's own covariates for a counterfactual.
+        Models trained for a few thousand steps learn the covariates' effect too weakly
+        (docs/conditional.md); w > 1 restores it, w = 1 is the model as trained."""
         if self.condition is None:
             if covariates is not None:
                 raise ValueError("this model is unconditional; it takes no covariates")
