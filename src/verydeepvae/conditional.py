@@ -99,8 +99,7 @@ def resolve(schema: CovariateSchema, requests: Sequence[Mapping[str, Value]], se
                       if (note := schema.get(name).out_of_range(value))})
     drawn = [[n for n in schema.names if n not in request] for request in requests]
     vectors = schema.encode(rows)
-    bank = schema.encode(schema.bank_rows())
-    centre = bank.mean(axis=0) if len(bank) else np.zeros(schema.dim, np.float32)
+    centre = schema.centre()
     references = vectors.copy()
     for i, request in enumerate(requests):
         for name in request:

@@ -122,6 +122,12 @@ class CovariateSchema:
     def bank_rows(self) -> list[dict[str, Value]]:
         return [dict(zip(self.names, row)) for row in self.bank]
 
+    def centre(self) -> np.ndarray:
+        """(dim,) the training scans' mean encoded covariates (zeros without training rows): the
+        population centre that covariate guidance scales from, as the model's bank mean is."""
+        bank = self.encode(self.bank_rows())
+        return bank.mean(axis=0) if len(bank) else np.zeros(self.dim, np.float32)
+
     def complete(self, partial: Sequence[Mapping[str, Value]], rng: np.random.Generator) -> list[dict[str, Value]]:
         """Full rows from rows giving any subset of the covariates: the rest is taken from one training
         row drawn with weights exp(-z²/2) per specified numeric covariate (z: distance in units of
