@@ -27,6 +27,7 @@ volumes correlate with most strongly: for the phantom's age, the CSF fraction or
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -38,6 +39,8 @@ from ..data.covariates import CovariateSchema, Value
 from ..inference import TrainedModel
 from ..sampling import iter_samples
 from . import morphometry
+from .conditional_section import (CategoricalMeasure, ConditionalSection, CounterfactualMeasure, Counterfactuals,
+                                  CovariateEntry, MannWhitney, Measure, NumericMeasure, Trend, fmt)
 
 WHAT = ("Per covariate: samples at values across its range (numeric: evenly spaced between the training scans' "
         "5th and 95th percentiles; categorical: every level), the other covariates drawn from the training scans given "
@@ -58,19 +61,35 @@ def measure(volumes: np.ndarray, voxel_size_mm: float) -> dict[str, np.ndarray]:
     return table
 
 
-def trend(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+@dataclass
+class SweepArrays:
+    """One covariate's volumes and measurements for the figures (never in report.json)."""
+
+    values: list[Value]
+    samples: np.ndarray  # (N, R, R, R), ``per_point`` at each value
+    requested: list[Value]  # each sample's requested value
+    table: dict[str, np.ndarray] | None = None  # the samples' measurements, when tissue is measured
+    real: dict[str, np.ndarray] | None = None  # the held-out volumes' measurements
+    real_values: list[Value] | None = None  # the held-out volumes' own values
+    cf_input: np.ndarray | None = None  # the first held-out scan, its reconstruction and its sweep
+    cf_recon: np.ndarray | None = None
+    cf_volumes: np.ndarray | None = None
+    cf_own: Value | None = None
+
+
+def trend(x: Sequence[float], y: Sequence[float]) -> Trend:
     """Spearman correlation (and its p-value) and least-squares slope of y against x."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    out: dict[str, Any] = {"n": int(len(x)), "spearman": None, "spearman_p": None, "slope": None}
+    out: Trend = {"n": int(len(x)), "spearman": None, "spearman_p": None, "slope": None}
     if len(x) >= 3 and np.ptp(x) > 0 and np.ptp(y) > 0:
         rho, p = stats.spearmanr(x, y)
         out.update(spearman=float(rho), spearman_p=float(p), slope=float(np.polyfit(x, y, 1)[0]))
     return out
 
 
-def mann_whitney(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+def mann_whitney(a: Sequence[float], b: Sequence[float]) -> MannWhitney:
     a, b = np.asarray(a, float), np.asarray(b, float)
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if len(a) < 2 or len(b) < 2:
@@ -116,29 +135,27 @@ def counterfactual_sweep(trained: TrainedModel, schema: CovariateSchema, volume:
 def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]],
                         real_table: dict[str, np.ndarray] | None, temperature: Any, seed: int, batch_size: int,
                         points: int = 5, per_point: int = 6, max_counterfactual: int = 8,
-                        show: bool | None = None, guidance: float = 1.0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The section (JSON-ready) and its arrays for the figures; ``real_table``: the held-out volumes'
+                        show: bool | None = None, guidance: float = 1.0
+                        ) -> tuple[ConditionalSection, dict[str, SweepArrays]]:
+    """The section and each covariate's arrays for the figures; ``real_table``: the held-out volumes'
     measurements on the model grid, or None when tissue is not measured."""
     schema = trained.covariates
     vox = trained.voxel_size_mm
-    section: dict[str, Any] = {
-        "what": WHAT,
-        "covariates": schema.to_json()["covariates"], "points": points, "per_point": per_point, "guidance": guidance,
-        "measured": real_table is not None,
-        "units": {k: UNITS[k] for k in MEASURES}, "labels": LABELS, "per_covariate": {},
-    }
+    section = ConditionalSection(WHAT, schema.to_json()["covariates"], points, per_point, guidance,
+                                 measured=real_table is not None, units={k: UNITS[k] for k in MEASURES},
+                                 labels=LABELS)
     if real_table is not None:
         real_table = dict(real_table)
         brain = np.asarray(real_table["brain_ml"], float)
         real_table["csf_fraction"] = np.divide(real_table["csf_ml"], brain, out=np.full_like(brain, np.nan),
                                                where=brain > 0)
-    arrays: dict[str, Any] = {}
+    arrays: dict[str, SweepArrays] = {}
     for c in schema.covariates:
         values = sweep_points(schema, c.name, points)
         volumes, requested, _ = sample_at(trained, schema, c.name, values, per_point, temperature, seed, batch_size,
                                           show, guidance)
-        entry: dict[str, Any] = {"kind": c.kind, "values": values, "requested": requested}
-        arrays[c.name] = {"values": values, "samples": volumes, "requested": requested}
+        entry: CovariateEntry = {"kind": c.kind, "values": values, "requested": requested}
+        arrays[c.name] = SweepArrays(values, volumes, requested)
         if real_table is not None:
             table = measure(volumes, vox)
             entry["samples_measured"] = {k: table[k].tolist() for k in MEASURES}
@@ -149,19 +166,19 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
                 entry["primary"] = _primary(entry["measures"])
             else:
                 entry["measures"] = _categorical_measures(table, requested, real_table, own, values)
-            arrays[c.name].update(table=table, real=real_table, real_values=own)
+            arrays[c.name].table, arrays[c.name].real, arrays[c.name].real_values = table, real_table, own
         if c.kind == "numeric" and len(heldout) > 0:
             entry["counterfactual"] = _counterfactuals(trained, heldout, heldout_rows, c.name, values,
                                                        min(max_counterfactual, len(heldout)), batch_size,
                                                        entry.get("measures", {}) if real_table is not None else None,
                                                        arrays[c.name], guidance)
-        section["per_covariate"][c.name] = entry
+        section.per_covariate[c.name] = entry
     return section, arrays
 
 
 def _counterfactuals(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]], name: str,
-                     values: Sequence[Value], n: int, batch_size: int, measures: dict[str, Any] | None,
-                     arrays: dict[str, Any], guidance: float = 1.0) -> dict[str, Any]:
+                     values: Sequence[Value], n: int, batch_size: int, measures: dict[str, Measure] | None,
+                     arrays: SweepArrays, guidance: float = 1.0) -> Counterfactuals:
     """The first ``n`` held-out scans swept along ``values`` of ``name`` (noise mode, ``guidance``): their
     reconstructions' PSNR (dB) and, with ``measures`` (tissue is measured), the measured change
     against the requested one; the first scan's volumes go into ``arrays`` for the figure."""
@@ -173,7 +190,7 @@ def _counterfactuals(trained: TrainedModel, heldout: np.ndarray, heldout_rows: l
                                            batch_size, guidance)
         recons.append(recon)
         sweeps.append(outs)
-    cf: dict[str, Any] = {
+    cf: Counterfactuals = {
         "num_scans": n,
         "psnr_own_values_db": [float(np.atleast_1d(psnr(heldout[i][None], recons[i][None]))[0]) for i in range(n)],
         "note": "the counterfactual at a scan's own values is its posterior-mean reconstruction "
@@ -181,11 +198,12 @@ def _counterfactuals(trained: TrainedModel, heldout: np.ndarray, heldout_rows: l
     if measures is not None:
         cf["measures"] = _counterfactual_measures(np.stack(recons), np.stack(sweeps), trained.voxel_size_mm,
                                                   [row[name] for row in heldout_rows[:n]], values, measures)
-    arrays.update(cf_input=heldout[0], cf_recon=recons[0], cf_volumes=sweeps[0], cf_own=heldout_rows[0][name])
+    arrays.cf_input, arrays.cf_recon, arrays.cf_volumes = heldout[0], recons[0], sweeps[0]
+    arrays.cf_own = heldout_rows[0][name]
     return cf
 
 
-def _numeric_measures(table, requested, real_table, own, values) -> dict[str, Any]:
+def _numeric_measures(table, requested, real_table, own, values) -> dict[str, NumericMeasure]:
     out = {}
     low = [i for i, r in enumerate(requested) if r == values[0]]
     high = [i for i, r in enumerate(requested) if r == values[-1]]
@@ -197,7 +215,7 @@ def _numeric_measures(table, requested, real_table, own, values) -> dict[str, An
     return out
 
 
-def _categorical_measures(table, requested, real_table, own, levels) -> dict[str, Any]:
+def _categorical_measures(table, requested, real_table, own, levels) -> dict[str, CategoricalMeasure]:
     out = {}
     for k in MEASURES:
         out[k] = {str(level): {
@@ -208,7 +226,8 @@ def _categorical_measures(table, requested, real_table, own, levels) -> dict[str
 
 
 def _counterfactual_measures(recons: np.ndarray, sweeps: np.ndarray, vox: float, own: Sequence[float],
-                             values: Sequence[float], sample_measures: dict[str, Any]) -> dict[str, Any]:
+                             values: Sequence[float], sample_measures: dict[str, Measure]
+                             ) -> dict[str, CounterfactualMeasure]:
     base = measure(recons, vox)
     flat = measure(sweeps.reshape((-1,) + sweeps.shape[2:]), vox)
     n, k = sweeps.shape[:2]
@@ -225,7 +244,7 @@ def _counterfactual_measures(recons: np.ndarray, sweeps: np.ndarray, vox: float,
     return out
 
 
-def _primary(measures: dict[str, Any]) -> str | None:
+def _primary(measures: dict[str, NumericMeasure]) -> str | None:
     scored = [(abs(m["real"]["spearman"]), k) for k, m in measures.items() if m["real"]["spearman"] is not None]
     return max(scored)[1] if scored else None
 
@@ -239,102 +258,31 @@ def _mean(values: Sequence[float]) -> float | None:
 # --- report pieces --------------------------------------------------------------------------------
 
 
-def write_figures(section: dict[str, Any], arrays: dict[str, Any], folder) -> dict[str, str]:
+def write_figures(section: ConditionalSection, arrays: dict[str, SweepArrays], folder) -> dict[str, str]:
     from .. import viz
     from ..viz_conditional import save_counterfactual_strip, save_trend
 
     out = {}
     for name, a in arrays.items():
-        per = section["per_covariate"][name]
-        values, samples, requested = a["values"], a["samples"], a["requested"]
+        per = section.per_covariate[name]
+        values, samples, requested = a.values, a.samples, a.requested
         rows = [[samples[i] for i, r in enumerate(requested) if r == v][:4] for v in values]
         path = folder / f"conditional_{name}_samples.png"
-        viz.save_grid(rows, path, row_titles=[_fmt(name, v) for v in values],
+        viz.save_grid(rows, path, row_titles=[fmt(name, v) for v in values],
                       col_titles=[f"sample {j + 1}" for j in range(max(len(r) for r in rows))])
         out[f"conditional_{name}_samples"] = f"figures/{path.name}"
         primary = per.get("primary")
-        if primary and "table" in a:
+        if primary and a.table is not None:
             path = folder / f"conditional_{name}_{primary}.png"
-            save_trend(requested, a["table"][primary], path, f"{name} (requested / own)",
-                       f"{LABELS[primary]} ({UNITS[primary]})", real=(a["real_values"], a["real"][primary]),
+            save_trend(requested, a.table[primary], path, f"{name} (requested / own)",
+                       f"{LABELS[primary]} ({UNITS[primary]})", real=(a.real_values, a.real[primary]),
                        title=f"{LABELS[primary]} against {name}")
             out[f"conditional_{name}_trend"] = f"figures/{path.name}"
-        if "cf_volumes" in a:
+        if a.cf_volumes is not None:
             path = folder / f"counterfactual_{name}.png"
-            save_counterfactual_strip([a["cf_input"], a["cf_recon"], *a["cf_volumes"]],
-                                      ["input", f"recon. ({_fmt(name, a['cf_own'])})"] +
-                                      [_fmt(name, v) for v in values], a["cf_recon"], path,
+            save_counterfactual_strip([a.cf_input, a.cf_recon, *a.cf_volumes],
+                                      ["input", f"recon. ({fmt(name, a.cf_own)})"] +
+                                      [fmt(name, v) for v in values], a.cf_recon, path,
                                       suptitle=f"counterfactuals of a held-out scan along {name}")
             out[f"counterfactual_{name}"] = f"figures/{path.name}"
     return out
-
-
-def summary_lines(section: dict[str, Any]) -> list[str]:
-    lines = []
-    for name, per in section.get("per_covariate", {}).items():
-        primary = per.get("primary")
-        if not primary:
-            continue
-        m = per["measures"][primary]
-        lines.append(f"conditioned on {name}: {LABELS[primary]} of samples vs requested {name}: Spearman "
-                     f"{_n(m['samples']['spearman'])}, slope {_n(m['samples']['slope'])} (real: "
-                     f"{_n(m['real']['spearman'])}, {_n(m['real']['slope'])}; ratio {_n(m['slope_ratio'])})")
-    return lines
-
-
-def markdown_lines(section: dict[str, Any], figures: dict[str, str]) -> list[str]:
-    out = ["## Conditional generation", "", section["what"], ""]
-    if section.get("guidance", 1.0) != 1.0:
-        out += [f"Covariate guidance {section['guidance']:g}: the requested covariate's effect on the decoder "
-                f"scaled {section['guidance']:g}x (from the population centre for samples, from each scan's own "
-                "values for counterfactuals).", ""]
-    for name, per in section["per_covariate"].items():
-        out += [f"### {name} ({per['kind']})", "",
-                f"Samples at {', '.join(_fmt(name, v) for v in per['values'])}, {section['per_point']} each.", ""]
-        if f"conditional_{name}_samples" in figures:
-            out += [f"![samples across {name}]({figures[f'conditional_{name}_samples']})", ""]
-        if "measures" not in per:
-            out += ["Tissue is not measured for these data (see Tissue volumes).", ""]
-            continue
-        if per["kind"] == "numeric":
-            out += ["| measure | samples: Spearman / slope per unit | real: Spearman / slope | slope ratio | "
-                    "lowest vs highest value: Mann-Whitney p |", "|---|---|---|---|---|"]
-            for k, m in per["measures"].items():
-                star = " (primary)" if k == per.get("primary") else ""
-                out.append(f"| {LABELS[k]}{star} | {_n(m['samples']['spearman'])} / {_n(m['samples']['slope'])} | "
-                           f"{_n(m['real']['spearman'])} / {_n(m['real']['slope'])} | {_n(m['slope_ratio'])} | "
-                           f"{_n(m['lowest_vs_highest']['p'])} |")
-        else:
-            out += ["| measure | " + " | ".join(f"{lv}: samples / real" for lv in per["values"]) + " |",
-                    "|---|" + "---|" * len(per["values"])]
-            for k, m in per["measures"].items():
-                out.append(f"| {LABELS[k]} | " + " | ".join(f"{_n(m[str(lv)]['samples_mean'])} / "
-                                                          f"{_n(m[str(lv)]['real_mean'])}" for lv in per["values"]) + " |")
-        out.append("")
-        if f"conditional_{name}_trend" in figures:
-            out += [f"![{name} trend]({figures[f'conditional_{name}_trend']})", ""]
-        cf = per.get("counterfactual")
-        if cf:
-            out += [f"Counterfactuals of {cf['num_scans']} held-out scans along {name}; reconstruction at their own "
-                    f"values: PSNR {_n(float(np.mean(cf['psnr_own_values_db'])))} dB ({cf['note']}).", ""]
-            if "measures" in cf:
-                out += ["| measure | change vs requested change: Spearman / slope | monotonic along the sweep |",
-                        "|---|---|---|"]
-                for k, m in cf["measures"].items():
-                    t = m["change_vs_requested"]
-                    out.append(f"| {LABELS[k]} | {_n(t['spearman'])} / {_n(t['slope'])} | {_n(m['monotonic_fraction'])} |")
-                out.append("")
-            if f"counterfactual_{name}" in figures:
-                out += [f"![counterfactuals along {name}]({figures[f'counterfactual_{name}']})", ""]
-    return out
-
-
-def _fmt(name: str, value: Value) -> str:
-    return f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}"
-
-
-def _n(value: Any) -> str:
-    if value is None:
-        return "n/a"
-    value = float(value)
-    return f"{value:.3g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"

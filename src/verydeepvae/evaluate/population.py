@@ -5,8 +5,9 @@ section with its JSON form (the keys ``report.json`` has always had) and how it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypedDict
 
+from ..json_types import JSONObject
 from .text import num
 
 DISTANCES_NOTE = (
@@ -17,20 +18,140 @@ DISTANCES_NOTE = (
     "figures computed by the same extractor and set sizes.")
 
 
+class MsSsimSettings(TypedDict):
+    """metrics.MSSSIMSettings.to_dict: how MS-SSIM was computed for volumes of this shape."""
+
+    volume_shape: list[int]
+    num_scales: int
+    weights: list[float]
+    kernel_size: int
+    kernel_sigma: float
+    data_range: float
+    note: str
+
+
+class PairwiseMsSsim(TypedDict):
+    """metrics.pairwise_ms_ssim: MS-SSIM over random pairs of one set of volumes."""
+
+    mean: float
+    std: float
+    num_pairs: int
+    num_volumes: int
+    seed: int
+    settings: MsSsimSettings
+
+
+class FeatureDescription(TypedDict, total=False):
+    """A feature extractor as the report names it (random_cnn also gives seed, input_size, channels)."""
+
+    kind: str  # "random_cnn", "intensity" or "plugin"
+    label: str
+    note: str
+    dim: int
+    seed: int
+    input_size: int
+    channels: list[int]
+    spec: str  # a plug-in's module:callable
+
+
+class Distance(TypedDict, total=False):
+    """One distance between sample and real features (metrics.matched_to_baseline and the full-set value)."""
+
+    definition: str
+    samples_vs_real: float  # all samples against all real volumes (2 or more of each)
+    real_vs_real: float  # the baseline: two random halves of the real set (4 or more real volumes)
+    set_size: int
+    repeats: int
+    samples_vs_real_half: float
+    ratio_to_baseline: float | None
+
+
+class FeatureDistances(TypedDict):
+    """evaluate.compute.distance_section under the extractor's description."""
+
+    features: FeatureDescription
+    num_samples: int
+    num_real: int
+    standardisation: str
+    frechet: Distance
+    mmd: Distance
+
+
+class NearestTraining(TypedDict, total=False):
+    """compute.memorisation_entry: metrics.memorisation_summary in one space, with the distances."""
+
+    space: str
+    unit: str
+    num_samples: int
+    num_heldout: int
+    median_sample: float
+    median_heldout: float
+    median_ratio: float
+    heldout_p5: float
+    fraction_below_p5: float
+    min_sample: float
+    min_heldout: float
+    mannwhitney_p: float
+    sample_distances: list[float]
+    heldout_distances: list[float]
+
+
+class ClosestSample(TypedDict):
+    sample: int
+    distance: float
+    nearest_training_file: str
+
+
+class TissueComparison(TypedDict, total=False):
+    """One tissue's volumes, samples against real (morphometry.wasserstein_with_baseline); the half-set
+    figures need 4 or more real volumes."""
+
+    samples_vs_real_ml: float
+    samples_vs_real_in_real_sd: float
+    real_mean_ml: float
+    real_sd_ml: float
+    samples_mean_ml: float
+    samples_sd_ml: float
+    samples_vs_real_half_ml: float
+    real_vs_real_half_ml: float
+
+
+class WassersteinComparison(TypedDict, total=False):
+    features: dict[str, TissueComparison]
+    set_size: int  # the half-set size, with 4 or more real volumes
+
+
+class Recovery(TypedDict):
+    """morphometry.recovery: the estimator against one recorded volume."""
+
+    pearson_r: float
+    mean_estimate_ml: float
+    mean_recorded_ml: float
+    ratio: float
+    recorded_column: str
+
+
+class EstimatorCheck(TypedDict):
+    what: str
+    participants_file: str
+    num_volumes: int
+    features: dict[str, Recovery]
+
+
 @dataclass
 class DiversitySection:
     """Mean 3D MS-SSIM between random pairs of samples and of real volumes (None: fewer than 2)."""
 
     what: str
-    samples: dict[str, Any] | None  # metrics.pairwise_ms_ssim
-    real: dict[str, Any] | None
-    settings: dict[str, Any] | None
+    samples: PairwiseMsSsim | None
+    real: PairwiseMsSsim | None
+    settings: MsSsimSettings | None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return dict(vars(self))
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DiversitySection:
+    def from_json(cls, data: JSONObject) -> DiversitySection:
         return cls(data["what"], data.get("samples"), data.get("real"), data.get("settings"))
 
     @property
@@ -65,15 +186,15 @@ class DistancesSection:
     """Fréchet distance and MMD between sample and real features, per feature extractor (name ->
     its description under ``features`` and the two distances beside their real-vs-real baselines)."""
 
-    by_features: dict[str, dict[str, Any]]
+    by_features: dict[str, FeatureDistances]
 
     KINDS = (("frechet", "Fréchet"), ("mmd", "MMD²"))
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return dict(self.by_features)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> DistancesSection:
+    def from_json(cls, data: JSONObject) -> DistancesSection:
         return cls(dict(data))
 
     def summary_rows(self) -> list[str]:
@@ -124,19 +245,19 @@ class MemorisationSection:
     train_rule: str = ""
     num_train: int = 0
     method: str = ""
-    spaces: dict[str, dict[str, Any]] = field(default_factory=dict)  # "voxels", "random_cnn"
-    closest_samples: list[dict[str, Any]] = field(default_factory=list)
+    spaces: dict[str, NearestTraining] = field(default_factory=dict)  # "voxels", "random_cnn"
+    closest_samples: list[ClosestSample] = field(default_factory=list)
 
     SPACES = ("voxels", "random_cnn")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         if self.skipped is not None:
             return {"skipped": self.skipped}
         return {"train_rule": self.train_rule, "num_train": self.num_train, "method": self.method, **self.spaces,
                 "closest_samples": self.closest_samples}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MemorisationSection:
+    def from_json(cls, data: JSONObject) -> MemorisationSection:
         if "skipped" in data:
             return cls(skipped=data["skipped"])
         return cls(None, data["train_rule"], data["num_train"], data["method"],
@@ -180,12 +301,12 @@ class MorphometrySection:
     method: str = ""
     units: str = ""
     labels: dict[str, str] = field(default_factory=dict)  # tissue key -> its name
-    comparison: dict[str, Any] = field(default_factory=dict)  # evaluate.morphometry.wasserstein_with_baseline
+    comparison: WassersteinComparison = field(default_factory=dict)
     real: dict[str, list[float]] = field(default_factory=dict)  # ml per volume, per tissue
     samples: dict[str, list[float]] = field(default_factory=dict)
-    estimator_check: dict[str, Any] | None = None
+    estimator_check: EstimatorCheck | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         if self.skipped is not None:
             return {"skipped": self.skipped}
         out = {"method": self.method, "units": self.units, "labels": self.labels, "comparison": self.comparison,
@@ -195,7 +316,7 @@ class MorphometrySection:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MorphometrySection:
+    def from_json(cls, data: JSONObject) -> MorphometrySection:
         if "skipped" in data:
             return cls(skipped=data["skipped"])
         return cls(None, data["method"], data["units"], data["labels"], data["comparison"], data["real"],

@@ -12,6 +12,7 @@ import numpy as np
 from .. import viz
 from ..atomic import write_text, write_with
 from .population import DistancesSection, DiversitySection, MemorisationSection, MorphometrySection
+from .conditional_section import ConditionalSection
 from .sections import LikelihoodSection, ReconstructionSection
 from .text import num
 
@@ -41,7 +42,7 @@ def write_figures(report: dict[str, Any], arrays: dict[str, Any], folder: Path) 
     if arrays.get("conditional"):
         from .conditional import write_figures as conditional_figures
 
-        out.update(conditional_figures(report["conditional"], arrays["conditional"], folder))
+        out.update(conditional_figures(parts["conditional"], arrays["conditional"], folder))
     return out
 
 
@@ -162,7 +163,8 @@ def sections(report: dict[str, Any]) -> dict[str, Any]:
             "diversity": DiversitySection.from_json(report["diversity"]),
             "distances": DistancesSection.from_json(report["distances"]),
             "memorisation": MemorisationSection.from_json(report["memorisation"]),
-            "morphometry": MorphometrySection.from_json(report.get("morphometry", {"skipped": "not computed"}))}
+            "morphometry": MorphometrySection.from_json(report.get("morphometry", {"skipped": "not computed"})),
+            **({"conditional": ConditionalSection.from_json(report["conditional"])} if "conditional" in report else {})}
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -170,10 +172,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     parts = sections(report)
     lines = [line for name in ("likelihood", "reconstruction", "diversity", "distances", "memorisation")
              for line in parts[name].console_lines()]
-    if "conditional" in report:
-        from .conditional import summary_lines as conditional_summary
-
-        lines += conditional_summary(report["conditional"])
+    if "conditional" in parts:
+        lines += parts["conditional"].console_lines()
     return lines
 
 
@@ -193,10 +193,8 @@ def markdown(report: dict[str, Any]) -> str:
             parts["diversity"].what + ".", ""]
     out += parts["diversity"].markdown() + parts["distances"].markdown()
     out += parts["memorisation"].markdown(figures) + parts["morphometry"].markdown(figures)
-    if "conditional" in report:
-        from .conditional import markdown_lines as conditional_markdown
-
-        out += conditional_markdown(report["conditional"], figures)
+    if "conditional" in parts:
+        out += parts["conditional"].markdown(figures)
     out += ["## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in report["timings_seconds"].items()), ""]
     return "\n".join(out)
 

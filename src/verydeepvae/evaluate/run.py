@@ -136,8 +136,8 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
     lap("morphometry")
     conditional_arrays = None
     if trained.covariates is not None:
-        report["conditional"], conditional_arrays = _conditional(trained, heldout, heldout_rows, tables, temperature,
-                                                                 options)
+        conditional, conditional_arrays = _conditional(trained, heldout, heldout_rows, tables, temperature, options)
+        report["conditional"] = conditional.to_json()
         lap("conditional")
     report["timings_seconds"] = lap.total()
     report["software"] = _software()
