@@ -29,7 +29,7 @@ from safetensors.numpy import save as st_save
 
 from ..atomic import write_bytes, write_json
 from ..errors import DataError
-from .nifti_load import PreprocessSettings, preprocess_file
+from .nifti_load import PreprocessSettings, VolumeMeta, preprocess_file
 
 QUANT = 65535.0
 HASH_CHUNK = 1 << 20
@@ -61,7 +61,7 @@ class VolumeCache:
     def path(self, digest: str) -> Path:
         return self.folder / f"{digest}.safetensors"
 
-    def read_meta(self, digest: str) -> dict[str, Any] | None:
+    def read_meta(self, digest: str) -> VolumeMeta | None:
         """The entry's metadata, or None if it is missing or unreadable."""
         path = self.path(digest)
         if not path.is_file():
@@ -80,7 +80,7 @@ class VolumeCache:
         data = st_load(self.path(digest).read_bytes())["volume"]
         return data.astype(np.float32) * np.float32(1.0 / QUANT)
 
-    def store(self, digest: str, volume: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    def store(self, digest: str, volume: np.ndarray, meta: VolumeMeta) -> np.ndarray:
         """Write the entry; returns the volume as it will be read back (quantised)."""
         self.ensure_folder()
         quantised = np.round(np.clip(volume, 0.0, 1.0) * QUANT).astype(np.uint16)

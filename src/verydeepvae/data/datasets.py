@@ -40,7 +40,7 @@ from ..errors import ConfigError, DataError
 from . import discover
 from .augment import AugmentSettings, Augmenter, sample_generator
 from .cache import VolumeCache, file_digest, prepare_entry
-from .nifti_load import PreprocessSettings, open_image, preprocess_file
+from .nifti_load import IntensityReference, PreprocessSettings, VolumeMeta, open_image, preprocess_file
 
 MAX_LISTED_PROBLEMS = 10
 
@@ -53,7 +53,7 @@ class DataBundle:
     train_files: list[str]
     val_files: list[str]
     skipped_files: list[str]
-    intensity_reference: dict[str, Any]
+    intensity_reference: IntensityReference
     data_source: str = ""
     cache_dir: str = ""
     split_file: str = ""
@@ -70,7 +70,7 @@ class VolumeDataset(Dataset):
         digests: Sequence[str],
         cache: VolumeCache,
         augmenter: Augmenter | None = None,
-        metas: Sequence[dict[str, Any]] | None = None,
+        metas: Sequence[VolumeMeta] | None = None,
     ):
         self.files = list(files)
         self.digests = list(digests)
@@ -226,7 +226,7 @@ def _split(cfg: Any, good: list[str], saved: tuple[list[str], list[str]] | None,
     return train_names, val_names
 
 
-def _intensity_reference(train: VolumeDataset, settings: PreprocessSettings) -> dict[str, Any]:
+def _intensity_reference(train: VolumeDataset, settings: PreprocessSettings) -> IntensityReference:
     """How model intensities map back to the data's scale: medians over the training files of the
     per-file clamp values (what ``--intensity data`` uses)."""
     metas = train.metas
@@ -318,7 +318,7 @@ def prepare_files(
     workers: int = 1,
     show_progress: bool | None = None,
     stop_early: bool = False,
-) -> tuple[dict[str, tuple[str, dict[str, Any]]], list[tuple[str, str]]]:
+) -> tuple[dict[str, tuple[str, VolumeMeta]], list[tuple[str, str]]]:
     """Hash every file; check and preprocess the ones not in the cache yet.
 
     Returns ``{path: (content digest, metadata)}`` for usable files and ``[(path, reason)]`` for
@@ -328,7 +328,7 @@ def prepare_files(
     files = [str(f) for f in files]
     bad: dict[str, str] = {}
     digests: dict[str, str] = {}
-    prepared: dict[str, tuple[str, dict[str, Any]]] = {}
+    prepared: dict[str, tuple[str, VolumeMeta]] = {}
     todo: dict[str, str] = {}  # digest -> one path with that content
     for path in bar(files, desc="checking NIfTI files", unit="file", show=show_progress):
         try:

@@ -24,17 +24,35 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from ..errors import UserError
-from .nifti_load import MAX_VOXELS, open_image
+from .nifti_load import MAX_VOXELS, CubeFit, open_image
 
 
-def scan_geometry(path: str | Path) -> dict[str, Any]:
+class _ScanGrid(TypedDict):
+    shape: list[int]
+    affine: Any  # 4x4, voxel index -> mm: nested lists as JSON, an array once checked
+    xform_code: int  # the sform code, else the qform code: the space the affine refers to
+
+
+class ScanGeometry(_ScanGrid):
+    """A scan's own grid, read from its header (:func:`scan_geometry`)."""
+
+    canonical_affine: list[list[float]]
+
+
+class NativeGeometry(_ScanGrid):
+    """What :func:`to_scan_space` needs for one input (:func:`native_geometry`)."""
+
+    grid_to_world: Any  # 4x4, model-grid voxel index -> the scan's world (mm)
+
+
+def scan_geometry(path: str | Path) -> ScanGeometry:
     """The scan's own grid, from its header (no voxels are read): ``shape`` (3 ints), ``affine``
     (4x4, voxel index -> mm, as nibabel reads it), ``xform_code`` (the sform code, else the qform
     code: the space the affine refers to) and ``canonical_affine`` (the affine of the RAS+
@@ -50,7 +68,7 @@ def scan_geometry(path: str | Path) -> dict[str, Any]:
             "canonical_affine": canonical.tolist()}
 
 
-def grid_to_world(meta: dict[str, Any], canonical_affine: Any, resolution: int) -> np.ndarray:
+def grid_to_world(meta: CubeFit, canonical_affine: Any, resolution: int) -> np.ndarray:
     """4x4 matrix: model-grid voxel index -> the scan's world coordinates (mm), from a volume's
     preprocessing metadata (``crop_start``, ``crop_stop``, ``source_voxel_size_mm``,
     ``voxel_size_mm``) and the scan's canonical affine (see the module notes)."""
@@ -64,15 +82,15 @@ def grid_to_world(meta: dict[str, Any], canonical_affine: Any, resolution: int) 
     return np.asarray(canonical_affine, dtype=float) @ grid
 
 
-def native_geometry(meta: dict[str, Any], path: str | Path, resolution: int) -> dict[str, Any]:
-    """Everything :func:`to_scan_space` needs for one input: its :func:`scan_geometry` plus
+def native_geometry(meta: CubeFit, path: str | Path, resolution: int) -> NativeGeometry:
+    """Everything :func:`to_scan_space` needs for one input: its :func:`scan_geometry` with
     ``grid_to_world``, JSON-ready (``encode`` stores it, so ``decode`` can go back without the file)."""
-    geometry = scan_geometry(path)
-    geometry["grid_to_world"] = grid_to_world(meta, geometry.pop("canonical_affine"), resolution).tolist()
-    return geometry
+    scan = scan_geometry(path)
+    return {"shape": scan["shape"], "affine": scan["affine"], "xform_code": scan["xform_code"],
+            "grid_to_world": grid_to_world(meta, scan["canonical_affine"], resolution).tolist()}
 
 
-def checked_geometry(value: Any, where: str) -> dict[str, Any]:
+def checked_geometry(value: Any, where: str) -> NativeGeometry:
     """A geometry read from a file someone gave us (a latents file), checked before use: shape of
     three positive integers within the reader's size limit, finite invertible 4x4 affines."""
     try:
@@ -92,7 +110,7 @@ def checked_geometry(value: Any, where: str) -> dict[str, Any]:
     return {"shape": shape, "affine": affine, "xform_code": code, "grid_to_world": grid}
 
 
-def to_scan_space(volume: np.ndarray, geometry: dict[str, Any]) -> np.ndarray:
+def to_scan_space(volume: np.ndarray, geometry: NativeGeometry) -> np.ndarray:
     """A model-grid volume (R, R, R) resampled onto the scan's grid: an array of the scan's shape
     (float32), zero outside the model's cube.  ``geometry``: :func:`native_geometry`'s dict."""
     volume = np.asarray(volume, dtype=np.float32)

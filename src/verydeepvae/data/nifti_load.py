@@ -34,13 +34,14 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
 from ..errors import DataError
+from ..json_types import JSONObject
 
 # Bump whenever the output of preprocessing changes, so older cache entries are never reused.
 PREPROCESS_VERSION = 1
@@ -70,7 +71,7 @@ class PreprocessSettings:
             crop_to_foreground=bool(cfg.crop_to_foreground),
         )
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         d = asdict(self)
         d["clamp_percentiles"] = list(self.clamp_percentiles)
         return d
@@ -171,9 +172,41 @@ def _describe(error: BaseException) -> str:
 # --- intensity and geometry -----------------------------------------------------------------------
 
 
+class CubeFit(TypedDict):
+    """Where the model's cube sits in the scan (:func:`fit_to_cube`): its voxel size (mm) and the
+    crop's start and stop indices in the RAS-ordered source voxels."""
+
+    voxel_size_mm: float
+    crop_start: list[int]
+    crop_stop: list[int]
+
+
+class VolumeMeta(CubeFit):
+    """A preprocessed volume's metadata (kept beside it in the cache): the intensity clamp, the
+    source grid and where the cube sits in it."""
+
+    clamp_low: float
+    clamp_high: float
+    source_shape: list[int]
+    source_voxel_size_mm: list[float]
+    foreground_voxels: int
+    warnings: list[str]
+
+
+class IntensityReference(TypedDict):
+    """How model intensities map back to the data's scale (``--intensity data``), kept in every checkpoint:
+    medians over the training files of their ``clamp_low``/``clamp_high``."""
+
+    low: float
+    high: float
+    clamp_percentiles: list[float]
+    voxel_size_mm_range: list[float]
+    mapping: str
+
+
 def preprocess_volume(
     data: np.ndarray, zooms: np.ndarray, settings: PreprocessSettings, name: str = "volume"
-) -> tuple[np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, VolumeMeta]:
     """RAS-ordered voxels + voxel sizes -> (R³ float32 volume in [0, 1], metadata)."""
     data = np.asarray(data, dtype=np.float32)
     zooms = np.asarray(zooms, dtype=float)
@@ -207,7 +240,7 @@ def preprocess_volume(
     np.clip(scaled, 0.0, 1.0, out=scaled)
 
     volume, geometry = fit_to_cube(scaled, foreground, zooms, settings)
-    meta = {
+    meta: VolumeMeta = {
         "clamp_low": clamp_low,
         "clamp_high": clamp_high,
         "source_shape": [int(s) for s in data.shape],
@@ -233,7 +266,7 @@ def foreground_box(foreground: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fit_to_cube(
     scaled: np.ndarray, foreground: np.ndarray, zooms: np.ndarray, settings: PreprocessSettings
-) -> tuple[np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, CubeFit]:
     """Resample the (cropped) volume into an R³ cube of isotropic voxels, keeping its aspect ratio."""
     R = settings.resolution
     shape = np.array(scaled.shape)
@@ -269,7 +302,7 @@ def fit_to_cube(
     }
 
 
-def preprocess_file(path: str | Path, settings: PreprocessSettings) -> tuple[np.ndarray, dict[str, Any]]:
+def preprocess_file(path: str | Path, settings: PreprocessSettings) -> tuple[np.ndarray, VolumeMeta]:
     """Read, orient, normalise and resample one file (see the module notes)."""
     data, zooms = load_canonical(path)
     return preprocess_volume(data, zooms, settings, name=str(path))

@@ -82,7 +82,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
 
 import numpy as np
 
@@ -119,13 +119,28 @@ def subject_seed(population_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(population_seed), int(index)]).generate_state(1)[0])
 
 
+SubjectFactors = TypedDict("SubjectFactors", {
+    # drawn (sample_factors, then draw_demographics): size, pose, anatomy, lesions, intensities
+    "brain_scale": float, "scale_x": float, "scale_y": float, "scale_z": float, "deformation_mm": float,
+    "atrophy": float, "ventricle_enlargement_mm": float, "cortical_thinning_mm": float, "lesion_load": float,
+    "lesion_count": int, "csf_intensity": float, "wm_intensity": float, "gm_intensity": float,
+    "lesion_intensity": float, "bias_field_strength": float, "noise_level": float,
+    "rotation_x_deg": float, "rotation_y_deg": float, "rotation_z_deg": float,
+    "translation_x_mm": float, "translation_y_mm": float, "translation_z_mm": float, "age": float, "sex": str,
+    # recorded once the subject is drawn (_record_volumes): lesion counts and tissue volumes in ml
+    "lesion_count_periventricular": int, "lesion_count_deep": int, "gm_volume_ml": float, "wm_volume_ml": float,
+    "csf_volume_ml": float, "ventricle_volume_ml": float, "lesion_volume_ml": float, "brain_volume_ml": float,
+}, total=False)
+SubjectFactors.__doc__ = """One phantom subject's generating factors and recorded truth: its row of participants.tsv."""
+
+
 def _clip_normal(rng: np.random.Generator, mean: float, sd: float, lo: float, hi: float, size=None):
     return np.clip(rng.normal(mean, sd, size), lo, hi)
 
 
-def sample_factors(rng: np.random.Generator) -> dict[str, Any]:
+def sample_factors(rng: np.random.Generator) -> SubjectFactors:
     """Draw the scalar generating factors of one subject (see the module docstring)."""
-    f: dict[str, Any] = {}
+    f: SubjectFactors = {}
     f["brain_scale"] = float(_clip_normal(rng, 0.92, 0.04, 0.82, 1.0))
     for axis, v in zip("xyz", np.exp(rng.normal(0.0, 0.02, 3))):
         f[f"scale_{axis}"] = f["brain_scale"] * float(v)
@@ -231,7 +246,7 @@ def generate_volume(
     return image, f, labels.reshape((resolution,) * 3)
 
 
-def _image(rng: np.random.Generator, f: dict[str, Any], bias: np.ndarray, index: np.ndarray, resolution: int,
+def _image(rng: np.random.Generator, f: SubjectFactors, bias: np.ndarray, index: np.ndarray, resolution: int,
            csf: np.ndarray, gm: np.ndarray, wm: np.ndarray, lesion: np.ndarray) -> np.ndarray:
     """The FLAIR-like image (R, R, R) in [0, 1] from the brain voxels' (``index``) tissue fractions:
     each tissue's intensity, the bias field, then Rician noise (the last draws from ``rng``)."""
@@ -247,7 +262,7 @@ def _image(rng: np.random.Generator, f: dict[str, Any], bias: np.ndarray, index:
     return image.reshape((resolution,) * 3)
 
 
-def _record_volumes(f: dict[str, Any], periventricular: np.ndarray, brain_voxels: int, resolution: int,
+def _record_volumes(f: SubjectFactors, periventricular: np.ndarray, brain_voxels: int, resolution: int,
                     fractions: dict[str, np.ndarray]) -> None:
     """The truth recorded with a subject (participants.tsv): lesion counts, and each tissue's
     volume in ml (its partial-volume fractions summed over the brain's voxels)."""
@@ -313,7 +328,7 @@ def generate_population(
     return paths
 
 
-def _write_participants(path: Path, rows: list[dict[str, Any]]) -> None:
+def _write_participants(path: Path, rows: list[dict[str, object]]) -> None:
     header = list(rows[0])
     lines = ["\t".join(header)] + ["\t".join(_format(row[key]) for key in header) for row in rows]
     write_text(path, "\n".join(lines) + "\n")
