@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from safetensors import SafetensorError
@@ -21,6 +21,11 @@ from safetensors.torch import load_file
 from .atomic import write_json, write_safetensors, write_text
 from .config import ARCHITECTURE_BEFORE_KEY, LAYER_LISTS, Config, config_from_dict
 from .errors import CheckpointError, ConfigError
+from .json_types import JSONObject
+
+if TYPE_CHECKING:  # names for the metadata's parts, without importing NIfTI reading here
+    from .data.nifti_load import IntensityReference
+    from .model.fitted_prior import FittedPriorChoice
 
 FORMAT = "verydeepvae-checkpoint-1"
 META_KEY = "verydeepvae"
@@ -33,10 +38,59 @@ ARCHITECTURE_KEYS = ("resolution",) + LAYER_LISTS + (
 )
 
 
+class RunData(TypedDict, total=False):
+    """The data facts a loaded model needs (voxel size of the model grid in mm, intensity reference)."""
+
+    voxel_size_mm: float
+    intensity_reference: IntensityReference | dict  # {} when the run had none
+    num_train: int
+    num_val: int
+
+
+class RngState(TypedDict, total=False):
+    """Python's and NumPy's RNG states as JSON (torch's are tensors)."""
+
+    python: list[Any]  # random.getstate(), the tuple as a list
+    numpy: list[Any]  # numpy.random.get_state()
+
+
+class CheckpointMeta(TypedDict, total=False):
+    """A checkpoint's JSON metadata: ``format`` and ``step``, the run facts of train/state.py's
+    ``run_meta`` and the optimiser state of its ``capture_state``, and ``fitted_prior`` on a final
+    checkpoint that fitted one.  Checkpoints of earlier versions may lack any key but the first two."""
+
+    format: str
+    step: int
+    config: JSONObject  # Config.to_dict(); read through config_values
+    seed: int
+    world_size: int
+    memory: JSONObject  # train/memory_plan.py Plan.record()
+    best_validation: float | None
+    validation_history: list[dict[str, float]]
+    ema_updates: int
+    steps_per_epoch: int
+    data: RunData
+    covariates: JSONObject  # CovariateSchema.to_json(), a conditional model's schema
+    fitted_prior: FittedPriorChoice
+    optimiser: JSONObject  # param_groups, and non-tensor state per parameter index
+    scaler: JSONObject | None  # GradScaler.state_dict()
+    skipper: JSONObject  # UpdateSkipper.state_dict()
+    rng: RngState
+    rng_ranks: dict[str, RngState]  # ranks other than 0, by rank
+
+
+class BestRecord(TypedDict):
+    """``checkpoints/best.json``: the checkpoint with the lowest validation loss (nats/voxel)."""
+
+    checkpoint: str
+    validation_loss: float
+    step: int
+
+
 @dataclass
 class Checkpoint:
     path: Path
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     tensors: dict[str, torch.Tensor]
     verified: bool = True  # False: no .sha256 sidecar was there to check the file against
 
@@ -67,7 +121,7 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}{SUFFIX}"
 
 
-def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def save_checkpoint(directory: Path, step: int, tensors: dict[str, torch.Tensor], meta: CheckpointMeta) -> Path:
     """Write one checkpoint atomically; returns its path."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / checkpoint_name(step)
@@ -118,7 +172,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 _READ_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(path: str | Path) -> CheckpointMeta:
     """A checkpoint's metadata (configuration, step, history...) from its header alone: no tensor
     is read and the SHA-256 is not checked, so looking at a run (``config show``, ``inspect``)
     costs nothing at any model size.  :func:`load_checkpoint` is the checked way in."""
@@ -146,14 +200,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 MAX_STEP = 10**12
 
 
-def _check_step(meta: dict[str, Any], path: Path) -> None:
+def _check_step(meta: CheckpointMeta, path: Path) -> None:
     """Every reader relies on the step count (the configuration is checked by ``Checkpoint.config``)."""
     step = meta.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= MAX_STEP:
         raise CheckpointError(f"checkpoint {path} has an invalid step {str(step)[:40]!r} in its metadata")
 
 
-def config_values(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+def config_values(meta: CheckpointMeta, path: Path) -> JSONObject:
     """The configuration stored in a checkpoint's metadata as plain values (architecture keys
     newer than the checkpoint set as they were before they existed)."""
     if not isinstance(meta.get("config"), dict):
@@ -161,7 +215,7 @@ def config_values(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     return {**ARCHITECTURE_BEFORE_KEY, **meta["config"]}
 
 
-def _config(meta: dict[str, Any], path: Path) -> Config:
+def _config(meta: CheckpointMeta, path: Path) -> Config:
     """The configuration stored in a checkpoint's metadata, or one line saying what is wrong."""
     values = config_values(meta, path)
     try:
@@ -218,7 +272,7 @@ def record_best(directory: Path, path: Path, value: float, step: int) -> None:
     write_json(directory / "best.json", {"checkpoint": path.name, "validation_loss": value, "step": step})
 
 
-def read_best(directory: Path) -> dict[str, Any] | None:
+def read_best(directory: Path) -> BestRecord | None:
     """best.json, or None when it is missing, unreadable or lacks its ``checkpoint`` name."""
     try:
         best = json.loads((directory / "best.json").read_text())

@@ -20,11 +20,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence, TypedDict
 
 import torch
 
 TENSOR_PREFIX = "fitted_prior."
+
+
+class FittedPriorLayout(TypedDict):
+    """Which latent layers the fitted Gaussian covers and their shapes (its tensors are in the checkpoint)."""
+
+    layers: list[int]
+    shapes: list[list[int]]
+    dim: int
+
+
+class FittedPriorChoice(TypedDict, total=False):
+    """A checkpoint's ``fitted_prior`` entry (train/fit_prior.py): the fitted Gaussian's layout,
+    whether sampling uses it and why; only ``used``, ``num_volumes``, ``not_fitted`` and
+    ``frechet_to_training`` when none could be fitted."""
+
+    layers: list[int]
+    shapes: list[list[int]]
+    dim: int
+    used: bool
+    num_volumes: int
+    draws_per_volume: int
+    frechet_to_training: dict[str, float]  # "learned", "fitted" -> random-CNN Fréchet distance
+    rule: str
+    not_fitted: str  # why no Gaussian could be fitted
 
 
 @dataclass
@@ -64,11 +88,11 @@ class FittedPrior:
         return {TENSOR_PREFIX + "mean": self.mean.detach().cpu().contiguous(),
                 TENSOR_PREFIX + "scale_tril": self.scale_tril.detach().cpu().contiguous()}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> FittedPriorLayout:
         return {"layers": list(self.layers), "shapes": [list(s) for s in self.shapes], "dim": self.dim}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> "FittedPrior":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], info: FittedPriorLayout) -> "FittedPrior":
         mean = tensors[TENSOR_PREFIX + "mean"].float()
         tril = tensors[TENSOR_PREFIX + "scale_tril"].float()
         shapes = [tuple(int(v) for v in s) for s in info["shapes"]]

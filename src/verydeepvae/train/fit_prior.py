@@ -16,7 +16,7 @@ import torch
 
 from .. import metrics
 from ..model import VeryDeepVAE
-from ..model.fitted_prior import FittedPrior
+from ..model.fitted_prior import FittedPrior, FittedPriorChoice
 
 COARSE_LEVELS = 2
 """Resolution levels fitted, from the top (1³ and 2³).  On the demo model the top level alone did
@@ -78,7 +78,7 @@ def frechet_to(model: VeryDeepVAE, prior: str, reference_feats: np.ndarray, feat
 
 
 def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                   ) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
     """Fit, compare and decide; returns the checkpoint tensors (empty when the learned prior wins)
     and the metadata entry.  Leaves ``model.fitted_prior`` as decided."""
     try:
@@ -116,7 +116,7 @@ def training_volumes(dataset: Any, limit: int = MAX_VOLUMES) -> np.ndarray:
     return np.stack(volumes) if volumes else np.zeros((0, 0, 0, 0), np.float32)
 
 
-def notice(meta: dict[str, Any]) -> str:
+def notice(meta: FittedPriorChoice) -> str:
     if "not_fitted" in meta:
         return f"coarse-level prior: the learned one (no Gaussian could be fitted: {meta['not_fitted']})"
     d = meta["frechet_to_training"]

@@ -26,6 +26,7 @@ from ..config import Config
 from ..console import NORMAL, VERBOSE
 from ..errors import Stopped, UserError
 from ..model import autocast_for
+from ..model.fitted_prior import FittedPriorChoice
 from .. import checkpoint as ckpt
 from . import builder, distributed, run_folder, run_record
 from .optim import kl_weight, lr_factor, update_loss_scale
@@ -138,7 +139,7 @@ class _Trainer:
         self.console.close(f"finished at step {self.step}")
         return result
 
-    def _run(self, entry: dict[str, Any] | None) -> TrainResult:
+    def _run(self, entry: run_record.Session | None) -> TrainResult:
         if self.runtime.is_main:
             lines = start_lines(self.cfg, self.device, self.runtime.world_size, self.model, self.bundle, self.step,
                                 self.total_steps, self.steps_per_epoch, self.output_dir)
@@ -396,7 +397,7 @@ class _Trainer:
         distributed.barrier(self.runtime)
         return path
 
-    def _fit_prior(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _fit_prior(self) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
         """The final checkpoint's coarse-level prior (train/fit_prior.py), fitted for the EMA model
         (the one that samples) under the training precision."""
         from . import fit_prior
@@ -412,7 +413,7 @@ class _Trainer:
         self.console.say(fit_prior.notice(meta))
         return tensors, meta
 
-    def _write_record(self) -> dict[str, Any] | None:
+    def _write_record(self) -> run_record.Session | None:
         """Append this session to the run record (train/run_record.py); every rank describes its
         device, rank 0 writes.  Returns the entry (rank 0)."""
         devices = distributed.gather_to_main(run_record.describe_device(self.device), self.runtime)

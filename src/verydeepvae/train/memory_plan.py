@@ -29,7 +29,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -84,6 +84,20 @@ class Budget:
         return int((value or 0) / self.factor)
 
 
+class PlanRecord(TypedDict):
+    """A plan as JSON (a checkpoint's ``memory`` entry); bytes, None where unknown."""
+
+    checkpoint_levels: list[int] | str
+    auto: bool
+    estimated_peak_bytes: int
+    factor: float
+    needed_bytes: int
+    limit_bytes: int | None
+    limit_source: str
+    available_bytes: int | None
+    available_source: str
+
+
 @dataclass(frozen=True)
 class Plan:
     """The checkpoint levels a run trains with, and the numbers behind them."""
@@ -113,7 +127,7 @@ class Plan:
         shown = memory.levels_text(self.levels, self.num_levels)
         return shown if shown in ("none", "all") else list(self.levels)
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> PlanRecord:
         """The plan as JSON (the checkpoint's ``memory`` entry)."""
         return {"checkpoint_levels": self.setting(), "auto": self.auto, "estimated_peak_bytes": self.estimate,
                 "factor": self.budget.factor, "needed_bytes": self.needed, "limit_bytes": self.budget.limit,

@@ -24,13 +24,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, TypedDict
 
 import torch
 
 from ..atomic import write_text
 from ..config import Config, read_config_file
 from ..errors import ConfigError
+from ..json_types import JSONObject
 from .. import checkpoint as ckpt
 
 RECORD_NAME = "run.json"
@@ -40,9 +41,69 @@ PATH_KEYS = ("data_path", "cache_dir", "output_dir")  # recorded absolute: the r
 GIT_SECONDS = 10
 
 
+class Software(TypedDict):
+    verydeepvae: str
+    torch: str
+    cuda: str | None
+    cudnn: int | None
+    numpy: str
+    python: str
+    platform: str
+
+
+class SourceCommit(TypedDict):
+    commit: str
+    modified: bool  # the package's tracked files differ from the commit
+
+
+class AutomaticChoice(TypedDict):
+    configured: Any  # "auto" or null
+    chosen: Any
+
+
+class _SessionData(TypedDict):
+    train: int
+    validation: int
+    voxel_size_mm: float
+
+
+class SessionData(_SessionData, total=False):
+    """The data a session trained on: file counts, the median voxel size, a conditional run's schema."""
+
+    covariates: JSONObject  # CovariateSchema.to_json() without the training rows
+
+
+class Session(TypedDict):
+    """One training session's entry in ``run.json`` (module notes), in the order written."""
+
+    started: str
+    command: str
+    working_directory: str
+    start_step: int
+    total_steps: int
+    steps_per_epoch: int
+    resumed_from: str | None
+    restarted_by_torchrun: bool
+    host: str
+    pid: int
+    world_size: int
+    devices: list[str]
+    software: Software
+    git: SourceCommit | None
+    data: SessionData
+    automatic_choices: dict[str, AutomaticChoice]
+    notices: list[str]
+    config: JSONObject  # Config.to_dict(), as it ran
+
+
+class RunRecord(TypedDict):
+    format: str
+    sessions: list[Session]
+
+
 def session(resolved: Config, requested: Config, *, start_step: int, total_steps: int, steps_per_epoch: int,
             resumed_from: Path | None, restarted: bool, devices: Sequence[str], world_size: int,
-            data: dict[str, Any], notices: Sequence[str], command: Sequence[str] | None = None) -> dict[str, Any]:
+            data: SessionData, notices: Sequence[str], command: Sequence[str] | None = None) -> Session:
     """One session's entry.  ``resolved``: the configuration as it runs (its paths are recorded
     absolute); ``requested``: as it was asked for (the difference is the automatic choices);
     ``devices``: one description per rank."""
@@ -73,11 +134,11 @@ def session(resolved: Config, requested: Config, *, start_step: int, total_steps
     }
 
 
-def append(output_dir: Path, entry: dict[str, Any], notices: list[str]) -> Path:
+def append(output_dir: Path, entry: Session, notices: list[str]) -> Path:
     """Add ``entry`` to the folder's record (created if missing), atomically.  A record that cannot
     be read is kept beside it under another name, never overwritten."""
     path = Path(output_dir) / RECORD_NAME
-    sessions: list[dict[str, Any]] = []
+    sessions: list[Session] = []
     if path.exists():
         try:
             sessions = read(path)["sessions"]
@@ -86,17 +147,17 @@ def append(output_dir: Path, entry: dict[str, Any], notices: list[str]) -> Path:
             kept = path.with_name(f"{RECORD_NAME}.unreadable-{stamp}")
             os.replace(path, kept)
             notices.append(f"{error}; it was kept as {kept.name} and a new record begins")
-    record = {"format": FORMAT, "sessions": [*sessions, entry]}
+    record: RunRecord = {"format": FORMAT, "sessions": [*sessions, entry]}
     write_text(path, json.dumps(record, indent=2) + "\n")  # in the order written: the configuration last
     return path
 
 
-def read(path: str | os.PathLike) -> dict[str, Any]:
+def read(path: str | os.PathLike) -> RunRecord:
     """A run record, checked enough that every reader can rely on ``sessions[i]["config"]``."""
     return _checked(_load(Path(path)), path)
 
 
-def _checked(record: Any, path: str | os.PathLike) -> dict[str, Any]:
+def _checked(record: Any, path: str | os.PathLike) -> RunRecord:
     sessions = record.get("sessions") if isinstance(record, dict) else None
     if not _is_record(record) or not isinstance(sessions, list) or not sessions or not all(
             isinstance(s, dict) and isinstance(s.get("config"), dict) for s in sessions):
@@ -107,7 +168,7 @@ def _checked(record: Any, path: str | os.PathLike) -> dict[str, Any]:
 MAX_RECORD_BYTES = 64 << 20  # a session adds a few KiB; a configuration file may have 1 MiB
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path) -> JSONObject:
     return read_config_file(path, max_bytes=MAX_RECORD_BYTES)  # JSON, one-line errors
 
 
@@ -115,7 +176,7 @@ def _is_record(data: Any) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def stored_config(path: str | os.PathLike) -> dict[str, Any] | None:
+def stored_config(path: str | os.PathLike) -> JSONObject | None:
     """The configuration a run folder, a run record or a checkpoint holds, for ``--config``: the
     newest session's (the record's, else the newest checkpoint's), with ``resume`` and
     ``overwrite`` off.  None for any other file (an ordinary configuration file)."""
@@ -143,7 +204,7 @@ def stored_config(path: str | os.PathLike) -> dict[str, Any] | None:
     return {**values, "resume": False, "overwrite": False}
 
 
-def _checkpoint_config(path: Path) -> dict[str, Any]:
+def _checkpoint_config(path: Path) -> JSONObject:
     """With the seed the run used (a configured null is the random seed drawn, kept beside it)."""
     meta = ckpt.read_metadata(path)
     values = ckpt.config_values(meta, path)
@@ -152,7 +213,7 @@ def _checkpoint_config(path: Path) -> dict[str, Any]:
     return values
 
 
-def describe(entry: dict[str, Any]) -> list[str]:
+def describe(entry: Session) -> list[str]:
     """A session's software, code and devices in a few lines (``train --verbose``, ``inspect``)."""
     sw = entry.get("software") or {}
     cuda = f" (CUDA {sw['cuda']})" if sw.get("cuda") else ""
@@ -172,7 +233,7 @@ def describe(entry: dict[str, Any]) -> list[str]:
 # --- what the session ran on ------------------------------------------------------------------------
 
 
-def software() -> dict[str, Any]:
+def software() -> Software:
     import numpy
 
     from .. import __version__
@@ -202,7 +263,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def source_commit() -> dict[str, Any] | None:
+def source_commit() -> SourceCommit | None:
     """The git commit of the code that runs, when it runs from a checkout of this project: None
     when the package is not a file tracked by git (an installed copy, even one installed into a
     virtual environment inside a checkout, whose files git does not track).  ``modified``: the
@@ -224,7 +285,7 @@ def source_commit() -> dict[str, Any] | None:
     return {"commit": head.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
-def covariate_record(bundle: Any) -> dict[str, Any]:
+def covariate_record(bundle: Any) -> JSONObject:
     """A conditional run's covariate schema for the run record (its training rows stay in the checkpoint)."""
     schema = getattr(bundle, "covariates", None)
     if schema is None:

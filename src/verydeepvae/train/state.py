@@ -20,12 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import CheckpointMeta, RngState
 from ..config import Config
+from ..json_types import JSONObject
 from ..model import VeryDeepVAE
+from .memory_plan import PlanRecord
 from .optim import EMA, UpdateSkipper
 
 
-def process_rng_state() -> dict[str, Any]:
+class ProcessRngState(RngState):
+    """One process's RNG streams: torch's as uint8 tensors (``cuda``: its own device's, when in use)."""
+
+    torch: torch.Tensor
+    cuda: torch.Tensor | None
+
+
+def process_rng_state() -> ProcessRngState:
     """This process's RNG streams (torch CPU, its current CUDA device, Python, NumPy)."""
     py_state = random.getstate()
     np_state = np.random.get_state()
@@ -40,7 +50,7 @@ def process_rng_state() -> dict[str, Any]:
     }
 
 
-def _set_python_numpy(rng: dict[str, Any]) -> None:
+def _set_python_numpy(rng: RngState) -> None:
     if "python" in rng:
         version, internal, gauss = rng["python"]
         random.setstate((version, tuple(internal), gauss))
@@ -51,14 +61,14 @@ def _set_python_numpy(rng: dict[str, Any]) -> None:
 
 def capture_state(model: torch.nn.Module, ema: EMA, optimiser: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler | None, skipper: UpdateSkipper,
-                  rank_rngs: list[dict[str, Any]] | None = None,
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                  rank_rngs: list[ProcessRngState] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], CheckpointMeta]:
     """``rank_rngs``: every rank's ``process_rng_state()`` in rank order (distributed runs)."""
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
     tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
     opt = optimiser.state_dict()
-    scalars: dict[str, dict[str, Any]] = {}
+    scalars: dict[str, JSONObject] = {}
     for index, state in opt["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
@@ -70,7 +80,7 @@ def capture_state(model: torch.nn.Module, ema: EMA, optimiser: torch.optim.Optim
         tensors["rng.cuda"] = torch.cuda.get_rng_state()  # this process's own device only
     py_state = random.getstate()
     np_state = np.random.get_state()
-    meta = {
+    meta: CheckpointMeta = {
         "optimiser": {"param_groups": opt["param_groups"], "scalars": scalars},
         "scaler": scaler.state_dict() if scaler is not None else None,
         "skipper": skipper.state_dict(),
@@ -91,13 +101,13 @@ def capture_state(model: torch.nn.Module, ema: EMA, optimiser: torch.optim.Optim
     return tensors, meta
 
 
-def run_meta(cfg: Config, seed: int, world_size: int, memory: dict[str, Any], best: float | None,
-             history: list[dict[str, float]], ema_updates: int, steps_per_epoch: int, bundle: Any) -> dict[str, Any]:
+def run_meta(cfg: Config, seed: int, world_size: int, memory: PlanRecord, best: float | None,
+             history: list[dict[str, float]], ema_updates: int, steps_per_epoch: int, bundle: Any) -> CheckpointMeta:
     """The JSON a checkpoint keeps about its run besides the optimiser state: the configuration, seed
     and world size, the memory plan, the best validation loss (nats/voxel) and history, and the
     data facts a loaded model needs (voxel size in mm, intensity reference, a conditional run's
     covariate schema)."""
-    meta = {
+    meta: CheckpointMeta = {
         "config": cfg.to_dict(), "seed": seed, "world_size": world_size, "memory": memory,
         "best_validation": best, "validation_history": history,
         "ema_updates": ema_updates, "steps_per_epoch": steps_per_epoch,
