@@ -22,6 +22,7 @@ import torch
 
 from . import conditional
 from .config import Config, build_config
+from .data.covariates import CovariateRow
 from .errors import UserError
 from .inference import TrainedModel, open_trained
 from .sampling import check_temperature, iter_samples
@@ -33,10 +34,10 @@ from .volume_io import save_nifti as _save_nifti
 # them), or volumes already on the model grid in [0, 1], shaped (R, R, R) or (N, R, R, R)
 Inputs = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], np.ndarray, torch.Tensor]
 # a conditional model's covariates: one dict for every volume, or a list with one dict per volume
-Conditions = Union[dict[str, Any], Sequence[dict[str, Any]], None]
+Conditions = Union[CovariateRow, Sequence[CovariateRow], None]
 
 
-def _per_volume(given: Conditions, n: int, what: str) -> list[dict[str, Any]]:
+def _per_volume(given: Conditions, n: int, what: str) -> list[CovariateRow]:
     if given is None:
         return [{} for _ in range(n)]
     if isinstance(given, dict):
@@ -60,7 +61,7 @@ class Volumes:
     affines: np.ndarray
     names: list[str] = field(default_factory=list)
     # a conditional model's volumes: each one's covariates (``{"age": 75.0, "sex": "F"}``)
-    conditions: list[dict[str, Any]] | None = None
+    conditions: list[CovariateRow] | None = None
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -195,7 +196,7 @@ class Model:
         return Volumes(np.concatenate(out).astype(np.float32), self._affines(n), [f"decoded_{i:04d}" for i in range(n)],
                        self._rows(c))
 
-    def counterfactual(self, inputs: Inputs, condition: dict[str, Any] | None = None,
+    def counterfactual(self, inputs: Inputs, condition: CovariateRow | None = None,
                        sweep: tuple[str, Sequence[Any]] | None = None, observed: Conditions = None,
                        mode: str = "noise", batch_size: int = 4, guidance: float = 1.0) -> Volumes:
         """Counterfactuals of scans (a conditional model; ``verydeepvae counterfactual``'s method,
@@ -228,7 +229,7 @@ class Model:
         return Volumes(np.concatenate(data).astype(np.float32), np.stack(out_affines), out_names, rows)
 
     # -- conditional models ------------------------------------------------------------------------
-    def _complete(self, given: Conditions, n: int, what: str) -> list[dict[str, Any]] | None:
+    def _complete(self, given: Conditions, n: int, what: str) -> list[CovariateRow] | None:
         """Checked complete covariate rows for n volumes (None for an unconditional model)."""
         schema = self.covariates
         if schema is None:
@@ -244,14 +245,14 @@ class Model:
                 raise UserError(f"{what}: no value for {absent[0]} (a conditional model needs every covariate here)")
         return rows
 
-    def _scan_covariates(self, inputs: Inputs, given: Conditions, n: int) -> list[dict[str, Any]] | None:
+    def _scan_covariates(self, inputs: Inputs, given: Conditions, n: int) -> list[CovariateRow] | None:
         if self.covariates is None or given is not None or isinstance(inputs, (np.ndarray, torch.Tensor)):
             return self._complete(given, n, "covariates")
         paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
         rows, _ = conditional.scan_covariates(self._trained, [f for p in paths for f in input_files(p)])
         return rows
 
-    def _covariate_batches(self, rows: list[dict[str, Any]] | None, n: int, batch_size: int):
+    def _covariate_batches(self, rows: list[CovariateRow] | None, n: int, batch_size: int):
         for start in range(0, n, batch_size):
             if rows is None:
                 yield None
@@ -259,7 +260,7 @@ class Model:
                 yield torch.from_numpy(self.covariates.encode(rows[start:start + batch_size])).to(self.device)
 
     @staticmethod
-    def _rows(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    def _rows(rows: list[CovariateRow] | None) -> list[CovariateRow] | None:
         return None if rows is None else [dict(r) for r in rows]
 
     # -- helpers -----------------------------------------------------------------------------------

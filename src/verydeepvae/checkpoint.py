@@ -42,7 +42,7 @@ class RunData(TypedDict, total=False):
     """The data facts a loaded model needs (voxel size of the model grid in mm, intensity reference)."""
 
     voxel_size_mm: float
-    intensity_reference: IntensityReference | dict  # {} when the run had none
+    intensity_reference: IntensityReference
     num_train: int
     num_val: int
 

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from .errors import UserError
+from .json_types import JSONObject
+
+if TYPE_CHECKING:
+    from .conditional import SampleConditions
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -23,8 +27,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                         "(age, sex, lesion_load, atrophy...)")
 
 
-def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def train_overrides(args: argparse.Namespace) -> JSONObject:
+    out: JSONObject = {}
     if args.condition_on is not None:
         out["condition_on"] = [n.strip() for n in args.condition_on.split(",") if n.strip()]
     if args.covariates is not None:
@@ -54,7 +58,15 @@ def checked_guidance(args: argparse.Namespace, schema: Any) -> float:
     return check_guidance(args.guidance, schema, "--guidance")
 
 
-def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, Any, Any, dict[str, Any]]:
+class SamplesConditioning(TypedDict, total=False):
+    """What samples.json records about a conditional model's samples (nothing for an unconditional one)."""
+
+    conditions: list[SampleConditions]
+    guidance: float
+    covariates: list[JSONObject]  # the schema's covariates (CovariateSchema.to_json)
+
+
+def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, Any, Any, SamplesConditioning]:
     """(number of volumes, encoded covariates or None, their guidance references or None, what
     samples.json records about them)."""
     from . import conditional

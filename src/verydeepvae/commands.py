@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from . import cli_conditional
 from .errors import UserError
+from .json_types import JSONObject
 
 def verbosity_level(args: argparse.Namespace) -> int:
     from .console import NORMAL, QUIET, VERBOSE
@@ -17,10 +17,10 @@ def verbosity_level(args: argparse.Namespace) -> int:
     return QUIET if args.quiet else VERBOSE if getattr(args, "verbose", False) else NORMAL
 
 
-def load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None, notices: list[str] | None = None):
+def load_config(args: argparse.Namespace, extra: JSONObject | None = None, notices: list[str] | None = None):
     from .config import build_config, parse_override
 
-    overrides: dict[str, Any] = dict(parse_override(text) for text in args.set)
+    overrides: JSONObject = dict(parse_override(text) for text in args.set)
     overrides.update(extra or {})
     stored = None
     if args.config is not None:
@@ -32,7 +32,7 @@ def load_config(args: argparse.Namespace, extra: dict[str, Any] | None = None, n
 
 
 def train_command(args: argparse.Namespace) -> int:
-    extra: dict[str, Any] = {}
+    extra: JSONObject = {}
     for flag, key in (("data", "data_path"), ("output_dir", "output_dir"), ("max_steps", "max_steps"),
                       ("device", "device"), ("precision", "precision"), ("seed", "seed"),
                       ("pattern", "nifti_filename_pattern"), ("batch_size", "batch_size")):

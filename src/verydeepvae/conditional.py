@@ -21,12 +21,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypedDict
 
 import numpy as np
 
 from .data import covariate_table as ct
-from .data.covariates import CovariateSchema, Value
+from .data.covariates import CovariateRow, CovariateSchema, Value
 from .errors import UserError
 
 MAX_SWEEP_VALUES = 200
@@ -71,6 +71,14 @@ def read_conditions_file(path: str | os.PathLike, schema: CovariateSchema) -> li
     return requests
 
 
+class SampleConditions(TypedDict):
+    """One sample's entry in samples.json: its file, every covariate's value, and which were drawn."""
+
+    file: str
+    covariates: CovariateRow
+    drawn: list[str]
+
+
 @dataclass
 class Conditions:
     """Complete covariates of the volumes to generate: raw ``rows``, their encoding ``vectors``
@@ -85,7 +93,7 @@ class Conditions:
     notices: list[str] = field(default_factory=list)
     references: np.ndarray | None = None
 
-    def record(self, names: Sequence[str]) -> list[dict[str, Any]]:
+    def record(self, names: Sequence[str]) -> list[SampleConditions]:
         """Per volume: the file name, every covariate's value, and which were drawn (samples.json)."""
         return [{"file": name, "covariates": row, "drawn": drawn}
                 for name, row, drawn in zip(names, self.rows, self.drawn)]

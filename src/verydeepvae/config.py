@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .config_check import (at_least, between, check_conditioning, check_fields, check_performance, check_type,
                            greater_than, one_of)
@@ -24,6 +24,7 @@ from .config_text import load_yaml, parse_override, read_config_file  # noqa: F4
 from .config_text import short_repr as _short
 from .device import check_device_name
 from .errors import ConfigError
+from .json_types import JSONObject
 
 LIKELIHOODS = ("discretised_logistic", "gaussian")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto", "half")
@@ -214,7 +215,7 @@ class Config:
             output_scale_max=self.output_scale_max, checkpointed_levels=tuple(self.checkpointed_levels()),
             channels_last=self.channels_last)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
@@ -267,7 +268,7 @@ ARCHITECTURE_BEFORE_KEY = {"bias_max_resolution": 0}
 PRESETS = ("32", "64", "128", "demo", "tiny")
 
 
-def read_preset(name: str) -> dict[str, Any]:
+def read_preset(name: str) -> JSONObject:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     text = resources.files("verydeepvae.presets").joinpath(f"{name}.json").read_text()
@@ -277,9 +278,9 @@ def read_preset(name: str) -> dict[str, Any]:
 def build_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: JSONObject | None = None,
     notices: list[str] | None = None,
-    file_values: dict[str, Any] | None = None,
+    file_values: JSONObject | None = None,
 ) -> Config:
     """Merge preset -> file -> overrides, translate legacy names, validate, return a Config.
 
@@ -287,7 +288,7 @@ def build_config(
     ``file_values``: the configuration ``config_file`` holds, when the caller has read it already
     (a run record or a checkpoint holds one among other things: train/run_record.py).
     """
-    merged: dict[str, Any] = {}
+    merged: JSONObject = {}
     if preset is not None:
         merged.update(normalise_keys(read_preset(preset), notices, source=f"preset {preset}"))
     if config_file is not None or file_values is not None:
@@ -299,11 +300,11 @@ def build_config(
 
 
 def normalise_keys(
-    raw: dict[str, Any], notices: list[str] | None = None, source: str = "configuration"
-) -> dict[str, Any]:
+    raw: JSONObject, notices: list[str] | None = None, source: str = "configuration"
+) -> JSONObject:
     """Translate legacy names and values to ours; reject unknown keys naming the closest match."""
     known = {f.name for f in dataclasses.fields(Config)}
-    out: dict[str, Any] = {}
+    out: JSONObject = {}
     for key, value in raw.items():
         if key in LEGACY_IGNORED:
             if notices is not None:
@@ -326,7 +327,7 @@ def _suggest(key: str, known: set[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
+def config_from_dict(values: JSONObject) -> Config:
     """Type-check every value, then check the layer definitions hang together."""
     hints = typing.get_type_hints(Config)
     unknown = [key for key in values if key not in hints]

@@ -64,19 +64,19 @@ class Choice:
             raise ConfigError(f"{key} must be one of {', '.join(self.options)}; got {short_repr(value)}")
 
 
-def at_least(low: float, **wording: str) -> dict[str, Any]:
+def at_least(low: float, **wording: str) -> dict[str, Limits]:
     return {CHECK: Limits(low=low, **wording)}
 
 
-def greater_than(bound: float, **wording: str) -> dict[str, Any]:
+def greater_than(bound: float, **wording: str) -> dict[str, Limits]:
     return {CHECK: Limits(above=bound, **wording)}
 
 
-def between(low: float, high: float, **wording: str) -> dict[str, Any]:
+def between(low: float, high: float, **wording: str) -> dict[str, Limits]:
     return {CHECK: Limits(low=low, high=high, **wording)}
 
 
-def one_of(options: tuple[str, ...]) -> dict[str, Any]:
+def one_of(options: tuple[str, ...]) -> dict[str, Choice]:
     return {CHECK: Choice(tuple(options))}
 
 

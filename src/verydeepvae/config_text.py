@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .json_types import JSONObject
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_YAML_ALIASES = 100
@@ -87,7 +88,7 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def read_config_file(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict[str, Any]:
+def read_config_file(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> JSONObject:
     """Read a JSON or YAML configuration file into a plain dict (``max_bytes``: larger files are
     refused; YAML files are bounded by MAX_CONFIG_BYTES whatever it says)."""
     path = Path(path)

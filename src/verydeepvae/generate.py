@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from .atomic import write_json
 from .console import bar
 from .data.native_space import native_geometry
 from .errors import UserError
+from .json_types import JSONObject
 from .inference import (BACKGROUND_LEVEL, LN2, TrainedModel, covariate_schema, elbo_terms, intensity_record,  # noqa: F401
                         load_model, open_trained, prior_level, reference_range, to_data_intensity)
 from .model import VeryDeepVAE
@@ -46,6 +47,9 @@ from .sampling import (MAX_FIGURE_ROWS, MAX_TEMPERATURE, check_prior, check_temp
 from .scan_files import (NATIVE_NOTE, input_files, load_preprocessed, output_stems, safe_file_stem,  # noqa: F401
                          unique_names, write_native)
 from .volume_io import grid_affine, save_nifti
+
+if TYPE_CHECKING:
+    from .data.nifti_load import VolumeMeta
 
 
 # --- computing: rows of results -------------------------------------------------------------------
@@ -96,8 +100,25 @@ def compute_reconstructions(model: VeryDeepVAE, volumes: np.ndarray, device: str
 # --- writing --------------------------------------------------------------------------------------
 
 
-def _write_one(batch: ReconstructedBatch, i: int, file: Path, stem: str, meta: dict[str, Any], resolution: int,
-               output_dir: Path, intensity: str) -> dict[str, Any]:
+class ReconstructionRow(TypedDict):
+    """One input's row of reconstructions.json: its files and measurements (bits/voxel; PSNR in dB,
+    SSIM and MAE on the model range)."""
+
+    input: str
+    reconstruction: str
+    preprocessed_input: str
+    reconstruction_native: str
+    voxel_size_mm: float
+    elbo_bits_per_voxel: float
+    nll_bits_per_voxel: float
+    kl_bits_per_voxel: float
+    psnr_db: float
+    ssim: float
+    mae: float
+
+
+def _write_one(batch: ReconstructedBatch, i: int, file: Path, stem: str, meta: VolumeMeta, resolution: int,
+               output_dir: Path, intensity: str) -> ReconstructionRow:
     """Write volume ``i`` of ``batch`` (reconstruction, preprocessed input, native-space
     reconstruction) and return its row of reconstructions.json."""
     affine = grid_affine((resolution,) * 3, float(meta["voxel_size_mm"]))
@@ -124,9 +145,10 @@ def _write_one(batch: ReconstructedBatch, i: int, file: Path, stem: str, meta: d
     }
 
 
-def _record(trained: TrainedModel, rows: list[dict[str, Any]], posterior_mean: bool, prior_above: int | None,
-            temperature: float, seed: int, intensity: str) -> dict[str, Any]:
-    """reconstructions.json: how the reconstructions were made, each file's row and the means."""
+def _record(trained: TrainedModel, rows: list[ReconstructionRow], posterior_mean: bool, prior_above: int | None,
+            temperature: float, seed: int, intensity: str) -> JSONObject:
+    """reconstructions.json: how the reconstructions were made, each file's row, the means and the
+    model (its ``ModelRecord``)."""
     return {
         "mode": "posterior mean" if posterior_mean else "posterior sample",
         "prior_above_resolution": prior_above, "temperature": temperature, "seed": seed,
@@ -157,7 +179,7 @@ def _save_figure(figure_rows: list[list[np.ndarray]], stems: list[str], model: V
 def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output_dir: str | Path,
                       posterior_mean: bool = True, prior_above: int | None = None, temperature: float = 0.0,
                       seed: int = 0, batch_size: int = 4, intensity: str = "model",
-                      show_progress: bool | None = True, covariates: np.ndarray | None = None) -> dict[str, Any]:
+                      show_progress: bool | None = True, covariates: np.ndarray | None = None) -> JSONObject:
     """Reconstruct NIfTI files; write ``<name>_recon.nii.gz``, ``<name>_input.nii.gz`` (the
     preprocessed input), ``reconstructions.png`` and ``reconstructions.json``; return the record.
 
@@ -179,7 +201,7 @@ def reconstruct_files(trained: TrainedModel, files: Sequence[str | Path], output
     files = [Path(f) for f in files]
     volumes, metas = load_preprocessed(files, trained.preprocess_settings, show_progress=show_progress)
     stems = output_stems(files)
-    rows: list[dict[str, Any]] = []
+    rows: list[ReconstructionRow] = []
     figure_rows: list[list[np.ndarray]] = []
     with bar(total=len(files), desc="reconstruct", unit="vol", show=show_progress) as shown:
         for batch in compute_reconstructions(model, volumes, trained.device, level=level,

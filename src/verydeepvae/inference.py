@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import torch
@@ -25,6 +25,27 @@ from .device import resolve_device
 from .errors import CheckpointError, UserError
 from .model import VeryDeepVAE
 from .model.fitted_prior import FittedPrior
+
+if TYPE_CHECKING:
+    from .data.nifti_load import IntensityReference
+
+
+class ModelRecord(TypedDict):
+    """Which model made an output (in each output's JSON record)."""
+
+    checkpoint: str
+    step: int
+    weights: str  # "ema" or "raw"
+
+
+class IntensityRecord(TypedDict, total=False):
+    """How an output's intensities relate to the data (:func:`intensity_record`)."""
+
+    scale: str  # "model" or "data"
+    note: str
+    low: float
+    high: float
+    mapping: str
 
 BACKGROUND_LEVEL = 0.5 / 255.0  # model intensities below this are background (the lowest of 256 bins)
 LN2 = math.log(2.0)
@@ -93,7 +114,7 @@ class TrainedModel:
         return PreprocessSettings.from_config(self.config)
 
     @property
-    def data_meta(self) -> dict[str, Any]:
+    def data_meta(self) -> ckpt.RunData:
         return dict(self.checkpoint.meta.get("data", {}) or {})
 
     @property
@@ -107,7 +128,7 @@ class TrainedModel:
         return covariate_schema(self.checkpoint)
 
     @property
-    def intensity_reference(self) -> dict[str, Any]:
+    def intensity_reference(self) -> IntensityReference:
         return dict(self.data_meta.get("intensity_reference", {}) or {})
 
     @property
@@ -116,7 +137,7 @@ class TrainedModel:
         parent = self.checkpoint.path.resolve().parent
         return parent.parent if parent.name == "checkpoints" else parent
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> ModelRecord:
         return {"checkpoint": str(self.checkpoint.path), "step": self.checkpoint.step, "weights": self.weights}
 
 
@@ -147,7 +168,7 @@ def to_data_intensity(volume: np.ndarray, low: float, high: float) -> np.ndarray
     return out
 
 
-def reference_range(reference: dict[str, Any], source: str) -> tuple[float, float]:
+def reference_range(reference: IntensityReference, source: str) -> tuple[float, float]:
     """(low, high) of a checkpoint's intensity reference, or a UserError naming what is missing."""
     low, high = reference.get("low"), reference.get("high")
     if low is None or high is None:
@@ -156,7 +177,7 @@ def reference_range(reference: dict[str, Any], source: str) -> tuple[float, floa
     return float(low), float(high)
 
 
-def intensity_record(low_high: tuple[float, float] | None, what: str) -> dict[str, Any]:
+def intensity_record(low_high: tuple[float, float] | None, what: str) -> IntensityRecord:
     """How an output's intensities relate to the data (for its JSON record): the model range, or
     the data's scale through ``low``/``high`` (``what`` says where they came from)."""
     if low_high is None:

@@ -46,6 +46,7 @@ from typing import Any, Sequence
 
 from .config import LEGACY_IGNORED, LEGACY_RENAMES, config_from_dict, normalise_keys, read_config_file
 from .errors import ConfigError, UserError
+from .json_types import JSONObject
 from .train.distributed import configure_devices, physical_gpu_count, plan_devices  # noqa: F401
 
 EXIT_USER_ERROR = 2
@@ -185,7 +186,7 @@ def parse_devices(values: Sequence[Any] | str | None) -> list[str] | None:
 # --- hyper_params -> configuration -----------------------------------------------------------------
 
 
-def translate(hyper_params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+def translate(hyper_params: JSONObject) -> tuple[JSONObject, list[str]]:
     """Split ``hyper_params`` into configuration overrides and the names of ignored original keys.
 
     Keys with a counterpart are passed on (``config.build_config`` translates the original names);
@@ -193,7 +194,7 @@ def translate(hyper_params: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     something not implemented here are a ``ConfigError``.  Unknown keys are left for
     ``build_config`` to reject with a "did you mean".
     """
-    overrides: dict[str, Any] = {}
+    overrides: JSONObject = {}
     ignored: list[str] = []
     for key, value in hyper_params.items():
         if key in ("CUDA_devices", "local_rank"):
@@ -224,7 +225,7 @@ def canonical_key(key: str) -> str:
     return LEGACY_RENAMES.get(key, key)
 
 
-def merge_keys(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_keys(base: JSONObject, update: JSONObject) -> JSONObject:
     """``base`` updated with ``update``; a key of ``update`` also replaces keys of ``base`` that set
     the same field under another name (e.g. ``resolution`` replaces ``nii_target_shape``)."""
     replaced = {canonical_key(k) for k in update}
@@ -267,7 +268,7 @@ def _under_launcher() -> bool:
     return "WORLD_SIZE" in os.environ
 
 
-def run_from_hyper_params(hyper_params: dict[str, Any], argv: Sequence[str] | None = None) -> int:
+def run_from_hyper_params(hyper_params: JSONObject, argv: Sequence[str] | None = None) -> int:
     """Train the configuration ``hyper_params`` (original key names) with the original flags.
 
     Returns the exit status: 0 when training finished, 2 for a user error (one line on stderr),
@@ -295,7 +296,7 @@ def run_from_hyper_params(hyper_params: dict[str, Any], argv: Sequence[str] | No
         return 130
 
 
-def _run(hyper_params: dict[str, Any], args: argparse.Namespace, argv: list[str]) -> int:
+def _run(hyper_params: JSONObject, args: argparse.Namespace, argv: list[str]) -> int:
     merged = dict(hyper_params)
     if args.json_config_file:
         merged = merge_keys(merged, read_config_file(args.json_config_file))

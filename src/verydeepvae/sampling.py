@@ -6,7 +6,7 @@ what a caller asks for (temperature, which prior) and the writer of a folder of 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from .errors import Stopped, UserError
 from .inference import intensity_record, reference_range, to_data_intensity
 from .model import VeryDeepVAE
 from .volume_io import grid_affine, save_nifti
+
+if TYPE_CHECKING:
+    from .data.nifti_load import IntensityReference
 
 MAX_FIGURE_ROWS = 8
 MAX_TEMPERATURE = 10.0
@@ -47,7 +50,7 @@ def check_temperature(model: VeryDeepVAE, temperature: float | Sequence[float]) 
 def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                   temperature: float | Sequence[float] = 1.0, seed: int = 0, voxel_size_mm: float = 1.0,
                   batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool = True,
-                  intensity_reference: dict[str, Any] | None = None,
+                  intensity_reference: IntensityReference | None = None,
                   extra_record: dict | None = None, covariates: np.ndarray | None = None,
                   prior: str = "auto", guidance: float = 1.0, references: np.ndarray | None = None) -> list[Path]:
     """Draw ``num`` volumes from the prior and write ``sample_XXXX.nii.gz``, a montage and a

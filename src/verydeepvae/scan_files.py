@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from .console import bar
-from .data.native_space import to_scan_space
+from .data.native_space import NativeGeometry, to_scan_space
 from .errors import DataError
 from .inference import to_data_intensity
 from .volume_io import save_nifti
+
+if TYPE_CHECKING:
+    from .data.nifti_load import VolumeMeta
 
 
 def input_files(path: str | Path, pattern: str | None = None) -> list[Path]:
@@ -35,7 +38,7 @@ def input_files(path: str | Path, pattern: str | None = None) -> list[Path]:
 
 def load_preprocessed(files: Sequence[str | Path], settings, cache_root: str | Path | None = None,
                       show_progress: bool | None = None, desc: str = "preprocessing"
-                      ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+                      ) -> tuple[np.ndarray, list[VolumeMeta]]:
     """Volumes (N, R, R, R) float32 in [0, 1] and their preprocessing metadata, exactly as training.
 
     With ``cache_root`` (a training run's cache), volumes already preprocessed with the same
@@ -47,7 +50,7 @@ def load_preprocessed(files: Sequence[str | Path], settings, cache_root: str | P
     cache = VolumeCache(cache_root, settings) if cache_root is not None else None
     R = settings.resolution
     out = np.empty((len(files), R, R, R), dtype=np.float32)
-    metas: list[dict[str, Any]] = []
+    metas: list[VolumeMeta] = []
     for i, f in enumerate(bar(list(files), desc=desc, unit="vol", show=show_progress)):
         volume = meta = None
         if cache is not None and cache.folder.is_dir():
@@ -97,7 +100,7 @@ NATIVE_NOTE = ("*_native.nii.gz: the model-grid result resampled (trilinear) int
                "shape and affine as the input file, zero outside the preprocessing crop; overlays on the scan")
 
 
-def write_native(volume: np.ndarray, geometry: dict[str, Any], path: Path,
+def write_native(volume: np.ndarray, geometry: NativeGeometry, path: Path,
                  low_high: tuple[float, float] | None, description: str) -> Path:
     """A model-grid volume (model range [0, 1]) written in an input scan's own space (shape,
     affine and sform/qform code of the scan; :mod:`verydeepvae.data.native_space`), in the data's

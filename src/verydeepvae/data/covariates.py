@@ -21,12 +21,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, UserError
+from ..json_types import JSONObject
 
 MAX_BANK = 5000
 # bandwidth, in training standard deviations, of the kernel that draws unspecified covariates near
 # the specified ones (complete): narrow enough that age 85 draws lesion loads of 80-90 year-olds
 KERNEL_SD = 0.25
 Value = float | str
+CovariateRow = dict[str, Value]  # one scan's or sample's covariates by name, e.g. {"age": 75.0, "sex": "F"}
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class CovariateSchema:
             out.append({**dict(zip(names, bank[pick])), **request})
         return out
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         return {"covariates": [_covariate_json(c) for c in self.covariates], "source": self.source,
                 "matched_by": self.matched_by, "dim": self.dim, "bank": self.bank,
                 "encoding": "numeric: (value - mean) / sd; categorical: one-hot over levels; in this order"}
@@ -197,7 +199,7 @@ class CovariateSchema:
         return lines + [f"  {c.describe()}" for c in self.covariates]
 
 
-def _covariate_json(c: Covariate) -> dict[str, Any]:
+def _covariate_json(c: Covariate) -> JSONObject:
     if c.kind == "numeric":
         return {"name": c.name, "kind": c.kind, "mean": c.mean, "sd": c.sd, "minimum": c.minimum, "maximum": c.maximum}
     return {"name": c.name, "kind": c.kind, "levels": list(c.levels)}

@@ -193,9 +193,9 @@ class VolumeMeta(CubeFit):
     warnings: list[str]
 
 
-class IntensityReference(TypedDict):
+class IntensityReference(TypedDict, total=False):
     """How model intensities map back to the data's scale (``--intensity data``), kept in every checkpoint:
-    medians over the training files of their ``clamp_low``/``clamp_high``."""
+    medians over the training files of their ``clamp_low``/``clamp_high`` (empty in a run that had none)."""
 
     low: float
     high: float

@@ -14,13 +14,19 @@ import datetime
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from ..json_types import JSONObject
 from .. import checkpoint as ckpt
 from . import run_folder, run_record
 from .progress import LOG_NAME
 from .reporting import to_bits
+
+if TYPE_CHECKING:
+    from ..model.fitted_prior import FittedPriorChoice
+
+MetricsRecord = JSONObject  # a line of metrics.jsonl as read back: its kind and step are checked, the rest is read with .get
 
 
 def inspect_run(folder: str | Path) -> list[str]:
@@ -60,7 +66,7 @@ def _status(folder: Path) -> str:
     return f"training now ({holder})" if held else f"not training (last: {holder or 'unknown'})"
 
 
-def _sessions(sessions: list[dict[str, Any]]) -> list[str]:
+def _sessions(sessions: list[run_record.Session]) -> list[str]:
     first, newest = sessions[0], sessions[-1]
     lines = [f"  started {first.get('started', '?')}: {first.get('command', '?')}"]
     if len(sessions) > 1:
@@ -71,7 +77,7 @@ def _sessions(sessions: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _configuration(config: dict[str, Any], session: dict[str, Any]) -> list[str]:
+def _configuration(config: JSONObject, session: run_record.Session | dict) -> list[str]:
     layers = sum(config.get("latent_feature_maps_per_resolution") or [])
     data = session.get("data") or {}
     volumes = f" ({data['train']} training / {data['validation']} validation volumes)" if "train" in data else ""
@@ -86,8 +92,8 @@ def _configuration(config: dict[str, Any], session: dict[str, Any]) -> list[str]
     ]
 
 
-def _steps(sessions: list[dict[str, Any]], meta: dict[str, Any] | None, config: dict[str, Any] | None,
-           last: dict[str, dict[str, Any]]) -> str:
+def _steps(sessions: list[run_record.Session], meta: ckpt.CheckpointMeta | None, config: JSONObject | None,
+           last: dict[str, MetricsRecord]) -> str:
     done = max([int(last[k]["step"]) for k in ("train", "validation") if k in last] +
                [int(meta["step"]) if meta else 0])
     total = sessions[-1].get("total_steps") if sessions else None
@@ -117,7 +123,7 @@ def _checkpoints(folder: Path, checkpoints: list[Path]) -> list[str]:
     return lines
 
 
-def _prior(meta: dict[str, Any]) -> str:
+def _prior(meta: FittedPriorChoice) -> str:
     """The newest checkpoint's choice of prior for the coarsest latents (train/fit_prior.py)."""
     distances = meta.get("frechet_to_training") or {}
     shown = ", ".join(f"{k} {_num(v, 1)}" for k, v in distances.items())
@@ -126,7 +132,7 @@ def _prior(meta: dict[str, Any]) -> str:
                                                            if shown else "")
 
 
-def _figures(last: dict[str, dict[str, Any]]) -> list[str]:
+def _figures(last: dict[str, MetricsRecord]) -> list[str]:
     lines = []
     if "train" in last:
         r = last["train"]
@@ -162,9 +168,9 @@ def _log(folder: Path) -> str:
     return f"  log: {LOG_NAME}, {warnings} warning(s); last line: {ending}"
 
 
-def _last_records(path: Path) -> dict[str, dict[str, Any]]:
+def _last_records(path: Path) -> dict[str, MetricsRecord]:
     """The newest ``metrics.jsonl`` record of each kind (train, validation, quality)."""
-    last: dict[str, dict[str, Any]] = {}
+    last: dict[str, MetricsRecord] = {}
     if not path.is_file():
         return last
     with open(path, encoding="utf-8", errors="replace") as handle:

@@ -27,6 +27,7 @@ from typing import IO, Any, Iterator, Sequence
 
 from ..console import NORMAL, QUIET, VERBOSE, bar, show_bar
 from ..errors import Stopped, UserError
+from ..json_types import JSONObject
 
 LOG_NAME = "train.log"
 
@@ -104,7 +105,7 @@ class TrainConsole:
         if self.bar is not None:
             self.bar.update(1)
 
-    def report(self, step: int, figures: dict[str, Any], steps_per_second: float) -> None:
+    def report(self, step: int, figures: JSONObject, steps_per_second: float) -> None:
         """The figures of the latest steps: on the bar, or as one plain line where there is none."""
         if self.bar is not None:
             self.bar.set_postfix(**figures, refresh=False)

@@ -22,11 +22,11 @@ checks that none is missing); the README's table is this one:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from ..config import ARCHITECTURE_BEFORE_KEY, Config
 from ..errors import UserError
 from ..checkpoint import ARCHITECTURE_KEYS
+from ..json_types import JSONObject
 
 PREPROCESSING = ("clamp_percentiles", "crop_to_foreground")
 # the architecture is compared by checkpoint.architecture_difference (derived widths resolved)
@@ -76,7 +76,7 @@ SILENT = ("log_every", "validation_every", "checkpoint_every", "figures_every", 
           "fitted_prior")
 
 
-def apply(configured: Config, stored: dict[str, Any], notices: list[str]) -> Config:
+def apply(configured: Config, stored: JSONObject, notices: list[str]) -> Config:
     """The configuration a resumed run continues with: refuses what cannot change, keeps what
     belongs to the run, and says what changes.  ``stored`` is the checkpoint's configuration
     (its architecture has been checked already)."""
