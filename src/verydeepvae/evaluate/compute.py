@@ -10,7 +10,7 @@ so that set-size effects cancel in the comparison.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,7 +19,8 @@ from .. import metrics as M
 from ..console import bar
 from ..errors import UserError
 from ..inference import BACKGROUND_LEVEL, LN2, TrainedModel, elbo_terms
-from .population import DiversitySection
+from ..json_types import JSONObject
+from .population import Distance, DiversitySection, FeatureDescription, NearestTraining
 from .sections import LikelihoodSection, ReconstructionSection, Stats
 
 ACTIVE_THRESHOLD = M.ACTIVE_THRESHOLD
@@ -128,7 +129,7 @@ def diversity_section(samples: np.ndarray, heldout: np.ndarray, num_pairs: int, 
 
 
 def feature_extractors(resolution: int, plugin: str | None = None, seed: int = 0, device: str = "cpu"
-                       ) -> dict[str, tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]]:
+                       ) -> dict[str, tuple[Callable[[np.ndarray], np.ndarray], FeatureDescription]]:
     """The feature extractors: name -> (function volumes -> (N, F), description).
 
     The random CNN sees volumes at min(resolution, 64)³ (upsampling a smaller volume adds nothing)."""
@@ -146,7 +147,7 @@ def feature_extractors(resolution: int, plugin: str | None = None, seed: int = 0
     return extractors
 
 
-def load_plugin(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+def load_plugin(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], FeatureDescription]:
     """``module:callable`` -> a feature function.  A class is instantiated without arguments.
 
     The callable receives volumes (N, R, R, R) float32 in [0, 1] and returns (N, F) features; an
@@ -168,15 +169,16 @@ def load_plugin(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str
     return obj, {"kind": "plugin", "spec": spec, "label": name, "note": "features from a user-supplied plug-in"}
 
 
-def distance_section(sample_feats: np.ndarray, real_feats: np.ndarray, seed: int, repeats: int) -> dict[str, Any]:
-    """Fréchet distance and MMD on standardised features (:func:`metrics.pooled_standardiser`)."""
+def distance_section(sample_feats: np.ndarray, real_feats: np.ndarray, seed: int, repeats: int) -> JSONObject:
+    """Fréchet distance and MMD on standardised features (:func:`metrics.pooled_standardiser`): a
+    ``FeatureDistances`` but for its ``features``."""
     z = M.pooled_standardiser(real_feats, sample_feats)
     s, r = z(sample_feats), z(real_feats)
-    out: dict[str, Any] = {"num_samples": len(s), "num_real": len(r),
+    out: JSONObject = {"num_samples": len(s), "num_real": len(r),
                            "standardisation": "z-scores with the pooled held-out real + sample features' mean/std"}
     fns = {"frechet": M.frechet_distance, "mmd": lambda a, b: M.mmd(a, b, kernel="rbf")}
     for name, fn in fns.items():
-        entry: dict[str, Any] = {}
+        entry: Distance = {}
         if len(s) >= 2 and len(r) >= 2:
             entry["samples_vs_real"] = float(fn(s, r))
         if len(r) >= 4:
@@ -209,7 +211,7 @@ class RunningNearest:
             self.indices[k][better] = idx[better] + start
 
 
-def memorisation_entry(sample_d: np.ndarray, heldout_d: np.ndarray, space: str, unit: str) -> dict[str, Any]:
+def memorisation_entry(sample_d: np.ndarray, heldout_d: np.ndarray, space: str, unit: str) -> NearestTraining:
     summary = M.memorisation_summary(sample_d, heldout_d)
     return {"space": space, "unit": unit, **summary,
             "sample_distances": sample_d.tolist(), "heldout_distances": heldout_d.tolist()}

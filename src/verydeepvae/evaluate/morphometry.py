@@ -55,12 +55,13 @@ by 1.1-1.5 and 1.5-1.9 population sd at 32³ (0.4-0.7 at 64³; before: CSF +4 sd
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..metrics import wasserstein_by_feature
 from ..metrics.tissue import flair_partial_volumes
+from .population import Recovery, WassersteinComparison
 
 DEEP_CSF_MM = 10.0  # ventricles: CSF at least this deep (and deeper than half the brain's largest depth)
 BRAIN_THRESHOLD = 0.02
@@ -91,14 +92,14 @@ def volume_table(volumes: np.ndarray | Sequence[np.ndarray], voxel_sizes_mm: flo
 
 
 def wasserstein_with_baseline(samples: dict[str, np.ndarray], real: dict[str, np.ndarray], seed: int = 0,
-                              repeats: int = 5) -> dict[str, Any]:
+                              repeats: int = 5) -> WassersteinComparison:
     """Per-feature 1-Wasserstein distances (ml, and in units of the real std): samples vs real, and
     real vs real between two random halves of the real set (mean over ``repeats`` splits), with
     the samples subsampled to the same half size for a like-for-like figure."""
     full = wasserstein_by_feature(samples, real)
     full_norm = wasserstein_by_feature(samples, real, normalise=True)
     n = len(next(iter(real.values())))
-    out: dict[str, Any] = {"features": {}}
+    out: WassersteinComparison = {"features": {}}
     rng = np.random.default_rng(seed)
     if n >= 4:
         half = n // 2
@@ -125,7 +126,7 @@ def wasserstein_with_baseline(samples: dict[str, np.ndarray], real: dict[str, np
     return out
 
 
-def recovery(estimates: dict[str, np.ndarray], recorded: dict[str, np.ndarray]) -> dict[str, Any]:
+def recovery(estimates: dict[str, np.ndarray], recorded: dict[str, np.ndarray]) -> dict[str, Recovery]:
     """Pearson r and mean ratio estimate/recorded per feature (estimator accuracy on phantoms)."""
     out = {}
     for k, values in estimates.items():

@@ -12,11 +12,48 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
+from ..json_types import JSONObject
 from .text import mean_sd, num
+
+
+class _LayerKL(TypedDict):
+    index: int
+    level: int
+    resolution: int
+    shape: list[int]
+    kl_nats_per_voxel: float
+    kl_bits_per_voxel: float
+    kl_nats_total: float  # over the whole volume
+
+
+class LayerKL(_LayerKL, total=False):
+    """One latent layer's KL over the held-out volumes, with its active units (2 or more volumes)."""
+
+    active_units: int
+    units: int
+
+
+class LayerUnits(TypedDict):
+    name: str
+    active: int
+    units: int
+    fraction: float
+
+
+class ActiveUnits(TypedDict):
+    """metrics.active_units_from_variances with the definition the report states."""
+
+    threshold: float
+    num_volumes: int
+    per_layer: list[LayerUnits]
+    total_active: int
+    total_units: int
+    fraction_active: float
+    definition: str
 
 
 @dataclass
@@ -45,7 +82,7 @@ class Stats:
         return {"mean": self.mean, "std": self.std, "sem": self.sem, "min": self.min, "max": self.max, "n": self.n}
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Stats:
+    def from_json(cls, data: JSONObject) -> Stats:
         return cls(**{k: data[k] for k in ("mean", "std", "sem", "min", "max", "n")})
 
 
@@ -62,18 +99,18 @@ class LikelihoodSection:
     reconstruction_bits_per_voxel: Stats
     kl_bits_per_voxel: Stats
     per_volume_elbo_bits_per_voxel: list[float]
-    kl_per_layer: list[dict[str, Any]]  # per layer: index, level, resolution, shape, KL (+ active units)
-    active_units: dict[str, Any] | None  # metrics.active_units_from_variances + definition; None below 2 volumes
+    kl_per_layer: list[LayerKL]
+    active_units: ActiveUnits | None  # None below 2 volumes
 
     STATS = ("elbo_nats_per_voxel", "elbo_bits_per_voxel", "reconstruction_bits_per_voxel", "kl_bits_per_voxel")
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         out = dict(vars(self))
         out.update({k: getattr(self, k).to_json() for k in self.STATS})
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LikelihoodSection:
+    def from_json(cls, data: JSONObject) -> LikelihoodSection:
         return cls(**{**data, **{k: Stats.from_json(data[k]) for k in cls.STATS}})
 
     def summary_rows(self) -> list[str]:
@@ -120,7 +157,7 @@ class ReconstructionSection:
     mae: Stats
     foreground: dict[str, Stats] | None = None  # psnr_db and mae over voxels above background
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JSONObject:
         out = {"num_volumes": self.num_volumes, "latents": self.latents, "data_range": self.data_range,
                "note": self.note, "psnr_db": self.psnr_db.to_json(), "ssim": self.ssim.to_json(),
                "mae": self.mae.to_json()}
@@ -129,7 +166,7 @@ class ReconstructionSection:
         return out
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ReconstructionSection:
+    def from_json(cls, data: JSONObject) -> ReconstructionSection:
         foreground = data.get("foreground")
         return cls(data["num_volumes"], data["latents"], data["data_range"], data["note"],
                    *(Stats.from_json(data[k]) for k in ("psnr_db", "ssim", "mae")),
