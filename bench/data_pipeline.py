@@ -30,7 +30,7 @@ from pathlib import Path
 
 from verydeepvae.process_defaults import apply_cli_defaults
 
-apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_POLICY=PASSIVE unless set)
+apply_cli_defaults()  # as the CLI does, before anything loads torch (a bounded OpenMP spin, process_defaults.py)
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402

@@ -34,7 +34,7 @@ import numpy as np
 
 from verydeepvae.process_defaults import apply_cli_defaults
 
-apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_POLICY=PASSIVE unless set)
+apply_cli_defaults()  # as the CLI does, before anything loads torch (a bounded OpenMP spin, process_defaults.py)
 
 from verydeepvae.config import build_config, parse_override
 from verydeepvae.data.phantom import generate_population

@@ -26,7 +26,7 @@ import time
 
 from verydeepvae.process_defaults import apply_cli_defaults
 
-apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_POLICY=PASSIVE unless set)
+apply_cli_defaults()  # as the CLI does, before anything loads torch (a bounded OpenMP spin, process_defaults.py)
 import torch  # noqa: I001
 
 from verydeepvae.config import build_config

@@ -22,18 +22,21 @@ divided by the step's time, beside the throughput that bare ``Conv3d`` forward+b
 reach on the same machine with the model's own convolution shapes (each shape timed alone, in the
 mode's dtype and memory format, weighted by how often the model uses it).
 
-Peak RSS on Linux includes glibc heap fragmentation (freed tensors of a few MiB stay in its heap);
-``MALLOC_MMAP_THRESHOLD_=4194304 python bench/train_step.py ...`` shows the live memory instead.
-CPU timings swing with machine load (check ``/proc/loadavg``; the load is printed); ``--threads``
-sets torch's intra-op threads (default: torch's choice).  The workers get ``OMP_WAIT_POLICY=PASSIVE``
-like ``verydeepvae train`` unless it is set (``OMP_WAIT_POLICY=ACTIVE python bench/train_step.py``
-measures spinning OpenMP threads: about 15 % faster on an otherwise idle machine).  Prints figures only; nothing is asserted.
+Peak RSS on Linux includes glibc heap fragmentation; the workers, like ``verydeepvae train``, map
+blocks of 16 MiB and more afresh (``process_defaults.py``), and ``MALLOC_MMAP_THRESHOLD_=N`` in the
+environment overrides that.  CPU timings swing with machine load (check ``/proc/loadavg``; the load
+is printed); ``--threads`` sets torch's intra-op threads (default: torch's choice).  The workers get
+the CLI's bounded OpenMP spin unless ``OMP_WAIT_POLICY`` is set (``OMP_WAIT_POLICY=PASSIVE python
+bench/train_step.py`` measures the old default).  Mode ``default`` is what ``verydeepvae train``
+chooses on the device (``precision``, ``channels_last`` and ``checkpoint_levels`` auto); it does not
+include the training loop's thread governor, which only acts under contention.  Prints figures only; nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -44,21 +47,22 @@ import time
 
 from verydeepvae.process_defaults import apply_cli_defaults
 
-apply_cli_defaults()  # as the CLI does, before anything loads torch (OMP_WAIT_POLICY=PASSIVE unless set)
+apply_cli_defaults()  # as the CLI does, before anything loads torch (a bounded OpenMP spin, process_defaults.py)
 
-MODES = {
-    "fp32": {},
-    "bf16": {"precision": "bf16"},
-    "checkpoint": {"checkpoint_levels": "all"},
-    "channels_last": {"channels_last": True},
-    "compile": {"compile": True},
+MODES = {  # each mode spells out precision and memory format: the configuration's defaults are "auto"
+    "default": {},  # what `verydeepvae train` chooses on this device (precision and channels_last auto)
+    "fp32": {"precision": "fp32", "channels_last": False},
+    "bf16": {"precision": "bf16", "channels_last": False},
+    "checkpoint": {"checkpoint_levels": "all", "precision": "fp32", "channels_last": False},
+    "channels_last": {"precision": "fp32", "channels_last": True},
+    "compile": {"compile": True, "precision": "fp32", "channels_last": False},
     "bf16+channels_last": {"precision": "bf16", "channels_last": True},
     "bf16+channels_last+compile": {"precision": "bf16", "channels_last": True, "compile": True},
-    "checkpoint+bf16": {"checkpoint_levels": "all", "precision": "bf16"},
-    "checkpoint+channels_last": {"checkpoint_levels": "all", "channels_last": True},
+    "checkpoint+bf16": {"checkpoint_levels": "all", "precision": "bf16", "channels_last": False},
+    "checkpoint+channels_last": {"checkpoint_levels": "all", "precision": "fp32", "channels_last": True},
     "checkpoint+bf16+channels_last": {"checkpoint_levels": "all", "precision": "bf16", "channels_last": True},
 }
-DEFAULT_MODES = "fp32,bf16,checkpoint,channels_last,compile,bf16+channels_last"
+DEFAULT_MODES = "default,fp32,bf16,checkpoint,channels_last,compile,bf16+channels_last"
 
 
 def rss_bytes() -> int:
@@ -92,6 +96,13 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda" and overrides.get("precision") == "bf16" and args.fp16:
         overrides["precision"] = "fp16"
     cfg = build_config(preset=args.preset, overrides=overrides)
+    if args.worker == "default":  # the automatic choices of a training run on this device
+        from verydeepvae.train.precision import resolve_memory_format, resolve_precision
+
+        from verydeepvae.train.memory_plan import device_budget, plan
+
+        cfg = resolve_memory_format(resolve_precision(cfg, device, []), device, [])
+        cfg = dataclasses.replace(cfg, checkpoint_levels=plan(cfg, device_budget(device)).setting())
     r = cfg.resolution
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 1, r, r, r, generator=torch.Generator().manual_seed(1)).to(device)
@@ -289,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"preset {args.preset}, batch size {args.batch_size}, device {args.device}, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.repeats} repeat(s); "
           f"load average before: {open('/proc/loadavg').read().split()[:3]}; "
-          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '(glibc default)')}; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '(16 MiB, the CLI default)')}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
+          flush=True)
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     loads = []
     for repeat in range(args.repeats):

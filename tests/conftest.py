@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP, as the CLI does (process_defaults.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: tests share the machine with other work
+# a fixed thread count: the training loop's thread governor (train/threads.py) would otherwise react to
+# the machine's load, and tests compare runs bitwise; tests/test_threads.py turns it on where it is tested
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
 from pathlib import Path
 
 import nibabel as nib

@@ -69,13 +69,13 @@ def test_temperature_zero_gives_the_prior_means_whatever_the_seed(run, trained, 
     from verydeepvae.model.latent_layer import LatentChoice
 
     model = trained.model
-    with torch.no_grad():
+    with torch.no_grad(), model.inference_autocast("cpu"):  # the training's precision, as `sample` uses
         _, _, zs = model.decoder(None, [LatentChoice(use_posterior=False, temperature=0.0)] * model.num_layers, 1)
-        decoded = model.decode(zs)[0, 0].numpy()
+        decoded = model.decode(zs)[0, 0].float().numpy()
     np.testing.assert_allclose(outs[0], decoded, atol=1e-6)
     # and those latents are the prior means: with T=0 the decoder draws nothing, so seeds do not matter
     g = torch.Generator().manual_seed(123)
-    with torch.no_grad():
+    with torch.no_grad(), model.inference_autocast("cpu"):
         _, _, zs_again = model.decoder(None, [LatentChoice(use_posterior=False, temperature=0.0)] * model.num_layers,
                                        1, g)
     assert all(torch.equal(a, b) for a, b in zip(zs, zs_again))

@@ -285,7 +285,7 @@ def test_explicit_bf16_on_a_gpu_without_fast_bf16_gets_a_notice(monkeypatch):
 
 def test_out_of_memory_advice_uses_the_estimator(monkeypatch):
     monkeypatch.setattr(precision, "device_memory_bytes", lambda device: 8 * 2**30)
-    cfg = build_config(preset="128", overrides={"batch_size": 4})
+    cfg = build_config(preset="128", overrides={"batch_size": 4, "precision": "fp32"})
     line = precision.out_of_memory_message(cfg, torch.device("cuda", 0), 0, None)
     assert line.startswith("out of memory on cuda:0 at step 1 (batch_size 4, precision fp32")
     assert "of 8.00 GiB" in line and "with checkpoint_levels all" in line and "with precision fp16 too" in line

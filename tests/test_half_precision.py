@@ -68,3 +68,32 @@ def test_the_original_half_precision_configuration_trains_on_the_cpu(tmp_path, c
     assert code == 0, captured.err[-2000:]
     assert "half_precision: float16 autocast needs a CUDA GPU, so half precision on cpu is bf16" in captured.out + captured.err
     assert load_checkpoint(list_checkpoints(out / "checkpoints")[-1]).config.precision == "bf16"
+
+
+def test_precision_and_memory_format_default_to_auto_and_resolve_by_device(monkeypatch):
+    cfg = build_config(preset="32")
+    assert cfg.precision == "auto" and cfg.channels_last == "auto"
+    assert cfg.model.channels_last is False  # unresolved: the contiguous format
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    notices: list[str] = []
+    cpu = precision.resolve_memory_format(precision.resolve_precision(cfg, torch.device("cpu"), notices),
+                                          torch.device("cpu"), notices)
+    assert cpu.precision == "bf16" and cpu.channels_last is True and cpu.model.channels_last is True
+    assert notices == ["precision auto: bf16 (this CPU has native bfloat16 instructions)",
+                       "channels_last auto: on (the fast memory format for CPU convolutions)"]
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    assert precision.resolve_precision(cfg, torch.device("cpu"), []).precision == "fp32"
+    gpu_notices: list[str] = []
+    assert precision.resolve_memory_format(cfg, torch.device("cuda"), gpu_notices).channels_last is False
+    assert "off (not measured on cuda" in gpu_notices[0]
+
+
+def test_explicit_speed_settings_win_and_a_wrong_memory_format_is_one_error():
+    for value in (True, False):
+        cfg = build_config(preset="tiny", overrides={"channels_last": value, "precision": "fp32"})
+        notices: list[str] = []
+        resolved = precision.resolve_memory_format(precision.resolve_precision(cfg, torch.device("cpu"), notices),
+                                                   torch.device("cpu"), notices)
+        assert resolved.channels_last is value and resolved.precision == "fp32" and notices == []
+    with pytest.raises(ConfigError, match='channels_last must be true, false or "auto", got \'fast\''):
+        build_config(preset="tiny", overrides={"channels_last": "fast"})

@@ -206,7 +206,7 @@ def data(tmp_path_factory) -> Path:
 
 def _train(data: Path, out: Path, *extra: str) -> int:
     return main(["train", "--preset", "tiny", "--data", str(data), "--output-dir", str(out), "--max-steps", "2",
-                 "--no-progress", "--set", "subjects_to_plot=0", "--set", "num_workers=0",
+                 "--precision", "fp32", "--no-progress", "--set", "subjects_to_plot=0", "--set", "num_workers=0",
                  "--set", "quality_samples=0", *extra])
 
 
@@ -231,7 +231,7 @@ def test_nothing_fits_from_the_command_line_exits_2_with_one_line(tmp_path):
     src = Path(__file__).resolve().parents[1] / "src"
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run([sys.executable, "-m", "verydeepvae", "train", "--preset", "tiny", "--output-dir",
-                             str(tmp_path / "run"), "--set", "batch_size=10000000", "--no-progress"],
+                             str(tmp_path / "run"), "--set", "batch_size=10000000", "--precision", "fp32", "--no-progress"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stderr
     err = result.stderr.strip().splitlines()
@@ -240,7 +240,7 @@ def test_nothing_fits_from_the_command_line_exits_2_with_one_line(tmp_path):
 
 
 def test_nothing_fits_names_the_largest_batch_that_does(data, tmp_path, monkeypatch, capsys):
-    cfg = build_config(preset="tiny", overrides={"batch_size": 8})
+    cfg = build_config(preset="tiny", overrides={"batch_size": 8, "precision": "fp32"})
     every = list(range(cfg.num_levels))
     # room for three samples with every level checkpointed, not for eight
     _ram(monkeypatch, int(memory_plan.CPU_HEAP_FACTOR * memory.estimate(cfg).peak(3, every)) + 16)
@@ -253,7 +253,7 @@ def test_nothing_fits_names_the_largest_batch_that_does(data, tmp_path, monkeypa
 def test_a_training_run_prints_its_choice_uses_it_and_records_it(data, tmp_path, monkeypatch, capsys):
     from verydeepvae.train import builder
 
-    cfg = build_config(preset="tiny")
+    cfg = build_config(preset="tiny", overrides={"precision": "fp32"})
     _ram(monkeypatch, _ram_for(cfg, [0]))  # level 0 checkpointed just fits
     built = []
     original = builder.build_model_with_shared_weights

@@ -4,6 +4,7 @@ page cannot rot), and importing the package changes nothing in the process."""
 from __future__ import annotations
 
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -78,12 +79,35 @@ def test_importing_the_package_changes_nothing_and_loads_no_torch():
     assert result.returncode == 0, result.stderr
 
 
-def test_the_cli_still_asks_for_passive_openmp_waiting():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    code = ("import os, sys; from verydeepvae.cli import main; "
-            "main(['config', 'show', '--preset', 'tiny']); print(os.environ.get('OMP_WAIT_POLICY'), file=sys.stderr)")
+def _cli_environment(env: dict[str, str]) -> list[str]:
+    """OMP_WAIT_POLICY and GOMP_SPINCOUNT as a CLI command leaves them, started with ``env``."""
+    code = ("import os, sys; from verydeepvae.cli import main; main(['config', 'show', '--preset', 'tiny']); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'), file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert result.stderr.strip().splitlines()[-1] == "PASSIVE"
+    return result.stderr.strip().splitlines()[-1].split()
+
+
+def test_the_cli_asks_for_a_bounded_openmp_spin_unless_the_user_chose():
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    assert _cli_environment(env) == ["None", "300000"]
+    assert _cli_environment({**env, "OMP_WAIT_POLICY": "PASSIVE"}) == ["PASSIVE", "None"]
+    assert _cli_environment({**env, "GOMP_SPINCOUNT": "INFINITE"}) == ["None", "INFINITE"]
+
+
+def test_the_cli_maps_large_blocks_afresh_unless_the_user_set_malloc(monkeypatch):
+    from verydeepvae import process_defaults
+
+    calls = []
+    monkeypatch.setattr(process_defaults, "set_mmap_threshold", calls.append)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    process_defaults.apply_cli_defaults()
+    assert calls == [16 * 1024 * 1024]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
+    process_defaults.apply_cli_defaults()
+    assert calls == [16 * 1024 * 1024]
+    if platform.libc_ver()[0] == "glibc":
+        monkeypatch.undo()
+        assert process_defaults.set_mmap_threshold(16 * 1024 * 1024)  # glibc accepts it
 
 
 def test_the_package_is_typed():

@@ -116,9 +116,10 @@ def _train_command(sub) -> None:
     device_option(p, default=None)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"],
                    help="arithmetic of the training step: fp16 needs a CUDA GPU, auto = bf16 where it is native, "
-                        "fp16 on CUDA 7.x, else fp32 (default: the configuration's, fp32)")
+                        "fp16 on CUDA 7.x, else fp32 (default: the configuration's, auto)")
     p.add_argument("--deterministic", action="store_true",
-                   help="deterministic GPU algorithms (slower): a resumed run repeats an uninterrupted one bitwise")
+                   help="deterministic GPU algorithms (slower) and a fixed CPU thread count: a resumed run repeats an "
+                        "uninterrupted one bitwise")
     p.add_argument("--visualise-pipeline", action="store_true",
                    help="write augmented training examples to <output>/pipeline_test first")
     p.add_argument("--skip-bad-files", action="store_true",

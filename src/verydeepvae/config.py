@@ -93,7 +93,7 @@ class Config:
     fitted_prior: bool = True
     # fp32, bf16, fp16 (CUDA), auto (bf16 where native, fp16 on CUDA 7.x, else fp32) or half (what the
     # original's half_precision: true becomes: fp16 on CUDA, bf16 elsewhere; train/precision.py)
-    precision: str = field(default="fp32", metadata=one_of(PRECISIONS))
+    precision: str = field(default="auto", metadata=one_of(PRECISIONS))
     grad_accumulation: int = field(default=1, metadata=at_least(1))
     seed: Optional[int] = field(default=0, metadata=between(0, MAX_SEED, null=" (or null for a random one)"))
 
@@ -156,10 +156,13 @@ class Config:
     # peak fits the device's memory, train/memory_plan.py), "none", "all", or resolution level
     # indices (0 = full resolution)
     checkpoint_levels: list[int] | str = "auto"
-    channels_last: bool = False  # channels-last-3D memory format for activations and weights
+    # channels-last-3D memory format for activations and weights: true, false or "auto" (on where
+    # bench/train_step.py measured it to pay: CPUs; train/precision.py resolve_memory_format)
+    channels_last: bool | str = "auto"
     compile: bool = False  # torch.compile the model for training
-    # deterministic GPU algorithms (cuDNN/cuBLAS; slower), so a resumed GPU run repeats an
-    # uninterrupted one bitwise as a CPU run does (train/precision.py configure_backends)
+    # deterministic GPU algorithms (cuDNN/cuBLAS; slower) and a fixed CPU thread count (no thread
+    # governor, train/threads.py), so a resumed run repeats an uninterrupted one bitwise
+    # (train/precision.py configure_backends)
     deterministic: bool = False
 
     # ------------------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ class Config:
             only_use_one_conv_block_at_top=self.only_use_one_conv_block_at_top, downsampling=self.downsampling,
             bias_max_resolution=self.bias_max_resolution, likelihood=self.likelihood, num_bins=self.num_bins,
             output_scale_max=self.output_scale_max, checkpointed_levels=tuple(self.checkpointed_levels()),
-            channels_last=self.channels_last)
+            channels_last=self.channels_last is True)
 
     def to_dict(self) -> JSONObject:
         return dataclasses.asdict(self)

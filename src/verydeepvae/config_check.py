@@ -185,7 +185,9 @@ def check_conditioning(c: Any) -> None:
 
 
 def check_performance(c: Any) -> None:
-    """checkpoint_levels is auto, none, all or level indices that exist."""
+    """checkpoint_levels is auto, none, all or level indices that exist; channels_last is a boolean or auto."""
+    if isinstance(c.channels_last, str) and c.channels_last != "auto":
+        raise ConfigError(f'channels_last must be true, false or "auto", got {c.channels_last!r}')
     levels = c.checkpoint_levels
     if isinstance(levels, str):
         if levels not in ("auto", "none", "all"):

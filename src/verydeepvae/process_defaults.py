@@ -1,17 +1,54 @@
 """Process-wide settings the command line applies before torch loads, and only the command line:
 importing the package never changes a user's own program (its environment, threads or signals).
 
-OpenMP threads that spin while waiting make CPU training up to 10x slower as soon as another
-process holds a core (measured on 2 cores: 12 s/step spinning against 1.6 s/step passive for the
-demo preset), so the CLI asks for passive waiting.  It must be set before torch loads its OpenMP
-runtime, and an explicit setting of the user's wins.
+How OpenMP threads wait for each other decides much of a CPU step's speed.  Waiting passively
+(``OMP_WAIT_POLICY=PASSIVE``, our default until December 2026) puts a thread to sleep at every one
+of the thousands of parallel regions in a step and costs 20-30 % on an idle machine; spinning
+without end (``ACTIVE``) is as fast when idle but makes a waiting thread burn the core that a
+thread it waits for needs as soon as another process holds a core.  A bounded spin is both: a
+waiting thread spins for ``GOMP_SPINCOUNT`` iterations (GNU OpenMP, which the Linux wheels of torch
+use; well under a millisecond here) and then sleeps.  Measured on 2 cores, preset ``32`` batch 2
+in bf16, interleaved: 1.32-1.54 steps/s with the bounded spin, 1.25-1.46 spinning without end,
+0.99-1.18 passive (``docs/performance.md``).  When a neighbour holds a core, the training loop
+also drops to fewer threads (``train/threads.py``).
+
+Both must be set before torch loads its OpenMP runtime; a setting of the user's wins.
+
+Memory: glibc's malloc serves a block from its heap unless it is larger than a threshold that grows
+up to 32 MiB as large blocks are freed; freed heap blocks of a few tens of MiB cannot all be reused
+for the next step's differently sized tensors, and the heap grows.  A 128³ bf16 training step
+(preset ``128``, batch 1, every level checkpointed) peaked at 6.0 GiB of RSS for 4.0 GiB of
+tensors; with blocks of 16 MiB and more always mapped afresh (``mallopt(M_MMAP_THRESHOLD)``) it
+peaked at 4.3 GiB at the same speed.  A 4 MiB threshold also fits but maps so many blocks that
+the step is 35 % slower.  Below 128³ few tensors reach 16 MiB, so nothing changes there.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD_BYTES = 16 * 1024 * 1024
+SPIN_COUNT = "300000"  # GNU OpenMP's own default when nothing is set, pinned here so it is explicit
 
 
 def apply_cli_defaults() -> None:
-    """Set ``OMP_WAIT_POLICY=PASSIVE`` unless it is set (the CLI's and the benchmarks' default)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """A bounded OpenMP spin unless the user chose a waiting policy or spin count (the CLI's and the
+    benchmarks' default)."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", SPIN_COUNT)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        set_mmap_threshold(MMAP_THRESHOLD_BYTES)
+
+
+def set_mmap_threshold(size: int) -> bool:
+    """Blocks of ``size`` bytes and more come from fresh mappings, returned to the system when freed
+    (glibc only; elsewhere nothing happens and False is returned)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(libc.gnu_get_libc_version and libc.mallopt(M_MMAP_THRESHOLD, size))
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
+        return False

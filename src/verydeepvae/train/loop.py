@@ -30,7 +30,8 @@ from ..model.fitted_prior import FittedPriorChoice
 from .. import checkpoint as ckpt
 from . import builder, distributed, run_folder, run_record
 from .optim import kl_weight, lr_factor, update_loss_scale
-from .precision import configure_backends, out_of_memory_message, resolve_precision
+from .threads import ThreadGovernor, governor_wanted
+from .precision import configure_backends, out_of_memory_message, resolve_memory_format, resolve_precision
 from .progress import TrainConsole, ending, start_lines, validation_line
 from .batches import covariates_of, split_batch, training_batches
 from .figures import final_samples, training_figures
@@ -72,6 +73,7 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
         requested = cfg
         # before the output folder is claimed: an impossible precision changes no file
         cfg = resolve_precision(cfg, runtime.device, notices)
+        cfg = resolve_memory_format(cfg, runtime.device, notices)
         # decided by all ranks together: torchrun's restart count can differ between nodes
         restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
         held = distributed.main_first(lambda: run_folder.claim_for_training(cfg, runtime, restarted, notices), runtime,
@@ -108,6 +110,8 @@ class _Trainer:
         self.device = runtime.device
         self.last_quality: dict[str, float] = {}  # the latest sample-quality signal (rank 0; progress bar)
         self.quality_on = self.cfg.quality_samples > 0
+        self.threads = ThreadGovernor(governor_wanted(cfg.deterministic, cfg.threads_per_rank, runtime.device,
+                                                      runtime.world_size))
         self.quality_reference: np.ndarray | None = None  # real volumes of the quality signal (rank 0)
         if parts.resumed_from is not None and runtime.is_main:
             drop_records_after(self.output_dir / "metrics.jsonl", self.step)
@@ -166,7 +170,7 @@ class _Trainer:
         self.log_clock = time.perf_counter()
         while self.step < self.total_steps:
             try:
-                stats = self._train_step(batches)
+                stats, change = self.threads.run_step(lambda: self._train_step(batches))
             except torch.OutOfMemoryError:
                 newest = ckpt.list_checkpoints(self.ckpt_dir)
                 raise UserError(out_of_memory_message(self.cfg, self.device, self.step,
@@ -174,6 +178,8 @@ class _Trainer:
                                                       self.memory_plan.budget)) from None
             self.step += 1
             self.console.advance()
+            if change:
+                self.console.notice(f"step {self.step}: {change}")
             window.append(stats)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._log_train(window)

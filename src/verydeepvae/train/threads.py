@@ -1,0 +1,140 @@
+"""How many CPU threads a training process uses, chosen phase by phase from what its steps see.
+
+On an idle machine every core helps, and the OpenMP threads wait for each other by spinning for
+a bounded time (``process_defaults``).  As soon as another process holds a core, the thread that
+shares it with that process makes every parallel region wait for it: on 2 cores, preset ``32``
+batch 2 in bf16 took 2.9 s per step with 2 threads and a neighbour spinning on one core, against
+1.4 s with 1 thread (and 0.75 s idle; ``docs/performance.md``).  No setting known at start is right
+for a multi-day run on a shared machine, so the governor watches two cheap signals:
+
+- with all threads, the share of the step's wall time for which its threads had a core (process
+  CPU time / wall time / threads): near 1 when the cores are ours, about 0.5 with a neighbour on
+  one of 2 cores; below ``BUSY`` it times a few steps with half the threads and keeps the faster;
+- with fewer threads, the idle time of the whole machine (``/proc/stat``): when the cores it gave
+  up are idle again, it times a few steps with all threads (elsewhere: now and then).
+
+A comparison that keeps the count is not repeated for a while (the wait doubles up to
+``LONGEST_WAIT`` steps), so a machine where the signal misleads pays little.
+
+The thread count changes the order of floating-point sums (oneDNN and ATen split reductions by
+thread), so a run whose thread count changed is not bitwise the same as one that kept it.  The
+governor therefore stays off when the run asks for bitwise repeatability (``deterministic``),
+when the user fixed the thread count (``threads_per_rank`` or ``OMP_NUM_THREADS``), off the CPU,
+and with several processes (each rank's threads are planned by its launcher).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections import deque
+from typing import Callable
+
+import torch
+
+SETTLE = 3  # steps ignored at the start and after each change of thread count
+FIRST_WAIT = 10  # steps between a comparison that kept the count and the next (doubles each time)
+LONGEST_WAIT = 400
+PROBE_STEPS = 3  # steps timed with the other count, after SETTLE steps
+BUSY = 0.75  # with all threads: below this share of time on a core, try fewer
+FREE = 0.7  # with fewer threads: this share of the given-up cores idle, try all
+MARGIN = 0.95  # the other count must be at least 5 % faster to be kept
+
+
+def governor_wanted(deterministic: bool, threads_per_rank: int | None, device: torch.device,
+                    world_size: int) -> bool:
+    """Whether the thread count may change during this run (see the module docstring)."""
+    return (device.type == "cpu" and world_size == 1 and not deterministic and not threads_per_rank
+            and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1)
+
+
+def machine_idle_seconds() -> tuple[float, float] | None:
+    """(idle, total) CPU seconds of the whole machine since boot, summed over its cores (Linux's
+    ``/proc/stat``); None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (fields[3] + fields[4]) / tick, sum(fields[:8]) / tick
+
+
+class ThreadGovernor:
+    """Times each training step and switches between all threads and half of them.
+
+    ``run_step`` wraps one training step; it returns the step's result and, when the thread count
+    changed after it, one line saying why (for the console and the log)."""
+
+    def __init__(self, enabled: bool, clock: Callable[[], float] = time.perf_counter,
+                 cpu_clock: Callable[[], float] = time.process_time,
+                 machine: Callable[[], tuple[float, float] | None] = machine_idle_seconds,
+                 set_threads: Callable[[int], None] = torch.set_num_threads):
+        self.enabled, self.clock, self.cpu_clock, self.machine = enabled, clock, cpu_clock, machine
+        self.set_threads = set_threads
+        self.full = torch.get_num_threads()
+        self.choice = self.full  # the thread count kept between comparisons
+        self.recent: deque[tuple[float, float, float]] = deque(maxlen=3)  # (s, on-core share, idle cores)
+        self.settle = SETTLE
+        self.wait = FIRST_WAIT
+        self.countdown = 0  # steps until a signal may start a comparison
+        self.probe: list[float] | None = None  # step times with the other count, while comparing
+        self.switches = 0
+
+    @property
+    def other(self) -> int:
+        return max(1, self.full // 2) if self.choice == self.full else self.full
+
+    def run_step(self, step: Callable[[], object]) -> tuple[object, str | None]:
+        if not self.enabled:
+            return step(), None
+        start, cpu, machine = self.clock(), self.cpu_clock(), self.machine()
+        result = step()
+        seconds = self.clock() - start
+        threads = self.other if self.probe is not None else self.choice
+        on_core = (self.cpu_clock() - cpu) / max(seconds, 1e-9) / threads
+        after = self.machine()
+        idle_cores = ((after[0] - machine[0]) / max(seconds, 1e-9)) if machine and after else None
+        return result, self._record(seconds, on_core, idle_cores)
+
+    def _record(self, seconds: float, on_core: float, idle_cores: float | None) -> str | None:
+        if self.settle > 0:
+            self.settle -= 1
+            return None
+        if self.probe is not None:
+            self.probe.append(seconds)
+            return self._finish_probe() if len(self.probe) == PROBE_STEPS else None
+        self.recent.append((seconds, on_core, -1.0 if idle_cores is None else idle_cores))
+        self.countdown -= 1
+        if len(self.recent) < 3 or not self._worth_comparing():
+            return None
+        self.probe, self.settle = [], SETTLE
+        self.set_threads(self.other)
+        return None
+
+    def _worth_comparing(self) -> bool:
+        if self.choice == self.full:
+            return self.countdown <= 0 and statistics.median(r[1] for r in self.recent) < BUSY
+        idle = statistics.median(r[2] for r in self.recent)
+        if idle < 0:  # no machine-wide figures here: compare now and then
+            return self.countdown <= 0
+        return self.countdown <= 0 and idle >= FREE * (self.full - self.choice)
+
+    def _finish_probe(self) -> str | None:
+        mine = statistics.median(r[0] for r in self.recent)
+        theirs = statistics.median(self.probe)
+        other, self.probe = self.other, None
+        self.recent.clear()
+        if theirs < MARGIN * mine:
+            before, self.choice = self.choice, other
+            self.wait = self.countdown = FIRST_WAIT
+            self.switches += 1
+            why = ("another process seems to be using the CPU" if other < before
+                   else "the CPU seems free again")
+            return f"threads {before} -> {other}: {theirs:.2f} s/step against {mine:.2f} with {before} ({why})"
+        self.set_threads(self.choice)
+        self.settle = SETTLE
+        self.countdown = self.wait
+        self.wait = min(2 * self.wait, LONGEST_WAIT)
+        return None
