@@ -85,7 +85,6 @@ def worker(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from verydeepvae.config import build_config
     from verydeepvae.memory import estimate
     from verydeepvae.model import VeryDeepVAE
     from verydeepvae.train.optim import EMA, build_optimiser
@@ -95,14 +94,7 @@ def worker(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and overrides.get("precision") == "bf16" and args.fp16:
         overrides["precision"] = "fp16"
-    cfg = build_config(preset=args.preset, overrides=overrides)
-    if args.worker == "default":  # the automatic choices of a training run on this device
-        from verydeepvae.train.precision import resolve_memory_format, resolve_precision
-
-        from verydeepvae.train.memory_plan import device_budget, plan
-
-        cfg = resolve_memory_format(resolve_precision(cfg, device, []), device, [])
-        cfg = dataclasses.replace(cfg, checkpoint_levels=plan(cfg, device_budget(device)).setting())
+    cfg = mode_config(args.preset, overrides, args.worker, device)
     r = cfg.resolution
     torch.manual_seed(0)
     x = torch.rand(args.batch_size, 1, r, r, r, generator=torch.Generator().manual_seed(1)).to(device)
@@ -251,14 +243,30 @@ def limit_figures(model, cfg, x, autocast, device) -> dict:
 # --------------------------------------------------------------------------------------------------
 # driver: every mode in its own process, interleaved over repeats, one table
 # --------------------------------------------------------------------------------------------------
+def mode_config(preset: str, overrides: dict, mode: str, device):
+    """The configuration a mode trains with; for ``default``, with the automatic choices a training
+    run makes on ``device`` (precision, memory format, checkpointed levels)."""
+    from verydeepvae.config import build_config
+
+    cfg = build_config(preset=preset, overrides=overrides)
+    if mode == "default":
+        from verydeepvae.train.memory_plan import device_budget, plan
+        from verydeepvae.train.precision import resolve_memory_format, resolve_precision
+
+        cfg = resolve_memory_format(resolve_precision(cfg, device, []), device, [])
+        cfg = dataclasses.replace(cfg, checkpoint_levels=plan(cfg, device_budget(device)).setting())
+    return cfg
+
+
 def memory_check(args: argparse.Namespace, mode: str) -> str | None:
     """A reason not to run a CPU mode whose estimated peak exceeds the memory available now."""
     if args.device != "cpu":
         return None
-    from verydeepvae.config import build_config
+    import torch
+
     from verydeepvae.memory import estimate, format_bytes
 
-    cfg = build_config(preset=args.preset, overrides=dict(MODES[mode], batch_size=args.batch_size))
+    cfg = mode_config(args.preset, dict(MODES[mode], batch_size=args.batch_size), mode, torch.device("cpu"))
     need = estimate(cfg).peak(args.batch_size, cfg.checkpointed_levels()) + 2**29
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
