@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import MODES  # noqa: E402  (the same mode definitions as the speed table)
+from train_step import MODES, mode_config  # noqa: E402  (the same mode definitions as the speed table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from verydeepvae.config import build_config
     from verydeepvae.model import VeryDeepVAE
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = build_config(preset=args.preset, overrides=dict(MODES[args.mode], batch_size=args.batch_size))
+    cfg = mode_config(args.preset, dict(MODES[args.mode], batch_size=args.batch_size), args.mode,
+                      torch.device(args.device))
     torch.manual_seed(0)
     model = VeryDeepVAE(cfg).to(device)
     net = torch.compile(model) if cfg.compile else model
