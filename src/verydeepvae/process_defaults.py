@@ -7,7 +7,7 @@ of the thousands of parallel regions in a step and costs 20-30 % on an idle mach
 without end (``ACTIVE``) is as fast when idle but makes a waiting thread burn the core that a
 thread it waits for needs as soon as another process holds a core.  A bounded spin is both: a
 waiting thread spins for ``GOMP_SPINCOUNT`` iterations (GNU OpenMP, which the Linux wheels of torch
-use; well under a millisecond here) and then sleeps.  Measured on 2 cores, preset ``32`` batch 2
+use; 300,000 spins last about 8 ms here) and then sleeps.  Measured on 2 cores, preset ``32`` batch 2
 in bf16, interleaved: 1.32-1.54 steps/s with the bounded spin, 1.25-1.46 spinning without end,
 0.99-1.18 passive (``docs/performance.md``).  When a neighbour holds a core, the training loop
 also drops to fewer threads (``train/threads.py``).
@@ -19,8 +19,8 @@ up to 32 MiB as large blocks are freed; freed heap blocks of a few tens of MiB c
 for the next step's differently sized tensors, and the heap grows.  A 128³ bf16 training step
 (preset ``128``, batch 1, every level checkpointed) peaked at 6.0 GiB of RSS for 4.0 GiB of
 tensors; with blocks of 16 MiB and more always mapped afresh (``mallopt(M_MMAP_THRESHOLD)``) it
-peaked at 4.3 GiB at the same speed.  A 4 MiB threshold also fits but maps so many blocks that
-the step is 35 % slower.  Below 128³ few tensors reach 16 MiB, so nothing changes there.
+peaked at 4.2-4.3 GiB at the same speed.  A 4 MiB threshold also fits but maps so many blocks that
+the step is 20-35 % slower.  Below 128³ few tensors reach 16 MiB, so nothing changes there.
 """
 
 from __future__ import annotations
