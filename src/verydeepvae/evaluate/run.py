@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import metrics
 from ..console import bar
+from ..data.nifti_load import VolumeMeta
 from ..inference import TrainedModel
 from ..sampling import check_temperature, describe_prior, iter_samples
 from ..scan_files import load_preprocessed
@@ -196,7 +197,8 @@ def _conditional(trained: TrainedModel, heldout: np.ndarray, heldout_rows, table
                                options.max_counterfactual, options.show_progress, options.guidance)
 
 
-def _morphometry_if_enabled(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray, metas, samples,
+def _morphometry_if_enabled(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray,
+                            metas: list[VolumeMeta], samples: np.ndarray,
                             options: EvaluationOptions) -> tuple[MorphometrySection, dict[str, Any] | None]:
     enabled = options.morphometry == "on" or (options.morphometry == "auto" and sel.participants is not None)
     if enabled:
@@ -266,7 +268,7 @@ def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarra
                      "distances": near_vox.distances["samples"][order].tolist()}
 
 
-def _morphometry(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray, metas: list[dict[str, Any]],
+def _morphometry(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray, metas: list[VolumeMeta],
                  samples: np.ndarray, options: EvaluationOptions) -> tuple[MorphometrySection, dict[str, Any]]:
     vox = trained.voxel_size_mm
     real = morphometry.volume_table(heldout, vox)
