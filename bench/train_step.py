@@ -251,9 +251,9 @@ def mode_config(preset: str, overrides: dict, mode: str, device):
     cfg = build_config(preset=preset, overrides=overrides)
     if mode == "default":
         from verydeepvae.train.memory_plan import device_budget, plan
-        from verydeepvae.train.precision import resolve_memory_format, resolve_precision
+        from verydeepvae.train.precision import resolve_speed_choices
 
-        cfg = resolve_memory_format(resolve_precision(cfg, device, []), device, [])
+        cfg = resolve_speed_choices(cfg, device, [])
         cfg = dataclasses.replace(cfg, checkpoint_levels=plan(cfg, device_budget(device)).setting())
     return cfg
 

@@ -24,8 +24,8 @@ class FakeMachine:
     def cpu_clock(self) -> float:
         return self.cpu
 
-    def machine(self) -> tuple[float, float] | None:
-        return (self.idle, 4 * self.now) if self.proc_stat else None
+    def machine(self) -> float | None:
+        return self.idle if self.proc_stat else None
 
     def set_threads(self, n: int) -> None:
         self.threads = n

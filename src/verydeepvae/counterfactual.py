@@ -116,7 +116,8 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
                      "psnr_reconstruction_db": _psnr(volumes[i], recon), "outputs": entries,
                      "files": written, "figure": figure})
     record = {
-        "mode": mode, "guidance": guidance, "change": change, "sweep": {"covariate": sweep[0], "values": sweep[1]} if sweep else None,
+        "mode": mode, "guidance": guidance, "change": change,
+        "sweep": {"covariate": sweep[0], "values": sweep[1]} if sweep else None,
         "method": ("noise: each latent layer keeps the scan's standardised residual under the prior, "
                    "(z - prior mean) / prior sd, and the priors follow the new covariates" if mode == "noise" else
                    "latents: the scan's posterior-mean latents are kept; only the decoder's conditioning changes"),

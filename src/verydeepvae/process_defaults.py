@@ -26,7 +26,6 @@ the step is 20-35 % slower.  Below 128³ few tensors reach 16 MiB, so nothing ch
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
@@ -46,9 +45,8 @@ def apply_cli_defaults() -> None:
 def set_mmap_threshold(size: int) -> bool:
     """Blocks of ``size`` bytes and more come from fresh mappings, returned to the system when freed
     (glibc only; elsewhere nothing happens and False is returned)."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)  # the process's own symbols, libc's among them (find_library would run ldconfig)
         return bool(libc.gnu_get_libc_version and libc.mallopt(M_MMAP_THRESHOLD, size))
     except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows)
         return False

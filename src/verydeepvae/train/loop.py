@@ -31,7 +31,7 @@ from .. import checkpoint as ckpt
 from . import builder, distributed, run_folder, run_record
 from .optim import kl_weight, lr_factor, update_loss_scale
 from .threads import ThreadGovernor, governor_wanted
-from .precision import configure_backends, out_of_memory_message, resolve_memory_format, resolve_precision
+from .precision import configure_backends, out_of_memory_message, resolve_speed_choices
 from .progress import TrainConsole, ending, start_lines, validation_line
 from .batches import covariates_of, split_batch, training_batches
 from .figures import final_samples, training_figures
@@ -72,8 +72,7 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
     try:
         requested = cfg
         # before the output folder is claimed: an impossible precision changes no file
-        cfg = resolve_precision(cfg, runtime.device, notices)
-        cfg = resolve_memory_format(cfg, runtime.device, notices)
+        cfg = resolve_speed_choices(cfg, runtime.device, notices)
         # decided by all ranks together: torchrun's restart count can differ between nodes
         restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
         held = distributed.main_first(lambda: run_folder.claim_for_training(cfg, runtime, restarted, notices), runtime,

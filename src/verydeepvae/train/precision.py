@@ -60,6 +60,12 @@ def resolve_precision(cfg: Config, device: torch.device, notices: list[str]) -> 
     return dataclasses.replace(cfg, precision=chosen)
 
 
+def resolve_speed_choices(cfg: Config, device: torch.device, notices: list[str]) -> Config:
+    """Every ``auto`` speed setting decided for ``device`` before training starts (precision, memory
+    format); checkpointed levels are decided later, by the memory plan, once the budget is known."""
+    return resolve_memory_format(resolve_precision(cfg, device, notices), device, notices)
+
+
 def resolve_memory_format(cfg: Config, device: torch.device, notices: list[str]) -> Config:
     """``channels_last: auto`` -> channels-last-3D on a CPU, where ``bench/train_step.py`` measured it
     1.3-1.4x faster than the contiguous format in fp32 and in bf16 (oneDNN's 3D convolutions want it);

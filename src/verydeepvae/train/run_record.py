@@ -36,7 +36,8 @@ from .. import checkpoint as ckpt
 
 RECORD_NAME = "run.json"
 FORMAT = "verydeepvae-run-record-1"
-AUTOMATIC = ("precision", "channels_last", "checkpoint_levels", "device", "seed")  # settings a run may choose by itself ("auto" / null)
+# settings a run may choose by itself ("auto" / null)
+AUTOMATIC = ("precision", "channels_last", "checkpoint_levels", "device", "seed")
 PATH_KEYS = ("data_path", "cache_dir", "output_dir")  # recorded absolute: the record works from any folder
 GIT_SECONDS = 10
 

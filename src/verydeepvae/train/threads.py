@@ -49,16 +49,16 @@ def governor_wanted(deterministic: bool, threads_per_rank: int | None, device: t
             and "OMP_NUM_THREADS" not in os.environ and torch.get_num_threads() > 1)
 
 
-def machine_idle_seconds() -> tuple[float, float] | None:
-    """(idle, total) CPU seconds of the whole machine since boot, summed over its cores (Linux's
+def machine_idle_seconds() -> float | None:
+    """Idle CPU seconds of the whole machine since boot, summed over its cores (Linux's
     ``/proc/stat``); None elsewhere."""
     try:
         with open("/proc/stat") as f:
-            fields = [float(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+            fields = f.readline().split()
+        idle = float(fields[4]) + float(fields[5])  # idle + iowait
+    except (OSError, ValueError, IndexError):
         return None
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    return (fields[3] + fields[4]) / tick, sum(fields[:8]) / tick
+    return idle / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 
 
 class ThreadGovernor:
@@ -69,13 +69,15 @@ class ThreadGovernor:
 
     def __init__(self, enabled: bool, clock: Callable[[], float] = time.perf_counter,
                  cpu_clock: Callable[[], float] = time.process_time,
-                 machine: Callable[[], tuple[float, float] | None] = machine_idle_seconds,
+                 machine: Callable[[], float | None] = machine_idle_seconds,
                  set_threads: Callable[[int], None] = torch.set_num_threads):
         self.enabled, self.clock, self.cpu_clock, self.machine = enabled, clock, cpu_clock, machine
         self.set_threads = set_threads
         self.full = torch.get_num_threads()
         self.choice = self.full  # the thread count kept between comparisons
-        self.recent: deque[tuple[float, float, float]] = deque(maxlen=3)  # (s, on-core share, idle cores)
+        # (seconds, signal) of the latest steps with ``choice`` threads; the signal is the on-core
+        # share with all threads, the machine's idle cores with fewer (None: not known here)
+        self.recent: deque[tuple[float, float | None]] = deque(maxlen=3)
         self.settle = SETTLE
         self.wait = FIRST_WAIT
         self.countdown = 0  # steps until a signal may start a comparison
@@ -89,40 +91,46 @@ class ThreadGovernor:
     def run_step(self, step: Callable[[], object]) -> tuple[object, str | None]:
         if not self.enabled:
             return step(), None
-        start, cpu, machine = self.clock(), self.cpu_clock(), self.machine()
+        watching = self.settle == 0 and self.probe is None  # this step's signal will be used
+        by_machine = watching and self.choice != self.full
+        start, cpu = self.clock(), self.cpu_clock()
+        idle = self.machine() if by_machine else None
         result = step()
-        seconds = self.clock() - start
-        threads = self.other if self.probe is not None else self.choice
-        on_core = (self.cpu_clock() - cpu) / max(seconds, 1e-9) / threads
-        after = self.machine()
-        idle_cores = ((after[0] - machine[0]) / max(seconds, 1e-9)) if machine and after else None
-        return result, self._record(seconds, on_core, idle_cores)
+        seconds = max(self.clock() - start, 1e-9)
+        if not watching:
+            signal = None
+        elif by_machine:
+            after = self.machine()
+            signal = None if idle is None or after is None else (after - idle) / seconds
+        else:
+            signal = (self.cpu_clock() - cpu) / seconds / self.choice
+        return result, self._record(seconds, signal)
 
-    def _record(self, seconds: float, on_core: float, idle_cores: float | None) -> str | None:
+    def _record(self, seconds: float, signal: float | None) -> str | None:
         if self.settle > 0:
             self.settle -= 1
             return None
         if self.probe is not None:
             self.probe.append(seconds)
             return self._finish_probe() if len(self.probe) == PROBE_STEPS else None
-        self.recent.append((seconds, on_core, -1.0 if idle_cores is None else idle_cores))
+        self.recent.append((seconds, signal))
         self.countdown -= 1
-        if len(self.recent) < 3 or not self._worth_comparing():
+        if len(self.recent) < 3 or self.countdown > 0 or not self._worth_comparing():
             return None
         self.probe, self.settle = [], SETTLE
         self.set_threads(self.other)
         return None
 
     def _worth_comparing(self) -> bool:
+        signals = [signal for _, signal in self.recent]
+        if None in signals:  # no machine-wide figures here: compare now and then
+            return True
         if self.choice == self.full:
-            return self.countdown <= 0 and statistics.median(r[1] for r in self.recent) < BUSY
-        idle = statistics.median(r[2] for r in self.recent)
-        if idle < 0:  # no machine-wide figures here: compare now and then
-            return self.countdown <= 0
-        return self.countdown <= 0 and idle >= FREE * (self.full - self.choice)
+            return statistics.median(signals) < BUSY
+        return statistics.median(signals) >= FREE * (self.full - self.choice)
 
     def _finish_probe(self) -> str | None:
-        mine = statistics.median(r[0] for r in self.recent)
+        mine = statistics.median(seconds for seconds, _ in self.recent)
         theirs = statistics.median(self.probe)
         other, self.probe = self.other, None
         self.recent.clear()
