@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from verydeepvae.config import build_config
+from verydeepvae.errors import ConfigError
+from verydeepvae.train.optim import layer_kl_weights
 from verydeepvae.evaluate.summary import quality_row
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model.vae import balanced_kl_coefficients
@@ -77,6 +80,28 @@ def test_kl_balancing_only_acts_during_the_warm_up():
     kl = warm.kl_per_layer.detach()
     expected = (warm.nll + 0.5 * (kl * balanced_kl_coefficients(kl * model.num_voxels, model.latent_sizes())).sum(1)).mean()
     assert warm.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_kl_warm_up_restricted_to_the_finest_level_leaves_the_other_layers_at_full_weight():
+    cfg = _tiny(kl_warmup_steps=100, kl_warmup_resolutions=[16])
+    model = VeryDeepVAE(cfg)
+    weights = layer_kl_weights(25, cfg, model.layer_levels)
+    at_16 = torch.tensor([level == 0 for level in model.layer_levels])
+    assert torch.all(weights[at_16] == 0.25) and torch.all(weights[~at_16] == 1.0)
+    assert layer_kl_weights(100, cfg, model.layer_levels) == 1.0  # the warm-up is over
+    assert layer_kl_weights(25, _tiny(kl_warmup_steps=100), model.layer_levels) == 0.25  # every layer
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, 16)
+    torch.manual_seed(1)
+    out = model(x, weights)
+    expected = (out.nll + (out.kl_per_layer * weights).sum(1)).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_kl_warmup_resolutions_must_be_resolutions_of_the_model():
+    with pytest.raises(ConfigError, match=re.escape("resolutions of this model's levels (16, 8, 4, 2, 1), got 12")):
+        _tiny(kl_warmup_steps=10, kl_warmup_resolutions=[12])
+    assert layer_kl_weights(0, _tiny(kl_warmup_resolutions=[16]), [0]) == 1.0  # no warm-up: no effect
 
 
 def test_quality_row_reads_the_headline_figures_of_a_report():

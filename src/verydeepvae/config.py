@@ -17,8 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .config_check import (at_least, between, check_conditioning, check_fields, check_performance, check_type,
-                           greater_than, one_of)
+from .config_check import (at_least, between, check_conditioning, check_fields, check_kl_warmup, check_performance,
+                           check_type, greater_than, one_of)
 from .config_names import LEGACY_IGNORED, LEGACY_RENAMES, legacy_value
 from .config_text import load_yaml, parse_override, read_config_file  # noqa: F401 (importable from here)
 from .config_text import short_repr as _short
@@ -85,6 +85,10 @@ class Config:
     max_consecutive_skips: int = field(default=100, metadata=at_least(1))
     ema_rate: float = field(default=0.999, metadata=between(0, 1))
     kl_warmup_steps: int = field(default=0, metadata=at_least(0))
+    # the resolutions (voxels per side) whose latent layers the KL warm-up applies to (None: all);
+    # [32] in the demo: the 32³ layer, otherwise never used, learns to carry detail while its KL is
+    # cheap and keeps it afterwards (docs/training-recipe.md)
+    kl_warmup_resolutions: Optional[list[int]] = None
     kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
     # nats of KL per latent layer and volume exempt from the loss (free bits)
     kl_free_bits: float = field(default=0.0, metadata=at_least(0))
@@ -376,6 +380,7 @@ def validate(c: Config) -> None:
         raise ConfigError(f"precision fp16 needs a CUDA device; use bf16 on the {c.device.upper()}")
     check_performance(c)
     check_conditioning(c)
+    check_kl_warmup(c)
     if c.CUDA_devices is not None:
         for d in c.CUDA_devices:
             if not d.isdigit():

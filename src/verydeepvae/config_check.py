@@ -199,3 +199,15 @@ def check_performance(c: Any) -> None:
             raise ConfigError(
                 f"checkpoint_levels entries must be level indices from 0 (resolution {c.resolution}) to "
                 f"{c.num_levels - 1} (resolution {c.level_resolutions()[-1]}), got {level}")
+
+
+def check_kl_warmup(c: Any) -> None:
+    """kl_warmup_resolutions names resolutions the model has (without a warm-up it has no effect, so
+    ``--set kl_warmup_steps=0`` switches a preset's warm-up off)."""
+    if c.kl_warmup_resolutions is None:
+        return
+    sizes = c.level_resolutions()
+    for size in c.kl_warmup_resolutions:
+        if size not in sizes:
+            raise ConfigError(f"kl_warmup_resolutions entries must be resolutions of this model's levels "
+                              f"({', '.join(str(s) for s in sizes)}), got {size}")

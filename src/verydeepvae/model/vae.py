@@ -169,9 +169,10 @@ class VeryDeepVAE(nn.Module):
         return sum(self.latent_sizes())
 
     # -- training --------------------------------------------------------------------------------
-    def forward(self, x01: torch.Tensor, kl_weight: float = 1.0, kl_balance: bool = False,
+    def forward(self, x01: torch.Tensor, kl_weight: float | torch.Tensor = 1.0, kl_balance: bool = False,
                 free_bits: float = 0.0, covariates: torch.Tensor | None = None) -> ModelOutput:
-        """Loss terms of a batch of volumes in [0, 1].  ``kl_weight`` < 1 during a KL warm-up; with
+        """Loss terms of a batch of volumes in [0, 1].  ``kl_weight`` < 1 during a KL warm-up: one
+        number, or one per latent layer (coarsest first, as ``layer_levels``); with
         ``kl_balance`` the KL of each layer is weighted by :func:`balanced_kl_coefficients` then;
         ``free_bits`` (nats per latent layer and volume) exempts that much of each layer's KL from
         the loss (:func:`free_bits_kl`).  ``elbo`` is always the true bound.  ``covariates``: those of a
@@ -186,11 +187,11 @@ class VeryDeepVAE(nn.Module):
         kl = torch.stack(kls, dim=1) / self.num_voxels
         elbo = nll + kl.sum(1)
         kl_term = kl
-        if kl_balance and kl_weight < 1.0:
+        if kl_balance and bool((torch.as_tensor(kl_weight) < 1.0).any()):
             kl_term = kl * balanced_kl_coefficients(kl.detach() * self.num_voxels, self.latent_sizes())
         if free_bits > 0.0:
             kl_term = free_bits_kl(kl_term, free_bits / self.num_voxels)
-        loss = (nll + kl_weight * kl_term.sum(-1)).mean()
+        loss = (nll + (kl_weight * kl_term).sum(-1)).mean()
         return ModelOutput(loss=loss, elbo=elbo, nll=nll, kl_per_layer=kl, params=params)
 
     # -- generation ------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..model import autocast_for
 from ..model.fitted_prior import FittedPriorChoice
 from .. import checkpoint as ckpt
 from . import builder, distributed, run_folder, run_record
-from .optim import kl_weight, lr_factor, update_loss_scale
+from .optim import layer_kl_weights, lr_factor, update_loss_scale
 from .threads import ThreadGovernor, governor_wanted
 from .precision import configure_backends, out_of_memory_message, resolve_speed_choices
 from .progress import TrainConsole, ending, start_lines, validation_line
@@ -221,7 +221,7 @@ class _Trainer:
         self.net.train()
         for group in self.optimiser.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg, self.total_steps)
-        weight = kl_weight(self.step, cfg)
+        weight = layer_kl_weights(self.step, cfg, self.model.layer_levels, self.device)
         stats = StepStats(0.0, 0.0, 0.0, torch.zeros(self.model.num_layers, dtype=torch.float64))
         finite = True
         for micro in range(cfg.grad_accumulation):

@@ -36,6 +36,18 @@ def kl_weight(step: int, cfg: Config) -> float:
     return max(1e-4, step / cfg.kl_warmup_steps)
 
 
+def layer_kl_weights(step: int, cfg: Config, layer_levels: list[int],
+                     device: torch.device | str = "cpu") -> float | torch.Tensor:
+    """The KL weight at this step: one number, or with ``kl_warmup_resolutions`` a (layers,) tensor
+    in which only the layers at those resolutions follow the warm-up and the others weigh 1."""
+    weight = kl_weight(step, cfg)
+    if cfg.kl_warmup_resolutions is None or weight >= 1.0:
+        return weight
+    warm = set(cfg.kl_warmup_resolutions)
+    return torch.tensor([weight if cfg.resolution >> level in warm else 1.0 for level in layer_levels],
+                        device=device)
+
+
 class EMA:
     """Exponential moving average of the weights, used for validation and sampling.
 

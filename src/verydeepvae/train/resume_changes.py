@@ -54,6 +54,7 @@ NOTICED = {
     "max_consecutive_skips": "the update-skipping rule changes from the next step",
     "ema_rate": "the EMA weights average at the new rate from the next step",
     "kl_warmup_steps": "the KL weight follows the new warm-up from the next step",
+    "kl_warmup_resolutions": "the KL weight follows the new warm-up from the next step",
     "kl_balance": "the loss changes from the next step",
     "kl_free_bits": "the loss changes from the next step",
     "output_scale_max": "the likelihood's scale ceiling changes from the next step",
