@@ -239,20 +239,20 @@ def too_big_notice(cfg: Config, p: Plan, device_type: str) -> str:
 
 def for_config_show(cfg: Config, gpu_memory: int | None, notices: list[str]) -> tuple[Config, list[int] | None, str]:
     """What training would decide, for ``config show --estimate-memory``: the configuration to
-    estimate (``precision: auto`` resolved as training would on this machine; left as it is with
-    ``--gpu-memory``, a GPU not at hand, where auto counts as fp32), the levels ``auto`` picks
+    estimate (the ``auto`` precision and memory format resolved as training would on this machine;
+    left as they are with ``--gpu-memory``, a GPU not at hand, where auto counts as fp32), the levels ``auto`` picks
     (None: nothing fits) and a line saying why."""
     if gpu_memory is not None:
         budget, where, device_type = gpu_budget(gpu_memory), "on a GPU with this much free memory", "cuda"
     else:
         from .distributed import choose_device
-        from .precision import resolve_precision
+        from .precision import resolve_speed_choices
 
         try:
             device = choose_device(cfg, 0)
         except UserError:  # e.g. device cuda on a machine without one: show the CPU's figures
             device = torch.device("cpu")
-        cfg = resolve_precision(cfg, device, notices)
+        cfg = resolve_speed_choices(cfg, device, notices)
         budget, where, device_type = device_budget(device), f"on this machine ({device})", device.type
     auto = plan(dataclasses.replace(cfg, checkpoint_levels="auto"), budget)
     if budget.limit is not None and not auto.fits:
