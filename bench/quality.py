@@ -16,8 +16,9 @@ real, matched set sizes) and the memorisation ratio (median nearest-training dis
 over that of held-out volumes).  Nothing here is asserted anywhere: figures move with the machine,
 the seed and the held-out population (vary ``--heldout-seed`` when you judge a change).
 
-With ``--minutes``, a short calibration run measures the time per step first, and the number of
-steps is chosen so that training (validation and figures included, evaluations excluded) fills the
+With ``--minutes``, a short calibration run measures the time per step and the cost of one
+validation (with its quality signal, checkpoint and figures) first, and the number of steps is
+chosen so that training (those validations included, the evaluations here excluded) fills the
 budget; the learning-rate schedule then spans exactly those steps.
 """
 
@@ -76,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
                             progress=False)
 
     steps = args.steps or base.max_steps
-    seconds_per_step = None
+    seconds_per_step = seconds_per_validation = None
     if args.minutes:
-        seconds_per_step = calibrate(args, overrides, out)
-        steps = max(args.evaluations, int(args.minutes * 60 / seconds_per_step))
-        print(f"calibration: {seconds_per_step:.3f} s/step -> {steps} steps in {args.minutes:g} minutes", flush=True)
+        seconds_per_step, seconds_per_validation = calibrate(args, overrides, out)
+        steps = steps_for_budget(args.minutes * 60, args.evaluations, seconds_per_step, seconds_per_validation)
+        print(f"calibration: {seconds_per_step:.3f} s/step, {seconds_per_validation:.1f} s per validation -> "
+              f"{steps} steps in {args.minutes:g} minutes", flush=True)
     if steps is None:
         parser.error("the preset sets no max_steps: give --steps or --minutes")
     every = max(1, steps // args.evaluations)
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(format_row(row, header=len(rows) == 1), flush=True)
     summary = {"preset": args.preset, "overrides": overrides, "steps": steps, "train_seconds": train_seconds,
-               "seconds_per_step_calibrated": seconds_per_step, "heldout": str(heldout), "rows": rows}
+               "seconds_per_step_calibrated": seconds_per_step,
+               "seconds_per_validation_calibrated": seconds_per_validation, "heldout": str(heldout), "rows": rows}
     (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     curves_figure(rows, out / "learning_curves.png")
     print(f"training {train_seconds / 60:.1f} min; table in {out / 'quality.json'}, figure "
@@ -114,16 +117,39 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def calibrate(args, overrides: dict, out: Path) -> float:
-    """Seconds per training step of this configuration on this machine (steps 4-12 of a short run)."""
+CALIBRATION_STEPS = 24
+CALIBRATION_VALIDATION_STEP = 12
+
+
+def calibrate(args, overrides: dict, out: Path) -> tuple[float, float]:
+    """Seconds per training step, and the extra seconds one validation costs (its quality signal,
+    checkpoint and figures included), of this configuration on this machine, from a short run with
+    one validation in its middle. The first 4 steps (start-up, first allocations) are left out."""
     run = out / "calibration"
     shutil.rmtree(run, ignore_errors=True)
+    every = CALIBRATION_VALIDATION_STEP
     cfg = build_config(args.preset, args.config, {
-        **overrides, "max_steps": 12, "log_every": 1, "validation_every": 10**6, "figures_every": 10**6,
-        "checkpoint_every": 10**6, "subjects_to_plot": 0, "output_dir": str(run), "overwrite": True})
+        **overrides, "max_steps": CALIBRATION_STEPS, "log_every": 1, "validation_every": every,
+        "figures_every": every, "checkpoint_every": every, "keep_checkpoints": 0, "output_dir": str(run),
+        "overwrite": True})
     train(cfg, show_progress=False)
-    elapsed = _elapsed_by_step(run / "metrics.jsonl")
-    return (elapsed[12] - elapsed[4]) / 8.0
+    return step_and_validation_seconds(_elapsed_by_step(run / "metrics.jsonl"), every, CALIBRATION_STEPS)
+
+
+def step_and_validation_seconds(elapsed: dict[int, float], validation_step: int, last_step: int) -> tuple[float, float]:
+    """(seconds per step, seconds per validation) from the elapsed time logged after every step of
+    a run that validated once, after ``validation_step``: the step after it carries the validation."""
+    before = elapsed[validation_step] - elapsed[4]
+    after = elapsed[last_step] - elapsed[validation_step + 1]
+    per_step = (before + after) / (validation_step - 4 + last_step - validation_step - 1)
+    validation = max(0.0, elapsed[validation_step + 1] - elapsed[validation_step] - per_step)
+    return per_step, validation
+
+
+def steps_for_budget(seconds: float, evaluations: int, per_step: float, per_validation: float) -> int:
+    """Training steps that fill ``seconds`` with ``evaluations`` validations among them (the last at
+    the end), at least one step per evaluation."""
+    return max(evaluations, int((seconds - evaluations * per_validation) / per_step))
 
 
 def _elapsed_by_step(path: Path) -> dict[int, float]:

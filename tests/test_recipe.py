@@ -150,3 +150,21 @@ def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch, native, 
     assert notices == [f"precision auto: {expected} (this CPU {'has' if native else 'has no'} native bfloat16 instructions)"]
     explicit = _tiny(precision="fp32")
     assert precision.resolve_precision(explicit, torch.device("cpu"), notices) is explicit  # explicit settings win
+
+
+@pytest.mark.slow
+def test_quality_benchmark_fills_a_wall_clock_budget(tmp_path):
+    """--minutes: a calibration run with one validation, then a run whose length it chose."""
+    out = tmp_path / "quality"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--preset", "tiny", "--minutes", "0.3",
+         "--evaluations", "2", "--heldout-num", "6", "--samples", "6", "--output-dir", str(out),
+         "--set", "phantom_num=10"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "quality.json").read_text())
+    assert summary["seconds_per_step_calibrated"] > 0
+    assert summary["seconds_per_validation_calibrated"] >= 0
+    assert summary["steps"] >= 2 and summary["steps"] % 2 == 0
+    assert [row["step"] for row in summary["rows"]] == [summary["steps"] // 2, summary["steps"]]
+    assert "s per validation" in result.stdout
