@@ -43,9 +43,8 @@ def layer_kl_weights(step: int, cfg: Config, layer_levels: list[int],
     weight = kl_weight(step, cfg)
     if cfg.kl_warmup_resolutions is None or weight >= 1.0:
         return weight
-    warm = set(cfg.kl_warmup_resolutions)
-    return torch.tensor([weight if cfg.resolution >> level in warm else 1.0 for level in layer_levels],
-                        device=device)
+    warm, resolutions = set(cfg.kl_warmup_resolutions), cfg.level_resolutions()
+    return torch.tensor([weight if resolutions[level] in warm else 1.0 for level in layer_levels], device=device)
 
 
 class EMA:
