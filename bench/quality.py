@@ -119,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
 
 CALIBRATION_STEPS = 24
 CALIBRATION_VALIDATION_STEP = 12
+CALIBRATION_SKIPPED_STEPS = 4  # start-up and first allocations
 
 
 def calibrate(args, overrides: dict, out: Path) -> tuple[float, float]:
     """Seconds per training step, and the extra seconds one validation costs (its quality signal,
     checkpoint and figures included), of this configuration on this machine, from a short run with
-    one validation in its middle. The first 4 steps (start-up, first allocations) are left out."""
+    one validation in its middle. The first steps (start-up, first allocations) are left out."""
     run = out / "calibration"
     shutil.rmtree(run, ignore_errors=True)
     every = CALIBRATION_VALIDATION_STEP
@@ -139,9 +140,10 @@ def calibrate(args, overrides: dict, out: Path) -> tuple[float, float]:
 def step_and_validation_seconds(elapsed: dict[int, float], validation_step: int, last_step: int) -> tuple[float, float]:
     """(seconds per step, seconds per validation) from the elapsed time logged after every step of
     a run that validated once, after ``validation_step``: the step after it carries the validation."""
-    before = elapsed[validation_step] - elapsed[4]
+    first = CALIBRATION_SKIPPED_STEPS
+    before = elapsed[validation_step] - elapsed[first]
     after = elapsed[last_step] - elapsed[validation_step + 1]
-    per_step = (before + after) / (validation_step - 4 + last_step - validation_step - 1)
+    per_step = (before + after) / (validation_step - first + last_step - validation_step - 1)
     validation = max(0.0, elapsed[validation_step + 1] - elapsed[validation_step] - per_step)
     return per_step, validation
 
