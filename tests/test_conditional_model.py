@@ -150,3 +150,46 @@ def test_guidance_needs_a_conditional_model(cfg):
     plain, _ = _pair(cfg)
     with pytest.raises(ValueError, match="guidance needs a conditional model"):
         plain.sample(1, guidance=2.0)
+
+
+def _films_close(a, b, **tolerance):
+    for (sa, ba), (sb, bb) in zip(a, b):
+        torch.testing.assert_close(sa, sb, **tolerance)
+        torch.testing.assert_close(ba, bb, **tolerance)
+
+
+def test_one_guidance_weight_per_dimension_generalises_the_single_scale(cfg):
+    _, model = _pair(cfg)
+    _random_film(model)
+    model.set_covariate_bank(torch.randn(6, DIM))
+    c, ref = torch.randn(2, DIM), torch.randn(2, DIM)
+    # the same weight everywhere is exactly the single scale
+    _films_close(model._film(c, 2, guidance=torch.full((DIM,), 3.0), reference=ref),
+                 model._film(c, 2, guidance=3.0, reference=ref), rtol=0, atol=0)
+    # all ones is the model as trained
+    _films_close(model._film(c, 2, guidance=[1.0] * DIM), model._film(c, 2), rtol=0, atol=0)
+    # a covariate at its reference value is unaffected by its own weight: moving only the first
+    # dimension, weights (3, 0, 7) guide exactly as the single scale 3
+    moved = ref.clone()
+    moved[:, 0] = c[:, 0]
+    _films_close(model._film(moved, 2, guidance=[3.0, 0.0, 7.0], reference=ref),
+                 model._film(moved, 2, guidance=3.0, reference=ref))
+    # weight 0 for the rest keeps them at the reference: (w, 0, 0) on c is w on c with the rest at ref
+    _films_close(model._film(c, 2, guidance=[2.0, 0.0, 0.0], reference=ref),
+                 model._film(moved, 2, guidance=2.0, reference=ref))
+    with pytest.raises(ValueError, match=f"1 or {DIM} weights"):
+        model._film(c, 2, guidance=[1.0, 2.0], reference=ref)
+
+
+def test_per_covariate_guidance_changes_only_the_guided_covariates_samples(cfg):
+    _, model = _pair(cfg)
+    _random_film(model)
+    model.set_covariate_bank(torch.randn(6, DIM))
+    c, ref = torch.randn(2, DIM), torch.randn(2, DIM)
+
+    def draw(guidance):
+        return model.sample(2, 1.0, generator=torch.Generator().manual_seed(7), covariates=c, guidance=guidance,
+                            reference=ref)
+
+    assert (draw([4.0, 1.0, 1.0]) - draw(1.0)).abs().max() > 1e-4
+    torch.testing.assert_close(draw([4.0, 4.0, 4.0]), draw(4.0))

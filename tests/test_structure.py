@@ -15,7 +15,7 @@ MAX_FILE_LINES = 450
 # importer (a module or a package of ours) -> what it must never import: the layers above it
 COMMANDS = ("cli", "cli_options", "cli_conditional", "commands", "legacy", "api")
 ABOVE_INFERENCE = ("train", "generate", "latents", "evaluate", "counterfactual") + COMMANDS
-ABOVE_BLOCKS = ("checkpoint", "inference", "sampling", "scan_files", "conditional") + ABOVE_INFERENCE
+ABOVE_BLOCKS = ("checkpoint", "inference", "sampling", "scan_files", "conditional", "guidance") + ABOVE_INFERENCE
 FORBIDDEN = {
     **{name: ABOVE_BLOCKS for name in ("model", "data", "config", "config_check", "config_text", "config_names")},
     **{name: ABOVE_INFERENCE for name in ("checkpoint", "inference", "sampling", "scan_files")},

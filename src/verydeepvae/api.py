@@ -24,6 +24,7 @@ from . import conditional
 from .config import Config, build_config
 from .data.covariates import CovariateRow
 from .errors import UserError
+from .guidance import Guidance, check_guidance
 from .inference import TrainedModel, open_trained
 from .sampling import check_temperature, iter_samples
 from .scan_files import input_files, load_preprocessed, output_stems
@@ -35,6 +36,8 @@ from .volume_io import save_nifti as _save_nifti
 Inputs = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], np.ndarray, torch.Tensor]
 # a conditional model's covariates: one dict for every volume, or a list with one dict per volume
 Conditions = Union[CovariateRow, Sequence[CovariateRow], None]
+# one guidance scale, one per covariate by name, the CLI's "age=2,lesion_load=5", or a Guidance
+GuidanceLike = Union[float, dict[str, float], str, Guidance]
 
 
 def _per_volume(given: Conditions, n: int, what: str) -> list[CovariateRow]:
@@ -130,7 +133,7 @@ class Model:
 
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                batch_size: int = 4, conditions: Conditions = None, prior: str = "auto",
-               guidance: float = 1.0) -> Volumes:
+               guidance: GuidanceLike = 1.0) -> Volumes:
         """n volumes from the prior: ``data`` (n, R, R, R).  ``temperature``: one value, or one per
         resolution level (highest resolution first); the same seed, temperature and batch size give
         the same volumes as ``verydeepvae sample``.  A conditional model takes ``conditions``: one
@@ -139,10 +142,11 @@ class Model:
         does); ``Volumes.conditions`` holds every volume's full covariates.  ``prior``: "auto" (the
         Gaussian fitted at the end of training for the coarsest latents when the run chose it),
         "learned" or "fitted" (``verydeepvae sample --prior``).  ``guidance``: a conditional model's
-        covariate guidance scale (``verydeepvae sample --guidance``; 1 = the model as trained)."""
+        covariate guidance scale (``verydeepvae sample --guidance``; 1 = the model as trained), or one
+        per covariate (``{"age": 2, "lesion_load": 5}``, others 1, or the CLI's ``"age=2,lesion_load=5"``)."""
         if n < 1 or batch_size < 1:
             raise UserError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
-        guidance = conditional.check_guidance(guidance, self.covariates)
+        weights = check_guidance(guidance, self.covariates).weights(self.covariates)
         model = self.torch_module
         temperature = check_temperature(model, temperature)
         vectors, rows, references = None, None, None
@@ -154,7 +158,7 @@ class Model:
         elif conditions is not None:
             raise UserError("this model is unconditional; it takes no conditions")
         chunks = [v for _, v in iter_samples(model, n, temperature, seed, batch_size, self.device, False,
-                                             covariates=vectors, prior=prior, guidance=guidance,
+                                             covariates=vectors, prior=prior, guidance=weights,
                                              references=references)]
         data = np.concatenate(chunks).astype(np.float32)
         return Volumes(data, self._affines(n), [f"sample_{i:04d}" for i in range(n)], rows)
@@ -198,18 +202,19 @@ class Model:
 
     def counterfactual(self, inputs: Inputs, condition: CovariateRow | None = None,
                        sweep: tuple[str, Sequence[Any]] | None = None, observed: Conditions = None,
-                       mode: str = "noise", batch_size: int = 4, guidance: float = 1.0) -> Volumes:
+                       mode: str = "noise", batch_size: int = 4, guidance: GuidanceLike = 1.0) -> Volumes:
         """Counterfactuals of scans (a conditional model; ``verydeepvae counterfactual``'s method,
         ``counterfactual.py``): each scan encoded with its own covariates (``observed``, else looked up
         as :meth:`reconstruct` does) and decoded with ``condition`` applied (``{"age": 80}``), or at
         every value of ``sweep`` (``("age", [50, 60, 70])``).  ``data`` (N x K, R, R, R), scan by
         scan; ``names`` ``<scan>_<covariate>-<value>``; ``conditions`` each volume's covariates.
         ``mode="latents"`` keeps the latents instead of their standardised residuals; ``guidance`` W
-        moves the conditioning W times as far from each scan's own values (``--guidance``)."""
+        moves the conditioning W times as far from each scan's own values (``--guidance``; one per
+        covariate as in :meth:`sample`)."""
         from .counterfactual import counterfactual_volumes, value_label
 
         schema = conditional.require_schema(self._trained, "counterfactual")
-        guidance = conditional.check_guidance(guidance, schema)
+        weights = check_guidance(guidance, schema).weights(schema)
         x, affines, names = self._inputs(inputs)
         own = self._scan_covariates(inputs, observed, x.shape[0])
         change = conditional.parse_request(schema, condition or {})
@@ -220,7 +225,7 @@ class Model:
         for i in range(x.shape[0]):
             targets = [{**own[i], **change, **({} if v is None else {sweep[0]: v})} for v in values]
             _, volumes = counterfactual_volumes(self.torch_module, x[i, 0].numpy(), schema.encode([own[i]])[0],
-                                                schema.encode(targets), mode, batch_size, self.device, guidance)
+                                                schema.encode(targets), mode, batch_size, self.device, weights)
             data.append(volumes)
             out_affines += [affines[i]] * len(targets)
             out_names += [f"{names[i]}_" + ("counterfactual" if v is None else value_label(sweep[0], v))

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 from .errors import UserError
 from .json_types import JSONObject
 
 if TYPE_CHECKING:
     from .conditional import SampleConditions
+    from .guidance import Guidance
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -47,13 +48,14 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_guidance_option(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+    p.add_argument("--guidance", default="1", metavar="W|NAME=W,...",
                    help=f"a conditional model: scale {what}, as classifier-free guidance does (1: the model as "
-                        "trained; docs/conditional.md)")
+                        "trained); one scale per covariate with NAME=W pairs, e.g. age=2,lesion_load=5 "
+                        "(others 1, or a leading bare W for the rest); docs/conditional.md")
 
 
-def checked_guidance(args: argparse.Namespace, schema: Any) -> float:
-    from .conditional import check_guidance
+def checked_guidance(args: argparse.Namespace, schema: Any) -> Guidance:
+    from .guidance import check_guidance
 
     return check_guidance(args.guidance, schema, "--guidance")
 
@@ -62,13 +64,24 @@ class SamplesConditioning(TypedDict, total=False):
     """What samples.json records about a conditional model's samples (nothing for an unconditional one)."""
 
     conditions: list[SampleConditions]
-    guidance: float
+    guidance: float | JSONObject  # Guidance.to_json
     covariates: list[JSONObject]  # the schema's covariates (CovariateSchema.to_json)
 
 
-def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, Any, Any, SamplesConditioning]:
-    """(number of volumes, encoded covariates or None, their guidance references or None, what
-    samples.json records about them)."""
+class SampleRequest(NamedTuple):
+    """What ``sample`` generates: how many volumes, their encoded covariates (num, dim) and guidance
+    references (None for an unconditional model), the guidance weights the model takes
+    (``Guidance.weights``) and what samples.json records about the conditioning."""
+
+    num: int
+    covariates: Any
+    references: Any
+    guidance: Any
+    record: SamplesConditioning
+
+
+def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> SampleRequest:
+    """The volumes ``sample`` is asked for (``--num``, ``--condition``, ``--conditions``, ``--guidance``)."""
     from . import conditional
     from .data.covariates import parse_assignments
     from .inference import covariate_schema
@@ -79,7 +92,7 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, A
         if args.condition or args.conditions:
             raise UserError(f"checkpoint {checkpoint.path} is an unconditional model; --condition/--conditions need "
                             "a model trained with --condition-on")
-        return args.num, None, None, {}
+        return SampleRequest(args.num, None, None, 1.0, {})
     fixed = conditional.parse_request(schema, parse_assignments(args.condition), "--condition")
     num = args.num
     if args.conditions:
@@ -93,8 +106,9 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> tuple[int, A
     for note in resolved.notices:
         _notice(note)
     names = [f"sample_{i:04d}.nii.gz" for i in range(num)]
-    return num, resolved.vectors, resolved.references, {"conditions": resolved.record(names), "guidance": guidance,
-                                                        "covariates": schema.to_json()["covariates"]}
+    return SampleRequest(num, resolved.vectors, resolved.references, guidance.weights(schema),
+                         {"conditions": resolved.record(names), "guidance": guidance.to_json(),
+                          "covariates": schema.to_json()["covariates"]})
 
 
 def add_scan_options(p: argparse.ArgumentParser) -> None:

@@ -105,13 +105,13 @@ def sample_command(args: argparse.Namespace) -> int:
     if args.intensity == "data":
         reference = trained.intensity_reference
         reference_range(reference, str(trained.checkpoint.path))  # a clear error if the checkpoint has none
-    num, covariates, references, conditioned = cli_conditional.sample_conditions(args, trained.checkpoint)
+    request = cli_conditional.sample_conditions(args, trained.checkpoint)
     claim_output(args, "sample")
-    paths = write_samples(model, args.output_dir, num, temperature, args.seed,
+    paths = write_samples(model, args.output_dir, request.num, temperature, args.seed,
                           voxel_size_mm=trained.voxel_size_mm, batch_size=args.batch_size,
                           device=trained.device, show_progress=progress_setting(args), intensity_reference=reference,
-                          extra_record={**trained.record(), **conditioned}, covariates=covariates, prior=args.prior,
-                          guidance=args.guidance, references=references)
+                          extra_record={**trained.record(), **request.record}, covariates=request.covariates,
+                          prior=args.prior, guidance=request.guidance, references=request.references)
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
     return 0
 

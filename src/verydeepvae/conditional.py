@@ -32,17 +32,6 @@ from .errors import UserError
 MAX_SWEEP_VALUES = 200
 
 
-def check_guidance(value: float, schema: CovariateSchema | None, name: str = "guidance") -> float:
-    """A covariate guidance scale (``VeryDeepVAE.sample``), checked: a finite number >= 0, and only
-    for a conditional model (``schema`` None: unconditional)."""
-    value = float(value)
-    if not (0.0 <= value < math.inf):
-        raise UserError(f"{name} must be a number >= 0, got {value}")
-    if value != 1.0 and schema is None:
-        raise UserError(f"{name} is for conditional models (trained with --condition-on); this one is unconditional")
-    return value
-
-
 def require_schema(trained: Any, what: str) -> CovariateSchema:
     """The covariate schema of a conditional model, or a UserError naming ``what`` needs one."""
     schema = trained.covariates

@@ -31,8 +31,10 @@ from . import conditional
 from .atomic import write_json
 from .data.covariates import Value
 from .errors import UserError
+from .guidance import Guidance, check_guidance
 from .console import bar
 from .inference import TrainedModel
+from .model.vae import GuidanceWeights
 from .scan_files import load_preprocessed, output_stems
 from .viz_conditional import save_counterfactual_strip
 from .volume_io import grid_affine, save_nifti
@@ -43,11 +45,12 @@ MODES = ("noise", "latents")
 @torch.no_grad()
 def counterfactual_volumes(model: Any, x: np.ndarray, observed: np.ndarray, targets: np.ndarray,
                            mode: str = "noise", batch_size: int = 4, device: str | torch.device = "cpu",
-                           guidance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+                           guidance: GuidanceWeights = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(reconstruction (R, R, R), counterfactuals (K, R, R, R)) of one volume ``x`` (R, R, R) in
     [0, 1], from its encoded covariates ``observed`` (dim,) to each row of ``targets`` (K, dim).
-    ``guidance`` w scales the change: the decoder's conditioning moves w times as far from the
-    scan's own covariates (model/vae.py ``_film``), so the reconstruction at its own values is kept."""
+    ``guidance`` w (``Guidance.weights``) scales the change: the decoder's conditioning moves w times
+    as far from the scan's own covariates (model/vae.py ``_film``), so the reconstruction at its own
+    values is kept."""
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     x_t = torch.as_tensor(np.asarray(x, np.float32))[None, None].to(device)
@@ -78,11 +81,12 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
                           mode: str = "noise", batch_size: int = 4, show_progress: bool | None = None,
                           notices: list[str] | None = None,
                           own: tuple[list[dict[str, Value]], list[str]] | None = None,
-                          guidance: float = 1.0) -> dict[str, Any]:
+                          guidance: Guidance | float = 1.0) -> dict[str, Any]:
     """Counterfactuals of NIfTI scans (module notes); returns the record written as counterfactuals.json.
     ``own``: the scans' covariates and where they came from, when the caller has looked them up
     already (``conditional.scan_covariates``; else from ``observed`` and ``covariates_file``)."""
     schema = conditional.require_schema(trained, "counterfactual")
+    guidance = check_guidance(guidance, schema)
     change = conditional.parse_request(schema, change or {}, "--condition")
     if sweep is not None:
         sweep = (sweep[0], [schema.get(sweep[0]).parse(v, "--sweep") for v in sweep[1]])
@@ -105,7 +109,7 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
                 if note and note not in notices:
                     notices.append(note)
         recon, outs = counterfactual_volumes(model, volumes[i], schema.encode([own[i]])[0], schema.encode(targets),
-                                             mode, batch_size, trained.device, guidance)
+                                             mode, batch_size, trained.device, guidance.weights(schema))
         affine = grid_affine((model.resolution,) * 3, float(metas[i]["voxel_size_mm"]))
         written, entries = _write_scan(output_dir, stems[i], affine, volumes[i], recon, targets, labels, outs)
         figure = f"{stems[i]}_{'sweep' if sweep else 'counterfactual'}.png"
@@ -116,7 +120,7 @@ def write_counterfactuals(trained: TrainedModel, files: Sequence[str | Path], ou
                      "psnr_reconstruction_db": _psnr(volumes[i], recon), "outputs": entries,
                      "files": written, "figure": figure})
     record = {
-        "mode": mode, "guidance": guidance, "change": change,
+        "mode": mode, "guidance": guidance.to_json(), "change": change,
         "sweep": {"covariate": sweep[0], "values": sweep[1]} if sweep else None,
         "method": ("noise: each latent layer keeps the scan's standardised residual under the prior, "
                    "(z - prior mean) / prior sd, and the priors follow the new covariates" if mode == "noise" else

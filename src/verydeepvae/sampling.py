@@ -17,6 +17,7 @@ from .console import bar
 from .errors import Stopped, UserError
 from .inference import intensity_record, reference_range, to_data_intensity
 from .model import VeryDeepVAE
+from .model.vae import GuidanceWeights
 from .volume_io import grid_affine, save_nifti
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                   batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool = True,
                   intensity_reference: IntensityReference | None = None,
                   extra_record: dict | None = None, covariates: np.ndarray | None = None,
-                  prior: str = "auto", guidance: float = 1.0, references: np.ndarray | None = None) -> list[Path]:
+                  prior: str = "auto", guidance: GuidanceWeights = 1.0, references: np.ndarray | None = None) -> list[Path]:
     """Draw ``num`` volumes from the prior and write ``sample_XXXX.nii.gz``, a montage and a
     ``samples.json`` record (seed, temperature, checkpoint...).  The same seed gives the same volumes;
     temperature 0 gives the prior means at every layer.  ``covariates`` (num, dim): the encoded
@@ -101,11 +102,12 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
 def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                  batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True,
                  covariates: np.ndarray | torch.Tensor | None = None, prior: str = "auto",
-                 guidance: float = 1.0, references: np.ndarray | torch.Tensor | None = None
+                 guidance: GuidanceWeights = 1.0, references: np.ndarray | torch.Tensor | None = None
                  ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index of the first, volumes (B, R, R, R) float32 in [0, 1])`` batches of prior samples
-    (``prior``: which prior draws the coarse layers; ``guidance``, ``references`` (num, dim): a
-    conditional model's covariate guidance, ``conditional.Conditions``; as in ``VeryDeepVAE.sample``).
+    (``prior``: which prior draws the coarse layers; ``guidance`` (``Guidance.weights``), ``references``
+    (num, dim): a conditional model's covariate guidance, ``conditional.Conditions``; as in
+    ``VeryDeepVAE.sample``).
 
     One generator seeded with ``seed`` drives every batch, so the volumes depend only on the seed,
     the temperature and the batch size (and, for a conditional model, ``covariates`` (num, dim):

@@ -36,6 +36,7 @@ from scipy import stats
 from .. import conditional
 from ..counterfactual import counterfactual_volumes
 from ..data.covariates import CovariateSchema, Value
+from ..guidance import Guidance, check_guidance
 from ..inference import TrainedModel
 from ..sampling import iter_samples
 from . import morphometry
@@ -111,37 +112,39 @@ def sweep_points(schema: CovariateSchema, name: str, points: int) -> list[Value]
 
 
 def sample_at(trained: TrainedModel, schema: CovariateSchema, name: str, values: Sequence[Value], per_point: int,
-              temperature: Any, seed: int, batch_size: int, show: bool | None = None, guidance: float = 1.0
-              ) -> tuple[np.ndarray, list[Value], list[dict[str, Value]]]:
+              temperature: Any, seed: int, batch_size: int, show: bool | None = None,
+              guidance: Guidance | float = 1.0) -> tuple[np.ndarray, list[Value], list[dict[str, Value]]]:
     """``per_point`` samples at each value of ``name`` (others drawn given it): (volumes (N, R, R, R),
     the requested value of each, each volume's complete covariates)."""
     requests = [{name: v} for v in values for _ in range(per_point)]
     resolved = conditional.resolve(schema, requests, seed)
     volumes = np.concatenate([v for _, v in iter_samples(trained.model, len(requests), temperature, seed, batch_size,
                                                          trained.device, show, covariates=resolved.vectors,
-                                                         guidance=guidance, references=resolved.references)])
+                                                         guidance=check_guidance(guidance, schema).weights(schema),
+                                                         references=resolved.references)])
     return volumes, [r[name] for r in requests], resolved.rows
 
 
 def counterfactual_sweep(trained: TrainedModel, schema: CovariateSchema, volume: np.ndarray, own: dict[str, Value],
-                         name: str, values: Sequence[Value], batch_size: int = 4, guidance: float = 1.0
-                         ) -> tuple[np.ndarray, np.ndarray]:
+                         name: str, values: Sequence[Value], batch_size: int = 4,
+                         guidance: Guidance | float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """(reconstruction, counterfactuals (K, R, R, R)) of one preprocessed volume along ``values`` of ``name``."""
     targets = schema.encode([{**own, name: v} for v in values])
     return counterfactual_volumes(trained.model, volume, schema.encode([own])[0], targets, "noise", batch_size,
-                                  trained.device, guidance)
+                                  trained.device, check_guidance(guidance, schema).weights(schema))
 
 
 def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]],
                         real_table: dict[str, np.ndarray] | None, temperature: Any, seed: int, batch_size: int,
                         points: int = 5, per_point: int = 6, max_counterfactual: int = 8,
-                        show: bool | None = None, guidance: float = 1.0
+                        show: bool | None = None, guidance: Guidance | float = 1.0
                         ) -> tuple[ConditionalSection, dict[str, SweepArrays]]:
     """The section and each covariate's arrays for the figures; ``real_table``: the held-out volumes'
     measurements on the model grid, or None when tissue is not measured."""
     schema = trained.covariates
     vox = trained.voxel_size_mm
-    section = ConditionalSection(WHAT, schema.to_json()["covariates"], points, per_point, guidance,
+    guidance = check_guidance(guidance, schema)
+    section = ConditionalSection(WHAT, schema.to_json()["covariates"], points, per_point, guidance.to_json(),
                                  measured=real_table is not None, units={k: UNITS[k] for k in MEASURES},
                                  labels=LABELS)
     if real_table is not None:
@@ -178,7 +181,7 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
 
 def _counterfactuals(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]], name: str,
                      values: Sequence[Value], n: int, batch_size: int, measures: dict[str, Measure] | None,
-                     arrays: SweepArrays, guidance: float = 1.0) -> Counterfactuals:
+                     arrays: SweepArrays, guidance: Guidance | float = 1.0) -> Counterfactuals:
     """The first ``n`` held-out scans swept along ``values`` of ``name`` (noise mode, ``guidance``): their
     reconstructions' PSNR (dB) and, with ``measures`` (tissue is measured), the measured change
     against the requested one; the first scan's volumes go into ``arrays`` for the figure."""

@@ -10,6 +10,7 @@ from typing import Any, TypedDict, Union
 import numpy as np
 
 from ..data.covariates import Value
+from ..guidance import Guidance
 from ..json_types import JSONObject
 
 
@@ -100,7 +101,7 @@ class ConditionalSection:
     covariates: list[JSONObject]  # CovariateSchema.to_json()["covariates"]
     points: int
     per_point: int
-    guidance: float
+    guidance: float | JSONObject  # Guidance.to_json
     measured: bool  # tissue measured (phantom or FLAIR-like data)
     units: dict[str, str]
     labels: dict[str, str]
@@ -127,10 +128,11 @@ class ConditionalSection:
 
     def markdown(self, figures: dict[str, str]) -> list[str]:
         out = ["## Conditional generation", "", self.what, ""]
-        if self.guidance != 1.0:
-            out += [f"Covariate guidance {self.guidance:g}: the requested covariate's effect on the decoder "
-                    f"scaled {self.guidance:g}x (from the population centre for samples, from each scan's own "
-                    "values for counterfactuals).", ""]
+        guidance = Guidance.from_json(self.guidance)
+        if not guidance.is_identity:
+            out += [f"Covariate guidance {guidance}: the requested covariate's effect on the decoder scaled that "
+                    "many times (from the population centre for samples, from each scan's own values for "
+                    "counterfactuals).", ""]
         for name, per in self.per_covariate.items():
             out += [f"### {name} ({per['kind']})", "",
                     f"Samples at {', '.join(fmt(name, v) for v in per['values'])}, {self.per_point} each.", ""]

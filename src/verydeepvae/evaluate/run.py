@@ -14,6 +14,7 @@ import numpy as np
 from .. import metrics
 from ..console import bar
 from ..data.nifti_load import VolumeMeta
+from ..guidance import Guidance, as_guidance
 from ..inference import TrainedModel
 from ..sampling import check_temperature, describe_prior, iter_samples
 from ..scan_files import load_preprocessed
@@ -42,7 +43,7 @@ class EvaluationOptions:
     # (docs/training-recipe.md)
     baseline_repeats: int = 50
     prior: str = "auto"  # which prior draws the coarse latents of the samples (VeryDeepVAE.sample)
-    guidance: float = 1.0  # a conditional model's covariate guidance scale (VeryDeepVAE.sample)
+    guidance: Guidance | float = 1.0  # a conditional model's covariate guidance (guidance.py)
     feature_seed: int = 0
     morphometry: str = "auto"  # auto (when participants.tsv with phantom volumes is found), on, off
     feature_plugin: str | None = None
@@ -122,7 +123,8 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "model": _model_facts(trained),
         "data": sel.describe(),
-        "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
+        "options": {**{k: v for k, v in asdict(options).items() if k != "show_progress"},
+                    "guidance": as_guidance(options.guidance).to_json()},
     }
     report["options"]["temperature"] = temperature
     recon, samples = _model_sections(report, trained, heldout, covariates, temperature, options, lap)

@@ -25,6 +25,14 @@ from .fitted_prior import FittedPrior
 from .latent_layer import LatentChoice
 from .likelihood import build_likelihood
 
+# a covariate guidance scale: one for every covariate, or one per covariate dimension (dim,)
+GuidanceWeights = float | Sequence[float] | torch.Tensor
+
+
+def _is_identity(guidance: GuidanceWeights) -> bool:
+    """Whether ``guidance`` leaves the model as trained (every weight 1)."""
+    return bool(torch.all(torch.as_tensor(guidance, dtype=torch.float32) == 1.0))
+
 
 @dataclass
 class ModelOutput:
@@ -101,7 +109,7 @@ class VeryDeepVAE(nn.Module):
             raise ValueError(f"expected covariate vectors (N, {self.covariate_dim}), got {tuple(vectors.shape)}")
         self.covariate_bank = vectors.to(self.covariate_bank.device)
 
-    def _film(self, covariates: torch.Tensor | None, batch: int, guidance: float = 1.0,
+    def _film(self, covariates: torch.Tensor | None, batch: int, guidance: GuidanceWeights = 1.0,
               reference: torch.Tensor | None = None):
         """The decoder's per-level FiLM for these covariates; None for an unconditional model.
 
@@ -111,11 +119,14 @@ class VeryDeepVAE(nn.Module):
         centre); callers pass c with only the requested covariates moved there
         (``conditional.Conditions.references``), or a scan's own covariates for a counterfactual.
         Models trained for a few thousand steps learn the covariates' effect too weakly
-        (docs/conditional.md); w > 1 restores it, w = 1 is the model as trained."""
+        (docs/conditional.md); w > 1 restores it, w = 1 is the model as trained.
+
+        ``guidance`` may also be one weight per covariate dimension (dim,), so each covariate gets
+        its own scale (``_guided_film``)."""
         if self.condition is None:
             if covariates is not None:
                 raise ValueError("this model is unconditional; it takes no covariates")
-            if guidance != 1.0:
+            if not _is_identity(guidance):
                 raise ValueError("guidance needs a conditional model")
             return None
         if covariates is None:
@@ -123,15 +134,42 @@ class VeryDeepVAE(nn.Module):
         if covariates.shape[0] != batch:
             raise ValueError(f"covariates for {covariates.shape[0]} volumes, expected {batch}")
         device = self.covariate_bank.device
-        film = self.condition(covariates.to(device))
-        if guidance == 1.0:
-            return film
+        covariates = covariates.to(device)
+        if _is_identity(guidance):
+            return self.condition(covariates)
         if reference is None:
             if len(self.covariate_bank) == 0:
                 raise ValueError("guidance needs the training scans' covariates (or a reference)")
             reference = self.covariate_bank.mean(0, keepdim=True).expand(batch, -1)
-        base = self.condition(reference.to(device))
-        return [(s0 + guidance * (s - s0), b0 + guidance * (b - b0)) for (s, b), (s0, b0) in zip(film, base)]
+        return self._guided_film(covariates, reference.to(device), guidance)
+
+    def _guided_film(self, covariates: torch.Tensor, reference: torch.Tensor, guidance: GuidanceWeights):
+        """FiLM guided with a scale per covariate dimension, walked as a chain: starting from the
+        reference, the covariates' dimensions are moved to their requested values one run of equal
+        weight at a time, each step's change of the FiLM scaled by that run's weight.  The steps sum
+        to F(c) - F(ref), so one weight for all is exactly F(ref) + w (F(c) - F(ref)); with several,
+        each covariate's effect is scaled by its own weight (given the ones moved before it; the
+        effects interact little).  A covariate's dimensions (a one-hot) always share one weight."""
+        weights = torch.as_tensor(guidance, dtype=torch.float32).flatten()
+        if weights.numel() == 1:
+            weights = weights.expand(self.covariate_dim)
+        if weights.numel() != self.covariate_dim:
+            raise ValueError(f"guidance needs 1 or {self.covariate_dim} weights, got {weights.numel()}")
+        runs, start = [], 0
+        for end in range(1, self.covariate_dim + 1):
+            if end == self.covariate_dim or weights[end] != weights[start]:
+                runs.append((start, end, float(weights[start])))
+                start = end
+        moved = reference.clone()
+        before = self.condition(moved)
+        guided = list(before)
+        for start, end, w in runs:
+            moved[:, start:end] = covariates[:, start:end]
+            after = self.condition(moved)
+            guided = [(gs + w * (s - s0), gb + w * (b - b0))
+                      for (gs, gb), (s, b), (s0, b0) in zip(guided, after, before)]
+            before = after
+        return guided
 
     def draw_covariates(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n covariate vectors drawn from the training scans' (uniformly, with replacement)."""
@@ -214,7 +252,7 @@ class VeryDeepVAE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0,
                generator: torch.Generator | None = None, draw_voxels: bool = False,
-               covariates: torch.Tensor | None = None, prior: str = "auto", guidance: float = 1.0,
+               covariates: torch.Tensor | None = None, prior: str = "auto", guidance: GuidanceWeights = 1.0,
                reference: torch.Tensor | None = None) -> torch.Tensor:
         """n volumes in [0, 1] from the prior; the output is the likelihood's mean unless
         ``draw_voxels`` (then each voxel is drawn from p(x | z) too).  A conditional model samples
@@ -281,7 +319,7 @@ class VeryDeepVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: Sequence[torch.Tensor], covariates: torch.Tensor | None = None,
-               guidance: float = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
+               guidance: GuidanceWeights = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
         """Volumes in [0, 1] from given latents of every layer (as returned by ``encode``);
         ``guidance`` and ``reference`` as in ``_film`` (a counterfactual's reference: the scan's own covariates)."""
         if len(latents) != self.num_layers:
@@ -290,7 +328,7 @@ class VeryDeepVAE(nn.Module):
 
     @torch.no_grad()
     def decode_noise(self, noise: Sequence[torch.Tensor], covariates: torch.Tensor | None = None,
-                     guidance: float = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
+                     guidance: GuidanceWeights = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
         """Volumes in [0, 1] with z = prior mean + prior std * noise at every layer (the noise as
         returned by ``encode(..., as_noise=True)``), the priors following ``covariates``
         (``guidance``, ``reference``: as in ``decode``)."""
@@ -299,7 +337,7 @@ class VeryDeepVAE(nn.Module):
         return self._decode_choices([LatentChoice(noise=e) for e in noise], noise[0], covariates, guidance, reference)
 
     def _decode_choices(self, choices: list[LatentChoice], first: torch.Tensor, covariates: torch.Tensor | None,
-                        guidance: float = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
+                        guidance: GuidanceWeights = 1.0, reference: torch.Tensor | None = None) -> torch.Tensor:
         film = self._film(covariates, first.shape[0], guidance, reference)
         with self.inference_autocast(first.device):
             h, _, _ = self.decoder(None, choices, first.shape[0], film=film)
