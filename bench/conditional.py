@@ -15,7 +15,10 @@ The statistics of issue 12's "Done when", from a trained run and held-out phanto
    age, measured ventricle volume) >= 0.5, and the least-squares slope within a factor 2 of the real
    slope, measured the same way on the held-out phantoms against their recorded ages.  The same for
    lesion load -> lesion volume when the model is conditioned on lesion_load (its sweep: the
-   training scans' 5th to 95th percentile in 9 steps).
+   training scans' 5th to 95th percentile in 9 steps).  With guidance a sweep also has to stay
+   realistic: the random-CNN Fréchet ratio of its samples to the held-out phantoms within 1.5x of
+   the same requests' without guidance (strong guidance can meet a slope with volumes that are no
+   longer brains).
 3. **Counterfactual ageing** of ``--counterfactuals`` (16) held-out phantoms along the sweep (noise
    mode): the fraction of them whose ventricle volume rises monotonically (per-scan Spearman 1, and
    >= 0.9), the mean change per year beside the real slope; identity: PSNR of the counterfactual at
@@ -46,11 +49,18 @@ from verydeepvae.conditional import scan_covariates  # noqa: E402
 from verydeepvae.data.phantom import generate_population  # noqa: E402
 from verydeepvae.evaluate.conditional import (counterfactual_sweep, mann_whitney, measure, sample_at,  # noqa: E402
                                               sweep_points, trend)
+from verydeepvae.errors import UserError  # noqa: E402
+from verydeepvae.guidance import Guidance, check_guidance  # noqa: E402
 from verydeepvae.generate import input_files, load_preprocessed, open_trained  # noqa: E402
 from verydeepvae.metrics import psnr  # noqa: E402
+from verydeepvae.train.quality import frechet_ratio  # noqa: E402
 from verydeepvae.viz_conditional import save_counterfactual_strip, save_trend  # noqa: E402
 
 SECOND_COVARIATE = {"lesion_load": "lesion_ml"}
+# a guided sweep passes only while its samples' Fréchet ratio stays within this factor of the
+# unguided samples' (measured: guidance that kept the images looked like brains at 0.95-1.2x;
+# guidance that turned them into dark noise or empty rings, 3.4x; docs/conditional.md)
+REALISM_TOLERANCE = 1.5
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-point", type=int, default=8)
     parser.add_argument("--counterfactuals", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--guidance", type=float, default=1.0,
-                        help="covariate guidance scale of samples and counterfactuals (verydeepvae sample --guidance)")
+    parser.add_argument("--guidance", default="1",
+                        help="covariate guidance of samples and counterfactuals: W, or NAME=W pairs such as "
+                             "age=2,lesion_load=5 (verydeepvae sample --guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
@@ -81,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if schema is None or "age" not in schema.names:
         print("bench/conditional.py: the model must be conditioned on age", file=sys.stderr)
         return 2
+    try:
+        guidance = check_guidance(args.guidance, schema, "--guidance")
+    except UserError as error:
+        print(f"bench/conditional.py: {error}", file=sys.stderr)
+        return 2
     heldout_dir = Path(args.heldout) if args.heldout else out / "heldout"
     if not args.heldout and not (heldout_dir / "participants.tsv").is_file():
         generate_population(args.heldout_num, trained.resolution, heldout_dir, args.heldout_seed, progress=None)
@@ -92,12 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     ages = np.array([float(r["age"]) for r in rows])
     result: dict = {"run": str(trained.checkpoint.path), "step": trained.checkpoint.step,
                     "heldout": str(heldout_dir), "num_heldout": len(files), "covariates": schema.names,
-                    "temperature": args.temperature, "guidance": args.guidance, "seed": args.seed}
+                    "temperature": args.temperature, "guidance": guidance.to_json(), "seed": args.seed}
 
     # 1. extremes
     low, high = (float(a) for a in args.ages.split(","))
     group, requested, _ = sample_at(trained, schema, "age", [low, high], args.per_group, args.temperature, args.seed,
-                                    args.batch_size, guidance=args.guidance)
+                                    args.batch_size, guidance=guidance)
     table = measure(group, vox)
     req = np.asarray(requested, float)
     result["extremes"] = {}
@@ -119,16 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     sweep_samples = {}
     for name, (values, key) in sweeps.items():
         samples, requested, _ = sample_at(trained, schema, name, values, args.per_point, args.temperature,
-                                          args.seed + 1, args.batch_size, guidance=args.guidance)
+                                          args.seed + 1, args.batch_size, guidance=guidance)
         measured = measure(samples, vox)
+        realism = _realism(trained, schema, name, values, samples, volumes, guidance, args)
         own = np.array([float(r[name]) for r in rows])
         s, r = trend(requested, measured[key]), trend(own, real[key])
         ratio = s["slope"] / r["slope"] if s["slope"] is not None and r["slope"] else None
         result["sweeps"][name] = {"values": values, "measure": key, "samples": s, "real": r, "slope_ratio": ratio,
                                   "passes": bool(s["spearman"] is not None and s["spearman"] >= 0.5 and ratio is not None
-                                                 and 0.5 <= ratio <= 2.0),
+                                                 and 0.5 <= ratio <= 2.0 and realism["still_brains"]),
                                   "csf_fraction": {"samples": trend(requested, measured["csf_fraction"]),
-                                                   "real": trend(own, real["csf_fraction"])}}
+                                                   "real": trend(own, real["csf_fraction"])},
+                                  "frechet_ratio": realism}
         save_trend(requested, measured[key], out / f"sweep_{name}.png", f"{name} (requested / own)", key,
                    real=(own, real[key]), title=f"{key} against {name}")
         sweep_samples[name] = (samples, requested, values)
@@ -139,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     first = None
     for i in range(n):
         recon, outs = counterfactual_sweep(trained, schema, volumes[i], rows[i], "age", sweep, args.batch_size,
-                                           args.guidance)
+                                           guidance)
         vent = measure(outs, vox)["ventricle_ml"]
         per_scan.append(float(stats.spearmanr(sweep, vent)[0]) if np.ptp(vent) > 0 else 0.0)
         changes.append(float(np.polyfit(sweep, vent, 1)[0]))
@@ -171,6 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _realism(trained, schema, name, values, samples, heldout, guidance, args) -> dict:
+    """Whether the sweep's samples still look like the held-out phantoms: the random-CNN Fréchet
+    ratio (train/quality.py; 1 = as close as real halves are to each other) of the guided samples,
+    and of the same requests without guidance.  Strong guidance can meet a slope with volumes that
+    are no longer brains (docs/conditional.md); this shows it."""
+    out = {"guided": frechet_ratio(samples, heldout, trained.device, args.seed)["frechet_ratio"]}
+    if guidance.scale(name) != 1.0:
+        plain, _, _ = sample_at(trained, schema, name, values, args.per_point, args.temperature, args.seed + 1,
+                                args.batch_size)
+        out["unguided"] = frechet_ratio(plain, heldout, trained.device, args.seed)["frechet_ratio"]
+    out["still_brains"] = bool(out["guided"] <= REALISM_TOLERANCE * out.get("unguided", out["guided"]))
+    return out
+
+
 def _reconstruct(trained, volume: np.ndarray, row: dict) -> np.ndarray:
     import torch
 
@@ -184,7 +216,7 @@ def _print(r: dict) -> None:
         return "n/a" if v is None else f"{v:.3g}"
 
     print(f"run {r['run']} (step {r['step']}), {r['num_heldout']} held-out phantoms in {r['heldout']}, "
-          f"guidance {r['guidance']:g}, seed {r['seed']}")
+          f"guidance {Guidance.from_json(r['guidance'])}, seed {r['seed']}")
     print("| criterion | measured | target | pass |")
     print("|---|---|---|---|")
     for key, e in r["extremes"].items():
@@ -195,6 +227,10 @@ def _print(r: dict) -> None:
         print(f"| {name} sweep -> {e['measure']}: Spearman / slope (real slope) | {f(e['samples']['spearman'])} / "
               f"{f(e['samples']['slope'])} ({f(e['real']['slope'])}, ratio {f(e['slope_ratio'])}) | >= 0.5, ratio "
               f"0.5-2 | {'yes' if e['passes'] else 'NO'} |")
+        fd = e["frechet_ratio"]
+        print(f"| {name} sweep samples: Fréchet ratio to the held-out phantoms (without guidance) | "
+              f"{f(fd['guided'])} ({f(fd.get('unguided', fd['guided']))}) | <= {REALISM_TOLERANCE:g}x unguided | "
+              f"{'yes' if fd['still_brains'] else 'NO'} |")
     c = r["counterfactual"]
     print(f"| counterfactual ageing, {c['num_scans']} scans: ventricles monotonic along the sweep | "
           f"{f(c['fraction_monotonic'])} (Spearman >= 0.9: {f(c['fraction_spearman_at_least_0.9'])}); "

@@ -138,10 +138,37 @@ def test_guidance_is_recorded_changes_the_samples_and_reaches_the_api_and_evalua
     np.testing.assert_allclose(api.data[0], w3, atol=1e-6)
     out = tmp_path / "ev"
     assert main(["evaluate", "--checkpoint", str(run), "--output-dir", str(out), "--num-samples", "4",
-                 "--max-train", "4", "--num-pairs", "4", "--guidance", "2", "--no-progress"]) == 0
+                 "--max-train", "4", "--num-pairs", "4", "--guidance", "2,sex=1", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["options"]["guidance"] == 2.0 and report["conditional"]["guidance"] == 2.0
-    assert "Covariate guidance 2" in (out / "report.md").read_text()
+    recorded = {"default": 2.0, "per_covariate": {"sex": 1.0}}
+    assert report["options"]["guidance"] == recorded and report["conditional"]["guidance"] == recorded
+    assert "Covariate guidance sex 1 (others 2)" in (out / "report.md").read_text()
+
+
+def test_guidance_per_covariate_scales_only_the_named_covariates(run, tmp_path):
+    import verydeepvae
+
+    args = ["sample", "--checkpoint", str(run), "--num", "2", "--seed", "3", "--condition", "age=85", "--no-progress"]
+    assert main([*args, "--guidance", "3", "--output-dir", str(tmp_path / "w3")]) == 0
+    assert main([*args, "--guidance", "age=3,sex=0", "--output-dir", str(tmp_path / "a3")]) == 0
+    assert main([*args, "--guidance", "sex=3", "--output-dir", str(tmp_path / "s3")]) == 0
+    assert main([*args, "--output-dir", str(tmp_path / "w1")]) == 0
+    assert json.loads((tmp_path / "a3" / "samples.json").read_text())["guidance"] == {
+        "default": 1.0, "per_covariate": {"age": 3.0, "sex": 0.0}}
+    # only age was asked for (sex drawn), so the scale of sex does not matter
+    w3, a3, s3, w1 = (_read(tmp_path / d / "sample_0000.nii.gz") for d in ("w3", "a3", "s3", "w1"))
+    np.testing.assert_allclose(a3, w3, atol=1e-6)
+    np.testing.assert_allclose(s3, w1, atol=1e-6)
+    model = verydeepvae.load(run, device="cpu")
+    for guidance in ({"age": 3}, "age=3"):
+        np.testing.assert_allclose(model.sample(2, seed=3, conditions={"age": 85}, guidance=guidance).data[0], w3,
+                                   atol=1e-6)
+    both = ["sample", "--checkpoint", str(run), "--num", "2", "--seed", "3", "--condition", "age=85",
+            "--condition", "sex=M", "--no-progress"]
+    assert main([*both, "--guidance", "3", "--output-dir", str(tmp_path / "b3")]) == 0
+    assert main([*both, "--guidance", "3,sex=1", "--output-dir", str(tmp_path / "b31")]) == 0
+    assert not np.allclose(_read(tmp_path / "b3" / "sample_0000.nii.gz"),
+                           _read(tmp_path / "b31" / "sample_0000.nii.gz"), atol=1e-5)
 
 
 def test_counterfactual_guidance_keeps_the_reconstruction_and_moves_further(run, phantoms, tmp_path):
@@ -156,10 +183,20 @@ def test_counterfactual_guidance_keeps_the_reconstruction_and_moves_further(run,
     np.testing.assert_allclose(own3, own1, atol=1e-5)
     old1, old3 = (_read(tmp_path / d / f"{stem}_age-90.nii.gz") for d in ("w1", "w3"))
     assert not np.allclose(old1, old3, atol=1e-5)
+    # per covariate: the sweep changes age only, so a scale for sex alone changes nothing
+    assert main([*base, "--guidance", "sex=4", "--output-dir", str(tmp_path / "s4")]) == 0
+    assert json.loads((tmp_path / "s4" / "counterfactuals.json").read_text())["guidance"] == {
+        "default": 1.0, "per_covariate": {"sex": 4.0}}
+    np.testing.assert_allclose(_read(tmp_path / "s4" / f"{stem}_age-90.nii.gz"), old1, atol=1e-6)
 
 
-@pytest.mark.parametrize("value, fragment", [("-1", "--guidance must be a number >= 0"),
-                                             ("nan", "--guidance must be a number >= 0")])
+@pytest.mark.parametrize("value, fragment", [("-1", "--guidance scales must be numbers >= 0"),
+                                             ("nan", "--guidance scales must be numbers >= 0"),
+                                             ("age=-2", "--guidance scales must be numbers >= 0"),
+                                             ("age=2,weight=3", "not conditioned on 'weight'; its covariates are"),
+                                             ("age=", "--guidance expects W or NAME=W"),
+                                             ("=3", "--guidance expects W or NAME=W"),
+                                             ("2,3", "only the first item may be a bare scale")])
 def test_bad_guidance_is_one_line(run, tmp_path, capsys, value, fragment):
     out = tmp_path / "s"
     assert main(["sample", "--checkpoint", str(run), "--guidance", value, "--output-dir", str(out),
@@ -315,3 +352,21 @@ def test_the_python_api_in_docs_conditional_runs_as_written(run, tmp_path, monke
     for block in blocks:
         exec(compile(block, str(doc), "exec"), namespace)  # noqa: S102 (our own documentation)
     assert namespace["again"].data.shape == (1, 16, 16, 16)
+
+
+def test_the_conditional_benchmark_runs_with_per_covariate_guidance(run, tmp_path):
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "conditional.py"
+    out = tmp_path / "stats"
+    done = subprocess.run([sys.executable, str(bench), "--run", str(run), "--output", str(out), "--heldout-num", "6",
+                           "--per-group", "4", "--per-point", "2", "--sweep", "50:90:20", "--counterfactuals", "2",
+                           "--guidance", "age=2", "--batch-size", "4"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["guidance"] == {"default": 1.0, "per_covariate": {"age": 2.0}}
+    realism = stats["sweeps"]["age"]["frechet_ratio"]
+    assert set(realism) == {"guided", "unguided", "still_brains"}
+    assert "Fréchet ratio to the held-out phantoms" in done.stdout and "guidance age 2 (others 1)" in done.stdout
+    assert (out / "aged_50_to_90.png").is_file() and (out / "samples_by_age.png").is_file()

@@ -136,9 +136,18 @@ def _frechet(model, reference, num_samples, batch_size, device, seed) -> dict[st
     samples = np.concatenate([
         model.sample(min(batch_size, num_samples - start), 1.0, generator=generator).float().cpu()[:, 0].numpy()
         for start in range(0, num_samples, batch_size)])
+    return frechet_ratio(samples, reference, device, seed)
+
+
+def frechet_ratio(samples: np.ndarray, reference: np.ndarray, device: torch.device | str = "cpu",
+                  seed: int = 0) -> dict[str, float]:
+    """``frechet_samples``, ``frechet_real_vs_real`` and ``frechet_ratio`` (``sample_quality``) of any
+    volumes (N, R, R, R) in [0, 1] against real ones; also what ``bench/conditional.py`` uses to
+    tell guided samples that still look like brains from ones driven out of the data."""
     if not np.isfinite(samples).all():
         return {"frechet_samples": math.nan, "frechet_real_vs_real": math.nan, "frechet_ratio": math.nan}
-    features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, model.resolution)), device=device)
+    resolution = samples.shape[-1]
+    features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, resolution)), device=device)
     real_feats, sample_feats = features(reference), features(samples)
     with _one_blas_thread():
         z = metrics.pooled_standardiser(real_feats, sample_feats)
