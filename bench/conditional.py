@@ -59,7 +59,7 @@ from verydeepvae.viz_conditional import save_counterfactual_strip, save_trend  #
 SECOND_COVARIATE = {"lesion_load": "lesion_ml"}
 # a guided sweep passes only while its samples' Fréchet ratio stays within this factor of the
 # unguided samples' (measured: guidance that kept the images looked like brains at 0.95-1.2x;
-# guidance that turned them into dark noise or empty rings, 3.4x; docs/conditional.md)
+# guidance that turned them into dark noise, empty rings or washed-out brains, 3.4-8x; docs/conditional.md)
 REALISM_TOLERANCE = 1.5
 
 

@@ -148,8 +148,9 @@ class VeryDeepVAE(nn.Module):
         reference, the covariates' dimensions are moved to their requested values one run of equal
         weight at a time, each step's change of the FiLM scaled by that run's weight.  The steps sum
         to F(c) - F(ref), so one weight for all is exactly F(ref) + w (F(c) - F(ref)); with several,
-        each covariate's effect is scaled by its own weight (given the ones moved before it; the
-        effects interact little).  A covariate's dimensions (a one-hot) always share one weight."""
+        each covariate's effect is scaled by its own weight, measured given the ones moved before it
+        (schema order; how much the order matters was not measured).  A covariate's dimensions (a
+        one-hot) always share one weight."""
         weights = torch.as_tensor(guidance, dtype=torch.float32).flatten()
         if weights.numel() == 1:
             weights = weights.expand(self.covariate_dim)
