@@ -125,6 +125,10 @@ class Config:
     max_niis_to_use: Optional[int] = field(default=None, metadata=at_least(1))
     train_fraction: float = field(default=0.95, metadata=greater_than(0, high=1, wording="in (0, 1]"))
     clamp_percentiles: list[float] = field(default_factory=lambda: [0.05, 99.95])
+    # None: the upper clamp percentile maps to 1 (the original's scaling). A number P: this
+    # percentile of each scan's foreground maps to 0.5 instead and what lies above 1 is clipped, so
+    # bright lesions (FLAIR) no longer darken the rest of the brain; e.g. 90 (docs/conditional.md)
+    intensity_anchor_percentile: Optional[float] = field(default=None, metadata=between(1, 99.9))
     crop_to_foreground: bool = True
     cache_dir: Optional[str] = None  # None: <output_dir>/cache
     num_workers: int = field(default=1, metadata=at_least(0))

@@ -4,7 +4,7 @@ Every key of :class:`~verydeepvae.config.Config` has one rule (``tests/test_resu
 checks that none is missing); the README's table is this one:
 
 * **refused** (one line, exit 2, nothing changed): the architecture (the weights would not fit),
-  the preprocessing (``clamp_percentiles``, ``crop_to_foreground``: the model would see its data
+  the preprocessing (``clamp_percentiles``, ``intensity_anchor_percentile``, ``crop_to_foreground``: the model would see its data
   differently from then on, and its intensity reference would be wrong) and the optimiser type
   (its state cannot carry over; ``--set restore_optimiser=false`` resumes with a fresh optimiser);
 * **kept from the run**: ``seed`` (a resumed run continues its own random streams and data
@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..checkpoint import ARCHITECTURE_KEYS
 from ..json_types import JSONObject
 
-PREPROCESSING = ("clamp_percentiles", "crop_to_foreground")
+PREPROCESSING = ("clamp_percentiles", "intensity_anchor_percentile", "crop_to_foreground")
 # the architecture is compared by checkpoint.architecture_difference (derived widths resolved)
 ARCHITECTURE = (*ARCHITECTURE_KEYS, "channels_hidden", "channels_top_down", "channels_hidden_top_down")
 REFUSED = (*PREPROCESSING, "optimiser")
