@@ -87,6 +87,7 @@ def test_shorter_lists_put_the_top_at_a_coarser_level():
     ({"nii_target_shape": [64, 64, 32]}, "nii_target_shape must be a cube"),
     ({"channels": [8] * 7}, "channels must have between 1 and 6 entries"),
     ({"batch_sise": 2}, "did you mean 'batch_size'"),
+    ({"intensity_anchor_percentile": 100}, "intensity_anchor_percentile must be between 1 and 99.9"),
 ])
 def test_invalid_values_name_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as info:

@@ -59,6 +59,7 @@ def test_cache_is_shared_between_runs_and_keyed_by_content_not_name(folder, tmp_
     {"resolution": 32},
     {"clamp_percentiles": [1.0, 99.0]},
     {"crop_to_foreground": False},
+    {"intensity_anchor_percentile": 90.0},
 ])
 def test_changing_a_preprocessing_setting_invalidates_the_cache(folder, tmp_path, change):
     cache_dir = str(tmp_path / "cache")
@@ -97,3 +98,11 @@ def test_cache_entries_are_safetensors_with_metadata_and_damage_is_repaired(tmp_
     assert not list(cache.folder.glob(".*tmp*"))  # atomic writes leave no temporary files
     entry.write_bytes(entry.read_bytes()[:50])
     assert cache.read_meta(digest) is None  # damaged: treated as missing and rebuilt
+
+
+def test_an_anchored_run_records_its_anchor_in_the_intensity_reference(folder, tmp_path):
+    plain = build_datasets(data_config(folder, tmp_path / "a"), tmp_path / "a")
+    anchored = build_datasets(data_config(folder, tmp_path / "b", intensity_anchor_percentile=90.0), tmp_path / "b")
+    assert "anchor_percentile" not in plain.intensity_reference
+    assert anchored.intensity_reference["anchor_percentile"] == 90.0
+    assert anchored.intensity_reference["high"] != plain.intensity_reference["high"]

@@ -117,6 +117,52 @@ def test_intensity_clamp_uses_foreground_percentiles(tmp_path):
     assert out[out > 0].mean() > 0.3
 
 
+def _ball_with_lesions(tmp_path, name, lesion_fraction):
+    """A FLAIR-like ball: dark fluid at the centre (60), tissue (300), a brighter shell (400), and
+    a share of the shell set to a lesion value of 760 (1.9x the brighter tissue)."""
+    shape = (32, 32, 32)
+    affine = centred_affine(shape, (2, 2, 2))
+    data = textured_ball(shape, affine, radius_mm=28)
+    inside = data > 0
+    inner = np.linalg.norm(world_coords(shape, affine), axis=-1) < 18
+    data[inner & inside] -= 100.0
+    data[np.linalg.norm(world_coords(shape, affine), axis=-1) < 8] = 60.0
+    rng = np.random.default_rng(1)
+    candidates = np.flatnonzero(inside & ~inner)
+    lesions = rng.choice(candidates, int(lesion_fraction * inside.sum()), replace=False)
+    data.ravel()[lesions] = 760.0 + rng.normal(0, 20, lesions.size)
+    normal = inside.copy()
+    normal.ravel()[lesions] = False
+    return write(tmp_path / name, data, affine), data, normal
+
+
+@pytest.mark.parametrize("anchor", [None, 90.0])
+def test_lesions_darken_normal_tissue_unless_an_anchor_percentile_sets_the_scale(tmp_path, anchor):
+    settings = PreprocessSettings(resolution=32, anchor_percentile=anchor)
+    scales = []
+    for fraction in (0.0, 0.03):
+        path, data, normal = _ball_with_lesions(tmp_path, f"lesions_{fraction}.nii.gz", fraction)
+        out, meta = preprocess_file(path, settings)
+        _check_output(out, 32)
+        scales.append(meta["clamp_high"] - meta["clamp_low"])
+    change = scales[1] / scales[0]  # how much further normal tissue is squeezed by the lesions
+    if anchor is None:
+        assert change > 1.5  # the upper clamp percentile is now a lesion value
+    else:
+        assert abs(change - 1.0) < 0.05
+        # the anchor (a shell value, about 400) lands at 0.5, and lesions (about 760) stay below 1
+        path, data, normal = _ball_with_lesions(tmp_path, "check.nii.gz", 0.03)
+        out, meta = preprocess_file(path, settings)
+        model = (data - meta["clamp_low"]) / (meta["clamp_high"] - meta["clamp_low"])
+        assert 0.45 < np.percentile(model[normal], 90) < 0.55
+        assert np.percentile(model[data > 700], 50) < 1.0
+
+
+def test_without_an_anchor_the_settings_and_cache_key_are_as_before_anchors():
+    assert "anchor_percentile" not in S16.to_dict()
+    assert PreprocessSettings(resolution=16, anchor_percentile=90.0).key() != S16.key()
+
+
 def test_non_finite_voxels_become_background_with_a_warning(tmp_path):
     shape = (20, 20, 20)
     affine = centred_affine(shape, (2, 2, 2))

@@ -29,7 +29,7 @@ STORED = build_config(preset="tiny").to_dict()
 
 
 @pytest.mark.parametrize("key, value", [("clamp_percentiles", [1.0, 99.0]), ("crop_to_foreground", False),
-                                        ("optimiser", "adamw")])
+                                        ("intensity_anchor_percentile", 90.0), ("optimiser", "adamw")])
 def test_refused_changes(key, value):
     with pytest.raises(UserError, match=f"--resume cannot change {key}"):
         rules.apply(build_config(preset="tiny", overrides={key: value}), STORED, [])

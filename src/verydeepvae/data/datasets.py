@@ -230,7 +230,7 @@ def _intensity_reference(train: VolumeDataset, settings: PreprocessSettings) -> 
     """How model intensities map back to the data's scale: medians over the training files of the
     per-file clamp values (what ``--intensity data`` uses)."""
     metas = train.metas
-    return {
+    reference: IntensityReference = {
         "low": float(np.median([m["clamp_low"] for m in metas])),
         "high": float(np.median([m["clamp_high"] for m in metas])),
         "clamp_percentiles": list(settings.clamp_percentiles),
@@ -239,6 +239,9 @@ def _intensity_reference(train: VolumeDataset, settings: PreprocessSettings) -> 
         "mapping": "data = low + model * (high - low); low/high are medians over training files of the "
                    "per-file intensity clamp values (0 maps to background)",
     }
+    if settings.anchor_percentile is not None:
+        reference["anchor_percentile"] = settings.anchor_percentile
+    return reference
 
 
 def _conditioning(cfg: Any, files: Sequence[Path | str], output_dir: Path, phantom_root: Path | None,

@@ -214,6 +214,7 @@ class IntensityReference(TypedDict, total=False):
     low: float
     high: float
     clamp_percentiles: list[float]
+    anchor_percentile: float  # only when intensity_anchor_percentile was set (high is then derived from it)
     voxel_size_mm_range: list[float]
     mapping: str
 
