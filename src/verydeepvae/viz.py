@@ -4,7 +4,8 @@ Every slice panel is labelled so that it reads without this file: the plane and 
 position (``axial z=16/32``: voxel index of the mid-slice and the grid size), orientation letters on
 its edges (L/R, A/P, S/I: volumes are RAS+ arrays, shown in neurological convention, the subject's
 left on the viewer's left, as FSLeyes does by default), and one colour bar per figure saying what the
-grey levels mean (model intensities: 0 = background, 1 = the upper clamp percentile of the input).
+grey levels mean (model intensities: 0 = background, 1 = the input's upper clamp: its upper clamp
+percentile, or twice its anchor percentile).
 Headless (Agg backend) so it works on clusters; every PNG is written atomically.
 """
 
@@ -25,7 +26,7 @@ PLANES = ("sagittal", "coronal", "axial")
 # (left, right, top, bottom) edge of each displayed plane (see mid_slices)
 ORIENTATION = {"sagittal": ("P", "A", "S", "I"), "coronal": ("L", "R", "S", "I"), "axial": ("L", "R", "A", "P")}
 AXIS_NAMES = {"sagittal": "x", "coronal": "y", "axial": "z"}
-MODEL_INTENSITY = "model intensity (0 background, 1 upper clamp percentile)"
+MODEL_INTENSITY = "model intensity (0 background, 1 upper clamp)"
 
 
 def mid_slices(volume: np.ndarray) -> list[np.ndarray]:

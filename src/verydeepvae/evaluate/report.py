@@ -61,7 +61,7 @@ def _volume_figures(temperature: Any, arrays: dict[str, Any], folder: Path) -> d
     viz.save_grid([[heldout[i], recon[i], np.abs(heldout[i] - recon[i])] for i in range(n)],
                   folder / "reconstructions.png", row_titles=names[:n],
                   col_titles=["input", "reconstruction", "|difference|"],
-                  colorbar="model intensity (0 background, 1 upper clamp percentile); |difference| on the same scale")
+                  colorbar="model intensity (0 background, 1 upper clamp); |difference| on the same scale")
     return {name: f"figures/{name}.png" for name in ("samples", "real", "samples_vs_real", "reconstructions")}
 
 
