@@ -4,8 +4,8 @@ Every key of :class:`~verydeepvae.config.Config` has one rule (``tests/test_resu
 checks that none is missing); the README's table is this one:
 
 * **refused** (one line, exit 2, nothing changed): the architecture (the weights would not fit),
-  the preprocessing (``clamp_percentiles``, ``intensity_anchor_percentile``, ``crop_to_foreground``: the model would see its data
-  differently from then on, and its intensity reference would be wrong) and the optimiser type
+  the preprocessing (``clamp_percentiles``, ``intensity_anchor_percentile``, ``crop_to_foreground``:
+  the model would see its data differently from then on, and its intensity reference would be wrong) and the optimiser type
   (its state cannot carry over; ``--set restore_optimiser=false`` resumes with a fresh optimiser);
 * **kept from the run**: ``seed`` (a resumed run continues its own random streams and data
   order; start a fresh run for another seed) and the data selection (``data_path``,
