@@ -1,11 +1,15 @@
 """Model: shapes, sizes, initialisation and the maths of the KL and the likelihoods."""
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from verydeepvae import sampling
 from verydeepvae.config import build_config
+from verydeepvae.errors import UserError
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model import gaussian
 from verydeepvae.model.likelihood import DiscretisedLogistic, Gaussian
@@ -45,7 +49,7 @@ def test_forward_shapes(name):
     model = VeryDeepVAE(cfg)
     x = torch.rand(2, 1, cfg.resolution, cfg.resolution, cfg.resolution)
     out = model(x)
-    assert out.params.shape == (2, 2) + (cfg.resolution,) * 3
+    assert out.params.shape == (2, model.likelihood.num_params) + (cfg.resolution,) * 3
     assert out.kl_per_layer.shape == (2, model.num_layers)
     assert out.elbo.shape == (2,) and torch.isfinite(out.loss)
     assert model.sample(1).shape == (1, 1) + (cfg.resolution,) * 3
@@ -124,14 +128,45 @@ def test_a_scale_ceiling_bounds_the_scale_and_keeps_small_scales():
     capped, free = DiscretisedLogistic(256, max_scale=0.04), DiscretisedLogistic(256)
     params = torch.zeros(1, 2, 5, 1, 1)
     params[:, 1, :, 0, 0] = torch.tensor([-6.0, -4.0, -3.0, 0.0, 3.0])
-    scale = capped._split(params)[1].exp().flatten()
+    scale = capped._split(params)[2].exp().flatten()
     assert torch.all(scale <= 0.04) and scale[0] == pytest.approx(math.exp(-6.0), rel=0.1)  # soft: nearly unchanged
-    assert torch.all(scale[1:] < free._split(params)[1].exp().flatten()[1:])
+    assert torch.all(scale[1:] < free._split(params)[2].exp().flatten()[1:])
     # still a distribution over the bins
     bins = torch.linspace(-1, 1, 256).view(1, 1, 256, 1, 1)
     wide = torch.zeros(1, 2, 256, 1, 1)
     wide[:, 1] = 2.0
     assert capped.log_prob(wide, bins).exp().sum().item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_a_mixture_is_a_distribution_over_the_bins_and_one_component_is_the_plain_logistic():
+    mixture, plain = DiscretisedLogistic(256, num_mixtures=3), DiscretisedLogistic(256)
+    assert (mixture.num_params, plain.num_params) == (9, 2)
+    bins = torch.linspace(-1, 1, 256).view(1, 1, 256, 1, 1)
+    params = torch.empty(1, 9, 256, 1, 1)
+    params[:, :3] = torch.tensor([0.5, -1.0, 2.0]).view(1, 3, 1, 1, 1)  # weight logits
+    params[:, 3:6] = torch.tensor([-0.8, 0.1, 0.6]).view(1, 3, 1, 1, 1)  # means
+    params[:, 6:] = torch.tensor([-4.0, -2.0, -5.0]).view(1, 3, 1, 1, 1)  # log-scales
+    assert mixture.log_prob(params, bins).exp().sum().item() == pytest.approx(1.0, abs=2e-3)
+    # three components with the same mean and scale are that one logistic, whatever the weights
+    same = torch.zeros(1, 9, 256, 1, 1)
+    same[:, :3] = torch.tensor([0.3, -2.0, 1.0]).view(1, 3, 1, 1, 1)
+    same[:, 3:6], same[:, 6:] = 0.2, -3.0
+    one = torch.zeros(1, 2, 256, 1, 1)
+    one[:, 0], one[:, 1] = 0.2, -3.0
+    assert torch.allclose(mixture.log_prob(same, bins), plain.log_prob(one, bins), atol=1e-5)
+
+
+def test_a_mixture_draws_its_components_by_weight_and_its_mean_weighs_them():
+    lik = DiscretisedLogistic(256, num_mixtures=2)
+    params = torch.zeros(1, 6, 20, 20, 20)
+    params[:, 0], params[:, 1] = math.log(0.25), math.log(0.75)  # weights 1/4 and 3/4
+    params[:, 2], params[:, 3] = -0.8, 0.6  # two tissues
+    params[:, 4:] = -7.0  # narrow
+    drawn = lik.sample(params, torch.Generator().manual_seed(0))
+    near_first = (drawn - -0.8).abs() < 0.02
+    assert torch.all(near_first | ((drawn - 0.6).abs() < 0.02))  # every voxel one tissue, not a blend
+    assert near_first.float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert torch.allclose(lik.mean(params), torch.full((1, 1, 20, 20, 20), 0.25 * -0.8 + 0.75 * 0.6), atol=1e-5)
 
 
 def test_discretised_nll_is_a_code_length():
@@ -165,6 +200,42 @@ def test_encode_decode_round_trip_matches_posterior_mean_reconstruction():
     model = VeryDeepVAE(build_config(preset="tiny"))
     x = torch.rand(2, 1, 16, 16, 16)
     assert torch.allclose(model.decode(model.encode(x)), model.reconstruct(x), atol=1e-6)
+
+
+def test_a_mixture_model_trains_and_samples_and_its_setting_is_checked():
+    model = VeryDeepVAE(build_config(preset="tiny", overrides={"likelihood_mixtures": 4, "sample_voxels": "draw"}))
+    assert model.output_head.conv.out_channels == 12
+    out = model(torch.rand(2, 1, 16, 16, 16))
+    out.loss.backward()
+    assert out.params.shape[1] == 12 and torch.isfinite(out.loss)
+    volumes = model.sample(2, 1.0, generator=torch.Generator().manual_seed(0))
+    assert volumes.shape == (2, 1, 16, 16, 16) and 0.0 <= volumes.min() and volumes.max() <= 1.0
+    assert sampling.describe_voxels(model) == "each voxel drawn from p(x | z), a mixture of 4 discretised logistics"
+    with pytest.raises(Exception, match="likelihood_mixtures applies to the discretised_logistic"):
+        build_config(preset="tiny", overrides={"likelihood_mixtures": 4, "likelihood": "gaussian"})
+
+
+def test_sample_voxels_says_whether_samples_draw_their_voxels(tmp_path):
+    drawing = VeryDeepVAE(build_config(preset="tiny", overrides={"sample_voxels": "draw"}))
+    assert drawing.draws_voxels and not VeryDeepVAE(build_config(preset="tiny")).draws_voxels
+    assert build_config(preset="demo").sample_voxels == "draw"
+    volumes = drawing.sample(2, 1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(volumes, drawing.sample(2, 1.0, generator=torch.Generator().manual_seed(0), draw_voxels=True))
+    assert not torch.equal(volumes, drawing.sample(2, 1.0, generator=torch.Generator().manual_seed(0),
+                                                   draw_voxels=False))
+    record = json.loads((sampling.write_samples(drawing, tmp_path, 1, show_progress=False)[0].parent
+                         / "samples.json").read_text())
+    assert record["voxels"] == "each voxel drawn from p(x | z)"
+    # --voxels mean: the smooth output instead, recorded as such
+    smooth = np.concatenate([v for _, v in sampling.iter_samples(drawing, 2, 1.0, 0, 2, show_progress=False,
+                                                                 voxels="mean")])
+    assert np.array_equal(smooth, drawing.sample(2, 1.0, generator=torch.Generator().manual_seed(0),
+                                                 draw_voxels=False)[:, 0].numpy())
+    assert sampling.describe_voxels(drawing, "mean") == "the mean of p(x | z)"
+    with pytest.raises(UserError, match="voxels must be one of auto, mean, draw"):
+        sampling.voxels_draw("sharp")
+    with pytest.raises(Exception, match="sample_voxels"):
+        build_config(preset="tiny", overrides={"sample_voxels": "sharp"})
 
 
 def test_loss_is_per_voxel():

@@ -133,7 +133,7 @@ class Model:
 
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                batch_size: int = 4, conditions: Conditions = None, prior: str = "auto",
-               guidance: GuidanceLike = 1.0) -> Volumes:
+               guidance: GuidanceLike = 1.0, voxels: str = "auto") -> Volumes:
         """n volumes from the prior: ``data`` (n, R, R, R).  ``temperature``: one value, or one per
         resolution level (highest resolution first); the same seed, temperature and batch size give
         the same volumes as ``verydeepvae sample``.  A conditional model takes ``conditions``: one
@@ -143,7 +143,9 @@ class Model:
         Gaussian fitted at the end of training for the coarsest latents when the run chose it),
         "learned" or "fitted" (``verydeepvae sample --prior``).  ``guidance``: a conditional model's
         covariate guidance scale (``verydeepvae sample --guidance``; 1 = the model as trained), or one
-        per covariate (``{"age": 2, "lesion_load": 5}``, others 1, or the CLI's ``"age=2,lesion_load=5"``)."""
+        per covariate (``{"age": 2, "lesion_load": 5}``, others 1, or the CLI's ``"age=2,lesion_load=5"``).
+        ``voxels``: "auto" (as the run's ``sample_voxels`` setting says), "mean" or "draw" (each voxel
+        drawn from p(x | z); ``verydeepvae sample --voxels``)."""
         if n < 1 or batch_size < 1:
             raise UserError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
         weights = check_guidance(guidance, self.covariates).weights(self.covariates)
@@ -159,7 +161,7 @@ class Model:
             raise UserError("this model is unconditional; it takes no conditions")
         chunks = [v for _, v in iter_samples(model, n, temperature, seed, batch_size, self.device, False,
                                              covariates=vectors, prior=prior, guidance=weights,
-                                             references=references)]
+                                             references=references, voxels=voxels)]
         data = np.concatenate(chunks).astype(np.float32)
         return Volumes(data, self._affines(n), [f"sample_{i:04d}" for i in range(n)], rows)
 

@@ -34,7 +34,7 @@ SUFFIX = ".safetensors"
 
 ARCHITECTURE_KEYS = ("resolution",) + LAYER_LISTS + (
     "bottleneck_resnet_encoder", "only_use_one_conv_block_at_top", "downsampling", "likelihood", "num_bins",
-    "bias_max_resolution", "condition_on",
+    "likelihood_mixtures", "bias_max_resolution", "condition_on",
 )
 
 

@@ -14,7 +14,8 @@ from typing import Iterator, Sequence
 
 from . import cli_conditional, commands
 from .cli_options import (Formatter, command, config_options, data_option, device_option, model_options,
-                          output_option, overwrite_option, progress_option, seed_option, verbosity_options)
+                          output_option, overwrite_option, progress_option, seed_option, verbosity_options,
+                          voxels_option)
 from .errors import Interrupted, Stopped, UserError
 
 EXIT_USER_ERROR = 2
@@ -142,6 +143,7 @@ def _sample_command(sub) -> None:
     p.add_argument("--prior", choices=["auto", "learned", "fitted"], default="auto",
                    help="which prior draws the coarsest latents: auto = the Gaussian fitted at the end of "
                         "training when the run chose it (model/fitted_prior.py), else the learned one")
+    voxels_option(p)
     output_option(p, "folder for the volumes, samples.png and samples.json")
     seed_option(p)
     p.add_argument("--batch-size", type=int, default=4, help="volumes generated at once")
@@ -259,6 +261,7 @@ def _evaluate_command(sub) -> None:
     p.add_argument("--prior", choices=["auto", "learned", "fitted"], default="auto",
                    help="which prior draws the coarsest latents: auto = the Gaussian fitted at the end of "
                         "training when the run chose it (model/fitted_prior.py), else the learned one")
+    voxels_option(p)
     cli_conditional.add_guidance_option(p, "the requested covariate's effect W times in the conditional section")
     seed_option(p)
     p.add_argument("--max-heldout", type=int, default=100, help="at most this many held-out volumes")

@@ -61,6 +61,13 @@ def seed_option(p: argparse.ArgumentParser, text: str = "random seed") -> None:
     p.add_argument("--seed", type=int, default=0, help=text)
 
 
+def voxels_option(p: argparse.ArgumentParser) -> None:
+    """--voxels: how a sample's voxels come from p(x | z) (VeryDeepVAE.draws_voxels)."""
+    p.add_argument("--voxels", choices=["auto", "mean", "draw"], default="auto",
+                   help="how a sample's voxels come from p(x | z): auto = as the run's sample_voxels setting "
+                        "says (draw for the demo preset, else mean); mean = smooth; draw = with the model's texture")
+
+
 def progress_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

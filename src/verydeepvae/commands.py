@@ -111,7 +111,8 @@ def sample_command(args: argparse.Namespace) -> int:
                           voxel_size_mm=trained.voxel_size_mm, batch_size=args.batch_size,
                           device=trained.device, show_progress=progress_setting(args), intensity_reference=reference,
                           extra_record={**trained.record(), **request.record}, covariates=request.covariates,
-                          prior=args.prior, guidance=request.guidance, references=request.references)
+                          prior=args.prior, guidance=request.guidance, references=request.references,
+                          voxels=args.voxels)
     print(f"wrote {len(paths)} volumes and samples.png to {args.output_dir}")
     return 0
 
@@ -229,7 +230,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     options = EvaluationOptions(
         num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
         batch_size=args.batch_size, max_heldout=args.max_heldout, max_train=args.max_train,
-        num_pairs=args.num_pairs, baseline_repeats=args.baseline_repeats, prior=args.prior, morphometry=args.morphometry,
+        num_pairs=args.num_pairs, baseline_repeats=args.baseline_repeats, prior=args.prior, voxels=args.voxels,
+        morphometry=args.morphometry,
         feature_plugin=args.feature_plugin, pattern=args.pattern, show_progress=progress_setting(args), covariates_file=args.covariates,
     )
     trained = open_model(args)

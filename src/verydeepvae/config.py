@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .json_types import JSONObject
 
 LIKELIHOODS = ("discretised_logistic", "gaussian")
+SAMPLE_VOXELS = ("mean", "draw")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto", "half")
 OPTIMISERS = ("adamax", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -62,6 +63,11 @@ class Config:
     bias_max_resolution: int = field(default=32, metadata=at_least(0))
     likelihood: str = field(default="discretised_logistic", metadata=one_of(LIKELIHOODS))
     num_bins: int = field(default=256, metadata=at_least(2))
+    # components of the discretised logistic (VDVAE's mixture; 1: one logistic, as before)
+    likelihood_mixtures: int = field(default=1, metadata=between(1, 32))
+    # what a sample's voxels are by default: the mean of p(x | z) (smooth) or a draw from it (the
+    # model's texture, and thin CSF that the mean blurs away; docs/training-recipe.md)
+    sample_voxels: str = field(default="mean", metadata=one_of(SAMPLE_VOXELS))
     # soft ceiling on the discretised logistic's per-voxel scale, in [-1, 1] intensity units (0: none)
     output_scale_max: float = field(default=0.0, metadata=at_least(0))
 
@@ -223,8 +229,9 @@ class Config:
             bottleneck_resnet_encoder=self.bottleneck_resnet_encoder,
             only_use_one_conv_block_at_top=self.only_use_one_conv_block_at_top, downsampling=self.downsampling,
             bias_max_resolution=self.bias_max_resolution, likelihood=self.likelihood, num_bins=self.num_bins,
-            output_scale_max=self.output_scale_max, checkpointed_levels=tuple(self.checkpointed_levels()),
-            channels_last=self.channels_last is True)
+            likelihood_mixtures=self.likelihood_mixtures, sample_voxels=self.sample_voxels,
+            output_scale_max=self.output_scale_max,
+            checkpointed_levels=tuple(self.checkpointed_levels()), channels_last=self.channels_last is True)
 
     def to_dict(self) -> JSONObject:
         return dataclasses.asdict(self)
@@ -255,6 +262,8 @@ class ModelConfig:
     bias_max_resolution: int = 32
     likelihood: str = "discretised_logistic"
     num_bins: int = 256
+    likelihood_mixtures: int = 1
+    sample_voxels: str = "mean"
     output_scale_max: float = 0.0
     checkpointed_levels: tuple[int, ...] = ()  # levels whose activations are recomputed in the backward pass
     channels_last: bool = False
@@ -385,6 +394,9 @@ def validate(c: Config) -> None:
     check_performance(c)
     check_conditioning(c)
     check_kl_warmup(c)
+    if c.likelihood_mixtures > 1 and c.likelihood != "discretised_logistic":
+        raise ConfigError(f"likelihood_mixtures applies to the discretised_logistic likelihood; set it to 1 "
+                          f"with likelihood {c.likelihood}")
     if c.CUDA_devices is not None:
         for d in c.CUDA_devices:
             if not d.isdigit():

@@ -11,7 +11,8 @@ backward pass (activation sizes per block, channels x voxels at the block's reso
   output (2 Z), the noise and the sample (2 Z; the float32 std/KL maths keeps nothing else, see
   ``gaussian.posterior_sample_and_kl``), the state after z is added (W) and the residual block
   (W + 6 H);
-* output head and likelihood: the last state twice and about 20 single-channel full-resolution maps.
+* output head and likelihood: the last state twice and about 20 single-channel full-resolution maps
+  per mixture component.
 
 With activation checkpointing at a level, each of its latent layers keeps only its input and each
 encoder block only its input; during the backward pass one layer at a time is recomputed (the
@@ -41,7 +42,7 @@ from .config import Config
 
 FIXED_COPIES_OF_WEIGHTS = 7  # weights, gradients, 2 optimiser moments, EMA, ~2 optimiser temporaries
 GRADIENT_WORKING_SET = 3  # gradient tensors alive at once while backpropagating through a block
-LIKELIHOOD_MAPS = 20  # single-channel full-resolution float32 maps of the likelihood and the loss
+LIKELIHOOD_MAPS = 20  # full-resolution float32 maps of the likelihood and the loss, per mixture component
 
 
 @dataclass
@@ -151,7 +152,7 @@ def estimate(cfg: Config) -> MemoryEstimate:
         transient_ckpt = v * max(parts_out + largest_part + grads if L else 0, enc_transient * act + grads)
         transient = v * grads
         if lv == 0:  # output head and likelihood
-            head = 2 * W * act + LIKELIHOOD_MAPS * f32
+            head = 2 * W * act + LIKELIHOOD_MAPS * cfg.likelihood_mixtures * f32
             stored += v * head
             ckpt_stored += v * head
         levels.append(LevelMemory(lv, res[lv], stored, ckpt_stored, transient_ckpt, transient))

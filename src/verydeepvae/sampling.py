@@ -53,12 +53,13 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                   batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool = True,
                   intensity_reference: IntensityReference | None = None,
                   extra_record: dict | None = None, covariates: np.ndarray | None = None,
-                  prior: str = "auto", guidance: GuidanceWeights = 1.0, references: np.ndarray | None = None) -> list[Path]:
+                  prior: str = "auto", guidance: GuidanceWeights = 1.0, references: np.ndarray | None = None,
+                  voxels: str = "auto") -> list[Path]:
     """Draw ``num`` volumes from the prior and write ``sample_XXXX.nii.gz``, a montage and a
     ``samples.json`` record (seed, temperature, checkpoint...).  The same seed gives the same volumes;
-    temperature 0 gives the prior means at every layer.  ``covariates`` (num, dim): the encoded
-    covariates of each volume of a conditional model (else it draws the training scans'; the
-    caller records the requested values in ``extra_record``, see ``conditional.py``).
+    temperature 0 gives the prior means at every layer.  ``voxels``: see :data:`VOXELS`.  ``covariates``
+    (num, dim): the encoded covariates of each volume of a conditional model (else it draws the
+    training scans'; the caller records the requested values in ``extra_record``, see ``conditional.py``).
 
     ``intensity_reference`` (a checkpoint's ``meta["data"]["intensity_reference"]``) maps the
     model-range intensities back to the training data's scale (see the module notes); None keeps [0, 1].
@@ -73,7 +74,7 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
     previews = []
     affine = grid_affine((model.resolution,) * 3, voxel_size_mm)
     record = {"num": num, "seed": seed, "temperature": temperature, "voxel_size_mm": voxel_size_mm,
-              "prior": describe_prior(model, prior),
+              "prior": describe_prior(model, prior), "voxels": describe_voxels(model, voxels),
               "intensity": intensity_record(low_high, "median clamp values of the training files")}
     record.update(extra_record or {})
     try:
@@ -102,8 +103,8 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
 def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                  batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True,
                  covariates: np.ndarray | torch.Tensor | None = None, prior: str = "auto",
-                 guidance: GuidanceWeights = 1.0, references: np.ndarray | torch.Tensor | None = None
-                 ) -> Iterator[tuple[int, np.ndarray]]:
+                 guidance: GuidanceWeights = 1.0, references: np.ndarray | torch.Tensor | None = None,
+                 voxels: str = "auto") -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(index of the first, volumes (B, R, R, R) float32 in [0, 1])`` batches of prior samples
     (``prior``: which prior draws the coarse layers; ``guidance`` (``Guidance.weights``), ``references``
     (num, dim): a conditional model's covariate guidance, ``conditional.Conditions``; as in
@@ -114,6 +115,7 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
     each volume's encoded covariates; without them the model draws the training scans')."""
     model = model.to(device).eval()
     check_prior(model, prior)
+    draw = voxels_draw(voxels)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if covariates is not None:
         covariates = torch.as_tensor(np.asarray(covariates, dtype=np.float32))
@@ -125,7 +127,8 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
             given = None if covariates is None else covariates[start:start + count].to(device)
             around = None if references is None else references[start:start + count].to(device)
             volumes = model.sample(count, temperature, generator=generator, covariates=given, prior=prior,
-                                   guidance=guidance, reference=around).float().cpu()[:, 0].numpy()
+                                   guidance=guidance, reference=around, draw_voxels=draw)
+            volumes = volumes.float().cpu()[:, 0].numpy()
             yield start, volumes
             shown.update(count)
 
@@ -136,6 +139,29 @@ def check_prior(model: VeryDeepVAE, prior: str) -> None:
         model.prior_in_use(prior)
     except ValueError as error:
         raise UserError(str(error)) from None
+
+
+VOXELS = ("auto", "mean", "draw")
+"""How a sample's voxels come from p(x | z): "auto" as the run's ``sample_voxels`` says
+(``VeryDeepVAE.draws_voxels``), "mean" or "draw"."""
+
+
+def voxels_draw(voxels: str) -> bool | None:
+    """``VeryDeepVAE.sample``'s ``draw_voxels`` for a :data:`VOXELS` choice (None: the model's default)."""
+    if voxels not in VOXELS:
+        raise UserError(f"voxels must be one of {', '.join(VOXELS)}, got {voxels!r}")
+    return None if voxels == "auto" else voxels == "draw"
+
+
+def describe_voxels(model: VeryDeepVAE, voxels: str = "auto") -> str:
+    """How a sample's voxels come from p(x | z), for samples.json and reports."""
+    draw = voxels_draw(voxels)
+    if not (model.draws_voxels if draw is None else draw):
+        return "the mean of p(x | z)"
+    mixtures = getattr(model.likelihood, "num_mixtures", 1)
+    if mixtures > 1:
+        return f"each voxel drawn from p(x | z), a mixture of {mixtures} discretised logistics"
+    return "each voxel drawn from p(x | z)"
 
 
 def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:

@@ -16,7 +16,7 @@ from ..console import bar
 from ..data.nifti_load import VolumeMeta
 from ..guidance import Guidance, as_guidance
 from ..inference import TrainedModel
-from ..sampling import check_temperature, describe_prior, iter_samples
+from ..sampling import check_temperature, describe_prior, describe_voxels, iter_samples
 from ..scan_files import load_preprocessed
 from . import compute, morphometry
 from .data import EvaluationData, participant_id, select_data
@@ -43,6 +43,7 @@ class EvaluationOptions:
     # (docs/training-recipe.md)
     baseline_repeats: int = 50
     prior: str = "auto"  # which prior draws the coarse latents of the samples (VeryDeepVAE.sample)
+    voxels: str = "auto"  # how the samples' voxels come from p(x | z) (sampling.VOXELS)
     guidance: Guidance | float = 1.0  # a conditional model's covariate guidance (guidance.py)
     feature_seed: int = 0
     morphometry: str = "auto"  # auto (when participants.tsv with phantom volumes is found), on, off
@@ -164,11 +165,12 @@ def _model_sections(report: dict[str, Any], trained: TrainedModel, heldout: np.n
     lap("reconstruction")
     samples = np.concatenate([v for _, v in iter_samples(trained.model, options.num_samples, temperature,
                                                          options.seed, options.batch_size, trained.device, show,
-                                                         prior=options.prior)])
+                                                         prior=options.prior, voxels=options.voxels)])
+    voxels = describe_voxels(trained.model, options.voxels)
     report["samples"] = {"num": len(samples), "temperature": temperature, "seed": options.seed,
                          "batch_size": options.batch_size, "prior": describe_prior(trained.model, options.prior),
-                         "note": "prior samples, output = mean of p(x | z); the same seed, temperature and batch "
-                                 "size give the same volumes"}
+                         "voxels": voxels, "note": f"prior samples, output = {voxels}; the same seed, "
+                                                   "temperature and batch size give the same volumes"}
     lap("sampling")
     report["diversity"] = compute.diversity_section(samples, heldout, options.num_pairs, options.seed).to_json()
     lap("diversity")

@@ -3,6 +3,8 @@
 ``DiscretisedLogistic`` (default) puts a logistic density on each voxel and integrates it over
 the voxel's quantisation bin (256 levels by default, PixelCNN++ / VDVAE style), so its negative
 log-likelihood is a true code length: bits/voxel >= 0 and comparable with published VDVAE figures.
+With ``num_mixtures`` > 1 it is VDVAE's mixture of such logistics: a voxel the decoder is unsure
+about ("sulcal CSF or grey matter?") gets two narrow modes instead of one wide logistic.
 ``Gaussian`` is the original project's continuous density with a learned per-voxel scale; its
 "bits/voxel" is a differential entropy, can be negative, and is not comparable with discrete ones.
 Both are evaluated in float32.
@@ -22,12 +24,16 @@ LOG_SCALE_MIN = -7.0
 
 
 class DiscretisedLogistic(nn.Module):
-    is_discrete = True
-    num_params = 2
+    """Parameter maps (B, num_params, R, R, R): with one component [mean, log-scale] (as in every
+    checkpoint written before mixtures existed); with K > 1 [K weight logits, K means, K log-scales]."""
 
-    def __init__(self, num_bins: int = 256, max_scale: float = 0.0):
+    is_discrete = True
+
+    def __init__(self, num_bins: int = 256, max_scale: float = 0.0, num_mixtures: int = 1):
         super().__init__()
         self.num_bins = num_bins
+        self.num_mixtures = num_mixtures
+        self.num_params = 2 if num_mixtures == 1 else 3 * num_mixtures
         # a soft ceiling on the per-voxel scale (0: none): keeps the decoder from calling detail it
         # has not encoded "noise" by widening its scale, which leaves the finest latents unused
         self.log_scale_max = math.log(max_scale) if max_scale > 0 else None
@@ -38,8 +44,8 @@ class DiscretisedLogistic(nn.Module):
         return torch.round((x.float().clamp(-1.0, 1.0) + 1.0) * (k / 2.0))
 
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """log P(bin of x) per voxel, in nats."""
-        mean, log_scale = self._split(params)
+        """log P(bin of x) per voxel, in nats: (B, 1, R, R, R)."""
+        log_weights, mean, log_scale = self._split(params)
         k = self.num_bins - 1
         index = self.quantise(x)
         centre = index * (2.0 / k) - 1.0
@@ -54,24 +60,45 @@ class DiscretisedLogistic(nn.Module):
         middle = inv_scale * centred
         log_density_mid = middle - log_scale - 2.0 * F.softplus(middle) + math.log(2.0 * half_bin)
         interior = torch.where(mass > 1e-5, torch.log(mass.clamp_min(1e-12)), log_density_mid)
-        return torch.where(index <= 0, log_cdf_upper, torch.where(index >= k, log_survival_lower, interior))
+        per_component = torch.where(index <= 0, log_cdf_upper,
+                                    torch.where(index >= k, log_survival_lower, interior))
+        if log_weights is None:
+            return per_component
+        return torch.logsumexp(log_weights + per_component, dim=1, keepdim=True)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
-        return self._split(params)[0].clamp(-1.0, 1.0)
+        """The expected intensity per voxel, (B, 1, R, R, R) in [-1, 1]."""
+        log_weights, mean, _ = self._split(params)
+        mean = mean.clamp(-1.0, 1.0)
+        if log_weights is None:
+            return mean
+        return (log_weights.exp() * mean).sum(1, keepdim=True)
 
     def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, log_scale = self._split(params)
+        """One draw per voxel (a component by its weight, then its logistic), on the bin centres."""
+        log_weights, mean, log_scale = self._split(params)
+        if log_weights is not None:
+            gumbel = -torch.log(-torch.log(
+                torch.rand(log_weights.shape, device=mean.device, generator=generator).clamp(1e-5, 1 - 1e-5)))
+            pick = (log_weights + gumbel).argmax(1, keepdim=True)
+            mean, log_scale = mean.gather(1, pick), log_scale.gather(1, pick)
         u = torch.rand(mean.shape, device=mean.device, generator=generator).clamp(1e-5, 1 - 1e-5)
         x = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
         k = self.num_bins - 1
         return (torch.round((x.clamp(-1, 1) + 1) * k / 2) * 2 / k - 1).clamp(-1, 1)
 
-    def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, params: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(log weights (B, K, ...) or None for one component, means, log-scales), float32."""
         params = _dense_float(params)
-        log_scale = params[:, 1:2]
+        m = self.num_mixtures
+        if m == 1:
+            log_weights, mean, log_scale = None, params[:, 0:1], params[:, 1:2]
+        else:
+            log_weights = F.log_softmax(params[:, :m], dim=1)
+            mean, log_scale = params[:, m:2 * m], params[:, 2 * m:]
         if self.log_scale_max is not None:
             log_scale = self.log_scale_max - F.softplus(self.log_scale_max - log_scale)
-        return params[:, 0:1], log_scale.clamp_min(LOG_SCALE_MIN)
+        return log_weights, mean, log_scale.clamp_min(LOG_SCALE_MIN)
 
 
 class Gaussian(nn.Module):
@@ -100,9 +127,9 @@ def _dense_float(params: torch.Tensor) -> torch.Tensor:
     return params.float().contiguous()
 
 
-def build_likelihood(name: str, num_bins: int, max_scale: float = 0.0) -> nn.Module:
+def build_likelihood(name: str, num_bins: int, max_scale: float = 0.0, num_mixtures: int = 1) -> nn.Module:
     if name == "discretised_logistic":
-        return DiscretisedLogistic(num_bins, max_scale)
+        return DiscretisedLogistic(num_bins, max_scale, num_mixtures)
     if name == "gaussian":
         return Gaussian()
     raise ValueError(f"unknown likelihood {name!r}")

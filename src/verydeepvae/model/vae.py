@@ -40,7 +40,7 @@ class ModelOutput:
     elbo: torch.Tensor  # (B,) negative ELBO per voxel, nats (kl weight 1)
     nll: torch.Tensor  # (B,) reconstruction term per voxel, nats
     kl_per_layer: torch.Tensor  # (B, layers) KL of each latent layer per image voxel, nats
-    params: torch.Tensor  # output distribution parameters (B, 2, R, R, R)
+    params: torch.Tensor  # output distribution parameters (B, likelihood.num_params, R, R, R)
 
 
 class VeryDeepVAE(nn.Module):
@@ -53,8 +53,12 @@ class VeryDeepVAE(nn.Module):
         self.resolution = cfg.resolution
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.likelihood = build_likelihood(cfg.likelihood, cfg.num_bins, cfg.output_scale_max)
+        self.likelihood = build_likelihood(cfg.likelihood, cfg.num_bins, cfg.output_scale_max,
+                                           cfg.likelihood_mixtures)
         self.output_head = Conv3d(cfg.channels_top_down[0], self.likelihood.num_params, 1)
+        # whether ``sample`` draws every voxel from p(x | z) unless told: the mean blurs what the
+        # decoder is unsure of (thin CSF) into grey matter, a draw keeps it (docs/training-recipe.md)
+        self.draws_voxels = cfg.sample_voxels == "draw"
         # created last, so the other modules' initial weights are those of the unconditional model
         widths = cfg.channels_top_down
         self.condition = ConditionEmbedding(covariate_dim, widths, embedding_width(widths[-1])) if covariate_dim else None
@@ -252,11 +256,12 @@ class VeryDeepVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0,
-               generator: torch.Generator | None = None, draw_voxels: bool = False,
+               generator: torch.Generator | None = None, draw_voxels: bool | None = None,
                covariates: torch.Tensor | None = None, prior: str = "auto", guidance: GuidanceWeights = 1.0,
                reference: torch.Tensor | None = None) -> torch.Tensor:
-        """n volumes in [0, 1] from the prior; the output is the likelihood's mean unless
-        ``draw_voxels`` (then each voxel is drawn from p(x | z) too).  A conditional model samples
+        """n volumes in [0, 1] from the prior.  With ``draw_voxels`` each voxel is drawn from p(x | z)
+        too, else the output is p(x | z)'s mean; None: as the configuration's ``sample_voxels`` says
+        (:attr:`draws_voxels`).  A conditional model samples
         p(x | covariates); without ``covariates`` it first draws them from the training scans'
         (:meth:`draw_covariates`), i.e. it samples the training population.  ``prior``: "learned"
         draws every layer from its learned prior, "fitted" the coarsest layers from
@@ -271,9 +276,10 @@ class VeryDeepVAE(nn.Module):
         if self.condition is not None and covariates is None:
             covariates = self.draw_covariates(n, generator)
         film = self._film(covariates, n, guidance, reference)
+        draw = self.draws_voxels if draw_voxels is None else draw_voxels
         with self.inference_autocast(self.output_head.conv.weight.device):
             h, _, _ = self.decoder(None, choices, n, generator, film=film)
-            return self._to_volume(self.output_head(F.gelu(h)), draw_voxels, generator)
+            return self._to_volume(self.output_head(F.gelu(h)), draw, generator)
 
     def prior_in_use(self, prior: str = "auto") -> FittedPrior | None:
         """The fitted prior ``sample`` draws the coarse layers from under ``prior`` (None: the learned one)."""
