@@ -95,7 +95,8 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
                       f"{len(paths)} complete ones (volumes are written atomically)",
                       exit_code=getattr(error, "exit_code", 130)) from None
     viz.save_montage(previews, output_dir / "samples.png", titles=[p.name for p in paths[: len(previews)]],
-                     suptitle=f"prior samples, temperature {temperature}, seed {seed}")
+                     suptitle=f"prior samples, temperature {temperature}, seed {seed}"
+                              + (", voxels drawn" if draws(model, voxels) else ""))
     write_json(output_dir / "samples.json", {**record, "files": [p.name for p in paths]})
     return paths
 
@@ -153,15 +154,22 @@ def voxels_draw(voxels: str) -> bool | None:
     return None if voxels == "auto" else voxels == "draw"
 
 
-def describe_voxels(model: VeryDeepVAE, voxels: str = "auto") -> str:
-    """How a sample's voxels come from p(x | z), for samples.json and reports."""
+def draws(model: VeryDeepVAE, voxels: str = "auto") -> bool:
+    """Whether ``model``'s samples draw their voxels under a :data:`VOXELS` choice."""
     draw = voxels_draw(voxels)
-    if not (model.draws_voxels if draw is None else draw):
+    return model.draws_voxels if draw is None else draw
+
+
+DRAWN = "each voxel drawn from p(x | z)"
+
+
+def describe_voxels(model: VeryDeepVAE, voxels: str = "auto") -> str:
+    """How a sample's voxels come from p(x | z), for samples.json and reports (starts with
+    :data:`DRAWN` when they are drawn)."""
+    if not draws(model, voxels):
         return "the mean of p(x | z)"
     mixtures = getattr(model.likelihood, "num_mixtures", 1)
-    if mixtures > 1:
-        return f"each voxel drawn from p(x | z), a mixture of {mixtures} discretised logistics"
-    return "each voxel drawn from p(x | z)"
+    return f"{DRAWN}, a mixture of {mixtures} discretised logistics" if mixtures > 1 else DRAWN
 
 
 def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:

@@ -11,6 +11,7 @@ import numpy as np
 
 from .. import viz
 from ..atomic import write_text, write_with
+from ..sampling import DRAWN
 from .population import DistancesSection, DiversitySection, MemorisationSection, MorphometrySection
 from .conditional_section import ConditionalSection
 from .sections import LikelihoodSection, ReconstructionSection
@@ -34,7 +35,7 @@ def write_report(report: dict[str, Any], arrays: dict[str, Any], output_dir: str
 def write_figures(report: dict[str, Any], arrays: dict[str, Any], folder: Path) -> dict[str, str]:
     """Every figure of the report into ``folder``; returns name -> path relative to the report."""
     parts = sections(report)
-    out = _volume_figures(report["samples"]["temperature"], arrays, folder)
+    out = _volume_figures(report["samples"]["temperature"], arrays, folder, report["samples"].get("voxels", ""))
     out.update(_kl_figure(parts["likelihood"], folder))
     out.update(_memorisation_figures(parts["memorisation"], arrays.get("closest"), folder))
     if arrays.get("tables") is not None:
@@ -46,17 +47,19 @@ def write_figures(report: dict[str, Any], arrays: dict[str, Any], folder: Path) 
     return out
 
 
-def _volume_figures(temperature: Any, arrays: dict[str, Any], folder: Path) -> dict[str, str]:
-    """Samples, held-out volumes, the two side by side, and reconstructions with their differences."""
+def _volume_figures(temperature: Any, arrays: dict[str, Any], folder: Path, voxels: str = "") -> dict[str, str]:
+    """Samples, held-out volumes, the two side by side, and reconstructions with their differences
+    (``voxels``: how the samples' voxels came from p(x | z), named in the title when drawn)."""
+    drawn = ", voxels drawn" if voxels.startswith(DRAWN) else ""
     samples, heldout, recon = arrays["samples"], arrays["heldout"], arrays["recon"]
     viz.save_montage(list(samples[:FIGURE_ROWS]), folder / "samples.png",
                      titles=[f"sample {i}" for i in range(min(FIGURE_ROWS, len(samples)))],
-                     suptitle=f"prior samples, temperature {temperature}")
+                     suptitle=f"prior samples, temperature {temperature}{drawn}")
     names = arrays["heldout_names"]
     viz.save_montage(list(heldout[:FIGURE_ROWS]), folder / "real.png", titles=names[:FIGURE_ROWS],
                      suptitle="held-out real volumes (preprocessed)")
     viz.save_side_by_side(list(heldout[:FIGURE_ROWS]), list(samples[:FIGURE_ROWS]), folder / "samples_vs_real.png",
-                          "held-out real", f"samples (t={temperature})")
+                          "held-out real", f"samples (t={temperature}{drawn})")
     n = min(FIGURE_ROWS, len(heldout))
     viz.save_grid([[heldout[i], recon[i], np.abs(heldout[i] - recon[i])] for i in range(n)],
                   folder / "reconstructions.png", row_titles=names[:n],
