@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -99,6 +100,28 @@ def test_sample_in_the_data_intensity_scale(run, trained, tmp_path):
     assert foreground.size == 0 or (foreground.min() >= low - 1e-3 and foreground.max() <= high + 1e-3)
     record = json.loads((out / "samples.json").read_text())
     assert record["intensity"]["scale"] == "data" and record["intensity"]["low"] == pytest.approx(low)
+
+
+@pytest.mark.slow
+def test_voxels_mean_or_drawn_as_the_run_says_or_as_asked(run, tmp_path):
+    def sample(checkpoint: Path, name: str, *extra: str) -> tuple[np.ndarray, str]:
+        out = tmp_path / name
+        assert main(["sample", "--checkpoint", str(checkpoint), "--num", "1", "--output-dir", str(out),
+                     "--no-progress", "--seed", "3", *extra]) == 0
+        return _load(out / "sample_0000.nii.gz")[0], json.loads((out / "samples.json").read_text())["voxels"]
+
+    mean, said = sample(run, "default")
+    assert said == "the mean of p(x | z)"
+    drawn, said = sample(run, "drawn", "--voxels", "draw")
+    assert said == "each voxel drawn from p(x | z)" and not np.array_equal(mean, drawn)
+    # a run that says sample_voxels: draw keeps saying it in its checkpoints (a resumed copy of the run)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    assert main(["train", "--config", str(copy), "--resume", "--output-dir", str(copy), "--max-steps", "21", "-q",
+                 "--no-progress", "--set", "sample_voxels=draw"]) == 0
+    _, said = sample(copy, "resumed")
+    assert said == "each voxel drawn from p(x | z)"
+    assert sample(copy, "resumed_mean", "--voxels", "mean")[1] == "the mean of p(x | z)"
 
 
 def test_to_data_intensity_maps_background_to_zero():

@@ -80,7 +80,7 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
     try:
         for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress,
                                            covariates=covariates, prior=prior, guidance=guidance,
-                                           references=references):
+                                           references=references, voxels=voxels):
             for i, volume in enumerate(volumes):
                 if len(previews) < MAX_FIGURE_ROWS:
                     previews.append(volume)
