@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+from .config import SAMPLE_VOXELS
+
+
 class Formatter(argparse.HelpFormatter):
     """Every option's default in its help line (unless the help already says what happens by
     default), and an option's older spellings shown once, after its name: ``--output DIR (also
@@ -63,7 +66,7 @@ def seed_option(p: argparse.ArgumentParser, text: str = "random seed") -> None:
 
 def voxels_option(p: argparse.ArgumentParser) -> None:
     """--voxels: how a sample's voxels come from p(x | z) (VeryDeepVAE.draws_voxels)."""
-    p.add_argument("--voxels", choices=["auto", "mean", "draw"], default="auto",
+    p.add_argument("--voxels", choices=["auto", *SAMPLE_VOXELS], default="auto",
                    help="how a sample's voxels come from p(x | z): auto = as the run's sample_voxels setting "
                         "says (draw for the demo preset, else mean); mean = smooth; draw = with the model's texture")
 

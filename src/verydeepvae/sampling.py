@@ -13,6 +13,7 @@ import torch
 
 from . import viz
 from .atomic import write_json
+from .config import SAMPLE_VOXELS
 from .console import bar
 from .errors import Stopped, UserError
 from .inference import intensity_record, reference_range, to_data_intensity
@@ -142,7 +143,7 @@ def check_prior(model: VeryDeepVAE, prior: str) -> None:
         raise UserError(str(error)) from None
 
 
-VOXELS = ("auto", "mean", "draw")
+VOXELS = ("auto", *SAMPLE_VOXELS)
 """How a sample's voxels come from p(x | z): "auto" as the run's ``sample_voxels`` says
 (``VeryDeepVAE.draws_voxels``), "mean" or "draw"."""
 
