@@ -16,7 +16,7 @@ from verydeepvae.config import build_config
 from verydeepvae.generate import load_model
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model.fitted_prior import FittedPrior
-from verydeepvae import checkpoint as ckpt
+from verydeepvae import checkpoint as ckpt, metrics
 from verydeepvae.train import fit_prior
 
 
@@ -56,18 +56,20 @@ def _tiny_model() -> VeryDeepVAE:
     return VeryDeepVAE(build_config(preset="tiny")).eval()
 
 
-def test_fit_covers_the_two_coarsest_levels_and_matches_the_posterior_draws():
+@pytest.mark.parametrize("levels", [2, 3])
+def test_fit_covers_the_coarsest_levels_and_matches_the_posterior_draws(levels):
     model = _tiny_model()
-    levels = model.decoder.layer_levels
-    layers = fit_prior.coarse_layers(model)
+    layer_levels = model.decoder.layer_levels
+    layers = fit_prior.coarse_layers(model, levels)
     top = model.decoder.num_levels - 1
-    assert layers and {levels[i] for i in layers} == {top, top - 1}
+    assert layers and {layer_levels[i] for i in layers} == set(range(top - levels + 1, top + 1))
     volumes = np.random.default_rng(0).random((6,) + (model.resolution,) * 3, dtype=np.float32)
-    prior = fit_prior.fit(model, volumes, batch_size=3, seed=0)
+    prior = fit_prior.fit(model, volumes, batch_size=3, seed=0, levels=levels)
     shapes = model.latent_shapes()
     assert prior.shapes == [shapes[i] for i in layers]
     assert prior.dim == sum(int(np.prod(shapes[i])) for i in layers)
-    # the mean is the mean of the same posterior draws, made again with the same seed
+    # the mean and the (shrunk) covariance are those of the same posterior draws, made again with
+    # the same seed
     generator = torch.Generator().manual_seed(0)
     rows = []
     for start in (0, 3):
@@ -75,7 +77,53 @@ def test_fit_covers_the_two_coarsest_levels_and_matches_the_posterior_draws():
         for _ in range(fit_prior.DRAWS_PER_VOLUME):
             zs = model.encode(x, generator=generator, draw=True)
             rows.append(torch.cat([zs[i].flatten(1) for i in layers], 1))
-    assert torch.allclose(prior.mean, torch.cat(rows).mean(0), atol=1e-5)
+    draws = torch.cat(rows).double()
+    assert torch.allclose(prior.mean, draws.mean(0).float(), atol=1e-5)
+    shrunk, _ = metrics.ledoit_wolf_covariance(draws.numpy())
+    cov = (prior.scale_tril.double() @ prior.scale_tril.double().T).numpy()
+    assert np.allclose(cov, shrunk, rtol=1e-3, atol=1e-5)
+
+
+def test_the_closest_candidate_is_kept_and_every_distance_recorded(monkeypatch):
+    model = _tiny_model()
+    volumes = np.random.default_rng(3).random((6,) + (model.resolution,) * 3, dtype=np.float32)
+    top = model.decoder.num_levels - 1
+
+    def distances(deepest_wins: bool):
+        def frechet_to(model, prior, *a, **k):
+            if prior == "learned":
+                return 50.0
+            depth = top - min(model.decoder.layer_levels[i] for i in model.fitted_prior.layers) + 1
+            return 10.0 * (4 - depth) if deepest_wins else 10.0 * depth
+        return frechet_to
+
+    monkeypatch.setattr(fit_prior, "frechet_to", distances(deepest_wins=True))
+    tensors, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
+    assert meta["used"] and meta["frechet_to_training"] == {"learned": 50.0, "fitted 1³, 2³": 20.0,
+                                                           "fitted 1³, 2³, 4³": 10.0}
+    assert model.fitted_prior.layers == fit_prior.coarse_layers(model, 3) == meta["layers"]
+    assert tensors["fitted_prior.mean"].numel() == meta["dim"] == model.fitted_prior.dim
+    assert "the Gaussian fitted to the 1³, 2³, 4³ latents" in fit_prior.notice(meta)
+    monkeypatch.setattr(fit_prior, "frechet_to", distances(deepest_wins=False))
+    _, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
+    assert model.fitted_prior.layers == fit_prior.coarse_layers(model, 2) == meta["layers"]
+    monkeypatch.setattr(fit_prior, "frechet_to", lambda model, prior, *a, **k: 1.0 if prior == "learned" else 5.0)
+    tensors, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
+    assert tensors == {} and not meta["used"] and model.fitted_prior is None
+    assert "sampling uses the learned prior" in fit_prior.notice(meta)
+
+
+def test_deeper_candidates_only_within_the_dimension_cap(monkeypatch):
+    model = _tiny_model()
+    sizes = model.latent_sizes()
+    dims = {n: sum(sizes[i] for i in fit_prior.coarse_layers(model, n)) for n in fit_prior.CANDIDATE_LEVELS}
+    assert fit_prior.candidate_levels(model) == [2, 3]
+    for preset, expected in (("demo", [2, 3]), ("32", [2]), ("128", [2])):
+        assert fit_prior.candidate_levels(VeryDeepVAE(build_config(preset=preset))) == expected, preset
+    monkeypatch.setattr(fit_prior, "MAX_DIMENSIONS", dims[3] - 1)
+    assert fit_prior.candidate_levels(model) == [2]
+    monkeypatch.setattr(fit_prior, "MAX_DIMENSIONS", 0)  # the shallowest candidate is always fitted
+    assert fit_prior.candidate_levels(model) == [2]
 
 
 def test_sampling_uses_the_fitted_prior_only_when_asked_or_attached():
@@ -84,7 +132,7 @@ def test_sampling_uses_the_fitted_prior_only_when_asked_or_attached():
         model.sample(2, prior="fitted")
     learned = model.sample(2, generator=torch.Generator().manual_seed(0))
     volumes = np.random.default_rng(1).random((4,) + (model.resolution,) * 3, dtype=np.float32)
-    model.fitted_prior = fit_prior.fit(model, volumes, batch_size=2, seed=0)
+    model.fitted_prior = fit_prior.fit(model, volumes, batch_size=2, seed=0, levels=2)
     # shift the Gaussian far away: samples drawn with it must change, "learned" must not
     model.fitted_prior.mean += 5.0
     fitted = model.sample(2, generator=torch.Generator().manual_seed(0))
@@ -107,11 +155,12 @@ def test_training_fits_decides_records_and_sampling_follows(tmp_path: Path, monk
     run = tmp_path / "run"
     assert main(tiny_train_args(data, run, "--max-steps", "4")) == 0
     out = capsys.readouterr().out
-    assert "coarse-level prior: sampling uses the fitted Gaussian" in out
+    assert "coarse-level prior: sampling uses the Gaussian fitted to the 1³, 2³" in out
     path = ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1]
     checkpoint = ckpt.load_checkpoint(path)
     meta = checkpoint.meta["fitted_prior"]
-    assert meta["used"] is True and set(meta["frechet_to_training"]) == {"learned", "fitted"}
+    assert meta["used"] is True and set(meta["frechet_to_training"]) == {"learned", "fitted 1³, 2³",
+                                                                         "fitted 1³, 2³, 4³"}
     assert meta["num_volumes"] == checkpoint.meta["data"]["num_train"]
     assert "fitted_prior.mean" in checkpoint.tensors
     model = load_model(checkpoint)
@@ -119,7 +168,7 @@ def test_training_fits_decides_records_and_sampling_follows(tmp_path: Path, monk
     assert load_model(checkpoint, use_ema=False).fitted_prior is None  # fitted for the EMA weights only
     from verydeepvae.train.inspect_run import inspect_run
 
-    assert any("coarse-level prior for sampling: the fitted Gaussian" in line for line in inspect_run(run))
+    assert any("coarse-level prior for sampling: the Gaussian fitted to the 1³, 2³" in line for line in inspect_run(run))
     for prior in ("auto", "learned"):
         assert main(["sample", "--checkpoint", str(run), "--num", "2", "--output", str(tmp_path / prior),
                      "--prior", prior, "--no-progress"]) == 0

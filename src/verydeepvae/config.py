@@ -98,8 +98,9 @@ class Config:
     kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
     # nats of KL per latent layer and volume exempt from the loss (free bits)
     kl_free_bits: float = field(default=0.0, metadata=at_least(0))
-    # fit a Gaussian prior for the 1³ and 2³ latents to the training volumes at the end of training,
-    # used for sampling when its samples match the training volumes better (train/fit_prior.py)
+    # fit a Gaussian prior for the coarsest latents (1³-2³, and 1³-4³ where small enough) to the
+    # training volumes at the end of training, used for sampling when its samples match the
+    # training volumes better (train/fit_prior.py)
     fitted_prior: bool = True
     # fp32, bf16, fp16 (CUDA), auto (bf16 where native, fp16 on CUDA 7.x, else fp32) or half (what the
     # original's half_precision: true becomes: fp16 on CUDA, bf16 elsewhere; train/precision.py)

@@ -179,5 +179,4 @@ def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:
     fitted = model.prior_in_use(prior)
     if fitted is None:
         return "learned prior"
-    sizes = sorted({shape[-1] for shape in fitted.shapes})
-    return "fitted Gaussian for the " + ", ".join(f"{s}³" for s in sizes) + " latents (model/fitted_prior.py)"
+    return f"fitted Gaussian for the {fitted.levels_text()} latents (model/fitted_prior.py)"

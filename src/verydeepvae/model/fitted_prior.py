@@ -8,8 +8,9 @@ layer from its learned prior took the random-CNN Fréchet ratio of the samples f
 1.7-1.8 on two held-out phantom sets; taking the coarse latents of the held-out volumes
 themselves (the bound of what a better top prior can give) reached 1.5.  After 4,000 steps the
 learned prior was better (1.67 against 1.91), so training keeps this Gaussian only when its
-samples are closer to the training volumes than the learned prior's (train/fit_prior.py);
-docs/training-recipe.md has the study.
+samples are closer to the training volumes than the learned prior's (train/fit_prior.py).  Where a
+model keeps its global factors varies with the training seed, so training also fits a Gaussian
+over 1³ to 4³ and keeps whichever of the three is closest; docs/training-recipe.md has the study.
 
 The Gaussian is ``N(mean, L Lᵀ)`` over the concatenated, flattened latents of ``layers`` (indices
 into the decoder's layers, coarsest first); it lives beside the weights in the checkpoint
@@ -51,6 +52,11 @@ class FittedPriorChoice(TypedDict, total=False):
     not_fitted: str  # why no Gaussian could be fitted
 
 
+def levels_text(shapes: Sequence[Sequence[int]]) -> str:
+    """"1³, 2³, 4³": the resolutions of latent layers of ``shapes`` (C, R, R, R)."""
+    return ", ".join(f"{s}³" for s in sorted({int(shape[-1]) for shape in shapes}))
+
+
 @dataclass
 class FittedPrior:
     layers: list[int]  # decoder layer indices it draws, coarsest first
@@ -61,6 +67,9 @@ class FittedPrior:
     @property
     def dim(self) -> int:
         return int(self.mean.numel())
+
+    def levels_text(self) -> str:
+        return levels_text(self.shapes)
 
     def to(self, device: torch.device | str) -> "FittedPrior":
         return FittedPrior(self.layers, self.shapes, self.mean.to(device), self.scale_tril.to(device))

@@ -16,31 +16,53 @@ import torch
 
 from .. import metrics
 from ..model import VeryDeepVAE
-from ..model.fitted_prior import FittedPrior, FittedPriorChoice
+from ..model.fitted_prior import FittedPrior, FittedPriorChoice, levels_text
 
-COARSE_LEVELS = 2
-"""Resolution levels fitted, from the top (1³ and 2³).  On the demo model the top level alone did
-not help (random-CNN Fréchet ratio 3.0-3.5 either way) while the top two did (1.7-1.8); with the
-4³ level too (1,120 dimensions from 95 volumes) the Gaussian was too poorly estimated (2.2-2.7)."""
+CANDIDATE_LEVELS = (2, 3)
+"""How many resolution levels, from the top, a fitted Gaussian may cover.  A Gaussian is fitted for
+each, and the one whose samples are closest to the training volumes is kept, or the learned prior
+if it is closer still.  Where a model keeps its global factors decides which wins, and it varies
+with the training seed: of three demo models, seed 0 (45 active units at 4³) was best served by
+1³ and 2³ (held-out Fréchet ratio 1.0-1.4, against 4.0 with 4³ too), seed 2 (474 active units at
+4³) by 1³ to 4³ (2.3-3.5, against 3.9-4.7), and for seed 1 nothing helped much (3.4-4.6 against
+3.6-4.7); the rule chose the better one each time (docs/training-recipe.md).  The top level alone
+never helped."""
+
+MAX_DIMENSIONS = 2048
+"""A deeper candidate is fitted only if its Gaussian has at most this many latents: its Cholesky
+factor is stored in the checkpoint (16 MiB at 2,048) and is estimated from at most 512 draws.  The
+demo's 1³-4³ Gaussian has 1,120; the 32/64/128 presets' would have 4,360, so they keep 1³ and 2³."""
 
 MAX_VOLUMES = 256  # training volumes encoded for the fit (evenly spaced over the training set)
 MIN_VOLUMES = 16  # fewer training volumes: no fit (neither the Gaussian nor the comparison would mean much)
 DRAWS_PER_VOLUME = 2  # posterior draws per volume: the fit is to the aggregate posterior, noise included
-COMPARE_SAMPLES = 32  # samples from each prior compared with the training volumes
+COMPARE_SAMPLES = 128
+"""Samples from each prior compared with the training volumes.  32 were too few to choose among three:
+the same prior of one model measured 24.3 and 44.9 with two sample streams."""
 
 
-def coarse_layers(model: VeryDeepVAE) -> list[int]:
-    """Indices of the decoder layers at the ``COARSE_LEVELS`` coarsest resolution levels."""
+def coarse_layers(model: VeryDeepVAE, levels: int) -> list[int]:
+    """Indices of the decoder layers at the ``levels`` coarsest resolution levels."""
     top = model.decoder.num_levels - 1
-    return [i for i, level in enumerate(model.decoder.layer_levels) if level > top - COARSE_LEVELS]
+    return [i for i, level in enumerate(model.decoder.layer_levels) if level > top - levels]
+
+
+def candidate_levels(model: VeryDeepVAE) -> list[int]:
+    """The ``CANDIDATE_LEVELS`` this model has room for: never every level (the finest stay
+    learned), and beyond the first only within ``MAX_DIMENSIONS``."""
+    sizes = model.latent_sizes()
+    usable = [n for n in CANDIDATE_LEVELS if n < model.decoder.num_levels]
+    return usable[:1] + [n for n in usable[1:] if sum(sizes[i] for i in coarse_layers(model, n)) <= MAX_DIMENSIONS]
 
 
 @torch.no_grad()
-def fit(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int) -> FittedPrior:
-    """The moment-matched Gaussian of the coarse layers' posterior draws for ``volumes`` (N, R, R, R)
-    in [0, 1]; Ledoit-Wolf shrinkage keeps the covariance well conditioned when N is small."""
+def fit(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, levels: int) -> FittedPrior:
+    """The moment-matched Gaussian of the ``levels`` coarsest levels' posterior draws for
+    ``volumes`` (N, R, R, R) in [0, 1]; Ledoit-Wolf shrinkage keeps the covariance well conditioned
+    when N is small.  (Shrinking towards each latent's own variance instead of a common one gave
+    the same samples: docs/training-recipe.md.)"""
     device = model.output_head.conv.weight.device
-    layers = coarse_layers(model)
+    layers = coarse_layers(model, levels)
     every_shape = model.latent_shapes()
     shapes = [every_shape[i] for i in layers]
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -79,26 +101,43 @@ def frechet_to(model: VeryDeepVAE, prior: str, reference_feats: np.ndarray, feat
 
 def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int
                    ) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
-    """Fit, compare and decide; returns the checkpoint tensors (empty when the learned prior wins)
-    and the metadata entry.  Leaves ``model.fitted_prior`` as decided."""
-    try:
-        fitted = fit(model, volumes, batch_size, seed)
-    except (ValueError, np.linalg.LinAlgError) as error:  # nothing usable to fit: the learned prior stays
+    """Fit a Gaussian per candidate depth, compare each and the learned prior, and decide; returns the
+    checkpoint tensors (empty when the learned prior wins) and the metadata entry.  Leaves
+    ``model.fitted_prior`` as decided."""
+    fits: dict[str, FittedPrior] = {}
+    problem = ""
+    for levels in candidate_levels(model):
+        try:
+            candidate = fit(model, volumes, batch_size, seed, levels)
+        except (ValueError, np.linalg.LinAlgError) as error:
+            problem = str(error)
+            continue
+        fits[candidate_name(candidate)] = candidate
+    if not fits:  # nothing usable to fit: the learned prior stays
         model.fitted_prior = None
-        return {}, {"used": False, "num_volumes": int(len(volumes)), "not_fitted": str(error),
+        return {}, {"used": False, "num_volumes": int(len(volumes)), "not_fitted": problem or "no level to fit",
                     "frechet_to_training": {}}
     device = model.output_head.conv.weight.device
     features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, model.resolution)), device=device)
     reference = features(volumes)
-    model.fitted_prior = fitted
-    distances = {prior: frechet_to(model, prior, reference, features, batch_size, seed)
-                 for prior in ("learned", "fitted")}
-    used = distances["fitted"] < distances["learned"]
-    model.fitted_prior = fitted if used else None
-    meta = {**fitted.describe(), "used": bool(used), "num_volumes": int(len(volumes)),
+    model.fitted_prior = None
+    distances = {"learned": frechet_to(model, "learned", reference, features, batch_size, seed)}
+    for name, candidate in fits.items():
+        model.fitted_prior = candidate
+        distances[name] = frechet_to(model, "fitted", reference, features, batch_size, seed)
+    best = min(fits, key=lambda name: distances[name])
+    used = distances[best] < distances["learned"]
+    model.fitted_prior = fits[best] if used else None
+    meta = {**fits[best].describe(), "used": bool(used), "num_volumes": int(len(volumes)),
             "draws_per_volume": DRAWS_PER_VOLUME, "frechet_to_training": distances,
-            "rule": "kept when its samples' random-CNN Fréchet distance to the training volumes is the smaller"}
-    return (fitted.tensors() if used else {}), meta
+            "rule": "of the learned prior and the Gaussians fitted to the top levels, the one whose samples' "
+                    "random-CNN Fréchet distance to the training volumes is the smallest"}
+    return (fits[best].tensors() if used else {}), meta
+
+
+def candidate_name(prior: FittedPrior) -> str:
+    """"fitted 1³, 2³, 4³": the levels a fitted Gaussian covers, as the checkpoint's distances name it."""
+    return f"fitted {prior.levels_text()}"
 
 
 def training_volumes(dataset: Any, limit: int = MAX_VOLUMES) -> np.ndarray:
@@ -120,6 +159,8 @@ def notice(meta: FittedPriorChoice) -> str:
     if "not_fitted" in meta:
         return f"coarse-level prior: the learned one (no Gaussian could be fitted: {meta['not_fitted']})"
     d = meta["frechet_to_training"]
-    which = "the fitted Gaussian" if meta["used"] else "the learned prior"
+    which = f"the Gaussian fitted to the {levels_text(meta['shapes'])} latents" if meta["used"] else "the learned prior"
+    shown = ", ".join(f"{name} {value:.1f}" for name, value in d.items())
     return (f"coarse-level prior: sampling uses {which} (random-CNN Fréchet distance of samples to the "
-            f"training volumes: learned {d['learned']:.1f}, fitted {d['fitted']:.1f})")
+            f"training volumes: {shown})")
+

@@ -125,9 +125,12 @@ def _checkpoints(folder: Path, checkpoints: list[Path]) -> list[str]:
 
 def _prior(meta: FittedPriorChoice) -> str:
     """The newest checkpoint's choice of prior for the coarsest latents (train/fit_prior.py)."""
+    from ..model.fitted_prior import levels_text
+
     distances = meta.get("frechet_to_training") or {}
     shown = ", ".join(f"{k} {_num(v, 1)}" for k, v in distances.items())
-    which = "the fitted Gaussian" if meta.get("used") else "the learned prior"
+    which = (f"the Gaussian fitted to the {levels_text(meta['shapes'])} latents"
+             if meta.get("used") and meta.get("shapes") else "the learned prior")
     return f"  coarse-level prior for sampling: {which}" + (f" (Fréchet distance to the training volumes: {shown})"
                                                            if shown else "")
 
