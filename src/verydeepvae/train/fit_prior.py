@@ -163,4 +163,3 @@ def notice(meta: FittedPriorChoice) -> str:
     shown = ", ".join(f"{name} {value:.1f}" for name, value in d.items())
     return (f"coarse-level prior: sampling uses {which} (random-CNN Fréchet distance of samples to the "
             f"training volumes: {shown})")
-

@@ -129,8 +129,10 @@ def _prior(meta: FittedPriorChoice) -> str:
 
     distances = meta.get("frechet_to_training") or {}
     shown = ", ".join(f"{k} {_num(v, 1)}" for k, v in distances.items())
-    which = (f"the Gaussian fitted to the {levels_text(meta['shapes'])} latents"
-             if meta.get("used") and meta.get("shapes") else "the learned prior")
+    which = "the learned prior"
+    if meta.get("used"):
+        which = f"the Gaussian fitted to the {levels_text(meta['shapes'])} latents" if meta.get("shapes") \
+            else "the fitted Gaussian"
     return f"  coarse-level prior for sampling: {which}" + (f" (Fréchet distance to the training volumes: {shown})"
                                                            if shown else "")
 
