@@ -57,6 +57,14 @@ def levels_text(shapes: Sequence[Sequence[int]]) -> str:
     return ", ".join(f"{s}³" for s in sorted({int(shape[-1]) for shape in shapes}))
 
 
+def chosen_prior_text(meta: FittedPriorChoice) -> str:
+    """What a checkpoint's ``fitted_prior`` entry samples the coarse latents with, in words."""
+    if not meta.get("used"):
+        return "the learned prior"
+    shapes = meta.get("shapes")
+    return f"the Gaussian fitted to the {levels_text(shapes)} latents" if shapes else "the fitted Gaussian"
+
+
 @dataclass
 class FittedPrior:
     layers: list[int]  # decoder layer indices it draws, coarsest first

@@ -16,7 +16,7 @@ import torch
 
 from .. import metrics
 from ..model import VeryDeepVAE
-from ..model.fitted_prior import FittedPrior, FittedPriorChoice, levels_text
+from ..model.fitted_prior import FittedPrior, FittedPriorChoice, chosen_prior_text
 
 CANDIDATE_LEVELS = (2, 3)
 """How many resolution levels, from the top, a fitted Gaussian may cover.  A Gaussian is fitted for
@@ -55,30 +55,43 @@ def candidate_levels(model: VeryDeepVAE) -> list[int]:
     return usable[:1] + [n for n in usable[1:] if sum(sizes[i] for i in coarse_layers(model, n)) <= MAX_DIMENSIONS]
 
 
-@torch.no_grad()
 def fit(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, levels: int) -> FittedPrior:
     """The moment-matched Gaussian of the ``levels`` coarsest levels' posterior draws for
-    ``volumes`` (N, R, R, R) in [0, 1]; Ledoit-Wolf shrinkage keeps the covariance well conditioned
-    when N is small.  (Shrinking towards each latent's own variance instead of a common one gave
-    the same samples: docs/training-recipe.md.)"""
-    device = model.output_head.conv.weight.device
+    ``volumes`` (N, R, R, R) in [0, 1] (:func:`gaussian`)."""
     layers = coarse_layers(model, levels)
-    every_shape = model.latent_shapes()
-    shapes = [every_shape[i] for i in layers]
+    return gaussian(model, posterior_draws(model, volumes, batch_size, seed, layers), layers)
+
+
+@torch.no_grad()
+def posterior_draws(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, layers: list[int]
+                    ) -> dict[int, np.ndarray]:
+    """``DRAWS_PER_VOLUME`` posterior draws per volume of each of ``layers``, flattened:
+    {layer: (N * draws, layer size) float64}.  Encoded once for every candidate Gaussian."""
+    device = model.output_head.conv.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    rows = []
+    rows: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     for start in range(0, len(volumes), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size][:, None])).float().to(device)
         for _ in range(DRAWS_PER_VOLUME):
             zs = model.encode(x, generator=generator, draw=True)
-            rows.append(torch.cat([zs[i].float().flatten(1) for i in layers], 1).double().cpu())
-    z = torch.cat(rows).numpy()
+            for i in layers:
+                rows[i].append(zs[i].float().flatten(1).double().cpu())
+    return {i: torch.cat(r).numpy() for i, r in rows.items()}
+
+
+def gaussian(model: VeryDeepVAE, draws: dict[int, np.ndarray], layers: list[int]) -> FittedPrior:
+    """The Gaussian of ``draws`` (:func:`posterior_draws`) over ``layers``; Ledoit-Wolf shrinkage keeps
+    the covariance well conditioned when N is small.  (Shrinking towards each latent's own variance
+    instead of a common one gave the same samples: docs/training-recipe.md.)"""
+    device = model.output_head.conv.weight.device
+    every_shape = model.latent_shapes()
+    z = np.concatenate([draws[i] for i in layers], 1)
     if not np.isfinite(z).all():
         raise ValueError("non-finite posterior latents")
     cov, _ = metrics.ledoit_wolf_covariance(z)
     cov += np.eye(len(cov)) * (1e-6 * np.trace(cov) / len(cov) + 1e-12)  # strictly positive definite
     tril = np.linalg.cholesky(cov)
-    return FittedPrior(layers, shapes, torch.from_numpy(z.mean(0)).float().to(device),
+    return FittedPrior(layers, [every_shape[i] for i in layers], torch.from_numpy(z.mean(0)).float().to(device),
                        torch.from_numpy(tril).float().to(device))
 
 
@@ -106,9 +119,11 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
     ``model.fitted_prior`` as decided."""
     fits: dict[str, FittedPrior] = {}
     problem = ""
-    for levels in candidate_levels(model):
+    depths = candidate_levels(model)
+    draws = posterior_draws(model, volumes, batch_size, seed, coarse_layers(model, max(depths))) if depths else {}
+    for levels in depths:
         try:
-            candidate = fit(model, volumes, batch_size, seed, levels)
+            candidate = gaussian(model, draws, coarse_layers(model, levels))
         except (ValueError, np.linalg.LinAlgError) as error:
             problem = str(error)
             continue
@@ -120,7 +135,6 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
     device = model.output_head.conv.weight.device
     features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, model.resolution)), device=device)
     reference = features(volumes)
-    model.fitted_prior = None
     distances = {"learned": frechet_to(model, "learned", reference, features, batch_size, seed)}
     for name, candidate in fits.items():
         model.fitted_prior = candidate
@@ -159,7 +173,7 @@ def notice(meta: FittedPriorChoice) -> str:
     if "not_fitted" in meta:
         return f"coarse-level prior: the learned one (no Gaussian could be fitted: {meta['not_fitted']})"
     d = meta["frechet_to_training"]
-    which = f"the Gaussian fitted to the {levels_text(meta['shapes'])} latents" if meta["used"] else "the learned prior"
+    which = chosen_prior_text(meta)
     shown = ", ".join(f"{name} {value:.1f}" for name, value in d.items())
     return (f"coarse-level prior: sampling uses {which} (random-CNN Fréchet distance of samples to the "
             f"training volumes: {shown})")

@@ -125,15 +125,11 @@ def _checkpoints(folder: Path, checkpoints: list[Path]) -> list[str]:
 
 def _prior(meta: FittedPriorChoice) -> str:
     """The newest checkpoint's choice of prior for the coarsest latents (train/fit_prior.py)."""
-    from ..model.fitted_prior import levels_text
+    from ..model.fitted_prior import chosen_prior_text
 
     distances = meta.get("frechet_to_training") or {}
     shown = ", ".join(f"{k} {_num(v, 1)}" for k, v in distances.items())
-    which = "the learned prior"
-    if meta.get("used"):
-        which = f"the Gaussian fitted to the {levels_text(meta['shapes'])} latents" if meta.get("shapes") \
-            else "the fitted Gaussian"
-    return f"  coarse-level prior for sampling: {which}" + (f" (Fréchet distance to the training volumes: {shown})"
+    return f"  coarse-level prior for sampling: {chosen_prior_text(meta)}" + (f" (Fréchet distance to the training volumes: {shown})"
                                                            if shown else "")
 
 
