@@ -89,6 +89,8 @@ class Config:
     # absolute cap on the gradient norm, off by default
     skip_threshold: Optional[float] = field(default=None, metadata=greater_than(0))
     max_consecutive_skips: int = field(default=100, metadata=at_least(1))
+    # the EMA's rate is min(ema_rate, (1 + n) / (10 + n)) after n updates (train/optim.py): 0.999 takes
+    # effect only after 8,990 updates
     ema_rate: float = field(default=0.999, metadata=between(0, 1))
     kl_warmup_steps: int = field(default=0, metadata=at_least(0))
     # the resolutions (voxels per side) whose latent layers the KL warm-up applies to (None: all);
