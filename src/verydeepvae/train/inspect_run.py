@@ -125,12 +125,12 @@ def _checkpoints(folder: Path, checkpoints: list[Path]) -> list[str]:
 
 def _prior(meta: FittedPriorChoice) -> str:
     """The newest checkpoint's choice of prior for the coarsest latents (train/fit_prior.py)."""
-    from ..model.fitted_prior import chosen_prior_text
+    from ..model.fitted_prior import chosen_prior_text  # here: only a checkpoint with a prior choice needs the model package
 
     distances = meta.get("frechet_to_training") or {}
     shown = ", ".join(f"{k} {_num(v, 1)}" for k, v in distances.items())
-    return f"  coarse-level prior for sampling: {chosen_prior_text(meta)}" + (f" (Fréchet distance to the training volumes: {shown})"
-                                                           if shown else "")
+    detail = f" (Fréchet distance to the training volumes: {shown})" if shown else ""
+    return f"  coarse-level prior for sampling: {chosen_prior_text(meta)}{detail}"
 
 
 def _figures(last: dict[str, MetricsRecord]) -> list[str]:
