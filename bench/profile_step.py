@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from verydeepvae.model import VeryDeepVAE
+    from verydeepvae.train.state import apply_checkpointing
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                       torch.device(args.device))
     torch.manual_seed(0)
     model = VeryDeepVAE(cfg).to(device)
+    apply_checkpointing(model, cfg)
     net = torch.compile(model) if cfg.compile else model
     r = cfg.resolution
     x = torch.rand(args.batch_size, 1, r, r, r, generator=torch.Generator().manual_seed(1)).to(device)

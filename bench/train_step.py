@@ -88,6 +88,7 @@ def worker(args: argparse.Namespace) -> dict:
     from verydeepvae.memory import estimate
     from verydeepvae.model import VeryDeepVAE
     from verydeepvae.train.optim import EMA, build_optimiser
+    from verydeepvae.train.state import apply_checkpointing
 
     overrides = dict(MODES[args.worker])
     overrides["batch_size"] = args.batch_size
@@ -101,6 +102,7 @@ def worker(args: argparse.Namespace) -> dict:
     warm_up_libraries(torch, cfg, device)  # their code pages belong to the baseline, not the model
     baseline = rss_bytes()
     model = VeryDeepVAE(cfg).to(device)
+    apply_checkpointing(model, cfg)  # as training does: nested only where it lowers the peak
     net = model
     if cfg.compile:
         import torch._inductor.config as inductor_config
@@ -189,7 +191,8 @@ def limit_figures(model, cfg, x, autocast, device) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    levels = cfg.checkpointed_levels()
+    from verydeepvae.train.state import apply_checkpointing
+
     model.set_checkpoint_levels([])  # count the plain step's work
     shapes: dict[tuple, int] = {}
 
@@ -206,7 +209,7 @@ def limit_figures(model, cfg, x, autocast, device) -> dict:
     for h in handles:
         h.remove()
     model.zero_grad(set_to_none=True)
-    model.set_checkpoint_levels(levels)
+    apply_checkpointing(model, cfg)
     step_flops = counter.get_total_flops()
 
     fmt = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format

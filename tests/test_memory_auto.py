@@ -82,6 +82,23 @@ def test_less_memory_checkpoints_the_finest_levels_first(monkeypatch):
     assert [len(p) for p in picked] == sorted(len(p) for p in picked)  # never less as the budget shrinks
 
 
+def test_on_a_cpu_a_level_cheap_to_recompute_is_checkpointed_too(monkeypatch):
+    cfg = build_config(preset="128", overrides={"batch_size": 1, "precision": "bf16"})
+    est = memory.estimate(cfg)
+    _ram(monkeypatch, _ram_for(cfg, [0, 1]))  # levels 0 and 1 are the least that fits
+    notices: list[str] = []
+    resolved, plan = memory_plan.resolve(cfg, CPU, notices)
+    assert plan.levels == [0, 1, 2] and plan.cheap == (2,) and resolved.checkpoint_levels == [0, 1, 2]
+    assert notices[0].endswith("-> checkpoint_levels [0, 1, 2] (auto; [2] added because it is cheap to recompute)")
+    # why level 2 and not level 3: 4 % more work for 14 % less memory; level 3 saves 2 %
+    assert est.recomputation_share(2) <= memory_plan.CHEAP_RECOMPUTATION < est.recomputation_share(1)
+    assert est.peak(1, [0, 1, 2]) <= (1 - memory_plan.WORTH_SAVING) * est.peak(1, [0, 1])
+    assert est.peak(1, [0, 1, 2, 3]) > (1 - memory_plan.WORTH_SAVING) * est.peak(1, [0, 1, 2])
+    # a GPU's memory serves the run alone: the least recomputation that fits
+    gpu = dataclasses.replace(memory_plan.device_budget(torch.device("cpu")), spare=False)
+    assert memory_plan.plan(cfg, gpu).levels == [0, 1] and memory_plan.plan(cfg, gpu).cheap == ()
+
+
 def test_beyond_the_planning_share_but_within_ram_takes_every_level_and_says_so(monkeypatch):
     cfg = build_config(preset="32", overrides={"batch_size": 4})
     every = list(range(cfg.num_levels))

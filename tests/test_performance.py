@@ -63,6 +63,58 @@ def test_checkpointing_gives_the_same_loss_and_gradients(levels):
     assert any(not torch.allclose(other_grads[n], plain_grads[n], rtol=1e-3, atol=1e-6) for n in plain_grads)
 
 
+def _conv_runs(model, run) -> dict[str, int]:
+    """How often each Conv3d of ``model`` ran forward during ``run()``."""
+    calls: dict[str, int] = {}
+    handles = [m.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls.get(n, 0) + 1))
+               for name, m in model.named_modules() if isinstance(m, torch.nn.Conv3d)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def test_a_layer_recomputed_whole_runs_its_parts_once_more_with_the_same_gradients():
+    _, model, x = _model()
+    plain, plain_grads = _step(model, x)
+    levels = list(range(5))
+    model.set_checkpoint_levels(levels)  # every level nested (the default)
+    nested_runs = _conv_runs(model, lambda: _step(model, x))
+    model.set_checkpoint_levels(levels, nested=[0])
+    whole, whole_grads = _step(model, x)
+    whole_runs = _conv_runs(model, lambda: _step(model, x))
+    assert torch.equal(whole.loss, plain.loss)
+    _assert_same_grads(whole_grads, plain_grads, rtol=1e-5, atol=1e-7)
+    layer0 = next(i for i, lv in enumerate(model.decoder.layer_levels) if lv == 0)
+    layer1 = next(i for i, lv in enumerate(model.decoder.layer_levels) if lv == 1)
+    # forward, the layer's recomputation and, when nested, each part's own recomputation
+    assert nested_runs[f"decoder.layers.{layer0}.prior.c2.conv"] == whole_runs[f"decoder.layers.{layer0}.prior.c2.conv"] == 3
+    assert nested_runs[f"decoder.layers.{layer1}.prior.c2.conv"] == 3
+    assert whole_runs[f"decoder.layers.{layer1}.prior.c2.conv"] == 2
+    assert whole_runs[f"decoder.layers.{layer1}.res.branch.c2.conv"] == 2
+
+
+def test_training_nests_only_where_the_estimate_says_it_lowers_the_peak(tmp_path):
+    from verydeepvae.train.state import build_model_with_shared_weights
+
+    cfg = build_config(preset="demo", overrides={"checkpoint_levels": "all", "output_dir": str(tmp_path)})
+    est = memory.estimate(cfg)
+    every = list(range(cfg.num_levels))
+    nested = est.nested_levels(every)
+    assert nested == [0]  # the full-resolution layer's working set is the step's largest
+    model = build_model_with_shared_weights(cfg, 0, torch.device("cpu"))
+    assert {lv for layer, lv in zip(model.decoder.layers, model.decoder.layer_levels) if layer.nested} == {0}
+    assert all(layer.checkpointed for layer in model.decoder.layers)
+    # recomputing the other levels whole holds no more than the largest nested working set
+    ceiling = max(lv.transient_checkpointed for lv in est.levels)
+    assert all(lv.transient_whole <= ceiling for lv in est.levels if lv.level not in nested)
+    assert est.levels[0].transient_whole > ceiling
+    assert est.nested_levels([]) == []
+    assert set(est.nested_levels([1, 2])) <= {1, 2}
+
+
 def test_checkpointing_keeps_fewer_tensors_for_the_backward_pass():
     def saved_bytes(model, x):
         total = 0
@@ -265,6 +317,34 @@ def test_estimated_activations_match_what_autograd_keeps(preset, precision):
             continue
         measured = sum(n for n, size in kept.values() if size == level.resolution)
         assert level.stored == pytest.approx(measured, rel=0.10), level
+
+
+@pytest.mark.parametrize("preset,bottleneck", [("tiny", True), ("demo", True), ("demo", False)])
+def test_estimated_work_per_level_is_what_the_convolutions_do(preset, bottleneck):
+    """The multiply-accumulates the estimate counts per level are exactly those of the level's
+    convolutions in a forward pass (encoder blocks, latent layers, the upsampling projection)."""
+    cfg = build_config(preset=preset, overrides={"bottleneck_resnet_encoder": bottleneck})
+    model = VeryDeepVAE(cfg)
+    layer_levels = dict(enumerate(model.decoder.layer_levels))
+    counted: dict[int, int] = {}
+
+    def level_of(name: str) -> int | None:
+        part, group, index = (name.split(".") + ["", "", ""])[:3]
+        if (part, group) in (("encoder", "levels"), ("decoder", "upsamples")):
+            return int(index)
+        return layer_levels[int(index)] if (part, group) == ("decoder", "layers") else None
+
+    def hook(conv, _inputs, output, level):
+        counted[level] = counted.get(level, 0) + output[0].numel() * conv.in_channels * conv.weight[0, 0].numel()
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv3d) and level_of(name) is not None:
+            module.register_forward_hook(lambda m, i, o, lv=level_of(name): hook(m, i, o, lv))
+    with torch.no_grad():
+        model(torch.rand(1, 1, cfg.resolution, cfg.resolution, cfg.resolution))
+    est = memory.estimate(cfg)
+    assert [lv.forward_macs for lv in est.levels] == [counted[lv.level] for lv in est.levels]
+    assert sum(est.recomputation_share(lv.level) for lv in est.levels) == pytest.approx(1 / 3)
 
 
 def test_memory_estimate_structure():

@@ -15,8 +15,11 @@ backward pass (activation sizes per block, channels x voxels at the block's reso
   per mixture component.
 
 With activation checkpointing at a level, each of its latent layers keeps only its input and each
-encoder block only its input; during the backward pass one layer at a time is recomputed (the
-nested checkpoints inside it keep its parts' outputs, plus the working set of its largest part).
+encoder block only its input; during the backward pass one layer at a time is recomputed.  Where a
+whole layer's activations would be the largest working set of the step, the recomputation is
+itself checkpointed part by part (prior, posterior, residual block: only the parts' outputs plus the
+working set of the largest part are held, at the price of running each part a third time); at the
+other checkpointed levels a layer is recomputed whole, once (:meth:`MemoryEstimate.nested_levels`).
 That recomputation is the ``transient`` term, counted once for the largest checkpointed level.
 
 Fixed memory does not grow with the batch: weights, gradients, two optimiser moments, the EMA copy
@@ -53,6 +56,8 @@ class LevelMemory:
     stored_checkpointed: int  # ... with this level checkpointed
     transient_checkpointed: int  # largest recomputation working set at this level, bytes per sample
     transient: int  # gradient working set without checkpointing, bytes per sample
+    transient_whole: int  # ... when checkpointed and a latent layer is recomputed whole (not nested)
+    forward_macs: int  # multiply-accumulates of the level's convolutions in one forward pass, per sample
 
 
 @dataclass
@@ -64,12 +69,30 @@ class MemoryEstimate:
     precision: str
 
     def per_sample(self, checkpoint_levels: list[int] | None = None) -> int:
-        """Activation bytes per sample at the peak of a training step."""
+        """Activation bytes per sample at the peak of a training step (with :meth:`nested_levels`)."""
         chosen = set(checkpoint_levels or [])
         stored = sum(lv.stored_checkpointed if lv.level in chosen else lv.stored for lv in self.levels)
-        transient = max([lv.transient_checkpointed for lv in self.levels if lv.level in chosen]
-                        + [lv.transient for lv in self.levels if lv.level not in chosen] + [0])
-        return stored + transient
+        return stored + self._largest_transient(chosen)
+
+    def _largest_transient(self, chosen: set[int]) -> int:
+        return max([lv.transient_checkpointed for lv in self.levels if lv.level in chosen]
+                   + [lv.transient for lv in self.levels if lv.level not in chosen] + [0])
+
+    def recomputation_share(self, level: int) -> float:
+        """The work that recomputing ``level`` whole adds to a training step, as a share of the
+        step's convolutions (forward + backward, counted as three forward passes)."""
+        return self.levels[level].forward_macs / max(1, 3 * sum(lv.forward_macs for lv in self.levels))
+
+    def nested_levels(self, checkpoint_levels: list[int] | None = None) -> list[int]:
+        """The checkpointed levels whose latent layers are checkpointed again, part by part, inside
+        their recomputation: those where recomputing a layer whole would hold more than the step's
+        largest working set with nesting everywhere.  Elsewhere nesting saves no memory at the peak
+        and costs a third forward pass of the level (preset 128, levels 0 and 1 checkpointed: level 1
+        is recomputed whole, 0.6 GiB against level 0's 1.6 GiB working set).  The estimated peak is
+        the same either way."""
+        chosen = set(checkpoint_levels or [])
+        ceiling = self._largest_transient(chosen)
+        return [lv.level for lv in self.levels if lv.level in chosen and lv.transient_whole > ceiling]
 
     def peak(self, batch_size: int, checkpoint_levels: list[int] | None = None) -> int:
         return self.fixed_bytes + batch_size * self.per_sample(checkpoint_levels)
@@ -123,6 +146,7 @@ def estimate(cfg: Config) -> MemoryEstimate:
     for lv in range(n):
         v = res[lv] ** 3
         W, H, E, Z = dec_w[lv], dec_h[lv], enc_w[lv], z_ch[lv]
+        macs = v * _level_macs(cfg, lv, blocks[lv])
         # encoder blocks: input + stack (bottleneck 6 H, or the plain two-conv branch 2 C)
         enc_stored = enc_ckpt = 0
         enc_transient = 0
@@ -150,16 +174,42 @@ def estimate(cfg: Config) -> MemoryEstimate:
         largest_part = (E + W + 6 * H) * act
         grads = GRADIENT_WORKING_SET * max(W, H, E) * act
         transient_ckpt = v * max(parts_out + largest_part + grads if L else 0, enc_transient * act + grads)
+        transient_whole = v * max(layer_stored + grads if L else 0, enc_transient * act + grads)
         transient = v * grads
         if lv == 0:  # output head and likelihood
             head = 2 * W * act + LIKELIHOOD_MAPS * cfg.likelihood_mixtures * f32
             stored += v * head
             ckpt_stored += v * head
-        levels.append(LevelMemory(lv, res[lv], stored, ckpt_stored, transient_ckpt, transient))
+        levels.append(LevelMemory(lv, res[lv], stored, ckpt_stored, transient_ckpt, transient, transient_whole, macs))
 
     params, latent_dims = _sizes(cfg)
     fixed = FIXED_COPIES_OF_WEIGHTS * params * 4 + (params * 2 if low else 0)  # + autocast's weight copies
     return MemoryEstimate(params, latent_dims, fixed, levels, cfg.precision)
+
+
+def _level_macs(cfg: Config, lv: int, blocks: int) -> int:
+    """Multiply-accumulates per voxel of level ``lv``'s convolutions in one forward pass: its encoder
+    blocks, its latent layers (prior, posterior, z projection, residual block) and the upsampling
+    projection into it.  The output head, learned stride-2 downsampling and the element-wise maths
+    are left out."""
+    E, EH, W, H, Z = cfg.channels[lv], cfg.hidden_channels[lv], cfg.top_down_channels[lv], \
+        cfg.hidden_top_down_channels[lv], cfg.channels_per_latent[lv]
+    kb, kt = cfg.kernel_sizes_bottom_up[lv] ** 3, cfg.kernel_sizes_top_down[lv] ** 3
+    macs = 0
+    for b in range(blocks):
+        c_in = (1 if lv == 0 else cfg.channels[lv - 1]) if b == 0 else E
+        if cfg.bottleneck_resnet_encoder:
+            macs += c_in * EH + 2 * EH * EH * kb + EH * E
+        else:
+            macs += c_in * E * kb + E * E * kb
+        macs += c_in * E if c_in != E else 0  # the skip's projection
+
+    def stack(c_in: int, c_out: int) -> int:  # blocks.ConvStack: 1x1, k³, k³, 1x1
+        return c_in * H + 2 * H * H * kt + H * c_out
+
+    layer = stack(W, 2 * Z + W) + stack(E + W, 2 * Z) + Z * W + stack(W, W)
+    coarser = cfg.top_down_channels[lv + 1] if lv < cfg.num_levels - 1 else W
+    return macs + cfg.latent_feature_maps_per_resolution[lv] * layer + (coarser * W if coarser != W else 0)
 
 
 def _sizes(cfg: Config) -> tuple[int, int]:

@@ -39,6 +39,7 @@ class LatentLayer(nn.Module):
         self.z_channels = z_channels
         self.width = width
         self.checkpointed = False  # set by VeryDeepVAE from Config.checkpoint_levels
+        self.nested = False  # its recomputation checkpointed again, part by part (VeryDeepVAE.set_checkpoint_levels)
         self.prior = ConvStack(width, hidden, 2 * z_channels + width, kernel_size, zero_last=True)
         self.posterior = ConvStack(encoder_width + width, hidden, 2 * z_channels, kernel_size)
         self.z_proj = Conv3d(z_channels, width, 1)
@@ -57,15 +58,15 @@ class LatentLayer(nn.Module):
         ``e_act`` is GELU(encoder activation at this level), computed once per level by the
         decoder for all of its layers.  When checkpointed, the whole layer is recomputed in the
         backward pass, and inside that recomputation the prior, posterior and residual networks
-        are checkpointed again, so at most one network's activations are held at a time.  Not
-        with an explicit ``generator``, whose state checkpointing could not restore.
+        are checkpointed again when ``nested``, so at most one network's activations are held at a
+        time.  Not with an explicit ``generator``, whose state checkpointing could not restore.
         """
         on = self.checkpointed and generator is None
         return maybe_checkpoint(on, self._forward, h, e_act, choice, generator)
 
     def _forward(self, h: torch.Tensor, e_act: torch.Tensor | None, choice: LatentChoice,
                  generator: torch.Generator | None):
-        on = self.checkpointed and generator is None
+        on = self.checkpointed and self.nested and generator is None
         g = F.gelu(h)  # the first activation of both the prior and the posterior network
         p_mean, p_raw, feature = maybe_checkpoint(on, self._prior, g)
         kl = None

@@ -79,16 +79,21 @@ class VeryDeepVAE(nn.Module):
         self.fitted_prior: FittedPrior | None = None
 
     # -- speed/memory modes (Config's performance section) ---------------------------------------
-    def set_checkpoint_levels(self, levels: Sequence[int]) -> None:
+    def set_checkpoint_levels(self, levels: Sequence[int], nested: Sequence[int] | None = None) -> None:
         """Recompute activations in the backward pass for the encoder blocks and latent layers of
-        these resolution levels (0 = full resolution) instead of storing them."""
+        these resolution levels (0 = full resolution) instead of storing them.  At the ``nested``
+        levels (default: all of them) a latent layer's recomputation is checkpointed again, part by
+        part, which holds less at once but runs each part a third time; training passes
+        ``memory.MemoryEstimate.nested_levels``, the levels where that lowers the peak."""
         levels = set(levels)
+        nested = levels if nested is None else levels & set(nested)
         for level, blocks in enumerate(self.encoder.levels):
             for block in blocks:
                 block.checkpointed = level in levels
         for layer, level in zip(self.decoder.layers, self.decoder.layer_levels):
             layer.checkpointed = level in levels
-            layer.res.checkpointed = level in levels
+            layer.nested = level in nested
+            layer.res.checkpointed = level in nested
 
     def set_channels_last(self, enabled: bool = True) -> None:
         """Keep weights and activations in the channels-last-3D memory format (often faster on

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import memory
 from ..checkpoint import CheckpointMeta, RngState
 from ..config import Config
 from ..json_types import JSONObject
@@ -179,4 +180,14 @@ def build_model_with_shared_weights(cfg: Config, seed: int, device: torch.device
     so the ranks' gradient estimates would be correlated.  The rank's own device is restored too."""
     with torch.random.fork_rng(devices=own_rng_devices(device)):
         torch.manual_seed(seed)
-        return VeryDeepVAE(cfg, covariate_dim).to(device)
+        model = VeryDeepVAE(cfg, covariate_dim).to(device)
+    apply_checkpointing(model, cfg)
+    return model
+
+
+def apply_checkpointing(model: VeryDeepVAE, cfg: Config) -> None:
+    """Checkpoint ``cfg``'s levels (resolved: not ``auto``), nesting inside a layer's recomputation
+    only where that lowers the estimated peak (``memory.MemoryEstimate.nested_levels``)."""
+    levels = cfg.checkpointed_levels()
+    if levels:
+        model.set_checkpoint_levels(levels, memory.estimate(cfg).nested_levels(levels))
