@@ -3,7 +3,8 @@
 ``checkpoint_levels: auto`` (the default) is resolved here, once per run and before any data work:
 the estimator (``memory.py``: the tensors one training step keeps, at the run's precision and
 micro-batch size) is compared with the device's memory, and the least recomputation that fits is
-chosen (``memory.checkpoint_candidates``: none, then [0], [0, 1], ... up to all).  An explicit
+chosen (``memory.checkpoint_candidates``: none, then [0], [0, 1], ... up to all); on a CPU the
+next levels follow when they are cheap to recompute (``CHEAP_RECOMPUTATION``).  An explicit
 setting is kept as given, with a notice when it will not fit; when not even checkpointing every
 level fits, the run stops before it starts with one line saying what would fit.
 
@@ -53,7 +54,8 @@ training turns into one line, running out of RAM ends in swapping or in the kern
 stays available: other jobs grow, the data loader's workers and the data's page cache take their
 part, and the heap factor above was measured for one configuration.  With half, preset 128 at
 batch size 1 on the 24 GiB development machine plans with levels 0 and 1 (bf16, about 6.6 GiB
-with the heap factor) or 0 to 2 (fp32) checkpointed instead of none (about 19 GiB in bf16)."""
+with the heap factor) or 0 to 2 (fp32) checkpointed instead of none (about 19 GiB in bf16); in bf16
+level 2 is then added as cheap to recompute."""
 
 CHEAP_RECOMPUTATION = 0.05
 WORTH_SAVING = 0.10
