@@ -87,12 +87,13 @@ def test_a_layer_recomputed_whole_runs_its_parts_once_more_with_the_same_gradien
     whole_runs = _conv_runs(model, lambda: _step(model, x))
     assert torch.equal(whole.loss, plain.loss)
     _assert_same_grads(whole_grads, plain_grads, rtol=1e-5, atol=1e-7)
-    layer0 = next(i for i, lv in enumerate(model.decoder.layer_levels) if lv == 0)
-    layer1 = next(i for i, lv in enumerate(model.decoder.layer_levels) if lv == 1)
+    layer0 = model.decoder.layer_levels.index(0)
+    layer1 = model.decoder.layer_levels.index(1)
+    prior0, prior1 = (f"decoder.layers.{i}.prior.c2.conv" for i in (layer0, layer1))
     # forward, the layer's recomputation and, when nested, each part's own recomputation
-    assert nested_runs[f"decoder.layers.{layer0}.prior.c2.conv"] == whole_runs[f"decoder.layers.{layer0}.prior.c2.conv"] == 3
-    assert nested_runs[f"decoder.layers.{layer1}.prior.c2.conv"] == 3
-    assert whole_runs[f"decoder.layers.{layer1}.prior.c2.conv"] == 2
+    assert nested_runs[prior0] == whole_runs[prior0] == 3
+    assert nested_runs[prior1] == 3
+    assert whole_runs[prior1] == 2
     assert whole_runs[f"decoder.layers.{layer1}.res.branch.c2.conv"] == 2
 
 

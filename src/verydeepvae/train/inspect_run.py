@@ -125,7 +125,8 @@ def _checkpoints(folder: Path, checkpoints: list[Path]) -> list[str]:
 
 def _prior(meta: FittedPriorChoice) -> str:
     """The newest checkpoint's choice of prior for the coarsest latents (train/fit_prior.py)."""
-    from ..model.fitted_prior import chosen_prior_text  # here: only a checkpoint with a prior choice needs the model package
+    # imported here: only a checkpoint with a prior choice needs the model package
+    from ..model.fitted_prior import chosen_prior_text
 
     distances = meta.get("frechet_to_training") or {}
     shown = ", ".join(f"{k} {_num(v, 1)}" for k, v in distances.items())
