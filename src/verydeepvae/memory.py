@@ -146,7 +146,9 @@ def estimate(cfg: Config) -> MemoryEstimate:
     for lv in range(n):
         v = res[lv] ** 3
         W, H, E, Z = dec_w[lv], dec_h[lv], enc_w[lv], z_ch[lv]
-        macs = v * _level_macs(cfg, lv, blocks[lv])
+        # the upsampling projection into this level runs at the coarser level's voxels
+        coarser = dec_w[lv + 1] if lv < n - 1 else W
+        macs = v * _level_macs(cfg, lv, blocks[lv]) + (v // 8) * (coarser * W if coarser != W else 0)
         # encoder blocks: input + stack (bottleneck 6 H, or the plain two-conv branch 2 C)
         enc_stored = enc_ckpt = 0
         enc_transient = 0
@@ -161,8 +163,8 @@ def estimate(cfg: Config) -> MemoryEstimate:
         if cfg.downsampling == "conv" and lv < n - 1:
             enc_stored += E
             enc_ckpt += E
-        # decoder: the upsampling projection keeps its (upsampled) input
-        up = dec_w[lv + 1] if lv < n - 1 and dec_w[lv + 1] != W else 0
+        # decoder: the projection into the finer level keeps its input, this level's final state
+        up = W if lv > 0 and dec_w[lv - 1] != W else 0
         conv_part = 2 * W + 6 * H + (2 * Z + W) + (E + W + 6 * H) + 2 * Z + Z + W + (W + 6 * H)
         layer_stored = conv_part * act + Z * f32  # + the float32 noise of the sample
         L = layers[lv]
@@ -189,9 +191,9 @@ def estimate(cfg: Config) -> MemoryEstimate:
 
 def _level_macs(cfg: Config, lv: int, blocks: int) -> int:
     """Multiply-accumulates per voxel of level ``lv``'s convolutions in one forward pass: its encoder
-    blocks, its latent layers (prior, posterior, z projection, residual block) and the upsampling
-    projection into it.  The output head, learned stride-2 downsampling and the element-wise maths
-    are left out."""
+    blocks and its latent layers (prior, posterior, z projection, residual block).  The upsampling
+    projection into it (counted by ``estimate``), the output head, learned stride-2 downsampling and
+    the element-wise maths are left out."""
     E, EH, W, H, Z = cfg.channels[lv], cfg.hidden_channels[lv], cfg.top_down_channels[lv], \
         cfg.hidden_top_down_channels[lv], cfg.channels_per_latent[lv]
     kb, kt = cfg.kernel_sizes_bottom_up[lv] ** 3, cfg.kernel_sizes_top_down[lv] ** 3
@@ -208,8 +210,7 @@ def _level_macs(cfg: Config, lv: int, blocks: int) -> int:
         return c_in * H + 2 * H * H * kt + H * c_out
 
     layer = stack(W, 2 * Z + W) + stack(E + W, 2 * Z) + Z * W + stack(W, W)
-    coarser = cfg.top_down_channels[lv + 1] if lv < cfg.num_levels - 1 else W
-    return macs + cfg.latent_feature_maps_per_resolution[lv] * layer + (coarser * W if coarser != W else 0)
+    return macs + cfg.latent_feature_maps_per_resolution[lv] * layer
 
 
 def _sizes(cfg: Config) -> tuple[int, int]:

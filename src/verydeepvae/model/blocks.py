@@ -144,7 +144,9 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour ×2, then a 1×1 projection when the decoder width changes."""
+    """Nearest-neighbour ×2, with a 1×1 projection when the decoder width changes.  The projection
+    runs before the upsampling, at an eighth of the voxels: a 1×1 convolution acts on each voxel
+    alone, so projecting then copying gives exactly what copying then projecting gives."""
 
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
@@ -152,30 +154,79 @@ class Upsample(nn.Module):
         self.project = None if in_channels == out_channels else Conv3d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = upsample_nearest_2x(x, self.channels_last)
-        return x if self.project is None else self.project(x)
+        if self.project is not None:
+            x = self.project(x)
+        return upsample_nearest_2x(x, self.channels_last)
 
 
 def avg_pool_2x(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """``F.avg_pool3d(x, 2)``; in channels-last mode as a mean over 2x2x2 blocks of the
-    channels-last layout, which keeps it channels-last (the CPU pooling kernel converts its input
-    to channels-first)."""
+    """``F.avg_pool3d(x, 2)``, kept channels-last in channels-last mode (the CPU pooling kernel
+    converts its input to channels-first)."""
     if not channels_last:
         return F.avg_pool3d(x, 2)
-    b, c, d, h, w = x.shape
-    y = x.permute(0, 2, 3, 4, 1).reshape(b, d // 2, 2, h // 2, 2, w // 2, 2, c).mean(dim=(2, 4, 6))
-    return y.permute(0, 4, 1, 2, 3)
+    return _AveragePool2x.apply(x)
 
 
 def upsample_nearest_2x(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """``F.interpolate(x, scale_factor=2, mode="nearest")`` as a broadcast copy: the same values,
-    in the requested memory format (a 1³ input's layout is ambiguous, so it is not read off the
-    input), and a backward that is a plain sum (torch.compile's CPU code generation fails on the
-    scatter-add of the interpolate backward in torch 2.13)."""
+    """``F.interpolate(x, scale_factor=2, mode="nearest")``: the same values, in the requested
+    memory format (a 1³ input's layout is ambiguous, so it is not read off the input).  Written by
+    hand for its backward: torch's sums 2×2×2 blocks 10-50x slower than ``_sum_blocks`` (a sum over
+    three strided dimensions), and torch.compile's CPU code generation fails on the scatter-add of
+    the interpolate backward in torch 2.13."""
+    return _Upsample2x.apply(x, channels_last)
+
+
+def _blocks(t: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """A view of a (B, C, 2D, 2H, 2W) tensor with each 2×2×2 block's offsets as dimensions of
+    size 2, and which dimensions those are: (B, D, 2, H, 2, W, 2, C) over the channels-last
+    layout, (B, C, D, 2, H, 2, W, 2) over the channels-first one (copied into it if need be)."""
+    b, c, d, h, w = t.shape
+    if channels_last:
+        return t.permute(0, 2, 3, 4, 1).contiguous().view(b, d // 2, 2, h // 2, 2, w // 2, 2, c), (2, 4, 6)
+    return t.contiguous().view(b, c, d // 2, 2, h // 2, 2, w // 2, 2), (3, 5, 7)
+
+
+def _sum_blocks(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Sum of every 2×2×2 block of t (B, C, 2D, 2H, 2W) -> (B, C, D, H, W), in t's layout and
+    dtype, by three pairwise additions of contiguous halves (in float32 for 16-bit inputs)."""
+    blocks, dims = _blocks(t, channels_last)
+    wide = torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+    for dim in reversed(dims):  # the last first, so the earlier dimensions keep their places
+        blocks = blocks.select(dim, 0).to(wide) + blocks.select(dim, 1)
+    blocks = blocks.to(t.dtype)
+    return blocks.permute(0, 4, 1, 2, 3) if channels_last else blocks
+
+
+def _copy_blocks(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Every voxel of x (B, C, D, H, W) copied into a 2×2×2 block -> (B, C, 2D, 2H, 2W)."""
     b, c, d, h, w = x.shape
     if channels_last:
-        y = x.permute(0, 2, 3, 4, 1)[:, :, None, :, None, :, None, :]
-        y = y.expand(b, d, 2, h, 2, w, 2, c).reshape(b, 2 * d, 2 * h, 2 * w, c)
-        return y.contiguous().permute(0, 4, 1, 2, 3)  # (from 1³ the reshape can be a stride-0 view)
-    y = x[:, :, :, None, :, None, :, None].expand(b, c, d, 2, h, 2, w, 2)
-    return y.reshape(b, c, 2 * d, 2 * h, 2 * w).contiguous()
+        out = torch.empty((b, 2 * d, 2 * h, 2 * w, c), dtype=x.dtype, device=x.device)
+        out.view(b, d, 2, h, 2, w, 2, c).copy_(x.permute(0, 2, 3, 4, 1)[:, :, None, :, None, :, None, :])
+        return out.permute(0, 4, 1, 2, 3)
+    out = torch.empty((b, c, 2 * d, 2 * h, 2 * w), dtype=x.dtype, device=x.device)
+    out.view(b, c, d, 2, h, 2, w, 2).copy_(x[:, :, :, None, :, None, :, None])
+    return out
+
+
+class _Upsample2x(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+        ctx.channels_last = channels_last
+        return _copy_blocks(x, channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _sum_blocks(grad, ctx.channels_last), None
+
+
+class _AveragePool2x(torch.autograd.Function):
+    """Channels-last mean over 2×2×2 blocks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return _sum_blocks(x, True).mul_(0.125)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _copy_blocks(grad * 0.125, True)
