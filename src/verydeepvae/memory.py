@@ -146,8 +146,7 @@ def estimate(cfg: Config) -> MemoryEstimate:
     for lv in range(n):
         v = res[lv] ** 3
         W, H, E, Z = dec_w[lv], dec_h[lv], enc_w[lv], z_ch[lv]
-        # the upsampling projection into this level runs at the coarser level's voxels
-        coarser = dec_w[lv + 1] if lv < n - 1 else W
+        coarser = dec_w[lv + 1] if lv < n - 1 else W  # projected into lv at its own v / 8 voxels
         macs = v * _level_macs(cfg, lv, blocks[lv]) + (v // 8) * (coarser * W if coarser != W else 0)
         # encoder blocks: input + stack (bottleneck 6 H, or the plain two-conv branch 2 C)
         enc_stored = enc_ckpt = 0
