@@ -170,9 +170,9 @@ def avg_pool_2x(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 def upsample_nearest_2x(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """``F.interpolate(x, scale_factor=2, mode="nearest")``: the same values, in the requested
     memory format (a 1³ input's layout is ambiguous, so it is not read off the input).  Written by
-    hand for its backward: torch's sums 2×2×2 blocks 10-50x slower than ``_sum_blocks`` (a sum over
-    three strided dimensions), and torch.compile's CPU code generation fails on the scatter-add of
-    the interpolate backward in torch 2.13."""
+    hand for its backward: torch sums 2×2×2 blocks, a reduction over three strided dimensions,
+    10-50x more slowly than ``_sum_blocks``, and torch.compile's CPU code generation fails on the
+    scatter-add of the interpolate backward in torch 2.13."""
     return _Upsample2x.apply(x, channels_last)
 
 
