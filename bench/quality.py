@@ -10,7 +10,8 @@ population made with another seed, and prints one table plus a learning-curve fi
         --set learning_rate=0.003 --precision bf16
 
 Columns: held-out negative ELBO (bits/voxel), resolution levels without an active latent unit,
-ratios to the real-vs-real baseline of the random-CNN Fréchet distance and MMD, sample MS-SSIM
+ratios to the real-vs-real baseline of the random-CNN Fréchet distance and MMD (n/a when the
+unbiased real-vs-real MMD² is not positive, which happens with small sets), sample MS-SSIM
 minus real-pair MS-SSIM, 1-Wasserstein ratios of the tissue volumes (samples vs real over real vs
 real, matched set sizes) and the memorisation ratio (median nearest-training distance of samples
 over that of held-out volumes).  Nothing here is asserted anywhere: figures move with the machine,
@@ -177,7 +178,10 @@ def format_row(row: dict, header: bool = False) -> str:
         value = row.get(key)
         if key == "dead_levels":
             value = ",".join(f"{r}³" for r in value) or "none"
-        cells.append(fmt.format(value) if value is not None else f"{'-':>7}")
+        if isinstance(value, float) and np.isnan(value):
+            cells.append(f"{'n/a':>7}")
+        else:
+            cells.append(fmt.format(value) if value is not None else f"{'-':>7}")
     line = " ".join(cells)
     if not header:
         return line
