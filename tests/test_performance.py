@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from verydeepvae import memory
 from verydeepvae.cli import main
@@ -167,42 +166,6 @@ def test_channels_last_gives_the_same_loss_and_gradients():
     # and the weights can be saved and loaded like any others
     restored = VeryDeepVAE(build_config(preset="tiny"))
     restored.load_state_dict({k: v.contiguous() for k, v in cl_model.state_dict().items()})
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("size", [1, 2, 4])
-def test_hand_written_resampling_is_torch_s_in_values_gradients_and_layout(channels_last, size):
-    """Nearest ×2 upsampling and 2×2×2 average pooling (written by hand for speed) give what
-    F.interpolate and F.avg_pool3d give, forward and backward, and keep channels-last tensors so."""
-    from verydeepvae.model.blocks import Upsample, avg_pool_2x, upsample_nearest_2x
-
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
-    x = torch.randn(2, 5, size, size, size).contiguous(memory_format=fmt).requires_grad_()
-    ref = x.detach().clone().requires_grad_()
-    up, up_ref = upsample_nearest_2x(x, channels_last), F.interpolate(ref, scale_factor=2, mode="nearest")
-    grad = torch.randn_like(up_ref)
-    up.backward(grad)
-    up_ref.backward(grad)
-    assert torch.equal(up, up_ref)
-    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-6, atol=1e-6)
-    if channels_last:
-        assert up.is_contiguous(memory_format=torch.channels_last_3d)
-
-    big = torch.randn(2, 5, 2 * size, 2 * size, 2 * size).contiguous(memory_format=fmt).requires_grad_()
-    big_ref = big.detach().clone().requires_grad_()
-    pooled, pooled_ref = avg_pool_2x(big, channels_last), F.avg_pool3d(big_ref, 2)
-    pooled.backward(grad[:, :, :size, :size, :size])
-    pooled_ref.backward(grad[:, :, :size, :size, :size])
-    torch.testing.assert_close(pooled, pooled_ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(big.grad, big_ref.grad, rtol=1e-6, atol=1e-6)
-    if channels_last and size > 1:
-        assert pooled.is_contiguous(memory_format=torch.channels_last_3d)
-
-    # the decoder's upsampling projects before copying, which changes nothing
-    module = Upsample(5, 3)
-    module.channels_last = channels_last
-    torch.testing.assert_close(module(x), module.project(F.interpolate(x, scale_factor=2, mode="nearest")),
-                               rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_loss_is_fp32_loss_to_bf16_precision_with_float32_kl_and_likelihood():
