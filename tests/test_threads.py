@@ -104,6 +104,15 @@ def test_a_small_difference_does_not_switch(monkeypatch):
     assert run(governor, machine, 100) == [] and governor.choice == 4
 
 
+def test_restore_gives_back_all_threads_after_a_switch(monkeypatch):
+    machine = FakeMachine({4: 4.0, 2: 1.8}, neighbour=True)
+    governor = governed(machine, monkeypatch)
+    run(governor, machine, 20)
+    assert governor.choice == 2 and machine.threads == 2
+    governor.restore()
+    assert machine.threads == 4
+
+
 def test_disabled_governor_only_runs_the_step(monkeypatch):
     machine = FakeMachine({4: 4.0, 2: 0.1}, neighbour=True)
     governor = ThreadGovernor(False, clock=machine.clock, set_threads=machine.set_threads)
@@ -128,7 +137,8 @@ def test_governor_only_where_the_thread_count_may_change(monkeypatch):
 
 def test_training_runs_under_the_governor_and_says_when_it_changes_the_count(tmp_path, monkeypatch, capsys):
     """Wiring: with the signal forced to "busy" and any other count counted faster, a real run
-    changes its thread count after a few steps, says so, and finishes."""
+    changes its thread count after a few steps, says so, finishes, and gives the process its
+    thread count back (a second run in the same process starts from all threads)."""
     from conftest import write_ellipsoids
     from verydeepvae.cli import main
 
@@ -145,7 +155,7 @@ def test_training_runs_under_the_governor_and_says_when_it_changes_the_count(tmp
         assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "data"), "--output-dir",
                      str(tmp_path / "run"), "--max-steps", "12", "--no-progress", "--set", "num_workers=0",
                      "--set", "quality_samples=0", "--set", "subjects_to_plot=0"]) == 0
-        assert torch.get_num_threads() == max(1, before // 2)
+        assert torch.get_num_threads() == before
     finally:
         torch.set_num_threads(before)
     log = (tmp_path / "run" / "train.log").read_text()

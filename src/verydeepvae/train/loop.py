@@ -154,6 +154,7 @@ class _Trainer:
                 last_checkpoint = self._loop(batches)
         finally:
             batches.close()  # shuts the DataLoader's worker processes down now, not at garbage collection
+            self.threads.restore()
         self.console.close_bar()
         self._debug_final("finished")
         if self.runtime.is_main:

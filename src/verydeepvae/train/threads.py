@@ -84,6 +84,13 @@ class ThreadGovernor:
         self.probe: list[float] | None = None  # step times with the other count, while comparing
         self.switches = 0
 
+    def restore(self) -> None:
+        """Gives the process back the thread count it had before the run: a later run in the same
+        process (``bench/quality.py``'s calibration, then its training; a notebook) starts from all
+        threads, not from the count the last neighbour left behind."""
+        if self.enabled:
+            self.set_threads(self.full)
+
     @property
     def other(self) -> int:
         return max(1, self.full // 2) if self.choice == self.full else self.full
