@@ -104,6 +104,17 @@ def test_a_small_difference_does_not_switch(monkeypatch):
     assert run(governor, machine, 100) == [] and governor.choice == 4
 
 
+def test_slow_steps_right_after_side_work_are_not_read_as_a_neighbour(monkeypatch):
+    machine = FakeMachine({4: 1.0, 2: 1.6})
+    governor = governed(machine, monkeypatch)
+    run(governor, machine, 50)
+    governor.settle_after_side_work()  # e.g. a validation just ran
+    machine.neighbour, machine.cost = True, {4: 3.0, 2: 1.6}  # the next steps look busy...
+    run(governor, machine, threads.SETTLE)
+    machine.neighbour, machine.cost = False, {4: 1.0, 2: 1.6}  # ...and then no longer
+    assert run(governor, machine, 50) == [] and set(machine.history) == {4}  # no comparison was made
+
+
 def test_restore_gives_back_all_threads_after_a_switch(monkeypatch):
     machine = FakeMachine({4: 4.0, 2: 1.8}, neighbour=True)
     governor = governed(machine, monkeypatch)

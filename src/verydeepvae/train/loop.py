@@ -188,12 +188,18 @@ class _Trainer:
             if self.stop.signum is None and distributed.launcher_gone(self.runtime):
                 self.stop.signum = signal.SIGTERM  # torchrun died: stop as if it had sent SIGTERM
             stop = distributed.any_rank(self.stop.signum is not None, self.runtime)
+            side_work = False
             if self.step % self.periods["validation"] == 0 or done:
                 self._validate()
+                side_work = True
             if self.step % self.periods["checkpoint"] == 0 or done or stop:
                 last_checkpoint = self._save_checkpoint()
+                side_work = True
             if self.step % self.periods["figures"] == 0 or done:  # after the checkpoint: side work
                 self._figures()
+                side_work = True
+            if side_work:
+                self.threads.settle_after_side_work()
             if stop:
                 self.reporter.close()
                 self._debug_final("stopped")

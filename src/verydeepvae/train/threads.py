@@ -84,6 +84,12 @@ class ThreadGovernor:
         self.probe: list[float] | None = None  # step times with the other count, while comparing
         self.switches = 0
 
+    def settle_after_side_work(self) -> None:
+        """Ignores the next few steps: right after a validation, checkpoint or figure the first
+        steps run slow while the data worker refills its queue and memory is reused, and read as a
+        neighbour (the calibration of ``bench/quality.py`` once switched to one thread on them)."""
+        self.settle = max(self.settle, SETTLE)
+
     def restore(self) -> None:
         """Gives the process back the thread count it had before the run: a later run in the same
         process (``bench/quality.py``'s calibration, then its training; a notebook) starts from all
