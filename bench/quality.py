@@ -14,7 +14,11 @@ ratios to the real-vs-real baseline of the random-CNN Fréchet distance and MMD 
 unbiased real-vs-real MMD² is not positive, which happens with small sets), sample MS-SSIM
 minus real-pair MS-SSIM, 1-Wasserstein ratios of the tissue volumes (samples vs real over real vs
 real, matched set sizes) and the memorisation ratio (median nearest-training distance of samples
-over that of held-out volumes).  Nothing here is asserted anywhere: figures move with the machine,
+over that of held-out volumes) and what drew the samples' coarse latents: the learned prior or
+the Gaussian fitted at the end of training (model/fitted_prior.py).  A checkpoint that samples
+with the fitted Gaussian is read twice, once with the learned prior, so the curve shows what the
+extra steps gave apart from the change of prior (the figure marks the fitted reading with a
+star).  Nothing here is asserted anywhere: figures move with the machine,
 the seed and the held-out population (vary ``--heldout-seed`` when you judge a change).
 
 With ``--minutes``, a short calibration run measures the time per step and the cost of one
@@ -72,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision:
         overrides["precision"] = args.precision
     base = build_config(args.preset, args.config, overrides)
+    population_seed = base.seed if base.seed is not None else 0  # as data/datasets.py makes the phantoms
+    if base.data_path is None and population_seed == args.heldout_seed:
+        parser.error(f"the training phantoms have population seed {population_seed}: give another "
+                     "--heldout-seed (the same seed makes the same subjects)")
     heldout = out / f"heldout_{base.resolution}_seed{args.heldout_seed}"
     if not (heldout / "participants.tsv").is_file():
         generate_population(args.heldout_num, base.resolution, heldout, args.heldout_seed, montage=False,
@@ -95,19 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     train(cfg, show_progress=sys.stderr.isatty())
     train_seconds = time.perf_counter() - started
-    elapsed = _elapsed_by_step(run_dir / "metrics.jsonl")
 
-    rows = []
-    for path in sorted((run_dir / "checkpoints").glob("step_*.safetensors")):
-        trained = open_trained(path, device=cfg.device)
-        step = trained.checkpoint.step
-        report = run_evaluation(trained, heldout, out / f"evaluation_step_{step:08d}", EvaluationOptions(
-            num_samples=args.samples, temperature=args.temperature, seed=0, max_train=200, show_progress=False))
-        logged = [s for s in elapsed if s <= step]
-        minutes = elapsed[max(logged)] / 60.0 if logged else float("nan")
-        row = {"step": step, "minutes": minutes, **quality_row(report.data)}
-        rows.append(row)
-        print(format_row(row, header=len(rows) == 1), flush=True)
+    rows = evaluate_checkpoints(run_dir, heldout, out, args, cfg.device, _elapsed_by_step(run_dir / "metrics.jsonl"))
     summary = {"preset": args.preset, "overrides": overrides, "steps": steps, "train_seconds": train_seconds,
                "seconds_per_step_calibrated": seconds_per_step,
                "seconds_per_validation_calibrated": seconds_per_validation, "heldout": str(heldout), "rows": rows}
@@ -116,6 +113,29 @@ def main(argv: list[str] | None = None) -> int:
     print(f"training {train_seconds / 60:.1f} min; table in {out / 'quality.json'}, figure "
           f"{out / 'learning_curves.png'}, reports in {out}/evaluation_step_*")
     return 0
+
+
+def evaluate_checkpoints(run_dir: Path, heldout: Path, out: Path, args, device, elapsed: dict[int, float]) -> list[dict]:
+    """One table row per checkpoint, printed as it comes.  A checkpoint whose samples draw the
+    coarse latents from the fitted Gaussian (the final one, when training kept it) gets a second
+    row read with the learned prior, so the curve's last step does not mix a change of prior
+    with the extra training."""
+    rows: list[dict] = []
+    for path in sorted((run_dir / "checkpoints").glob("step_*.safetensors")):
+        trained = open_trained(path, device=device)
+        step = trained.checkpoint.step
+        logged = [s for s in elapsed if s <= step]
+        minutes = elapsed[max(logged)] / 60.0 if logged else float("nan")
+        for prior in ("auto", "learned"):
+            folder = out / (f"evaluation_step_{step:08d}" + ("" if prior == "auto" else "_learned_prior"))
+            report = run_evaluation(trained, heldout, folder, EvaluationOptions(
+                num_samples=args.samples, temperature=args.temperature, seed=0, max_train=200,
+                show_progress=False, prior=prior))
+            rows.append({"step": step, "minutes": minutes, **quality_row(report.data)})
+            print(format_row(rows[-1], header=len(rows) == 1), flush=True)
+            if rows[-1]["prior"] == "learned":
+                break
+    return rows
 
 
 CALIBRATION_STEPS = 24
@@ -166,9 +186,10 @@ def _elapsed_by_step(path: Path) -> dict[int, float]:
 
 COLUMNS = [("step", "{:>6d}"), ("minutes", "{:>7.1f}"), ("bits_per_voxel", "{:>6.3f}"), ("dead_levels", "{:>12}"),
            ("frechet_ratio", "{:>7.2f}"), ("mmd_ratio", "{:>7.2f}"), ("ms_ssim_gap", "{:>+7.3f}")] + \
-          [(f"w1_ratio_{t}", "{:>6.2f}") for t in TISSUES] + [("memorisation_ratio", "{:>6.2f}")]
+          [(f"w1_ratio_{t}", "{:>6.2f}") for t in TISSUES] + [("memorisation_ratio", "{:>6.2f}"), ("prior", "{:>13}")]
 HEADERS = {"step": "step", "minutes": "min", "bits_per_voxel": "bits", "dead_levels": "dead levels",
            "frechet_ratio": "FD x", "mmd_ratio": "MMD x", "ms_ssim_gap": "MSSSIM", "memorisation_ratio": "mem",
+           "prior": "prior",
            **{f"w1_ratio_{t}": t.split("_")[0][:6] for t in TISSUES}}
 
 
@@ -196,22 +217,30 @@ def curves_figure(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["minutes"] for r in rows]
+    learned = [r for r in rows if not r.get("prior", "").startswith("fitted")]
+    fitted = [r for r in rows if r.get("prior", "").startswith("fitted")]  # drawn as stars, off the lines
+
+    def curve(ax, key, style, label):
+        ax.plot([r["minutes"] for r in learned], [r[key] for r in learned], style, label=label)
+        if fitted:
+            ax.plot([r["minutes"] for r in fitted], [r[key] for r in fitted], "*", ms=11,
+                    color=ax.get_lines()[-1].get_color(), label=None)
+
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    axes[0].plot(x, [r["bits_per_voxel"] for r in rows], "o-")
+    curve(axes[0], "bits_per_voxel", "o-", None)
     axes[0].set_ylabel("held-out bits/voxel")
-    axes[1].plot(x, [r["frechet_ratio"] for r in rows], "o-", label="Fréchet (random CNN)")
-    axes[1].plot(x, [r["mmd_ratio"] for r in rows], "s-", label="MMD")
+    curve(axes[1], "frechet_ratio", "o-", "Fréchet (random CNN)")
+    curve(axes[1], "mmd_ratio", "s-", "MMD")
     axes[1].axhline(1.0, color="grey", lw=0.8)
     axes[1].set_yscale("log")
     axes[1].set_ylabel("ratio to real vs real (log)")
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, title=f"★ {fitted[0]['prior']} prior" if fitted else None, title_fontsize=7)
     for t in TISSUES:
-        axes[2].plot(x, [r[f"w1_ratio_{t}"] for r in rows], "o-", label=t.replace("_ml", ""))
+        curve(axes[2], f"w1_ratio_{t}", "o-", t.replace("_ml", ""))
     axes[2].axhline(1.0, color="grey", lw=0.8)
     axes[2].set_ylabel("tissue-volume W1 ratio")
     axes[2].legend(fontsize=7)
-    axes[3].plot(x, [r["active_levels"] for r in rows], "o-")
+    curve(axes[3], "active_levels", "o-", None)
     axes[3].set_ylabel("levels with an active unit")
     for ax in axes:
         ax.set_xlabel("training minutes")

@@ -16,6 +16,7 @@ from verydeepvae.config import build_config
 from verydeepvae.generate import load_model
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model.fitted_prior import FittedPrior
+from verydeepvae.sampling import fitted_levels
 from verydeepvae import checkpoint as ckpt, metrics
 from verydeepvae.train import fit_prior
 
@@ -131,8 +132,10 @@ def test_sampling_uses_the_fitted_prior_only_when_asked_or_attached():
     with pytest.raises(ValueError, match="no fitted prior"):
         model.sample(2, prior="fitted")
     learned = model.sample(2, generator=torch.Generator().manual_seed(0))
+    assert fitted_levels(model) == []  # what reports record: no fitted Gaussian, nothing drawn from one
     volumes = np.random.default_rng(1).random((4,) + (model.resolution,) * 3, dtype=np.float32)
     model.fitted_prior = fit_prior.fit(model, volumes, batch_size=2, seed=0, levels=2)
+    assert fitted_levels(model) == [1, 2] and fitted_levels(model, "learned") == []
     # shift the Gaussian far away: samples drawn with it must change, "learned" must not
     model.fitted_prior.mean += 5.0
     fitted = model.sample(2, generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ import torch
 from verydeepvae.config import build_config
 from verydeepvae.errors import ConfigError
 from verydeepvae.train.optim import layer_kl_weights
-from verydeepvae.evaluate.summary import quality_row
+from verydeepvae.evaluate.summary import prior_label, quality_row
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model.vae import balanced_kl_coefficients
 from verydeepvae.checkpoint import Checkpoint
@@ -112,6 +112,7 @@ def test_quality_row_reads_the_headline_figures_of_a_report():
         "distances": {"random_cnn": {"frechet": {"ratio_to_baseline": 2.5}, "mmd": {"ratio_to_baseline": 4.0}}},
         "diversity": {"samples": {"mean": 0.9}, "real": {"mean": 0.85}},
         "memorisation": {"voxels": {"median_ratio": 1.1}},
+        "samples": {"prior_levels": [1, 2, 4]},
         "morphometry": {"comparison": {"features": {"gm_ml": {"samples_vs_real_half_ml": 30.0,
                                                               "real_vs_real_half_ml": 10.0}}}},
     }
@@ -121,7 +122,10 @@ def test_quality_row_reads_the_headline_figures_of_a_report():
     assert row["ms_ssim_gap"] == pytest.approx(0.05)
     assert row["w1_ratio_gm_ml"] == pytest.approx(3.0)
     assert math.isnan(row["w1_ratio_wm_ml"])  # missing sections are NaN, not errors
+    assert row["prior"] == "fitted 1³-4³"
     assert math.isnan(quality_row({})["bits_per_voxel"])
+    assert quality_row({})["prior"] == "?"  # a report from before the record
+    assert prior_label([]) == "learned" and prior_label([1]) == "fitted 1³"
 
 
 @pytest.mark.slow

@@ -173,6 +173,13 @@ def describe_voxels(model: VeryDeepVAE, voxels: str = "auto") -> str:
     return f"{DRAWN}, a mixture of {mixtures} discretised logistics" if mixtures > 1 else DRAWN
 
 
+def fitted_levels(model: VeryDeepVAE, prior: str = "auto") -> list[int]:
+    """Resolutions (edge length, coarsest first) whose latents the fitted Gaussian draws under
+    ``prior``; empty when the learned prior draws every layer."""
+    fitted = model.prior_in_use(prior)
+    return [] if fitted is None else sorted({int(shape[-1]) for shape in fitted.shapes})
+
+
 def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:
     """Which prior draws the coarse latents, for samples.json and reports."""
     check_prior(model, prior)  # the one-line error for "fitted" without one, before anything is written

@@ -16,7 +16,7 @@ from ..console import bar
 from ..data.nifti_load import VolumeMeta
 from ..guidance import Guidance, as_guidance
 from ..inference import TrainedModel
-from ..sampling import check_temperature, describe_prior, describe_voxels, iter_samples
+from ..sampling import check_temperature, describe_prior, describe_voxels, fitted_levels, iter_samples
 from ..scan_files import load_preprocessed
 from . import compute, morphometry
 from .data import EvaluationData, participant_id, select_data
@@ -169,6 +169,7 @@ def _model_sections(report: dict[str, Any], trained: TrainedModel, heldout: np.n
     voxels = describe_voxels(trained.model, options.voxels)
     report["samples"] = {"num": len(samples), "temperature": temperature, "seed": options.seed,
                          "batch_size": options.batch_size, "prior": describe_prior(trained.model, options.prior),
+                         "prior_levels": fitted_levels(trained.model, options.prior),
                          "voxels": voxels, "note": f"prior samples, output = {voxels}; the same seed, "
                                                    "temperature and batch size give the same volumes"}
     lap("sampling")

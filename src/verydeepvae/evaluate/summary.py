@@ -11,7 +11,8 @@ Each figure is a ratio or gap against the real-vs-real reference the report comp
   over real vs real (matched set sizes);
 * ``memorisation_ratio``: median distance of a sample to its nearest training volume over that of a
   held-out volume (< 1: samples closer to the training set than unseen brains are);
-* ``dead_levels``: resolutions (edge length) none of whose latent units is active.
+* ``dead_levels``: resolutions (edge length) none of whose latent units is active;
+* ``prior``: what drew the samples' coarse latents, "learned" or "fitted 1³-4³" (model/fitted_prior.py).
 
 Missing sections give ``nan`` (or an empty list), never an error.
 """
@@ -45,6 +46,17 @@ def level_activity(report: dict[str, Any]) -> dict[int, int]:
     return out
 
 
+def prior_label(levels: list[int] | None) -> str:
+    """"learned", or "fitted 1³-4³" for a Gaussian over those levels' latents ("?" when a report
+    predates the record)."""
+    if levels is None:
+        return "?"
+    if not levels:
+        return "learned"
+    low, high = min(levels), max(levels)
+    return f"fitted {low}³" if low == high else f"fitted {low}³-{high}³"
+
+
 def quality_row(report: dict[str, Any]) -> dict[str, Any]:
     """The headline figures of ``report`` (the dict written as report.json)."""
     activity = level_activity(report)
@@ -58,6 +70,7 @@ def quality_row(report: dict[str, Any]) -> dict[str, Any]:
         "mmd_ratio": _num(_get(report, "distances", "random_cnn", "mmd", "ratio_to_baseline")),
         "recon_psnr_db": _num(_get(report, "reconstruction", "psnr_db", "mean")),
         "memorisation_ratio": _num(_get(report, "memorisation", "voxels", "median_ratio")),
+        "prior": prior_label(_get(report, "samples", "prior_levels")),
     }
     samples = _num(_get(report, "diversity", "samples", "mean"))
     real = _num(_get(report, "diversity", "real", "mean"))
