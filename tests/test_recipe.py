@@ -143,6 +143,17 @@ def test_quality_benchmark_runs_on_a_tiny_budget(tmp_path):
     assert "FD x" in result.stdout
 
 
+def test_quality_benchmark_refuses_held_out_phantoms_of_the_training_population(tmp_path):
+    """The same population seed makes the same subjects: "held-out" phantoms would be training ones."""
+    out = tmp_path / "quality"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--preset", "tiny", "--steps", "2", "--set", "seed=3",
+         "--heldout-seed", "3", "--output-dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "the training phantoms have population seed 3" in result.stderr
+    assert not (out / "run").exists()
+
+
 @pytest.mark.parametrize("native,expected", [(True, "bf16"), (False, "fp32")])
 def test_precision_auto_picks_bf16_only_where_it_is_native(monkeypatch, native, expected):
     from verydeepvae.train import precision
