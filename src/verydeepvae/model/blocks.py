@@ -31,6 +31,11 @@ class Conv3d(nn.Module):
 
     Odd kernels pad symmetrically; even kernels pad one more voxel before than after (the
     original project's choice for its 2³ kernels).
+
+    On the CPU, a kernel wider than its grid (3 on 2³, 5 on 2³ or 4³) runs in float32 even under
+    bfloat16 autocast: torch 2.13's CPU bfloat16 convolution returns wrong or non-finite weight
+    gradients there (measured: 60 of 60 trials wrong for 3 on 2³, 17 of 60 non-finite for 5 on 4³;
+    docs/performance.md), and these levels are too small for the cost to show.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, zero_init: bool = False):
@@ -40,6 +45,7 @@ class Conv3d(nn.Module):
         # an explicit pad only for even kernels
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=after)
         self.padding = (before - after, 0) * 3
+        self.kernel_size = kernel_size
         self.needs_pad = before != after
         # set for one-channel inputs in channels-last mode: their layout is ambiguous and the
         # convolution would otherwise return channels-first, converting everything downstream
@@ -49,10 +55,23 @@ class Conv3d(nn.Module):
             nn.init.zeros_(self.conv.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wider_than_grid = x.shape[-1] < self.kernel_size
         if self.needs_pad:
             x = F.pad(x, self.padding)
-        x = self.conv(x)
+        low_precision = x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
+        if wider_than_grid and low_precision and x.device.type == "cpu":
+            x = self._float32_conv(x)
+        else:
+            x = self.conv(x)
         return x if self.output_format is None else x.contiguous(memory_format=self.output_format)
+
+    def _float32_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution in float32, returned in the dtype autocast would have given."""
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        conv = self.conv
+        with torch.autocast("cpu", enabled=False):
+            out = F.conv3d(x.float(), conv.weight.float(), conv.bias.float(), padding=conv.padding)
+        return out.to(dtype)
 
     def scale_weight_(self, factor: float) -> None:
         with torch.no_grad():
