@@ -43,6 +43,7 @@ from verydeepvae.process_defaults import apply_cli_defaults
 apply_cli_defaults()  # as the CLI does, before anything loads torch (a bounded OpenMP spin, process_defaults.py)
 
 from verydeepvae.config import build_config, parse_override
+from verydeepvae.data.datasets import population_seed
 from verydeepvae.data.phantom import generate_population
 from verydeepvae.evaluate import EvaluationOptions, run_evaluation
 from verydeepvae.evaluate.summary import quality_row
@@ -76,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision:
         overrides["precision"] = args.precision
     base = build_config(args.preset, args.config, overrides)
-    population_seed = base.seed if base.seed is not None else 0  # as data/datasets.py makes the phantoms
-    if base.data_path is None and population_seed == args.heldout_seed:
-        parser.error(f"the training phantoms have population seed {population_seed}: give another "
+    if base.data_path is None and population_seed(base) == args.heldout_seed:
+        parser.error(f"the training phantoms have population seed {population_seed(base)}: give another "
                      "--heldout-seed (the same seed makes the same subjects)")
     heldout = out / f"heldout_{base.resolution}_seed{args.heldout_seed}"
     if not (heldout / "participants.tsv").is_file():

@@ -18,6 +18,7 @@ from .console import bar
 from .errors import Stopped, UserError
 from .inference import intensity_record, reference_range, to_data_intensity
 from .model import VeryDeepVAE
+from .model.fitted_prior import resolutions
 from .model.vae import GuidanceWeights
 from .volume_io import grid_affine, save_nifti
 
@@ -177,7 +178,7 @@ def fitted_levels(model: VeryDeepVAE, prior: str = "auto") -> list[int]:
     """Resolutions (edge length, coarsest first) whose latents the fitted Gaussian draws under
     ``prior``; empty when the learned prior draws every layer."""
     fitted = model.prior_in_use(prior)
-    return [] if fitted is None else sorted({int(shape[-1]) for shape in fitted.shapes})
+    return [] if fitted is None else resolutions(fitted.shapes)
 
 
 def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:

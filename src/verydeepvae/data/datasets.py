@@ -392,11 +392,17 @@ def _run_jobs(jobs: list[tuple[str, str]], cache: VolumeCache, workers: int,
 # --- the built-in phantom population ----------------------------------------------------------------
 
 
+def population_seed(cfg: Any) -> int:
+    """The phantom population's seed: the run's seed, 0 for a random one (``seed: null`` varies the
+    training, not the subjects)."""
+    return int(cfg.seed) if cfg.seed is not None else 0
+
+
 def phantom_folder(cfg: Any, cache_root: Path, show_progress: bool | None = None) -> Path:
     """The phantom population for this configuration, generated once (atomically) into the cache."""
     if cfg.phantom_num < 1:
         raise ConfigError("phantom_num must be >= 1 when data_path is not set (the built-in phantom data)")
-    seed = int(cfg.seed) if cfg.seed is not None else 0
+    seed = population_seed(cfg)
     folder = cache_root / f"phantom_{cfg.resolution}_{cfg.phantom_num}_{seed}"
     if folder.is_dir():
         return folder

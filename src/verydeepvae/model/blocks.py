@@ -58,8 +58,8 @@ class Conv3d(nn.Module):
         wider_than_grid = x.shape[-1] < self.kernel_size
         if self.needs_pad:
             x = F.pad(x, self.padding)
-        low_precision = x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
-        if wider_than_grid and low_precision and x.device.type == "cpu":
+        if wider_than_grid and x.device.type == "cpu" and (x.dtype == torch.bfloat16
+                                                           or torch.is_autocast_enabled("cpu")):
             x = self._float32_conv(x)
         else:
             x = self.conv(x)

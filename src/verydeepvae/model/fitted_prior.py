@@ -52,9 +52,14 @@ class FittedPriorChoice(TypedDict, total=False):
     not_fitted: str  # why no Gaussian could be fitted
 
 
+def resolutions(shapes: Sequence[Sequence[int]]) -> list[int]:
+    """The resolutions (edge length, coarsest first) of latent layers of ``shapes`` (C, R, R, R)."""
+    return sorted({int(shape[-1]) for shape in shapes})
+
+
 def levels_text(shapes: Sequence[Sequence[int]]) -> str:
     """"1³, 2³, 4³": the resolutions of latent layers of ``shapes`` (C, R, R, R)."""
-    return ", ".join(f"{s}³" for s in sorted({int(shape[-1]) for shape in shapes}))
+    return ", ".join(f"{s}³" for s in resolutions(shapes))
 
 
 def chosen_prior_text(meta: FittedPriorChoice) -> str:
