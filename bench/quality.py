@@ -77,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.precision:
         overrides["precision"] = args.precision
     base = build_config(args.preset, args.config, overrides)
-    if base.data_path is None and population_seed(base) == args.heldout_seed:
-        parser.error(f"the training phantoms have population seed {population_seed(base)}: give another "
+    training_population = population_seed(base)
+    if base.data_path is None and training_population == args.heldout_seed:
+        parser.error(f"the training phantoms have population seed {training_population}: give another "
                      "--heldout-seed (the same seed makes the same subjects)")
     heldout = out / f"heldout_{base.resolution}_seed{args.heldout_seed}"
     if not (heldout / "participants.tsv").is_file():
