@@ -18,6 +18,7 @@ from verydeepvae.cli import main
 from verydeepvae.data.phantom import generate_population, read_participants
 from verydeepvae.evaluate import EvaluationOptions, run_evaluation, select_data
 from verydeepvae.evaluate import compute, morphometry
+from verydeepvae.evaluate.population import spread_text
 from verydeepvae.generate import open_trained
 
 
@@ -231,6 +232,8 @@ def test_report_on_the_runs_own_split(report, run):
         assert (out / "figures" / f"{name}.png").is_file(), name
     text = (out / "report.md").read_text()
     assert "bits/voxel" in text and "true code length" in text and "real vs real" in text
+    low, high = r["distances"]["random_cnn"]["frechet"]["ratio_spread"]  # how far one split's ratio strays
+    assert 0 < low <= high and f"| {spread_text([low, high])} |" in text
     assert re.sub(r"not FID|FID-3D", "", text).count("FID") == 0  # never called FID
     for link in re.findall(r"\]\((figures/[^)]+)\)", text):
         assert (out / link).is_file(), link

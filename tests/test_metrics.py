@@ -235,6 +235,19 @@ def test_distances_on_volume_features(kind, kwargs):
     assert M.real_vs_real_baseline(z_real, M.mmd, seed=3) == M.real_vs_real_baseline(z_real, M.mmd, seed=3)
 
 
+def test_matched_baseline_is_the_real_vs_real_baseline_and_its_spread_brackets_the_split_ratios():
+    rng = np.random.default_rng(4)
+    real = rng.standard_normal((40, 5))
+    same = rng.standard_normal((30, 5))
+    out = M.matched_to_baseline(same, real, M.frechet_distance, seed=2, repeats=20)
+    assert out["real_vs_real"] == M.real_vs_real_baseline(real, M.frechet_distance, seed=2, repeats=20)
+    low, high = out["ratio_spread"]
+    assert 0 < low < high  # twenty different splits do not all read the same
+    far = M.matched_to_baseline(same + 3.0, real, M.frechet_distance, seed=2, repeats=20)
+    assert far["ratio_spread"][0] > high  # a shifted population is further than the spread of the same one
+    assert "ratio_spread" not in M.matched_to_baseline(same, real, M.frechet_distance, seed=2, repeats=1)
+
+
 # ---------------------------------------------------------------- memorisation
 
 

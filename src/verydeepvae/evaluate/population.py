@@ -10,12 +10,19 @@ from typing import TypedDict
 from ..json_types import JSONObject
 from .text import num
 
+
+def spread_text(spread: list[float] | None) -> str:
+    """A distance ratio's 10th-90th percentile over splits as ``low-high``, or ``n/a``."""
+    return f"{num(spread[0], 3)}-{num(spread[1], 3)}" if spread else "n/a"
+
+
 DISTANCES_NOTE = (
     "Each distance is computed on features z-scored with the pooled (held-out real + sample) statistics, between "
     "a random subset of samples and one random half of the real set, beside the same distance between "
     "the two real halves (sampling noise alone), averaged over random splits; the full-set value is also "
     "given. These use no downloaded weights and are **not FID**: the numbers are comparable only with "
-    "figures computed by the same extractor and set sizes.")
+    "figures computed by the same extractor and set sizes. The ratio split by split (10th-90th percentile) shows how far "
+    "one split's reading strays: two models whose ratios lie inside each other's range are not told apart.")
 
 
 class MsSsimSettings(TypedDict):
@@ -64,6 +71,7 @@ class Distance(TypedDict, total=False):
     repeats: int
     samples_vs_real_half: float
     ratio_to_baseline: float | None
+    ratio_spread: list[float]  # 10th and 90th percentile of the ratio split by split
 
 
 class FeatureDistances(TypedDict):
@@ -212,21 +220,23 @@ class DistancesSection:
         for entry in self.by_features.values():
             fr = entry["frechet"]
             if "samples_vs_real_half" in fr:
+                spread = f"; ratio {spread_text(fr['ratio_spread'])} in 80 % of splits" if "ratio_spread" in fr else ""
                 lines.append(f"Fréchet distance on {entry['features']['label']}: samples "
                              f"{num(fr['samples_vs_real_half'])} vs real-vs-real {num(fr['real_vs_real'])} "
-                             f"(sets of {fr['set_size']})")
+                             f"(sets of {fr['set_size']}{spread})")
         return lines
 
     def markdown(self) -> list[str]:
         out = ["## Distances between sample and real populations", "", DISTANCES_NOTE, "",
-               "| features | distance | samples vs real (half sets) | real vs real | ratio | samples vs real (all) |",
-               "|---|---|---|---|---|---|"]
+               "| features | distance | samples vs real (half sets) | real vs real | ratio | ratio, 10th-90th percentile "
+               "over splits | samples vs real (all) |",
+               "|---|---|---|---|---|---|---|"]
         for entry in self.by_features.values():
             for key, what in self.KINDS:
                 e = entry[key]
                 out.append(f"| {entry['features']['label']} | {what} | {num(e.get('samples_vs_real_half'))} | "
                            f"{num(e.get('real_vs_real'))} | {num(e.get('ratio_to_baseline'), 3)} | "
-                           f"{num(e.get('samples_vs_real'))} |")
+                           f"{spread_text(e.get('ratio_spread'))} | {num(e.get('samples_vs_real'))} |")
         out.append("")
         for entry in self.by_features.values():
             f = entry["features"]
