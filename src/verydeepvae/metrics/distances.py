@@ -179,15 +179,18 @@ def real_vs_real_baseline(
     Reproducible from ``seed``.
     """
     r = as_feature_matrix(real_feats, "real_feats")
-    if len(r) < 4:
-        raise ValueError(f"need at least 4 real feature vectors to split in two halves, got {len(r)}")
+    return float(np.mean([fn(r[a], r[b]) for a, b in _real_halves(len(r), seed, repeats)]))
+
+
+def _real_halves(num_real: int, seed: int, repeats: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Indices of ``repeats`` random splits of ``num_real`` (>= 4) vectors into two disjoint halves,
+    reproducible from ``seed``: the baseline and the matched sample distances use the same splits."""
+    if num_real < 4:
+        raise ValueError(f"need at least 4 real feature vectors to split in two halves, got {num_real}")
     rng = np.random.default_rng(seed)
-    half = len(r) // 2
-    vals = []
-    for _ in range(max(1, int(repeats))):
-        perm = rng.permutation(len(r))
-        vals.append(float(fn(r[perm[:half]], r[perm[half : 2 * half]])))
-    return float(np.mean(vals))
+    half = num_real // 2
+    perms = [rng.permutation(num_real) for _ in range(max(1, int(repeats)))]
+    return [(perm[:half], perm[half : 2 * half]) for perm in perms]
 
 
 def matched_to_baseline(samples: np.ndarray, real: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], float],
@@ -201,18 +204,15 @@ def matched_to_baseline(samples: np.ndarray, real: np.ndarray, fn: Callable[[np.
     split's baseline is positive): how far one split's reading strays, so that two models are not
     ranked on a difference the splits alone produce (on 48 held-out phantoms the random-CNN Fréchet
     ratio of one model moved by a factor of 2-3 between sample streams)."""
-    if len(real) < 4:
-        raise ValueError(f"need at least 4 real feature vectors to split in two halves, got {len(real)}")
-    half = len(real) // 2
-    rng = np.random.default_rng(seed)  # the splits of real_vs_real_baseline(real, fn, seed, repeats)
+    splits = _real_halves(len(real), seed, repeats)
+    half = len(splits[0][0])
     pick_rng = np.random.default_rng(seed + 1)
     baselines, values, ratios = [], [], []
-    for _ in range(max(1, repeats)):
-        perm = rng.permutation(len(real))
+    for a, b in splits:
         pick = pick_rng.permutation(len(samples))[:half]
-        baselines.append(float(fn(real[perm[:half]], real[perm[half : 2 * half]])))
+        baselines.append(float(fn(real[a], real[b])))
         if len(pick) >= 2:
-            values.append(float(fn(samples[pick], real[perm[:half]])))
+            values.append(float(fn(samples[pick], real[a])))
             ratios.append(values[-1] / baselines[-1] if baselines[-1] > 0 else math.nan)
     baseline = float(np.mean(baselines))
     out = {"real_vs_real": baseline, "set_size": half, "repeats": repeats}
