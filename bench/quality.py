@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout-seed", type=int, default=1, help="population seed of the held-out phantoms")
     parser.add_argument("--heldout-num", type=int, default=48)
     parser.add_argument("--samples", type=int, default=32, help="prior samples per evaluation")
+    parser.add_argument("--set-size", type=int, help="volumes per set in the distances (evaluate --set-size; "
+                        "default half of --heldout-num); 24 with --heldout-num 192 --samples 192 reads the "
+                        "48-phantom ratios with less noise")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--output", "--output-dir", dest="output_dir", default="runs/quality",
                         help="where the run, its evaluations and the table go (default: runs/quality)")
@@ -131,7 +134,7 @@ def evaluate_checkpoints(run_dir: Path, heldout: Path, out: Path, args, device, 
             folder = out / (f"evaluation_step_{step:08d}" + ("" if prior == "auto" else "_learned_prior"))
             report = run_evaluation(trained, heldout, folder, EvaluationOptions(
                 num_samples=args.samples, temperature=args.temperature, seed=0, max_train=200,
-                show_progress=False, prior=prior))
+                max_heldout=args.heldout_num, set_size=args.set_size, show_progress=False, prior=prior))
             rows.append({"step": step, "minutes": minutes, **quality_row(report.data)})
             print(format_row(rows[-1], header=len(rows) == 1), flush=True)
             if rows[-1]["prior"] == "learned":

@@ -252,13 +252,14 @@ def test_evaluate_command_on_other_data_with_a_plugin(run, tmp_path, monkeypatch
     out = tmp_path / "report"
     assert main(["evaluate", "--checkpoint", str(run), "--data", str(tmp_path / "new"), "--output-dir", str(out),
                  "--num-samples", "4", "--num-pairs", "5", "--feature-plugin", "plugin_feats:Coarse",
-                 "--no-progress"]) == 0
+                 "--set-size", "2", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "bits/voxel" in printed and "report.md" in printed
     r = json.loads((out / "report.json").read_text())
     assert r["data"]["num_heldout"] == 6 and "not training files" in r["data"]["heldout_rule"]
     assert r["distances"]["plugin"]["features"]["label"] == "coarse voxels (test plug-in)"
     assert r["morphometry"]["estimator_check"]["num_volumes"] == 6
+    assert r["distances"]["random_cnn"]["frechet"]["set_size"] == 2 == r["morphometry"]["comparison"]["set_size"]
     assert "coarse voxels (test plug-in)" in (out / "report.md").read_text()
     sys.modules.pop("plugin_feats", None)
 
@@ -278,6 +279,8 @@ def test_evaluate_is_reproducible(run, trained, report, tmp_path):
     (["--feature-plugin", "nonexistent_module_xyz:f"], "--feature-plugin"),
     (["--temperature", "-1"], "--temperature"),
     (["--data", "/nonexistent/folder"], "does not exist"),
+    (["--set-size", "1"], "--set-size must be 2 to --num"),
+    (["--set-size", "3"], "at most half the 4 held-out volumes"),
 ])
 def test_evaluate_user_errors_exit_2(run, tmp_path, capsys, args, fragment):
     assert main(["evaluate", "--checkpoint", str(run), "--output-dir", str(tmp_path / "o"), "--no-progress",

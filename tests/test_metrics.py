@@ -248,6 +248,24 @@ def test_matched_baseline_is_the_real_vs_real_baseline_and_its_spread_brackets_t
     assert "ratio_spread" not in M.matched_to_baseline(same, real, M.frechet_distance, seed=2, repeats=1)
 
 
+def test_a_fixed_set_size_reads_the_small_set_ratio_with_less_noise_from_more_volumes():
+    rng = np.random.default_rng(5)
+    population = rng.standard_normal((6400, 6))
+    shifted = rng.standard_normal((6400, 6)) + 0.5
+
+    def ratios(num, set_size):  # many independent real and sample draws of one shifted model
+        return [M.matched_to_baseline(shifted[i * num:(i + 1) * num], population[i * num:(i + 1) * num],
+                                      M.frechet_distance, seed=i, repeats=50, set_size=set_size)["ratio_to_baseline"]
+                for i in range(6400 // num)]
+
+    small, large = ratios(40, None), ratios(160, 20)
+    assert M.matched_to_baseline(shifted[:160], population[:160], M.frechet_distance, 0, 3, 20)["set_size"] == 20
+    assert np.mean(large) == pytest.approx(np.mean(small), rel=0.15)  # the same quantity (sets of 20)...
+    assert np.std(large) < 0.75 * np.std(small)  # ...read more steadily (0.45-0.6 over generator seeds)
+    with pytest.raises(ValueError, match="set size must be 2 to 20"):
+        M.matched_to_baseline(shifted[:40], population[:40], M.frechet_distance, 0, 3, 21)
+
+
 # ---------------------------------------------------------------- memorisation
 
 

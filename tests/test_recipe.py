@@ -133,7 +133,7 @@ def test_quality_benchmark_runs_on_a_tiny_budget(tmp_path):
     out = tmp_path / "quality"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "quality.py"), "--preset", "tiny", "--steps", "4", "--evaluations", "2",
-         "--heldout-num", "6", "--samples", "6", "--output-dir", str(out), "--set", "phantom_num=10"],
+         "--heldout-num", "6", "--samples", "6", "--set-size", "2", "--output-dir", str(out), "--set", "phantom_num=10"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "quality.json").read_text())
@@ -141,6 +141,8 @@ def test_quality_benchmark_runs_on_a_tiny_budget(tmp_path):
     assert all(math.isfinite(row["bits_per_voxel"]) for row in summary["rows"])
     assert (out / "learning_curves.png").stat().st_size > 0
     assert "FD x" in result.stdout
+    report = json.loads((out / "evaluation_step_00000004" / "report.json").read_text())
+    assert report["data"]["num_heldout"] == 6 and report["distances"]["random_cnn"]["frechet"]["set_size"] == 2
 
 
 def test_quality_benchmark_refuses_held_out_phantoms_of_the_training_population(tmp_path):

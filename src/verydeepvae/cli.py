@@ -270,6 +270,10 @@ def _evaluate_command(sub) -> None:
     p.add_argument("--num-pairs", type=int, default=100, help="MS-SSIM pairs for diversity")
     p.add_argument("--baseline-repeats", type=int, default=50,
                    help="random real half splits each real-vs-real baseline is averaged over")
+    p.add_argument("--set-size", type=int, default=None,
+                   help="volumes per set in the sample-vs-real and real-vs-real distances and tissue W1s "
+                        "(default: half the held-out volumes); e.g. 24 with 96 held-out volumes and --num 96 "
+                        "reads the ratios 48 held-out volumes give, with less noise")
     p.add_argument("--morphometry", choices=["auto", "on", "off"], default="auto",
                    help="tissue volumes (FLAIR-like contrast): auto = when participants.tsv (phantom) is found")
     p.add_argument("--feature-plugin", metavar="MODULE:CALLABLE",

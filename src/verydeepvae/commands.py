@@ -226,11 +226,14 @@ def evaluate_command(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             shown = "--num/--num-samples" if flag == "num_samples" else f"--{flag.replace('_', '-')}"
             raise UserError(f"{shown} must be >= 1, got {getattr(args, flag)}")
+    if args.set_size is not None and not 2 <= args.set_size <= args.num_samples:
+        raise UserError(f"--set-size must be 2 to --num ({args.num_samples}), got {args.set_size}")
     check_seed(args.seed)
     options = EvaluationOptions(
         num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
         batch_size=args.batch_size, max_heldout=args.max_heldout, max_train=args.max_train,
-        num_pairs=args.num_pairs, baseline_repeats=args.baseline_repeats, prior=args.prior, voxels=args.voxels,
+        num_pairs=args.num_pairs, baseline_repeats=args.baseline_repeats, set_size=args.set_size, prior=args.prior,
+        voxels=args.voxels,
         morphometry=args.morphometry,
         feature_plugin=args.feature_plugin, pattern=args.pattern, show_progress=progress_setting(args), covariates_file=args.covariates,
     )

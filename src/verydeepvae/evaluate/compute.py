@@ -169,9 +169,10 @@ def load_plugin(spec: str) -> tuple[Callable[[np.ndarray], np.ndarray], FeatureD
     return obj, {"kind": "plugin", "spec": spec, "label": name, "note": "features from a user-supplied plug-in"}
 
 
-def distance_section(sample_feats: np.ndarray, real_feats: np.ndarray, seed: int, repeats: int) -> JSONObject:
+def distance_section(sample_feats: np.ndarray, real_feats: np.ndarray, seed: int, repeats: int,
+                     set_size: int | None = None) -> JSONObject:
     """Fréchet distance and MMD on standardised features (:func:`metrics.pooled_standardiser`): a
-    ``FeatureDistances`` but for its ``features``."""
+    ``FeatureDistances`` but for its ``features``; ``set_size`` as in :func:`metrics.matched_to_baseline`."""
     z = M.pooled_standardiser(real_feats, sample_feats)
     s, r = z(sample_feats), z(real_feats)
     out: JSONObject = {"num_samples": len(s), "num_real": len(r),
@@ -182,7 +183,7 @@ def distance_section(sample_feats: np.ndarray, real_feats: np.ndarray, seed: int
         if len(s) >= 2 and len(r) >= 2:
             entry["samples_vs_real"] = float(fn(s, r))
         if len(r) >= 4:
-            entry.update(M.matched_to_baseline(s, r, fn, seed, repeats))
+            entry.update(M.matched_to_baseline(s, r, fn, seed, repeats, set_size))
         out[name] = entry
     out["frechet"]["definition"] = ("squared Fréchet distance between Gaussians fitted to the two feature sets "
                                     "(Ledoit-Wolf covariances); not FID")

@@ -92,17 +92,18 @@ def volume_table(volumes: np.ndarray | Sequence[np.ndarray], voxel_sizes_mm: flo
 
 
 def wasserstein_with_baseline(samples: dict[str, np.ndarray], real: dict[str, np.ndarray], seed: int = 0,
-                              repeats: int = 5) -> WassersteinComparison:
+                              repeats: int = 5, set_size: int | None = None) -> WassersteinComparison:
     """Per-feature 1-Wasserstein distances (ml, and in units of the real std): samples vs real, and
-    real vs real between two random halves of the real set (mean over ``repeats`` splits), with
-    the samples subsampled to the same half size for a like-for-like figure."""
+    real vs real between two random disjoint sets of ``set_size`` (default: halves) of the real set
+    (mean over ``repeats`` splits), with the samples subsampled to the same size for a like-for-like
+    figure."""
     full = wasserstein_by_feature(samples, real)
     full_norm = wasserstein_by_feature(samples, real, normalise=True)
     n = len(next(iter(real.values())))
     out: WassersteinComparison = {"features": {}}
     rng = np.random.default_rng(seed)
     if n >= 4:
-        half = n // 2
+        half = min(n // 2, set_size or n // 2)
         m = len(next(iter(samples.values())))
         base = {k: [] for k in real}
         matched = {k: [] for k in real}

@@ -182,19 +182,23 @@ def real_vs_real_baseline(
     return float(np.mean([fn(r[a], r[b]) for a, b in _real_halves(len(r), seed, repeats)]))
 
 
-def _real_halves(num_real: int, seed: int, repeats: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Indices of ``repeats`` random splits of ``num_real`` (>= 4) vectors into two disjoint halves,
-    reproducible from ``seed``: the baseline and the matched sample distances use the same splits."""
+def _real_halves(num_real: int, seed: int, repeats: int, set_size: int | None = None
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Indices of ``repeats`` random pairs of disjoint sets of ``set_size`` (default and at most
+    ``num_real // 2``, at least 2) out of ``num_real`` (>= 4) vectors, reproducible from ``seed``: the
+    baseline and the matched sample distances use the same splits."""
     if num_real < 4:
         raise ValueError(f"need at least 4 real feature vectors to split in two halves, got {num_real}")
+    half = num_real // 2 if set_size is None else int(set_size)
+    if not 2 <= half <= num_real // 2:
+        raise ValueError(f"set size must be 2 to {num_real // 2} (half of {num_real} real vectors), got {half}")
     rng = np.random.default_rng(seed)
-    half = num_real // 2
     perms = [rng.permutation(num_real) for _ in range(max(1, int(repeats)))]
     return [(perm[:half], perm[half : 2 * half]) for perm in perms]
 
 
 def matched_to_baseline(samples: np.ndarray, real: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], float],
-                        seed: int, repeats: int) -> dict:
+                        seed: int, repeats: int, set_size: int | None = None) -> dict:
     """``fn(real half A, real half B)`` (:func:`real_vs_real_baseline`) beside ``fn(samples subset
     of the same size, real half A)``, both averaged over ``repeats`` random splits, so the two
     figures suffer the same set-size bias; their ratio is the report's headline (1 = as close as
@@ -203,8 +207,13 @@ def matched_to_baseline(samples: np.ndarray, real: np.ndarray, fn: Callable[[np.
     ``ratio_spread`` is the 10th and 90th percentile of the ratio split by split (when every
     split's baseline is positive): how far one split's reading strays, so that two models are not
     ranked on a difference the splits alone produce (on 48 held-out phantoms the random-CNN Fréchet
-    ratio of one model moved by a factor of 2-3 between sample streams)."""
-    splits = _real_halves(len(real), seed, repeats)
+    ratio of one model moved by a factor of 2-3 between sample streams).
+
+    ``set_size`` (default: half the real vectors) decouples the sets' size from the number of real
+    vectors: the ratio's scale depends on the set size (both distances carry a bias of about 1/size),
+    its noise on how many real and sampled vectors the repeats draw from, so more held-out volumes
+    and more samples read the same quantity as 48 held-out volumes do, with less noise."""
+    splits = _real_halves(len(real), seed, repeats, set_size)
     half = len(splits[0][0])
     pick_rng = np.random.default_rng(seed + 1)
     baselines, values, ratios = [], [], []
