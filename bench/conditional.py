@@ -21,7 +21,8 @@ The statistics of issue 12's "Done when", from a trained run and held-out phanto
    longer brains).
 3. **Counterfactual ageing** of ``--counterfactuals`` (16) held-out phantoms along the sweep (noise
    mode): the fraction of them whose ventricle volume rises monotonically (per-scan Spearman 1, and
-   >= 0.9), the mean change per year beside the real slope; identity: PSNR of the counterfactual at
+   >= 0.9), the mean change per year beside the real slope, each scan's volumes and the largest fall
+   between neighbouring ages (a measurement-sized dip or a real reversal?); identity: PSNR of the counterfactual at
    the scan's own age against the input, beside the PSNR of ``reconstruct``'s reconstruction.
 
 Prints one table with the criteria and writes ``stats.json`` and two figures for the README:
@@ -153,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. counterfactual ageing
     n = min(args.counterfactuals, len(files))
-    per_scan, changes, own_psnr, recon_psnr = [], [], [], []
+    per_scan, changes, own_psnr, recon_psnr, volumes_ml = [], [], [], [], []
     first = None
     for i in range(n):
         recon, outs = counterfactual_sweep(trained, schema, volumes[i], rows[i], "age", sweep, args.batch_size,
                                            guidance)
         vent = measure(outs, vox)["ventricle_ml"]
+        volumes_ml.append([float(v) for v in vent])
         per_scan.append(float(stats.spearmanr(sweep, vent)[0]) if np.ptp(vent) > 0 else 0.0)
         changes.append(float(np.polyfit(sweep, vent, 1)[0]))
         own_psnr.append(float(np.atleast_1d(psnr(volumes[i][None], recon[None]))[0]))
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     result["counterfactual"] = {
         "num_scans": n, "ages": sweep, "per_scan_spearman": per_scan,
         "fraction_monotonic": float(np.mean(rho >= 0.999)), "fraction_spearman_at_least_0.9": float(np.mean(rho >= 0.9)),
+        "ventricle_ml_per_scan": volumes_ml,
+        "largest_step_back_ml": float(max(0.0, -np.diff(np.asarray(volumes_ml), axis=1).max())),
         "mean_ventricle_change_ml_per_year": float(np.mean(changes)), "real_slope_ml_per_year": real_slope,
         "psnr_at_own_age_db": float(np.mean(own_psnr)), "psnr_reconstruct_db": float(np.mean(recon_psnr)),
     }
@@ -234,7 +238,8 @@ def _print(r: dict) -> None:
     c = r["counterfactual"]
     print(f"| counterfactual ageing, {c['num_scans']} scans: ventricles monotonic along the sweep | "
           f"{f(c['fraction_monotonic'])} (Spearman >= 0.9: {f(c['fraction_spearman_at_least_0.9'])}); "
-          f"{f(c['mean_ventricle_change_ml_per_year'])} ml/year (real {f(c['real_slope_ml_per_year'])}) | 1 | |")
+          f"{f(c['mean_ventricle_change_ml_per_year'])} ml/year (real {f(c['real_slope_ml_per_year'])}); largest "
+          f"step back {f(c['largest_step_back_ml'])} ml | 1 | |")
     print(f"| identity: PSNR at own age / reconstruct | {f(c['psnr_at_own_age_db'])} / {f(c['psnr_reconstruct_db'])} dB "
           "| equal | |")
 
