@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_scans": n, "ages": sweep, "per_scan_spearman": per_scan,
         "fraction_monotonic": float(np.mean(rho >= 0.999)), "fraction_spearman_at_least_0.9": float(np.mean(rho >= 0.9)),
         "ventricle_ml_per_scan": volumes_ml,
-        "largest_step_back_ml": float(max(0.0, -np.diff(np.asarray(volumes_ml), axis=1).max())),
+        "largest_step_back_ml": float(max(0.0, -np.diff(np.asarray(volumes_ml), axis=1).min())),
         "mean_ventricle_change_ml_per_year": float(np.mean(changes)), "real_slope_ml_per_year": real_slope,
         "psnr_at_own_age_db": float(np.mean(own_psnr)), "psnr_reconstruct_db": float(np.mean(recon_psnr)),
     }
