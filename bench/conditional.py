@@ -22,7 +22,7 @@ The statistics of issue 12's "Done when", from a trained run and held-out phanto
 3. **Counterfactual ageing** of ``--counterfactuals`` (16) held-out phantoms along the sweep (noise
    mode): the fraction of them whose ventricle volume rises monotonically (per-scan Spearman 1, and
    >= 0.9), the mean change per year beside the real slope, each scan's volumes and the largest fall
-   between neighbouring ages (a measurement-sized dip or a real reversal?); identity: PSNR of the counterfactual at
+   between neighbouring ages (a small dip or a reversal?); identity: PSNR of the counterfactual at
    the scan's own age against the input, beside the PSNR of ``reconstruct``'s reconstruction.
 
 Prints one table with the criteria and writes ``stats.json`` and two figures for the README:

@@ -9,8 +9,9 @@
 
 Both distances depend on the number of samples (the Fréchet distance is biased upwards at small N,
 the MMD estimate is noisy), so only compare figures computed with similar set sizes. The baseline
-uses N/2 real vectors per half; for a like-for-like comparison, also compute the sample distance
-with about N/2 samples against N/2 held-out real vectors.
+uses N/2 real vectors per half (or a chosen set size, :func:`matched_to_baseline`); for a
+like-for-like comparison, also compute the sample distance with as many samples against as many
+held-out real vectors.
 """
 
 from __future__ import annotations
