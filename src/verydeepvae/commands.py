@@ -220,14 +220,13 @@ def single_file(path: str) -> list:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from .evaluate import EvaluationOptions, run_evaluation
+    from .evaluate.run import check_set_size
     from .sampling import check_prior
 
     for flag in ("num_samples", "max_heldout", "max_train", "num_pairs", "baseline_repeats"):
         if getattr(args, flag) < 1:
             shown = "--num/--num-samples" if flag == "num_samples" else f"--{flag.replace('_', '-')}"
             raise UserError(f"{shown} must be >= 1, got {getattr(args, flag)}")
-    if args.set_size is not None and not 2 <= args.set_size <= args.num_samples:
-        raise UserError(f"--set-size must be 2 to --num ({args.num_samples}), got {args.set_size}")
     check_seed(args.seed)
     options = EvaluationOptions(
         num_samples=args.num_samples, temperature=parse_temperature(args.temperature), seed=args.seed,
@@ -237,6 +236,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         morphometry=args.morphometry,
         feature_plugin=args.feature_plugin, pattern=args.pattern, show_progress=progress_setting(args), covariates_file=args.covariates,
     )
+    check_set_size(options)  # the held-out bound is checked once the data is selected
     trained = open_model(args)
     check_prior(trained.model, args.prior)  # before the output folder is touched
     options.guidance = cli_conditional.checked_guidance(args, trained.covariates)

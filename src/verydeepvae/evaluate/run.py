@@ -156,11 +156,17 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
     return {"report": report, "arrays": arrays}
 
 
-def check_set_size(options: EvaluationOptions, num_heldout: int) -> None:
+def check_set_size(options: EvaluationOptions, num_heldout: int | None = None) -> None:
     """--set-size must leave two disjoint real sets and be matched by as many samples (else the
-    sample distance would carry a larger small-set bias than the baseline it is divided by)."""
+    sample distance would carry a larger small-set bias than the baseline it is divided by).
+    Without ``num_heldout`` (before the data is selected) only the samples' bound is checked."""
     size = options.set_size
-    if size is not None and not 2 <= size <= min(num_heldout // 2, options.num_samples):
+    if size is None:
+        return
+    if num_heldout is None:
+        if not 2 <= size <= options.num_samples:
+            raise UserError(f"--set-size must be 2 to --num ({options.num_samples}), got {size}")
+    elif not 2 <= size <= min(num_heldout // 2, options.num_samples):
         raise UserError(f"--set-size {size} needs 2 to {min(num_heldout // 2, options.num_samples)} here: at most "
                         f"half the {num_heldout} held-out volumes and at most the {options.num_samples} samples")
 
