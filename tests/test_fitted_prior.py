@@ -41,7 +41,39 @@ def test_draws_follow_the_gaussian_and_the_temperature():
     assert torch.allclose(at_zero[1][0].flatten(), prior.mean[2:])
 
 
+def _noise_gaussian(seed=0) -> FittedPrior:
+    """A Gaussian over standardised residuals covering 2 of 2 units of layer 0 and 3 of 8 of layer 1."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(5, 5, generator=g)
+    return FittedPrior([0, 1], [(2, 1, 1, 1), (1, 2, 2, 2)], torch.randn(5, generator=g),
+                       torch.linalg.cholesky(a @ a.T / 5 + torch.eye(5) * 0.1),
+                       [torch.tensor([0, 1]), torch.tensor([1, 4, 6])], noise=True)
+
+
+def test_noise_form_draws_its_units_jointly_and_the_rest_standard_normal():
+    prior = _noise_gaussian()
+    draws = prior.draw(20000, [1.0, 0.5], torch.Generator().manual_seed(1))
+    assert draws[0].shape == (20000, 2, 1, 1, 1) and draws[1].shape == (20000, 1, 2, 2, 2)
+    covered = torch.cat([draws[0].flatten(1), draws[1].flatten(1)[:, [1, 4, 6]]], 1).double()
+    cov = prior.scale_tril.double() @ prior.scale_tril.double().T
+    assert torch.allclose(covered.mean(0), prior.mean.double(), atol=0.05)  # the temperature scales deviations
+    assert torch.allclose(torch.cov(covered.T)[:2, :2], cov[:2, :2], atol=0.06)
+    assert torch.allclose(covered[:, 2:].std(0), 0.5 * cov.diagonal()[2:].sqrt(), rtol=0.05)
+    rest = draws[1].flatten(1)[:, [0, 2, 3, 5, 7]].double()
+    assert torch.allclose(rest.mean(0), torch.zeros(5, dtype=torch.float64), atol=0.03)
+    assert torch.allclose(rest.std(0), torch.full((5,), 0.5, dtype=torch.float64), atol=0.02)
+    assert prior.unit_counts() == [2, 3] and prior.describe()["units"] == [2, 3]
+
+
 def test_tensors_round_trip_and_damaged_tensors_are_refused():
+    noise = _noise_gaussian()
+    again = FittedPrior.from_tensors(noise.tensors(), noise.describe())
+    assert again.noise and [u.tolist() for u in again.units] == [[0, 1], [1, 4, 6]]
+    assert torch.equal(again.scale_tril, noise.scale_tril)
+    bad = noise.tensors()
+    bad["fitted_prior.units.1"] = torch.tensor([1, 4, 8])  # layer 1 has 8 units: index 8 is outside
+    with pytest.raises(ValueError):
+        FittedPrior.from_tensors(bad, noise.describe())
     prior = _gaussian()
     again = FittedPrior.from_tensors(prior.tensors(), prior.describe())
     assert again.layers == prior.layers and again.shapes == prior.shapes
@@ -57,27 +89,41 @@ def _tiny_model() -> VeryDeepVAE:
     return VeryDeepVAE(build_config(preset="tiny")).eval()
 
 
+def _some_units_active(monkeypatch, model: VeryDeepVAE, volumes: np.ndarray) -> None:
+    """An untrained model's posterior hardly varies: lower the bar to the median unit of the least
+    active coarse layer, so that every layer has active units and one of them inactive ones too."""
+    layers = fit_prior.coarse_layers(model, max(fit_prior.CANDIDATE_LEVELS))
+    activity = fit_prior.posterior_residuals(model, volumes, 3, 0, layers).activity
+    bar = min(float(np.median(a)) for a in activity.values() if a.size > 1)
+    monkeypatch.setattr(fit_prior, "ACTIVE_VARIANCE", bar)
+
+
 @pytest.mark.parametrize("levels", [2, 3])
-def test_fit_covers_the_coarsest_levels_and_matches_the_posterior_draws(levels):
+def test_fit_covers_the_active_units_of_the_coarsest_levels(monkeypatch, levels):
     model = _tiny_model()
     layer_levels = model.decoder.layer_levels
     layers = fit_prior.coarse_layers(model, levels)
     top = model.decoder.num_levels - 1
     assert layers and {layer_levels[i] for i in layers} == set(range(top - levels + 1, top + 1))
     volumes = np.random.default_rng(0).random((6,) + (model.resolution,) * 3, dtype=np.float32)
+    _some_units_active(monkeypatch, model, volumes)
     prior = fit_prior.fit(model, volumes, batch_size=3, seed=0, levels=levels)
     shapes = model.latent_shapes()
-    assert prior.shapes == [shapes[i] for i in layers]
-    assert prior.dim == sum(int(np.prod(shapes[i])) for i in layers)
+    assert prior.noise and prior.shapes == [shapes[i] for i in layers]
+    # the units are those whose posterior-mean residual varies across the volumes
+    x = torch.from_numpy(volumes[:, None])
+    means = [torch.cat([model.encode(x[s:s + 3], as_noise=True)[i].flatten(1) for s in (0, 3)]) for i in layers]
+    active = [torch.nonzero(m.double().var(0, unbiased=False) > fit_prior.ACTIVE_VARIANCE).flatten() for m in means]
+    assert [u.tolist() for u in prior.units] == [a.tolist() for a in active]
+    assert 0 < prior.dim < sum(int(np.prod(shapes[i])) for i in layers)
     # the mean and the (shrunk) covariance are those of the same posterior draws, made again with
-    # the same seed
+    # the same seed, as residuals under the learned prior
     generator = torch.Generator().manual_seed(0)
     rows = []
     for start in (0, 3):
-        x = torch.from_numpy(volumes[start:start + 3][:, None])
         for _ in range(fit_prior.DRAWS_PER_VOLUME):
-            zs = model.encode(x, generator=generator, draw=True)
-            rows.append(torch.cat([zs[i].flatten(1) for i in layers], 1))
+            es = model.encode(x[start:start + 3], as_noise=True, generator=generator, draw=True)
+            rows.append(torch.cat([es[i].flatten(1)[:, a] for i, a in zip(layers, active)], 1))
     draws = torch.cat(rows).double()
     assert torch.allclose(prior.mean, draws.mean(0).float(), atol=1e-5)
     shrunk, _ = metrics.ledoit_wolf_covariance(draws.numpy())
@@ -85,9 +131,22 @@ def test_fit_covers_the_coarsest_levels_and_matches_the_posterior_draws(levels):
     assert np.allclose(cov, shrunk, rtol=1e-3, atol=1e-5)
 
 
+def test_no_active_unit_or_too_many_no_fit(monkeypatch):
+    model = _tiny_model()
+    volumes = np.random.default_rng(0).random((4,) + (model.resolution,) * 3, dtype=np.float32)
+    monkeypatch.setattr(fit_prior, "ACTIVE_VARIANCE", float("inf"))
+    with pytest.raises(ValueError, match="no active latent unit"):
+        fit_prior.fit(model, volumes, batch_size=2, seed=0, levels=2)
+    monkeypatch.setattr(fit_prior, "ACTIVE_VARIANCE", -1.0)  # every unit
+    monkeypatch.setattr(fit_prior, "MAX_DIMENSIONS", 3)
+    with pytest.raises(ValueError, match="more than 3 active units"):
+        fit_prior.fit(model, volumes, batch_size=2, seed=0, levels=2)
+
+
 def test_the_closest_candidate_is_kept_and_every_distance_recorded(monkeypatch):
     model = _tiny_model()
     volumes = np.random.default_rng(3).random((6,) + (model.resolution,) * 3, dtype=np.float32)
+    _some_units_active(monkeypatch, model, volumes)
     top = model.decoder.num_levels - 1
 
     def distances(deepest_wins: bool):
@@ -116,24 +175,27 @@ def test_the_closest_candidate_is_kept_and_every_distance_recorded(monkeypatch):
 
 def test_deeper_candidates_only_within_the_dimension_cap(monkeypatch):
     model = _tiny_model()
+    assert fit_prior.candidate_levels(model) == [2, 3]
+    for preset in ("demo", "32", "128"):
+        assert fit_prior.candidate_levels(VeryDeepVAE(build_config(preset=preset))) == [2, 3], preset
+    volumes = np.random.default_rng(3).random((6,) + (model.resolution,) * 3, dtype=np.float32)
+    monkeypatch.setattr(fit_prior, "ACTIVE_VARIANCE", -1.0)  # every unit active: dims are the layers' sizes
     sizes = model.latent_sizes()
     dims = {n: sum(sizes[i] for i in fit_prior.coarse_layers(model, n)) for n in fit_prior.CANDIDATE_LEVELS}
-    assert fit_prior.candidate_levels(model) == [2, 3]
-    for preset, expected in (("demo", [2, 3]), ("32", [2]), ("128", [2])):
-        assert fit_prior.candidate_levels(VeryDeepVAE(build_config(preset=preset))) == expected, preset
     monkeypatch.setattr(fit_prior, "MAX_DIMENSIONS", dims[3] - 1)
-    assert fit_prior.candidate_levels(model) == [2]
-    monkeypatch.setattr(fit_prior, "MAX_DIMENSIONS", 0)  # the shallowest candidate is always fitted
-    assert fit_prior.candidate_levels(model) == [2]
+    monkeypatch.setattr(fit_prior, "frechet_to", lambda model, prior, *a, **k: 1.0 if prior == "learned" else 0.5)
+    _, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
+    assert set(meta["frechet_to_training"]) == {"learned", "fitted 1³, 2³"} and meta["used"]
 
 
-def test_sampling_uses_the_fitted_prior_only_when_asked_or_attached():
+def test_sampling_uses_the_fitted_prior_only_when_asked_or_attached(monkeypatch):
     model = _tiny_model()
     with pytest.raises(ValueError, match="no fitted prior"):
         model.sample(2, prior="fitted")
     learned = model.sample(2, generator=torch.Generator().manual_seed(0))
     assert fitted_levels(model) == []  # what reports record: no fitted Gaussian, nothing drawn from one
     volumes = np.random.default_rng(1).random((4,) + (model.resolution,) * 3, dtype=np.float32)
+    monkeypatch.setattr(fit_prior, "ACTIVE_VARIANCE", -1.0)
     model.fitted_prior = fit_prior.fit(model, volumes, batch_size=2, seed=0, levels=2)
     assert fitted_levels(model) == [1, 2] and fitted_levels(model, "learned") == []
     # shift the Gaussian far away: samples drawn with it must change, "learned" must not
@@ -151,6 +213,7 @@ def test_training_fits_decides_records_and_sampling_follows(tmp_path: Path, monk
     data = tmp_path / "data"
     write_ellipsoids(data, 8)
     monkeypatch.setattr(fit_prior, "MIN_VOLUMES", 2)  # a tiny data set is fitted too
+    monkeypatch.setattr(fit_prior, "ACTIVE_VARIANCE", -1.0)  # 4 steps leave no unit active
     # make the fitted Gaussian win, so that the kept case is exercised end to end
     real = fit_prior.frechet_to
     monkeypatch.setattr(fit_prior, "frechet_to", lambda model, prior, *a, **k:

@@ -15,6 +15,16 @@ over 1³ to 4³ and keeps whichever of the three is closest; docs/training-recip
 The Gaussian is ``N(mean, L Lᵀ)`` over the concatenated, flattened latents of ``layers`` (indices
 into the decoder's layers, coarsest first); it lives beside the weights in the checkpoint
 (``fitted_prior.*`` tensors), not in the module's state, so checkpoints without it load as before.
+
+Since the twenty-second session training fits it to the *standardised residuals* of the layers'
+*active units* instead (``noise``, ``units``): (z - prior mean) / prior std, the form in which a
+layer's units are independent under the learned prior.  Why: a layer's learned prior is a diagonal
+Gaussian given the layers above, so it cannot give the correlations the encoder puts between the
+units of one layer, and samples came out more alike than real brains (docs/training-recipe.md).
+Fitting the active units only keeps the Gaussian small enough to estimate from a few hundred
+volumes: over all units of 1³-2³ the inactive ones made Ledoit-Wolf shrink by 0.85, washing out
+the active ones' correlations.  The other units are drawn N(0, 1), as the learned prior would draw
+them.  Checkpoints of the earlier form (latents, whole layers) load and sample as before.
 """
 
 from __future__ import annotations
@@ -34,6 +44,8 @@ class FittedPriorLayout(TypedDict):
     layers: list[int]
     shapes: list[list[int]]
     dim: int
+    noise: bool  # absent in checkpoints of the earlier form: latents of whole layers
+    units: list[int]  # per layer, how many of its units the Gaussian covers (with ``noise``)
 
 
 class FittedPriorChoice(TypedDict, total=False):
@@ -44,6 +56,8 @@ class FittedPriorChoice(TypedDict, total=False):
     layers: list[int]
     shapes: list[list[int]]
     dim: int
+    noise: bool
+    units: list[int]
     used: bool
     num_volumes: int
     draws_per_volume: int
@@ -74,8 +88,11 @@ def chosen_prior_text(meta: FittedPriorChoice) -> str:
 class FittedPrior:
     layers: list[int]  # decoder layer indices it draws, coarsest first
     shapes: list[tuple[int, ...]]  # (channels, size, size, size) of each of those layers
-    mean: torch.Tensor  # (D,) float32, D = sum of the layers' element counts
+    mean: torch.Tensor  # (D,) float32, D = the number of units covered
     scale_tril: torch.Tensor  # (D, D) float32, lower-triangular Cholesky factor of the covariance
+    # per layer, the flat indices (int64) of the units covered; None: every unit of every layer
+    units: list[torch.Tensor] | None = None
+    noise: bool = False  # over standardised residuals under the learned prior, not over latents
 
     @property
     def dim(self) -> int:
@@ -85,33 +102,53 @@ class FittedPrior:
         return levels_text(self.shapes)
 
     def to(self, device: torch.device | str) -> "FittedPrior":
-        return FittedPrior(self.layers, self.shapes, self.mean.to(device), self.scale_tril.to(device))
+        units = None if self.units is None else [u.to(device) for u in self.units]
+        return FittedPrior(self.layers, self.shapes, self.mean.to(device), self.scale_tril.to(device), units,
+                           self.noise)
+
+    def unit_counts(self) -> list[int]:
+        """How many units of each covered layer the Gaussian draws."""
+        if self.units is None:
+            return [math.prod(shape) for shape in self.shapes]
+        return [int(u.numel()) for u in self.units]
 
     def draw(self, n: int, temperatures: Sequence[float], generator: torch.Generator | None = None
              ) -> dict[int, torch.Tensor]:
-        """n draws, as {layer index: (n, *shape) tensor}; ``temperatures`` holds one value per
-        decoder layer (the fitted layers' values scale the deviation from the mean, as in
-        ``gaussian.draw``)."""
+        """n draws, as {layer index: (n, *shape) tensor}: latents, or with ``noise`` standardised
+        residuals (``LatentChoice.noise``), the units not covered drawn N(0, 1).  ``temperatures``
+        holds one value per decoder layer and scales each layer's deviation from the mean, as in
+        ``gaussian.draw``."""
         device = generator.device if generator is not None else self.mean.device
         mean, tril = self.mean.to(device), self.scale_tril.to(device)  # no copy when already there
         eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float32, device=device)
         out: dict[int, torch.Tensor] = {}
         start = 0
-        for layer, shape in zip(self.layers, self.shapes):
-            size = math.prod(shape)
-            block = slice(start, start + size)
-            # rows of L for this layer's elements: the deviations stay jointly Gaussian across layers
+        for k, (layer, shape, count) in enumerate(zip(self.layers, self.shapes, self.unit_counts())):
+            block = slice(start, start + count)
+            # rows of L for this layer's units: the deviations stay jointly Gaussian across layers
             z = mean[block] + temperatures[layer] * (eps @ tril[block].T)
+            if self.units is not None:
+                full = temperatures[layer] * torch.randn(n, math.prod(shape), generator=generator,
+                                                         dtype=torch.float32, device=device)
+                full[:, self.units[k].to(device)] = z
+                z = full
             out[layer] = z.reshape((n,) + tuple(shape))
-            start += size
+            start += count
         return out
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {TENSOR_PREFIX + "mean": self.mean.detach().cpu().contiguous(),
-                TENSOR_PREFIX + "scale_tril": self.scale_tril.detach().cpu().contiguous()}
+        out = {TENSOR_PREFIX + "mean": self.mean.detach().cpu().contiguous(),
+               TENSOR_PREFIX + "scale_tril": self.scale_tril.detach().cpu().contiguous()}
+        for layer, units in zip(self.layers, self.units or []):
+            out[f"{TENSOR_PREFIX}units.{layer}"] = units.detach().cpu().to(torch.int64).contiguous()
+        return out
 
     def describe(self) -> FittedPriorLayout:
-        return {"layers": list(self.layers), "shapes": [list(s) for s in self.shapes], "dim": self.dim}
+        layout: FittedPriorLayout = {"layers": list(self.layers), "shapes": [list(s) for s in self.shapes],
+                                     "dim": self.dim}
+        if self.noise:
+            layout.update(noise=True, units=self.unit_counts())
+        return layout
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], info: FittedPriorLayout) -> "FittedPrior":
@@ -119,7 +156,12 @@ class FittedPrior:
         tril = tensors[TENSOR_PREFIX + "scale_tril"].float()
         shapes = [tuple(int(v) for v in s) for s in info["shapes"]]
         layers = [int(i) for i in info["layers"]]
-        if len(shapes) != len(layers) or mean.shape != (sum(math.prod(s) for s in shapes),) \
-                or tril.shape != (mean.numel(), mean.numel()):
+        units = None
+        if info.get("noise"):
+            units = [tensors[f"{TENSOR_PREFIX}units.{layer}"].long() for layer in layers]
+        prior = cls(layers, shapes, mean, tril, units, bool(info.get("noise")))
+        counts = prior.unit_counts()
+        if len(shapes) != len(layers) or mean.shape != (sum(counts),) or tril.shape != (mean.numel(), mean.numel()) \
+                or any(u.numel() and (u.min() < 0 or u.max() >= math.prod(s)) for u, s in zip(units or [], shapes)):
             raise ValueError("fitted prior tensors do not match their description")
-        return cls(layers, shapes, mean, tril)
+        return prior

@@ -9,6 +9,7 @@ its two distances go into the checkpoint's metadata (``fitted_prior``) and the r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,16 +23,19 @@ CANDIDATE_LEVELS = (2, 3)
 """How many resolution levels, from the top, a fitted Gaussian may cover.  A Gaussian is fitted for
 each, and the one whose samples are closest to the training volumes is kept, or the learned prior
 if it is closer still.  Where a model keeps its global factors decides which wins, and it varies
-with the training seed: of three demo models, seed 0 (45 active units at 4³) was best served by
-1³ and 2³ (held-out Fréchet ratio 1.0-1.4, against 4.0 with 4³ too), seed 2 (474 active units at
-4³) by 1³ to 4³ (2.3-3.5, against 3.9-4.7), and for seed 1 nothing helped much (3.4-4.6 against
-3.6-4.7); the rule chose the better one each time (docs/training-recipe.md).  The top level alone
-never helped."""
+with the training seed (docs/training-recipe.md).  The top level alone never helped.  A fourth
+level (1³ to 8³ at 32³) was tried: on the 60-minute model of training seed 4 its samples were the
+most varied (MS-SSIM gap to real pairs +0.023-0.028) and closest to the training volumes, but
+further from held-out ones (Fréchet ratio 1.42-2.11 against 1.15-1.68 with 1³-4³)."""
 
 MAX_DIMENSIONS = 2048
-"""A deeper candidate is fitted only if its Gaussian has at most this many latents: its Cholesky
-factor is stored in the checkpoint (16 MiB at 2,048) and is estimated from at most 512 draws.  The
-demo's 1³-4³ Gaussian has 1,120; the 32/64/128 presets' would have 4,360, so they keep 1³ and 2³."""
+"""A candidate is fitted only if it covers at most this many active units: its Cholesky factor is
+stored in the checkpoint (16 MiB at 2,048) and is estimated from at most 512 draws.  The 60-minute
+demo model of training seed 4 had 10 active units at 1³-2³ and 115 at 1³-4³."""
+
+ACTIVE_VARIANCE = 0.01
+"""A unit is active when its posterior mean, as a standardised residual under the learned prior,
+varies across the training volumes with at least this variance (the usual active-unit rule)."""
 
 MAX_VOLUMES = 256  # training volumes encoded for the fit (evenly spaced over the training set)
 MIN_VOLUMES = 16  # fewer training volumes: no fit (neither the Gaussian nor the comparison would mean much)
@@ -48,51 +52,74 @@ def coarse_layers(model: VeryDeepVAE, levels: int) -> list[int]:
 
 
 def candidate_levels(model: VeryDeepVAE) -> list[int]:
-    """The ``CANDIDATE_LEVELS`` this model has room for: never every level (the finest stay
-    learned), and beyond the first only within ``MAX_DIMENSIONS``."""
-    sizes = model.latent_sizes()
-    usable = [n for n in CANDIDATE_LEVELS if n < model.decoder.num_levels]
-    return usable[:1] + [n for n in usable[1:] if sum(sizes[i] for i in coarse_layers(model, n)) <= MAX_DIMENSIONS]
+    """The ``CANDIDATE_LEVELS`` this model has room for: never every level (the finest stay learned)."""
+    return [n for n in CANDIDATE_LEVELS if n < model.decoder.num_levels]
 
 
 def fit(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, levels: int) -> FittedPrior:
-    """The moment-matched Gaussian of the ``levels`` coarsest levels' posterior draws for
-    ``volumes`` (N, R, R, R) in [0, 1] (:func:`gaussian`)."""
+    """The moment-matched Gaussian of the active units of the ``levels`` coarsest levels, fitted to
+    the posterior residuals of ``volumes`` (N, R, R, R) in [0, 1] (:func:`gaussian`)."""
     layers = coarse_layers(model, levels)
-    return gaussian(model, posterior_draws(model, volumes, batch_size, seed, layers), layers)
+    return gaussian(model, posterior_residuals(model, volumes, batch_size, seed, layers), layers)
+
+
+@dataclass
+class Residuals:
+    """Standardised posterior residuals, (z - prior mean) / prior std, of some layers: ``draws``
+    {layer: (N * DRAWS_PER_VOLUME, layer size) float64}; ``activity`` {layer: (layer size,)}, the
+    variance across volumes of each unit's posterior-mean residual."""
+
+    draws: dict[int, np.ndarray]
+    activity: dict[int, np.ndarray]
+
+    def active(self, layer: int) -> np.ndarray:
+        """Flat indices of the layer's active units (``ACTIVE_VARIANCE``)."""
+        return np.flatnonzero(self.activity[layer] > ACTIVE_VARIANCE)
 
 
 @torch.no_grad()
-def posterior_draws(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, layers: list[int]
-                    ) -> dict[int, np.ndarray]:
-    """``DRAWS_PER_VOLUME`` posterior draws per volume of each of ``layers``, flattened:
-    {layer: (N * draws, layer size) float64}.  Encoded once for every candidate Gaussian."""
+def posterior_residuals(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, layers: list[int]
+                        ) -> Residuals:
+    """``DRAWS_PER_VOLUME`` posterior draws per volume of each of ``layers`` and the posterior
+    means, as residuals under the learned prior.  Encoded once for every candidate Gaussian."""
     device = model.output_head.conv.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     rows: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    means: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     for start in range(0, len(volumes), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size][:, None])).float().to(device)
+        mean = model.encode(x, as_noise=True)
+        for i in layers:
+            means[i].append(mean[i].float().flatten(1).double().cpu())
         for _ in range(DRAWS_PER_VOLUME):
-            zs = model.encode(x, generator=generator, draw=True)
+            es = model.encode(x, as_noise=True, generator=generator, draw=True)
             for i in layers:
-                rows[i].append(zs[i].float().flatten(1).double().cpu())
-    return {i: torch.cat(r).numpy() for i, r in rows.items()}
+                rows[i].append(es[i].float().flatten(1).double().cpu())
+    activity = {i: torch.cat(m).var(0, unbiased=False).numpy() for i, m in means.items()}
+    return Residuals({i: torch.cat(r).numpy() for i, r in rows.items()}, activity)
 
 
-def gaussian(model: VeryDeepVAE, draws: dict[int, np.ndarray], layers: list[int]) -> FittedPrior:
-    """The Gaussian of ``draws`` (:func:`posterior_draws`) over ``layers``; Ledoit-Wolf shrinkage keeps
-    the covariance well conditioned when N is small.  (Shrinking towards each latent's own variance
-    instead of a common one gave the same samples: docs/training-recipe.md.)"""
+def gaussian(model: VeryDeepVAE, residuals: Residuals, layers: list[int]) -> FittedPrior:
+    """The Gaussian of the active units' residual draws (:func:`posterior_residuals`) over
+    ``layers``; Ledoit-Wolf shrinkage keeps the covariance well conditioned when N is small.
+    (Shrinking towards each latent's own variance instead of a common one gave the same samples:
+    docs/training-recipe.md.)"""
     device = model.output_head.conv.weight.device
     every_shape = model.latent_shapes()
-    z = np.concatenate([draws[i] for i in layers], 1)
+    units = [residuals.active(i) for i in layers]
+    if not sum(len(u) for u in units):
+        raise ValueError("no active latent unit to fit")
+    if sum(len(u) for u in units) > MAX_DIMENSIONS:
+        raise ValueError(f"more than {MAX_DIMENSIONS} active units")
+    z = np.concatenate([residuals.draws[i][:, u] for i, u in zip(layers, units)], 1)
     if not np.isfinite(z).all():
         raise ValueError("non-finite posterior latents")
     cov, _ = metrics.ledoit_wolf_covariance(z)
     cov += np.eye(len(cov)) * (1e-6 * np.trace(cov) / len(cov) + 1e-12)  # strictly positive definite
     tril = np.linalg.cholesky(cov)
     return FittedPrior(layers, [every_shape[i] for i in layers], torch.from_numpy(z.mean(0)).float().to(device),
-                       torch.from_numpy(tril).float().to(device))
+                       torch.from_numpy(tril).float().to(device),
+                       [torch.from_numpy(u).long().to(device) for u in units], noise=True)
 
 
 @torch.no_grad()
@@ -120,10 +147,11 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
     fits: dict[str, FittedPrior] = {}
     problem = ""
     depths = candidate_levels(model)
-    draws = posterior_draws(model, volumes, batch_size, seed, coarse_layers(model, max(depths))) if depths else {}
+    residuals = posterior_residuals(model, volumes, batch_size, seed, coarse_layers(model, max(depths))) \
+        if depths else None
     for levels in depths:
         try:
-            candidate = gaussian(model, draws, coarse_layers(model, levels))
+            candidate = gaussian(model, residuals, coarse_layers(model, levels))
         except (ValueError, np.linalg.LinAlgError) as error:
             problem = str(error)
             continue
