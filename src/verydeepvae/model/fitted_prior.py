@@ -35,6 +35,8 @@ from typing import Sequence, TypedDict
 
 import torch
 
+from .latent_layer import LatentChoice
+
 TENSOR_PREFIX = "fitted_prior."
 
 
@@ -135,6 +137,13 @@ class FittedPrior:
             out[layer] = z.reshape((n,) + tuple(shape))
             start += count
         return out
+
+    def choices(self, n: int, temperatures: Sequence[float], generator: torch.Generator | None = None
+                ) -> dict[int, LatentChoice]:
+        """:meth:`draw` as the decoder's latent choices: given latents, or with ``noise`` given
+        residuals, which the learned prior turns into latents (``LatentChoice.noise``)."""
+        drawn = self.draw(n, temperatures, generator)
+        return {layer: LatentChoice(noise=d) if self.noise else LatentChoice(z=d) for layer, d in drawn.items()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {TENSOR_PREFIX + "mean": self.mean.detach().cpu().contiguous(),

@@ -275,10 +275,8 @@ class VeryDeepVAE(nn.Module):
         centre; ``_film``)."""
         temps = self.layer_temperatures(temperature)
         fitted = self.prior_in_use(prior)
-        drawn = fitted.draw(n, temps, generator) if fitted is not None else {}
-        as_noise = fitted is not None and fitted.noise  # residuals under the learned prior, not latents
-        choices = [(LatentChoice(noise=drawn[i]) if as_noise else LatentChoice(z=drawn[i])) if i in drawn
-                   else LatentChoice(use_posterior=False, temperature=t) for i, t in enumerate(temps)]
+        given = fitted.choices(n, temps, generator) if fitted is not None else {}
+        choices = [given.get(i) or LatentChoice(use_posterior=False, temperature=t) for i, t in enumerate(temps)]
         if self.condition is not None and covariates is None:
             covariates = self.draw_covariates(n, generator)
         film = self._film(covariates, n, guidance, reference)

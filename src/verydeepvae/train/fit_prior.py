@@ -107,9 +107,10 @@ def gaussian(model: VeryDeepVAE, residuals: Residuals, layers: list[int]) -> Fit
     device = model.output_head.conv.weight.device
     every_shape = model.latent_shapes()
     units = [residuals.active(i) for i in layers]
-    if not sum(len(u) for u in units):
+    count = sum(len(u) for u in units)
+    if not count:
         raise ValueError("no active latent unit to fit")
-    if sum(len(u) for u in units) > MAX_DIMENSIONS:
+    if count > MAX_DIMENSIONS:
         raise ValueError(f"more than {MAX_DIMENSIONS} active units")
     z = np.concatenate([residuals.draws[i][:, u] for i, u in zip(layers, units)], 1)
     if not np.isfinite(z).all():
