@@ -51,7 +51,7 @@ from verydeepvae.data.phantom import generate_population  # noqa: E402
 from verydeepvae.evaluate.conditional import (counterfactual_sweep, mann_whitney, measure, sample_at,  # noqa: E402
                                               sweep_points, trend)
 from verydeepvae.errors import UserError  # noqa: E402
-from verydeepvae.guidance import Guidance, check_guidance  # noqa: E402
+from verydeepvae.guidance import Guidance, resolve_guidance  # noqa: E402
 from verydeepvae.generate import input_files, load_preprocessed, open_trained  # noqa: E402
 from verydeepvae.metrics import psnr  # noqa: E402
 from verydeepvae.train.quality import frechet_ratio  # noqa: E402
@@ -78,9 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-point", type=int, default=8)
     parser.add_argument("--counterfactuals", type=int, default=16)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--guidance", default="1",
-                        help="covariate guidance of samples and counterfactuals: W, or NAME=W pairs such as "
-                             "age=2,lesion_load=5 (verydeepvae sample --guidance)")
+    parser.add_argument("--guidance", default="auto",
+                        help="covariate guidance of samples and counterfactuals: W, NAME=W pairs such as "
+                             "age=2,lesion_load=5, calibrated (verydeepvae calibrate-guidance's), or auto: "
+                             "calibrated when measured, else 1 (verydeepvae sample --guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/conditional.py: the model must be conditioned on age", file=sys.stderr)
         return 2
     try:
-        guidance = check_guidance(args.guidance, schema, "--guidance")
+        guidance, _ = resolve_guidance(args.guidance, schema, trained.run_dir, trained.checkpoint.step, "--guidance")
     except UserError as error:
         print(f"bench/conditional.py: {error}", file=sys.stderr)
         return 2

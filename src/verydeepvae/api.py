@@ -24,7 +24,7 @@ from . import conditional
 from .config import Config, build_config
 from .data.covariates import CovariateRow
 from .errors import UserError
-from .guidance import Guidance, check_guidance
+from .guidance import Guidance, resolve_guidance
 from .inference import TrainedModel, open_trained
 from .sampling import check_temperature, iter_samples
 from .scan_files import input_files, load_preprocessed, output_stems
@@ -36,7 +36,8 @@ from .volume_io import save_nifti as _save_nifti
 Inputs = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], np.ndarray, torch.Tensor]
 # a conditional model's covariates: one dict for every volume, or a list with one dict per volume
 Conditions = Union[CovariateRow, Sequence[CovariateRow], None]
-# one guidance scale, one per covariate by name, the CLI's "age=2,lesion_load=5", or a Guidance
+# one guidance scale, one per covariate by name, the CLI's "age=2,lesion_load=5", "calibrated" or "auto"
+# (the scales calibrate-guidance measured, or 1 when there are none), or a Guidance
 GuidanceLike = Union[float, dict[str, float], str, Guidance]
 
 
@@ -131,9 +132,13 @@ class Model:
     def device(self) -> str:
         return self._trained.device
 
+    def _guidance(self, value: GuidanceLike) -> Guidance:
+        checkpoint = self._trained.checkpoint
+        return resolve_guidance(value, self.covariates, self._trained.run_dir, checkpoint.step, "guidance")[0]
+
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                batch_size: int = 4, conditions: Conditions = None, prior: str = "auto",
-               guidance: GuidanceLike = 1.0, voxels: str = "auto") -> Volumes:
+               guidance: GuidanceLike = "auto", voxels: str = "auto") -> Volumes:
         """n volumes from the prior: ``data`` (n, R, R, R).  ``temperature``: one value, or one per
         resolution level (highest resolution first); the same seed, temperature and batch size give
         the same volumes as ``verydeepvae sample``.  A conditional model takes ``conditions``: one
@@ -143,12 +148,14 @@ class Model:
         Gaussian fitted at the end of training for the coarsest latents when the run chose it),
         "learned" or "fitted" (``verydeepvae sample --prior``).  ``guidance``: a conditional model's
         covariate guidance scale (``verydeepvae sample --guidance``; 1 = the model as trained), or one
-        per covariate (``{"age": 2, "lesion_load": 5}``, others 1, or the CLI's ``"age=2,lesion_load=5"``).
+        per covariate (``{"age": 2, "lesion_load": 5}``, others 1, or the CLI's ``"age=2,lesion_load=5"``);
+        "calibrated" the scales ``verydeepvae calibrate-guidance`` measured for this checkpoint, "auto"
+        (default) those when measured, else 1.
         ``voxels``: "auto" (as the run's ``sample_voxels`` setting says), "mean" or "draw" (each voxel
         drawn from p(x | z); ``verydeepvae sample --voxels``)."""
         if n < 1 or batch_size < 1:
             raise UserError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
-        weights = check_guidance(guidance, self.covariates).weights(self.covariates)
+        weights = self._guidance(guidance).weights(self.covariates)
         model = self.torch_module
         temperature = check_temperature(model, temperature)
         vectors, rows, references = None, None, None
@@ -204,7 +211,7 @@ class Model:
 
     def counterfactual(self, inputs: Inputs, condition: CovariateRow | None = None,
                        sweep: tuple[str, Sequence[Any]] | None = None, observed: Conditions = None,
-                       mode: str = "noise", batch_size: int = 4, guidance: GuidanceLike = 1.0) -> Volumes:
+                       mode: str = "noise", batch_size: int = 4, guidance: GuidanceLike = "auto") -> Volumes:
         """Counterfactuals of scans (a conditional model; ``verydeepvae counterfactual``'s method,
         ``counterfactual.py``): each scan encoded with its own covariates (``observed``, else looked up
         as :meth:`reconstruct` does) and decoded with ``condition`` applied (``{"age": 80}``), or at
@@ -216,7 +223,7 @@ class Model:
         from .counterfactual import counterfactual_volumes, value_label
 
         schema = conditional.require_schema(self._trained, "counterfactual")
-        weights = check_guidance(guidance, schema).weights(schema)
+        weights = self._guidance(guidance).weights(schema)
         x, affines, names = self._inputs(inputs)
         own = self._scan_covariates(inputs, observed, x.shape[0])
         change = conditional.parse_request(schema, condition or {})

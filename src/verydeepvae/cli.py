@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _latent_commands(sub)
     _evaluate_command(sub)
     cli_conditional.add_counterfactual_command(sub)
+    cli_conditional.add_calibrate_command(sub)
     _config_command(sub)
     _inspect_and_phantom_commands(sub)
     return parser

@@ -48,16 +48,25 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_guidance_option(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--guidance", default="1", metavar="W|NAME=W,...",
+    p.add_argument("--guidance", default="auto", metavar="W|NAME=W,...|calibrated|auto",
                    help=f"a conditional model: scale {what}, as classifier-free guidance does (1: the model as "
                         "trained); one scale per covariate with NAME=W pairs, e.g. age=2,lesion_load=5 "
-                        "(others 1, or a leading bare W for the rest); docs/conditional.md")
+                        "(others 1, or a leading bare W for the rest); calibrated: the scales calibrate-guidance "
+                        "measured for this checkpoint; auto (default): calibrated if measured, else 1; "
+                        "docs/conditional.md")
 
 
-def checked_guidance(args: argparse.Namespace, schema: Any) -> Guidance:
-    from .guidance import check_guidance
+def checked_guidance(args: argparse.Namespace, checkpoint: Any) -> Guidance:
+    """``--guidance`` resolved for a checkpoint (``guidance.resolve_guidance``), with a notice when the
+    run's calibrated scales are used."""
+    from .guidance import resolve_guidance
+    from .inference import covariate_schema, run_folder
 
-    return check_guidance(args.guidance, schema, "--guidance")
+    guidance, notice = resolve_guidance(args.guidance, covariate_schema(checkpoint), run_folder(checkpoint.path),
+                                        checkpoint.step, "--guidance")
+    if notice and not getattr(args, "quiet", False):
+        _notice(notice)
+    return guidance
 
 
 class SamplesConditioning(TypedDict, total=False):
@@ -87,7 +96,7 @@ def sample_conditions(args: argparse.Namespace, checkpoint: Any) -> SampleReques
     from .inference import covariate_schema
 
     schema = covariate_schema(checkpoint)
-    guidance = checked_guidance(args, schema)
+    guidance = checked_guidance(args, checkpoint)
     if schema is None:
         if args.condition or args.conditions:
             raise UserError(f"checkpoint {checkpoint.path} is an unconditional model; --condition/--conditions need "
@@ -172,7 +181,7 @@ def _counterfactual(args: argparse.Namespace) -> int:
     files = input_files(args.input, args.pattern)
     trained = commands.open_model(args)
     schema = require_schema(trained, "counterfactual")
-    guidance = checked_guidance(args, schema)
+    guidance = checked_guidance(args, trained.checkpoint)
     sweep = sweep_values(schema, args.sweep) if args.sweep else None
     if not change and sweep is None:
         raise UserError("counterfactual needs --condition NAME=VALUE and/or --sweep NAME=START:STOP:STEP")
@@ -192,12 +201,81 @@ def _counterfactual(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_calibrate_command(sub) -> None:
+    from .cli_options import command, data_option, model_options, seed_option
+    from .evaluate.calibration import REALISM_TOLERANCE, SCALES
+
+    p = command(sub, "calibrate-guidance", "measure, per covariate of a conditional model, the guidance scale at "
+                                           "which samples respond to it as the training scans do")
+    model_options(p)
+    data_option(p, "scans with their covariates to measure the real response on (default: the run's training "
+                   "scans, split.json)")
+    p.add_argument("--pattern", help="only files whose path matches this glob (folders only)")
+    p.add_argument("--covariates", metavar="FILE", help="TSV/CSV of the --data scans' covariates (else the run's "
+                                                        "covariates.json or a participants.tsv next to them)")
+    p.add_argument("--max-scans", type=int, default=400, help="at most this many scans (a seeded random subset)")
+    p.add_argument("--scales", default=",".join(f"{s:g}" for s in SCALES),
+                   help="guidance scales tried, in ascending order; the search stops at the first that reaches "
+                        f"the real response or whose samples' Fréchet distance exceeds {REALISM_TOLERANCE:g}x scale 1's")
+    p.add_argument("--measure", action="append", default=[], metavar="NAME=MEASURE",
+                   help="the tissue measure a covariate's response is read on (repeatable), e.g. "
+                        "lesion_load=lesion_ml; default: the one that tracks it most closely in the scans "
+                        "(one of gm_ml, wm_ml, csf_ml, ventricle_ml, lesion_ml, brain_ml, csf_fraction)")
+    p.add_argument("--points", type=int, default=9, help="covariate values per sweep")
+    p.add_argument("--per-point", type=int, default=8, help="samples per value and scale")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    seed_option(p, "seed of the samples (the same at every scale)")
+    p.add_argument("--output", "--output-dir", dest="output_dir", metavar="DIR",
+                   help="folder for guidance_calibration.json and .png (default: the run folder, where "
+                        "--guidance calibrated finds them)")
+    p.set_defaults(handler=_calibrate)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from . import commands
+    from .conditional import require_schema
+    from .evaluate.calibration import CalibrationOptions, calibrate_run, check_measures, describe, select_scans
+    from .data.covariates import parse_assignments
+
+    if args.points < 3 or args.per_point < 1 or args.max_scans < 3:
+        raise UserError(f"--points and --max-scans must be >= 3 and --per-point >= 1, got {args.points}, "
+                        f"{args.max_scans} and {args.per_point}")
+    options = CalibrationOptions(scales=_scales(args.scales), points=args.points, per_point=args.per_point,
+                                 temperature=args.temperature, seed=commands.check_seed(args.seed),
+                                 batch_size=args.batch_size, show_progress=commands.progress_setting(args))
+    trained = commands.open_model(args)
+    schema = require_schema(trained, "calibrate-guidance")
+    options.measures = check_measures(parse_assignments(args.measure, "--measure"), schema)
+    files, rows, source = select_scans(trained, args.data, args.pattern, args.covariates, args.max_scans, args.seed)
+    if args.output_dir:  # only now: every check above runs before anything is written
+        commands.claim_output(args, "calibrate-guidance")
+    record = calibrate_run(trained, files, rows, args.output_dir or trained.run_dir, options, source)
+    for line in describe(record):
+        print(line)
+    return 0
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"--scales expects comma-separated numbers such as 1,2,3, got {text!r}") from None
+    if not scales or any(not (0 < s < float("inf")) for s in scales) or list(scales) != sorted(scales):
+        raise UserError(f"--scales must be positive numbers in ascending order, got {text!r}")
+    return scales
+
+
 def show_schema(checkpoint: Any) -> list[str]:
     """Lines of ``config show --checkpoint`` about a conditional model's covariates."""
-    from .inference import covariate_schema
+    from .guidance import read_calibrated
+    from .inference import covariate_schema, run_folder
 
     schema = covariate_schema(checkpoint)
-    return schema.summary_lines() if schema is not None else ["unconditional model (no covariates)"]
+    if schema is None:
+        return ["unconditional model (no covariates)"]
+    calibrated, why = read_calibrated(run_folder(checkpoint.path), checkpoint.step)
+    return [*schema.summary_lines(), f"guidance calibrated for this checkpoint: {calibrated}" if calibrated is not None
+            else f"guidance not calibrated: {why}"]
 
 
 def _notice(text: str) -> None:

@@ -239,7 +239,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     check_set_size(options)  # the held-out bound is checked once the data is selected
     trained = open_model(args)
     check_prior(trained.model, args.prior)  # before the output folder is touched
-    options.guidance = cli_conditional.checked_guidance(args, trained.covariates)
+    options.guidance = cli_conditional.checked_guidance(args, trained.checkpoint)
     claim_output(args, "evaluate")
     report = run_evaluation(trained, args.data, args.output_dir, options)
     print(report.summary())

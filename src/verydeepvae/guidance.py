@@ -9,14 +9,21 @@ lesion load only at 5, which overdrives age (docs/conditional.md).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from .data.covariates import CovariateSchema
 from .errors import UserError
+
+# written by ``verydeepvae calibrate-guidance`` into the run folder (evaluate/calibration.py)
+CALIBRATION_FILE = "guidance_calibration.json"
+CALIBRATION_FIGURE = "guidance_calibration.png"
+CALIBRATED = "calibrated"
 
 
 @dataclass(frozen=True)
@@ -127,3 +134,46 @@ def _number(value: Any, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise UserError(f"{name} scales must be numbers >= 0, got {value!r}") from None
+
+
+def read_calibrated(run_dir: str | Path, step: int | None = None) -> tuple[Guidance | None, str]:
+    """The guidance ``calibrate-guidance`` chose for a run, and why there is none (else "").
+
+    None when the run has no calibration, or when it was made at another step than ``step`` (a
+    calibration belongs to one checkpoint: training on changes how strongly the model follows its
+    covariates)."""
+    path = Path(run_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None, f"the run has no {CALIBRATION_FILE} (verydeepvae calibrate-guidance makes it)"
+    try:
+        record = json.loads(path.read_text())
+        guidance, made_at = Guidance.from_json(record["guidance"]), record.get("step")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"{path} is not a readable guidance calibration ({type(error).__name__}: {error})") from None
+    if step is not None and made_at is not None and int(made_at) != int(step):
+        return None, (f"{path} was made for step {made_at}, not this checkpoint's step {step}; run "
+                      "verydeepvae calibrate-guidance again")
+    return guidance, ""
+
+
+def resolve_guidance(value: Any, schema: CovariateSchema | None, run_dir: str | Path, step: int | None = None,
+                     name: str = "--guidance") -> tuple[Guidance, str]:
+    """The guidance to use and a notice ("" if none) for ``value``:
+
+    * ``None`` or ``"auto"``: the run's calibrated guidance when it has one for this step, else 1;
+    * ``"calibrated"``: the run's calibrated guidance (an error when there is none);
+    * anything ``check_guidance`` takes: that."""
+    text = value.strip().lower() if isinstance(value, str) else value
+    if text not in (None, "auto", CALIBRATED):
+        return check_guidance(value, schema, name), ""
+    if schema is None:
+        if text == CALIBRATED:
+            raise UserError(f"{name} calibrated is for conditional models; this one is unconditional")
+        return Guidance(), ""
+    guidance, why = read_calibrated(run_dir, step)
+    if guidance is None:
+        if text == CALIBRATED:
+            raise UserError(f"{name} calibrated: {why}")
+        return Guidance(), ""
+    guidance = check_guidance(guidance, schema, f"{name} (from {CALIBRATION_FILE})")
+    return guidance, f"guidance {guidance}, calibrated for this checkpoint ({CALIBRATION_FILE})"

@@ -133,12 +133,16 @@ class TrainedModel:
 
     @property
     def run_dir(self) -> Path:
-        """The training output folder (``<run>/checkpoints/step_X.safetensors`` -> ``<run>``)."""
-        parent = self.checkpoint.path.resolve().parent
-        return parent.parent if parent.name == "checkpoints" else parent
+        return run_folder(self.checkpoint.path)
 
     def record(self) -> ModelRecord:
         return {"checkpoint": str(self.checkpoint.path), "step": self.checkpoint.step, "weights": self.weights}
+
+
+def run_folder(checkpoint_path: str | Path) -> Path:
+    """The training output folder of a checkpoint (``<run>/checkpoints/step_X.safetensors`` -> ``<run>``)."""
+    parent = Path(checkpoint_path).resolve().parent
+    return parent.parent if parent.name == "checkpoints" else parent
 
 
 def open_trained(path: str | Path, use_ema: bool = True, device: str | None = "auto") -> TrainedModel:

@@ -74,3 +74,32 @@ def save_trend(requested: Sequence[float], measured: Sequence[float], path: str 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def save_calibration_figure(results: Sequence, path: str | os.PathLike) -> None:
+    """One panel per calibrated covariate (``evaluate/calibration.py``): the samples' slope ratio to
+    the training scans' at each guidance scale (left axis; 1 = the real response), their Fréchet
+    distance relative to scale 1 (right axis, dashed), and the chosen scale."""
+    numeric = [r for r in results if r.readings]
+    fig, axes = plt.subplots(1, max(1, len(numeric)), figsize=(3.6 * max(1, len(numeric)), 3.0), squeeze=False)
+    for ax, r in zip(axes[0], numeric):
+        scales = [x.scale for x in r.readings]
+        ratios = [np.nan if x.slope_ratio is None else x.slope_ratio for x in r.readings]
+        ax.plot(scales, ratios, "o-", color="tab:orange", label="slope ratio")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.axvline(r.scale, color="tab:green", lw=1, ls=":", label=f"chosen {r.scale:.2g}")
+        twin = ax.twinx()
+        twin.plot(scales, [x.frechet_ratio for x in r.readings], "s--", color="tab:blue", ms=3, lw=0.8)
+        twin.set_ylabel("Fréchet / scale 1 (dashed)", fontsize=7, color="tab:blue")
+        twin.tick_params(labelsize=7)
+        ax.set_xlabel("guidance scale", fontsize=8)
+        ax.set_ylabel(f"{r.measure} slope / training scans'", fontsize=8)
+        ax.set_title(f"{r.name}{'' if r.reached else ' (not reached)'}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    if not numeric:
+        axes[0][0].text(0.5, 0.5, "no numeric covariate", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    fig.tight_layout()
+    save_figure(fig, path)

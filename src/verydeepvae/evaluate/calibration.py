@@ -1,0 +1,299 @@
+"""Guidance calibration: for each covariate of a conditional model, the guidance scale at which its
+samples respond to a requested value as strongly as the training scans respond to their own.
+
+Why: how strongly a model learns a covariate's effect depends on the training seed and budget.  Two
+training seeds of one command needed lesion-load guidance 3 and 5, and each failed at the other's
+(docs/conditional.md), so no fixed scale can be documented for a recipe; a measured one can.
+
+Per numeric covariate:
+
+1. **Real response.** The training scans' tissue measurements (``evaluate/morphometry.py`` volumes
+   and the CSF fraction) against their own values: the measure that tracks the covariate most
+   closely (largest |Spearman|) and its least-squares slope, the *real slope*.
+2. **Sample response.** ``per_point`` samples at each of ``points`` values between the training
+   values' 5th and 95th percentiles (the other covariates drawn given it), at every scale of
+   ``scales``, with the same seed at every scale (common random numbers: the scales' slopes differ
+   by the scale, not by the draws).  Their slope of the same measure against the requested value,
+   over the real slope, is the *slope ratio* at that scale.
+3. **Realism.** The random-CNN Fréchet distance of each scale's samples to the training scans,
+   against that of the scale-1 samples; scales beyond the first whose distance exceeds
+   ``REALISM_TOLERANCE`` times it end the search (strong guidance can meet a slope with volumes that
+   are no longer brains; docs/conditional.md measured 0.95-1.2x for guidance that kept brains,
+   3.4-8x for guidance that did not).
+4. **Choice.** Where the slope ratio first reaches 1, interpolated linearly between the scales either
+   side; ``1 / ratio`` when scale 1 already overshoots (the effect grows about linearly from scale 0,
+   where it vanishes).  The realistic range ends where the Fréchet ratio crosses the tolerance,
+   interpolated linearly between the last realistic and the first unrealistic scale (so is the slope
+   ratio there).  When nothing in that range reaches 1, the realistic scale whose ratio is closest
+   to 1 (in log terms) is kept and the covariate is marked *not reached*.
+
+Categorical covariates keep scale 1 (there is no slope to match).  Nothing here is asserted in tests
+beyond its arithmetic: the figures move with the model and the seed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .. import metrics
+from ..atomic import write_json
+from ..data.covariates import CovariateSchema, Value
+from ..errors import UserError
+from ..guidance import CALIBRATION_FIGURE, CALIBRATION_FILE, Guidance
+from ..inference import TrainedModel
+from ..scan_files import input_files, load_preprocessed
+from .conditional import MEASURES, measure, sample_at, sweep_points, trend
+
+SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
+REALISM_TOLERANCE = 1.5
+
+
+@dataclass
+class ScaleReading:
+    """The samples' response at one guidance scale."""
+
+    scale: float
+    slope: float | None  # measure units per covariate unit
+    spearman: float | None
+    slope_ratio: float | None  # slope / real slope
+    frechet_ratio: float  # Fréchet distance to the training scans / that of the scale-1 samples
+    realistic: bool
+
+
+@dataclass
+class CovariateCalibration:
+    """One covariate's calibration (module notes); ``scale`` is what ``--guidance calibrated`` uses."""
+
+    name: str
+    kind: str
+    scale: float = 1.0
+    reached: bool = False
+    measure: str | None = None
+    real_slope: float | None = None
+    real_spearman: float | None = None
+    readings: list[ScaleReading] = field(default_factory=list)
+    note: str = ""
+
+
+def choose_scale(readings: Sequence[ScaleReading], tolerance: float = REALISM_TOLERANCE) -> tuple[float, bool]:
+    """(scale, reached) from the readings in ascending scale order (module notes, step 4)."""
+    points = _realistic_points(readings, tolerance)
+    if not points:
+        return 1.0, False
+    scale, ratio = points[0]
+    if ratio >= 1.0:
+        return (scale / ratio if scale == 1.0 else scale), True
+    for (s0, q0), (s1, q1) in zip(points, points[1:]):
+        if q1 >= 1.0:
+            return s0 + (1.0 - q0) / (q1 - q0) * (s1 - s0), True
+    positive = [(s, q) for s, q in points if q > 0]
+    if not positive:
+        return 1.0, False
+    return min(positive, key=lambda p: abs(math.log(p[1])))[0], False
+
+
+def _realistic_points(readings: Sequence[ScaleReading], tolerance: float) -> list[tuple[float, float]]:
+    """(scale, slope ratio) of the realistic readings, and where the realism limit falls between the
+    last realistic and the first unrealistic one (both quantities interpolated linearly)."""
+    points: list[tuple[float, float]] = []
+    last: ScaleReading | None = None
+    for r in readings:
+        if r.slope_ratio is None or not math.isfinite(r.slope_ratio):
+            continue
+        if r.realistic:
+            points.append((r.scale, r.slope_ratio))
+            last = r
+            continue
+        if last is not None and math.isfinite(r.frechet_ratio) and r.frechet_ratio > last.frechet_ratio:
+            t = (tolerance - last.frechet_ratio) / (r.frechet_ratio - last.frechet_ratio)
+            points.append((last.scale + t * (r.scale - last.scale),
+                           last.slope_ratio + t * (r.slope_ratio - last.slope_ratio)))
+        break
+    return points
+
+
+def real_response(volumes_table: dict[str, np.ndarray], own: Sequence[float],
+                  measures: Sequence[str] = MEASURES) -> tuple[str | None, dict]:
+    """The measure of ``measures`` that tracks a covariate in the training scans (largest |Spearman|)
+    and its trend."""
+    best: tuple[float, str, dict] | None = None
+    for key in measures:
+        t = trend(own, volumes_table[key])
+        if t["spearman"] is None or t["slope"] is None:
+            continue
+        if best is None or abs(t["spearman"]) > best[0]:
+            best = (abs(t["spearman"]), key, t)
+    return (best[1], best[2]) if best else (None, {})
+
+
+class _Realism:
+    """Fréchet distances of sample sets to the training scans in random-CNN features, relative to
+    the first set's (the scale-1 samples)."""
+
+    def __init__(self, real: np.ndarray, device: Any) -> None:
+        self.features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, real.shape[-1])), device=device)
+        self.real = self.features(real)
+        self.baseline: float | None = None
+        self.standardise = None
+
+    def __call__(self, samples: np.ndarray) -> float:
+        feats = self.features(samples)
+        if self.standardise is None:
+            self.standardise = metrics.pooled_standardiser(self.real, feats)
+        distance = metrics.frechet_distance(self.standardise(feats), self.standardise(self.real))
+        if self.baseline is None:
+            self.baseline = max(distance, 1e-12)
+        return float(distance / self.baseline)
+
+
+def calibrate_covariate(trained: TrainedModel, schema: CovariateSchema, name: str, real: np.ndarray,
+                        real_table: dict[str, np.ndarray], own: Sequence[Value], scales: Sequence[float] = SCALES,
+                        points: int = 9, per_point: int = 8, temperature: Any = 1.0, seed: int = 0,
+                        batch_size: int = 8, progress=None, measure_key: str | None = None) -> CovariateCalibration:
+    """One covariate's calibration (module notes) against training volumes ``real`` (N, R, R, R),
+    their measurements ``real_table`` (``conditional.measure``) and their own values ``own``;
+    ``measure_key`` fixes the measure instead of taking the one that tracks the covariate best."""
+    kind = schema.get(name).kind
+    if kind != "numeric":
+        return CovariateCalibration(name, kind, note="categorical: kept at 1 (no slope to match)")
+    key, real_trend = real_response(real_table, [float(v) for v in own], [measure_key] if measure_key else MEASURES)
+    result = CovariateCalibration(name, kind, measure=key, real_slope=real_trend.get("slope"),
+                                  real_spearman=real_trend.get("spearman"))
+    if key is None or not result.real_slope:
+        result.note = "no tissue measure varies with it in the training scans: kept at 1"
+        return result
+    values = sweep_points(schema, name, points)
+    realism = _Realism(real, trained.device)
+    for scale in sorted(set(float(s) for s in scales) | {1.0}):
+        samples, requested, _ = sample_at(trained, schema, name, values, per_point, temperature, seed, batch_size,
+                                          show=False, guidance=Guidance(1.0, {name: scale}))
+        s = trend([float(v) for v in requested], measure(samples, trained.voxel_size_mm)[key])
+        fd = realism(samples)
+        ratio = s["slope"] / result.real_slope if s["slope"] is not None else None
+        result.readings.append(ScaleReading(scale, s["slope"], s["spearman"], ratio, fd, fd <= REALISM_TOLERANCE))
+        if progress is not None:
+            progress(result.readings[-1])
+        if not result.readings[-1].realistic or (ratio is not None and ratio >= 1.0):
+            break  # beyond here the choice cannot change (module notes, steps 3-4)
+    result.scale, result.reached = choose_scale(result.readings)
+    if not result.reached:
+        ratio = dict(_realistic_points(result.readings, REALISM_TOLERANCE)).get(result.scale)
+        result.note = ("no realistic scale reaches the training scans' response: kept "
+                       + (f"{result.scale:.3g}, where the slope ratio is {ratio:.2f}" if ratio is not None else "1"))
+    return result
+
+
+def calibrated_guidance(results: Sequence[CovariateCalibration]) -> Guidance:
+    """The Guidance the calibrations chose (every covariate by name; others 1)."""
+    return Guidance(1.0, {r.name: round(float(r.scale), 3) for r in results})
+
+
+@dataclass
+class CalibrationOptions:
+    """How a calibration samples (module notes): the scales tried, the sweep and its draws."""
+
+    scales: tuple[float, ...] = SCALES
+    points: int = 9
+    per_point: int = 8
+    temperature: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    show_progress: bool | None = None
+    measures: dict[str, str] = field(default_factory=dict)  # covariate -> measure, where not the best-tracking one
+
+
+def select_scans(trained: TrainedModel, data: str | None, pattern: str | None, covariates_file: str | None,
+                 max_scans: int, seed: int) -> tuple[list[str], list[dict[str, Value]], str]:
+    """(files, their own covariates, a description) of the scans a calibration reads the real
+    response on: ``data`` (with ``covariates_file``, the run's covariates.json or a participants.tsv),
+    else the run's training scans; a seeded random ``max_scans`` of them."""
+    from ..conditional import scan_covariates
+    from .data import read_split
+
+    if data is None:
+        split = read_split(trained.run_dir)
+        if split is None:
+            raise UserError(f"no split.json in the run folder {trained.run_dir}; give --data (scans with covariates)")
+        files, source = [f for f in split[0] if Path(f).is_file()], f"training scans of {trained.run_dir / 'split.json'}"
+    else:
+        files, source = [str(f) for f in input_files(data, pattern)], str(data)
+    if len(files) < 3:
+        raise UserError(f"calibrate-guidance needs at least 3 scans with covariates; {source} has {len(files)}")
+    if len(files) > max_scans:
+        keep = np.sort(np.random.default_rng(seed).permutation(len(files))[:max_scans])
+        files = [files[i] for i in keep]
+    rows, _ = scan_covariates(trained, files, None, covariates_file)
+    return files, rows, source
+
+
+def check_measures(chosen: dict[str, str], schema: CovariateSchema) -> dict[str, str]:
+    """``{covariate: measure}`` checked: known covariates, measures of :data:`MEASURES`."""
+    for name, key in chosen.items():
+        if name not in schema.names:
+            raise UserError(f"--measure: the model is not conditioned on {name!r}; its covariates are "
+                            f"{', '.join(schema.names)}")
+        if key not in MEASURES:
+            raise UserError(f"--measure {name}={key}: the measures are {', '.join(MEASURES)}")
+    return dict(chosen)
+
+
+def calibrate_run(trained: TrainedModel, files: Sequence[str], rows: Sequence[dict[str, Value]],
+                  output_dir: str | Path, options: CalibrationOptions, data_source: str) -> dict[str, Any]:
+    """Calibrate every covariate of ``trained`` against ``files`` (the scans, with their own covariate
+    ``rows``), write ``guidance_calibration.json`` and ``guidance_calibration.png`` to ``output_dir``
+    and return the record (``guidance``: what ``--guidance calibrated`` uses)."""
+    schema = trained.covariates
+    volumes, _ = load_preprocessed(files, trained.preprocess_settings, show_progress=options.show_progress,
+                                   desc="calibration scans")
+    table = measure(volumes, trained.voxel_size_mm)
+    results = []
+    for name in schema.names:
+        show = _printer(name) if options.show_progress is not False else None
+        results.append(calibrate_covariate(trained, schema, name, volumes, table, [r[name] for r in rows],
+                                           options.scales, options.points, options.per_point, options.temperature,
+                                           options.seed, options.batch_size, show, options.measures.get(name)))
+    record = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step, "weights": trained.weights,
+              "guidance": calibrated_guidance(results).to_json(), "data": {"source": data_source, "num_scans": len(files)},
+              "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
+              "covariates": [asdict(r) for r in results],
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CALIBRATION_FILE, record)
+    from ..viz_conditional import save_calibration_figure
+
+    save_calibration_figure(results, out / CALIBRATION_FIGURE)
+    return record
+
+
+def describe(record: dict[str, Any]) -> list[str]:
+    """What a calibration found, one line per covariate and one for the result."""
+    lines = []
+    for c in record["covariates"]:
+        if not c["readings"]:
+            lines.append(f"{c['name']}: scale 1 ({c['note']})")
+            continue
+        ratios = ", ".join(f"{r['scale']:g}: {'n/a' if r['slope_ratio'] is None else format(r['slope_ratio'], '.2f')}"
+                           + ("" if r["realistic"] else " (not realistic)") for r in c["readings"])
+        lines.append(f"{c['name']}: scale {c['scale']:.3g}{'' if c['reached'] else ' (not reached)'}; read on "
+                     f"{c['measure']} (training scans: slope {c['real_slope']:.3g} per unit, Spearman "
+                     f"{c['real_spearman']:.2f}); samples' slope ratio by scale {ratios}"
+                     + (f"; {c['note']}" if c["note"] else ""))
+    lines.append(f"calibrated guidance {Guidance.from_json(record['guidance'])} for step {record['step']}: "
+                 "sample, evaluate and counterfactual use it by default (--guidance auto)")
+    return lines
+
+
+def _printer(name: str):
+    def show(r: ScaleReading) -> None:
+        ratio = "n/a" if r.slope_ratio is None else f"{r.slope_ratio:.2f}"
+        print(f"  {name}: scale {r.scale:g}: slope ratio {ratio}, Fréchet {r.frechet_ratio:.2f}x scale 1"
+              f"{'' if r.realistic else ' (no longer realistic)'}", file=sys.stderr, flush=True)
+    return show
