@@ -76,10 +76,11 @@ def save_trend(requested: Sequence[float], measured: Sequence[float], path: str 
     save_figure(fig, path)
 
 
-def save_calibration_figure(results: Sequence, path: str | os.PathLike) -> None:
+def save_calibration_figure(results: Sequence, path: str | os.PathLike, tolerance: float) -> None:
     """One panel per calibrated covariate (``evaluate/calibration.py``): the samples' slope ratio to
     the training scans' at each guidance scale (left axis; 1 = the real response), their Fréchet
-    distance relative to scale 1 (right axis, dashed), and the chosen scale."""
+    distance relative to scale 1 (right axis, dashed; realistic up to ``tolerance``, dotted), and
+    the chosen scale."""
     numeric = [r for r in results if r.readings]
     fig, axes = plt.subplots(1, max(1, len(numeric)), figsize=(3.6 * max(1, len(numeric)), 3.0), squeeze=False)
     for ax, r in zip(axes[0], numeric):
@@ -90,6 +91,7 @@ def save_calibration_figure(results: Sequence, path: str | os.PathLike) -> None:
         ax.axvline(r.scale, color="tab:green", lw=1, ls=":", label=f"chosen {r.scale:.2g}")
         twin = ax.twinx()
         twin.plot(scales, [x.frechet_ratio for x in r.readings], "s--", color="tab:blue", ms=3, lw=0.8)
+        twin.axhline(tolerance, color="tab:blue", lw=0.8, ls=":")
         twin.set_ylabel("Fréchet / scale 1 (dashed)", fontsize=7, color="tab:blue")
         twin.tick_params(labelsize=7)
         ax.set_xlabel("guidance scale", fontsize=8)

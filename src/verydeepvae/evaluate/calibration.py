@@ -269,7 +269,7 @@ def calibrate_run(trained: TrainedModel, files: Sequence[str], rows: Sequence[di
     write_json(out / CALIBRATION_FILE, record)
     from ..viz_conditional import save_calibration_figure
 
-    save_calibration_figure(results, out / CALIBRATION_FIGURE)
+    save_calibration_figure(results, out / CALIBRATION_FIGURE, REALISM_TOLERANCE)
     return record
 
 
