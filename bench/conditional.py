@@ -48,6 +48,9 @@ from scipy import stats  # noqa: E402
 from verydeepvae import viz  # noqa: E402
 from verydeepvae.conditional import scan_covariates  # noqa: E402
 from verydeepvae.data.phantom import generate_population  # noqa: E402
+# a guided sweep passes only while its samples' Fréchet ratio stays within REALISM_TOLERANCE of the
+# unguided samples' (the bound calibrate-guidance searches within; evaluate/calibration.py says why)
+from verydeepvae.evaluate.calibration import REALISM_TOLERANCE  # noqa: E402
 from verydeepvae.evaluate.conditional import (counterfactual_sweep, mann_whitney, measure, sample_at,  # noqa: E402
                                               sweep_points, trend)
 from verydeepvae.errors import UserError  # noqa: E402
@@ -58,10 +61,6 @@ from verydeepvae.train.quality import frechet_ratio  # noqa: E402
 from verydeepvae.viz_conditional import save_counterfactual_strip, save_trend  # noqa: E402
 
 SECOND_COVARIATE = {"lesion_load": "lesion_ml"}
-# a guided sweep passes only while its samples' Fréchet ratio stays within this factor of the
-# unguided samples' (measured: guidance that kept the images looked like brains at 0.95-1.2x;
-# guidance that turned them into dark noise, empty rings or washed-out brains, 3.4-8x; docs/conditional.md)
-REALISM_TOLERANCE = 1.5
 
 
 def main(argv: list[str] | None = None) -> int:
