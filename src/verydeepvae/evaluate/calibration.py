@@ -133,31 +133,40 @@ def real_response(volumes_table: dict[str, np.ndarray], own: Sequence[float],
     return (best[1], best[2]) if best else (None, {})
 
 
-class _Realism:
-    """Fréchet distances of sample sets to the training scans in random-CNN features, relative to
-    the first set's (the scale-1 samples)."""
+class RealFeatures:
+    """The random-CNN feature extractor and the training scans' features, computed once for every
+    covariate of a calibration."""
 
     def __init__(self, real: np.ndarray, device: Any) -> None:
-        self.features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, real.shape[-1])), device=device)
-        self.real = self.features(real)
+        self.extract = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, real.shape[-1])), device=device)
+        self.real = self.extract(real)
+
+
+class _Realism:
+    """Fréchet distances of sample sets to the training scans in random-CNN features, relative to
+    the first set's (the scale-1 samples).  ``real``: the scans (N, R, R, R) or their RealFeatures."""
+
+    def __init__(self, real: np.ndarray | RealFeatures, device: Any) -> None:
+        self.reference = real if isinstance(real, RealFeatures) else RealFeatures(real, device)
         self.baseline: float | None = None
         self.standardise = None
 
     def __call__(self, samples: np.ndarray) -> float:
-        feats = self.features(samples)
+        feats, real = self.reference.extract(samples), self.reference.real
         if self.standardise is None:
-            self.standardise = metrics.pooled_standardiser(self.real, feats)
-        distance = metrics.frechet_distance(self.standardise(feats), self.standardise(self.real))
+            self.standardise = metrics.pooled_standardiser(real, feats)
+        distance = metrics.frechet_distance(self.standardise(feats), self.standardise(real))
         if self.baseline is None:
             self.baseline = max(distance, 1e-12)
         return float(distance / self.baseline)
 
 
-def calibrate_covariate(trained: TrainedModel, schema: CovariateSchema, name: str, real: np.ndarray,
+def calibrate_covariate(trained: TrainedModel, schema: CovariateSchema, name: str, real: np.ndarray | RealFeatures,
                         real_table: dict[str, np.ndarray], own: Sequence[Value], scales: Sequence[float] = SCALES,
                         points: int = 9, per_point: int = 8, temperature: Any = 1.0, seed: int = 0,
                         batch_size: int = 8, progress=None, measure_key: str | None = None) -> CovariateCalibration:
-    """One covariate's calibration (module notes) against training volumes ``real`` (N, R, R, R),
+    """One covariate's calibration (module notes) against training volumes ``real`` (N, R, R, R; or
+    their RealFeatures, when several covariates are calibrated against the same scans),
     their measurements ``real_table`` (``conditional.measure``) and their own values ``own``;
     ``measure_key`` fixes the measure instead of taking the one that tracks the covariate best."""
     kind = schema.get(name).kind
@@ -253,10 +262,11 @@ def calibrate_run(trained: TrainedModel, files: Sequence[str], rows: Sequence[di
     volumes, _ = load_preprocessed(files, trained.preprocess_settings, show_progress=options.show_progress,
                                    desc="calibration scans")
     table = measure(volumes, trained.voxel_size_mm)
+    features = RealFeatures(volumes, trained.device)  # once for every covariate
     results = []
     for name in schema.names:
         show = _printer(name) if options.show_progress is not False else None
-        results.append(calibrate_covariate(trained, schema, name, volumes, table, [r[name] for r in rows],
+        results.append(calibrate_covariate(trained, schema, name, features, table, [r[name] for r in rows],
                                            options.scales, options.points, options.per_point, options.temperature,
                                            options.seed, options.batch_size, show, options.measures.get(name)))
     record = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step, "weights": trained.weights,
