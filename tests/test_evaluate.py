@@ -221,6 +221,7 @@ def test_report_on_the_runs_own_split(report, run):
     mem = r["memorisation"]
     assert len(mem["voxels"]["sample_distances"]) == 6 and len(mem["voxels"]["heldout_distances"]) == 4
     assert mem["closest_samples"][0]["nearest_training_file"] in split["train"]
+    assert mem["heldout_copies"] == []  # the split's own validation files are other subjects
     morph = r["morphometry"]  # the phantom folder has participants.tsv: on automatically
     assert set(morph["comparison"]["features"]) == set(morphometry.FEATURES)
     assert morph["estimator_check"]["num_volumes"] == 4
@@ -262,6 +263,31 @@ def test_evaluate_command_on_other_data_with_a_plugin(run, tmp_path, monkeypatch
     assert r["distances"]["random_cnn"]["frechet"]["set_size"] == 2 == r["morphometry"]["comparison"]["set_size"]
     assert "coarse voxels (test plug-in)" in (out / "report.md").read_text()
     sys.modules.pop("plugin_feats", None)
+
+
+@pytest.mark.slow
+def test_held_out_copies_of_training_volumes_are_flagged(run, tmp_path, capsys):
+    """A held-out folder that repeats training subjects under other names (a phantom population made
+    with the training seed does): the report names the copies and says the readings are not held out."""
+    import shutil
+
+    split = json.loads((run / "split.json").read_text())
+    data = tmp_path / "heldout"
+    generate_population(4, 32, data, seed=9, montage=False, progress=False)
+    copied = split["train"][:2]
+    for i, f in enumerate(copied):
+        shutil.copy(f, data / f"renamed_{i}.nii.gz")
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+                 "--num-samples", "4", "--num-pairs", "5", "--set-size", "2", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 of the 6 held-out volumes are copies of training volumes" in printed
+    r = json.loads((tmp_path / "o" / "report.json").read_text())
+    pairs = {(Path(c["heldout_file"]).name, c["training_file"]) for c in r["memorisation"]["heldout_copies"]}
+    assert pairs == {(f"renamed_{i}.nii.gz", f) for i, f in enumerate(copied)}
+    assert "copies of training volumes" in (tmp_path / "o" / "report.md").read_text()
+    from verydeepvae.evaluate.summary import quality_row
+
+    assert quality_row(r)["heldout_copies"] == 2
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ section with its JSON form (the keys ``report.json`` has always had) and how it 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypedDict
 
 from ..json_types import JSONObject
@@ -257,6 +258,9 @@ class MemorisationSection:
     method: str = ""
     spaces: dict[str, NearestTraining] = field(default_factory=dict)  # "voxels", "random_cnn"
     closest_samples: list[ClosestSample] = field(default_factory=list)
+    # held-out volumes whose content equals a training volume's (other file names, same voxels):
+    # {"heldout_file", "training_file"}; every held-out reading is then partly a training reading
+    heldout_copies: list[dict[str, str]] = field(default_factory=list)
 
     SPACES = ("voxels", "random_cnn")
 
@@ -264,32 +268,49 @@ class MemorisationSection:
         if self.skipped is not None:
             return {"skipped": self.skipped}
         return {"train_rule": self.train_rule, "num_train": self.num_train, "method": self.method, **self.spaces,
-                "closest_samples": self.closest_samples}
+                "closest_samples": self.closest_samples, "heldout_copies": self.heldout_copies}
 
     @classmethod
     def from_json(cls, data: JSONObject) -> MemorisationSection:
         if "skipped" in data:
             return cls(skipped=data["skipped"])
         return cls(None, data["train_rule"], data["num_train"], data["method"],
-                   {k: data[k] for k in cls.SPACES}, data.get("closest_samples", []))
+                   {k: data[k] for k in cls.SPACES}, data.get("closest_samples", []), data.get("heldout_copies", []))
+
+    def copies_warning(self) -> str | None:
+        """One line when held-out volumes duplicate training volumes, else None."""
+        if not self.heldout_copies:
+            return None
+        first = self.heldout_copies[0]
+        num_heldout = len(self.spaces["voxels"]["heldout_distances"])
+        return (f"warning: {len(self.heldout_copies)} of the {num_heldout} held-out volumes are copies of training "
+                f"volumes (e.g. {Path(first['heldout_file']).name} = {Path(first['training_file']).name}), so the "
+                "held-out readings are partly training readings; a phantom population made with the training "
+                "seed repeats its subjects")
 
     def summary_rows(self) -> list[str]:
         if self.skipped is not None:
             return []
+        warning = self.copies_warning()
         return ["| nearest-training distance, median sample / median held-out (voxels) | "
-                f"{num(self.spaces['voxels']['median_ratio'])} | 1 = as novel as unseen real brains |"]
+                f"{num(self.spaces['voxels']['median_ratio'])} | "
+                + (f"**{warning}** |" if warning else "1 = as novel as unseen real brains |")]
 
     def console_lines(self) -> list[str]:
         if self.skipped is not None:
             return []
+        warning = self.copies_warning()
         return ["memorisation: median nearest-training distance ratio samples/held-out "
                 f"{num(self.spaces['voxels']['median_ratio'])} (voxels), "
-                f"{num(self.spaces['random_cnn']['median_ratio'])} (features)"]
+                f"{num(self.spaces['random_cnn']['median_ratio'])} (features)"] + ([warning] if warning else [])
 
     def markdown(self, figures: dict[str, str]) -> list[str]:
         out = ["## Memorisation", ""]
         if self.skipped is not None:
             return out + [f"Skipped: {self.skipped}.", ""]
+        warning = self.copies_warning()
+        if warning:
+            out += [f"**{warning[0].upper() + warning[1:]}.**", ""]
         out += [self.method + f". Training set: {self.num_train} volumes ({self.train_rule}).", "",
                 "| space | median sample→train | median held-out→train | ratio | held-out 5th pct | "
                 "samples below it | Mann-Whitney p (samples closer) |", "|---|---|---|---|---|---|---|"]

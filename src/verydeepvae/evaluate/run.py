@@ -25,6 +25,9 @@ from .population import DistancesSection, MemorisationSection, MorphometrySectio
 
 FORMAT = "verydeepvae-evaluation-1"
 TRAIN_CHUNK = 32
+# a held-out volume within this RMS difference (model range) of a training volume is a copy of it:
+# float64 round-off of identical volumes is about 1e-8, real neighbours differ by 1e-2 and more
+COPY_RMS = 1e-4
 
 
 @dataclass
@@ -277,6 +280,8 @@ def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarra
                                                  "random-3D-CNN features", "L2, features standardised with the "
                                                  "pooled held-out + sample statistics"),
     }
+    copies = [{"heldout_file": sel.heldout_files[i], "training_file": sel.train_files[near_vox.indices["heldout"][i]]}
+              for i in np.flatnonzero(near_vox.distances["heldout"] / np.sqrt(voxels) < COPY_RMS)]
     order = np.argsort(near_vox.distances["samples"])[:4]
     nearest_idx = near_vox.indices["samples"][order]
     nearest_files = [sel.train_files[i] for i in nearest_idx]
@@ -288,7 +293,8 @@ def _memorisation(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarra
                "percentile suggest copying",
         spaces=spaces,
         closest_samples=[{"sample": int(s), "distance": float(near_vox.distances["samples"][s]),
-                          "nearest_training_file": f} for s, f in zip(order, nearest_files)])
+                          "nearest_training_file": f} for s, f in zip(order, nearest_files)],
+        heldout_copies=copies)
     return section, {"samples": samples[order], "train": nearest_vols, "order": order.tolist(),
                      "distances": near_vox.distances["samples"][order].tolist()}
 

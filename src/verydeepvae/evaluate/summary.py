@@ -11,6 +11,8 @@ Each figure is a ratio or gap against the real-vs-real reference the report comp
   over real vs real (matched set sizes);
 * ``memorisation_ratio``: median distance of a sample to its nearest training volume over that of a
   held-out volume (< 1: samples closer to the training set than unseen brains are);
+* ``heldout_copies``: held-out volumes that are voxel copies of training volumes (should be 0; if
+  not, every other figure is partly a training-set figure);
 * ``dead_levels``: resolutions (edge length) none of whose latent units is active;
 * ``prior``: what drew the samples' coarse latents, "learned" or "fitted 1³-4³" (model/fitted_prior.py).
 
@@ -70,6 +72,7 @@ def quality_row(report: dict[str, Any]) -> dict[str, Any]:
         "mmd_ratio": _num(_get(report, "distances", "random_cnn", "mmd", "ratio_to_baseline")),
         "recon_psnr_db": _num(_get(report, "reconstruction", "psnr_db", "mean")),
         "memorisation_ratio": _num(_get(report, "memorisation", "voxels", "median_ratio")),
+        "heldout_copies": len(_get(report, "memorisation", "heldout_copies") or []),
         "prior": prior_label(_get(report, "samples", "prior_levels")),
     }
     samples = _num(_get(report, "diversity", "samples", "mean"))
