@@ -65,36 +65,65 @@ class _LinearModel:
     """Stands in for sampling and measuring: the samples' measure rises by ``gain`` x scale x the
     requested value (the training scans' slope is 1)."""
 
-    def __init__(self, gain: float) -> None:
-        self.gain, self.scale = gain, None
+    def __init__(self, gain: float, stream_spread: float = 0.0) -> None:
+        self.gain, self.spread, self.scale, self.seed = gain, stream_spread, None, 0
 
     def sample_at(self, trained, schema, name, values, per_point, temperature, seed, batch_size, show, guidance):
-        self.scale = guidance.scale(name)
+        self.scale, self.seed = guidance.scale(name), seed
         requested = [v for v in values for _ in range(per_point)]
         volumes = np.ones((len(requested), 4, 4, 4), np.float32) * np.asarray(requested, np.float32)[:, None, None, None]
         return volumes, requested, []
 
     def measure(self, volumes, voxel_size):
-        return {k: volumes.mean(axis=(1, 2, 3)) * self.gain * self.scale for k in calibration.MEASURES}
+        gain = self.gain * (1.0 + self.spread * (self.seed - 1))  # seeds 0, 1, 2: gain x (1 - spread, 1, 1 + spread)
+        return {k: volumes.mean(axis=(1, 2, 3)) * gain * self.scale for k in calibration.MEASURES}
 
 
-@pytest.mark.parametrize("gain, expected, reached", [(0.4, 2.5, True), (2.0, 0.5, True), (0.1, 6.0, False)])
-def test_the_search_finds_the_scale_of_a_model_with_a_known_response(monkeypatch, gain, expected, reached):
-    model = _LinearModel(gain)
+class _NoRealism:
+    """Every sample set as realistic as the scale-1 samples."""
+
+    def __init__(self, real, device) -> None:
+        pass
+
+    def features(self, samples):
+        return samples
+
+    def ratio(self, feats) -> float:
+        return 1.0
+
+
+def _calibrate_stub(monkeypatch, model: _LinearModel, **options):
+    """calibrate_covariate on ``model``, against training scans whose measure has slope 1."""
     monkeypatch.setattr(calibration, "sample_at", model.sample_at)
     monkeypatch.setattr(calibration, "measure", model.measure)
-    monkeypatch.setattr(calibration, "_Realism", lambda real, device: (lambda samples: 1.0))
+    monkeypatch.setattr(calibration, "_Realism", _NoRealism)
     schema = CovariateSchema((Covariate("age", "numeric", mean=0.5, sd=0.3, minimum=0.0, maximum=1.0),))
     trained = type("Trained", (), {"device": "cpu", "voxel_size_mm": 6.0})()
     own = np.linspace(0.0, 1.0, 30)
     real_table = {k: own.copy() for k in calibration.MEASURES}  # slope 1 against the scans' own values
     monkeypatch.setattr(CovariateSchema, "bank_rows", lambda self: [{"age": v} for v in own])
-    result = calibration.calibrate_covariate(trained, schema, "age", np.zeros((30, 4, 4, 4)), real_table, own,
-                                             points=5, per_point=2)
+    return calibration.calibrate_covariate(trained, schema, "age", np.zeros((30, 4, 4, 4)), real_table, own,
+                                           points=5, per_point=2, **options)
+
+
+@pytest.mark.parametrize("gain, expected, reached", [(0.4, 2.5, True), (2.0, 0.5, True), (0.1, 6.0, False)])
+def test_the_search_finds_the_scale_of_a_model_with_a_known_response(monkeypatch, gain, expected, reached):
+    result = _calibrate_stub(monkeypatch, _LinearModel(gain))
     assert result.reached is reached and result.scale == pytest.approx(expected, rel=1e-6)
     assert [r.scale for r in result.readings] == sorted(r.scale for r in result.readings)
     for r in result.readings:
         assert r.slope_ratio == pytest.approx(gain * r.scale, rel=1e-6)
+
+
+def test_streams_are_pooled_and_their_spread_reported(monkeypatch):
+    """Three streams whose responses differ by +-20 %: the pooled slope is their mean (the same
+    requested values in each), so the scale is the one a single average stream would find, and each
+    stream's ratio at that scale is reported."""
+    result = _calibrate_stub(monkeypatch, _LinearModel(0.4, stream_spread=0.2), streams=3)
+    assert result.reached and result.scale == pytest.approx(2.5, rel=1e-6)
+    assert result.stream_ratios_at_scale == pytest.approx([0.8, 1.0, 1.2], rel=1e-6)
+    for r in result.readings:
+        assert r.stream_ratios == pytest.approx([0.8 * 0.4 * r.scale, 0.4 * r.scale, 1.2 * 0.4 * r.scale], rel=1e-6)
 
 
 @pytest.fixture
@@ -151,7 +180,8 @@ def run(tmp_path_factory) -> Path:
     return out
 
 
-CALIBRATE = ["--points", "3", "--per-point", "2", "--scales", "1,2", "--no-progress", "--batch-size", "6"]
+CALIBRATE = ["--points", "3", "--per-point", "2", "--streams", "2", "--scales", "1,2", "--no-progress",
+             "--batch-size", "6"]
 
 
 @pytest.mark.slow
@@ -192,7 +222,8 @@ def test_calibrate_then_sample_uses_the_calibrated_scales(run, tmp_path, capsys)
                                              (["--scales", "one"], "comma-separated numbers"),
                                              (["--measure", "age=height"], "the measures are"),
                                              (["--measure", "weight=gm_ml"], "not conditioned on 'weight'"),
-                                             (["--points", "2"], "--points and --max-scans must be >= 3")])
+                                             (["--points", "2"], "--points and --max-scans must be >= 3"),
+                                             (["--streams", "0"], "--streams >= 1")])
 def test_bad_calibration_options_are_one_line(run, tmp_path, capsys, extra, fragment):
     from verydeepvae.cli import main
 

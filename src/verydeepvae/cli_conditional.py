@@ -222,7 +222,10 @@ def add_calibrate_command(sub) -> None:
                         "lesion_load=lesion_ml; default: the one that tracks it most closely in the scans "
                         "(one of gm_ml, wm_ml, csf_ml, ventricle_ml, lesion_ml, brain_ml, csf_fraction)")
     p.add_argument("--points", type=int, default=9, help="covariate values per sweep")
-    p.add_argument("--per-point", type=int, default=8, help="samples per value and scale")
+    p.add_argument("--per-point", type=int, default=8, help="samples per value, scale and stream")
+    p.add_argument("--streams", type=int, default=3,
+                   help="independent sample streams (seeds --seed, --seed + 1, ...) pooled per scale; their "
+                        "spread is reported (one stream can move a steep response's scale by a quarter)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     seed_option(p, "seed of the samples (the same at every scale)")
     p.add_argument("--output", "--output-dir", dest="output_dir", metavar="DIR",
@@ -237,10 +240,11 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .evaluate.calibration import CalibrationOptions, calibrate_run, check_measures, describe, select_scans
     from .data.covariates import parse_assignments
 
-    if args.points < 3 or args.per_point < 1 or args.max_scans < 3:
-        raise UserError(f"--points and --max-scans must be >= 3 and --per-point >= 1, got {args.points}, "
-                        f"{args.max_scans} and {args.per_point}")
+    if args.points < 3 or args.per_point < 1 or args.max_scans < 3 or args.streams < 1:
+        raise UserError(f"--points and --max-scans must be >= 3, --per-point and --streams >= 1, got {args.points}, "
+                        f"{args.max_scans}, {args.per_point} and {args.streams}")
     options = CalibrationOptions(scales=_scales(args.scales), points=args.points, per_point=args.per_point,
+                                 streams=args.streams,
                                  temperature=args.temperature, seed=commands.check_seed(args.seed),
                                  batch_size=args.batch_size, show_progress=commands.progress_setting(args))
     trained = commands.open_model(args)

@@ -78,7 +78,8 @@ def save_trend(requested: Sequence[float], measured: Sequence[float], path: str 
 
 def save_calibration_figure(results: Sequence, path: str | os.PathLike, tolerance: float) -> None:
     """One panel per calibrated covariate (``evaluate/calibration.py``): the samples' slope ratio to
-    the training scans' at each guidance scale (left axis; 1 = the real response), their Fréchet
+    the training scans' at each guidance scale (left axis; 1 = the real response; faint lines: each
+    sample stream alone), their Fréchet
     distance relative to scale 1 (right axis, dashed; realistic up to ``tolerance``, dotted), and
     the chosen scale."""
     numeric = [r for r in results if r.readings]
@@ -86,6 +87,10 @@ def save_calibration_figure(results: Sequence, path: str | os.PathLike, toleranc
     for ax, r in zip(axes[0], numeric):
         scales = [x.scale for x in r.readings]
         ratios = [np.nan if x.slope_ratio is None else x.slope_ratio for x in r.readings]
+        for k in range(len(r.readings[0].stream_ratios) if len(r.readings[0].stream_ratios) > 1 else 0):
+            ax.plot(scales, [np.nan if len(x.stream_ratios) <= k or x.stream_ratios[k] is None else x.stream_ratios[k]
+                             for x in r.readings], "-", color="tab:orange", lw=0.6, alpha=0.35,
+                    label="one stream" if k == 0 else None)
         ax.plot(scales, ratios, "o-", color="tab:orange", label="slope ratio")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axvline(r.scale, color="tab:green", lw=1, ls=":", label=f"chosen {r.scale:.2g}")

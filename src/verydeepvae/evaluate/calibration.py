@@ -12,9 +12,13 @@ Per numeric covariate:
    closely (largest |Spearman|) and its least-squares slope, the *real slope*.
 2. **Sample response.** ``per_point`` samples at each of ``points`` values between the training
    values' 5th and 95th percentiles (the other covariates drawn given it), at every scale of
-   ``scales``, with the same seed at every scale (common random numbers: the scales' slopes differ
+   ``scales``, with the same seeds at every scale (common random numbers: the scales' slopes differ
    by the scale, not by the draws).  Their slope of the same measure against the requested value,
-   over the real slope, is the *slope ratio* at that scale.
+   over the real slope, is the *slope ratio* at that scale.  The draws come in ``streams``
+   independent streams (seeds ``seed``, ``seed + 1``, ...): the slope is fitted on all of them
+   pooled, and each stream's own ratio is kept to show how far one stream would have moved it (one
+   stream of 72 samples moved a 7,000-step model's lesion-load scale from 3.9 to 5.1 between two
+   seeds; docs/conditional.md).
 3. **Realism.** The random-CNN Fréchet distance of each scale's samples to the training scans,
    against that of the scale-1 samples; scales beyond the first whose distance exceeds
    ``REALISM_TOLERANCE`` times it end the search (strong guidance can meet a slope with volumes that
@@ -65,6 +69,7 @@ class ScaleReading:
     slope_ratio: float | None  # slope / real slope
     frechet_ratio: float  # Fréchet distance to the training scans / that of the scale-1 samples
     realistic: bool
+    stream_ratios: list[float | None] = field(default_factory=list)  # each stream's own slope ratio
 
 
 @dataclass
@@ -79,6 +84,7 @@ class CovariateCalibration:
     real_slope: float | None = None
     real_spearman: float | None = None
     readings: list[ScaleReading] = field(default_factory=list)
+    stream_ratios_at_scale: list[float] = field(default_factory=list)  # each stream's ratio at ``scale``
     note: str = ""
 
 
@@ -144,15 +150,19 @@ class RealFeatures:
 
 class _Realism:
     """Fréchet distances of sample sets to the training scans in random-CNN features, relative to
-    the first set's (the scale-1 samples).  ``real``: the scans (N, R, R, R) or their RealFeatures."""
+    the first set's (the scale-1 samples).  ``real``: the scans (N, R, R, R) or their RealFeatures.
+    ``features`` and ``ratio`` are separate so a set's features can be gathered stream by stream."""
 
     def __init__(self, real: np.ndarray | RealFeatures, device: Any) -> None:
         self.reference = real if isinstance(real, RealFeatures) else RealFeatures(real, device)
         self.baseline: float | None = None
         self.standardise = None
 
-    def __call__(self, samples: np.ndarray) -> float:
-        feats, real = self.reference.extract(samples), self.reference.real
+    def features(self, samples: np.ndarray) -> np.ndarray:
+        return self.reference.extract(samples)
+
+    def ratio(self, feats: np.ndarray) -> float:
+        real = self.reference.real
         if self.standardise is None:
             self.standardise = metrics.pooled_standardiser(real, feats)
         distance = metrics.frechet_distance(self.standardise(feats), self.standardise(real))
@@ -161,10 +171,64 @@ class _Realism:
         return float(distance / self.baseline)
 
 
+@dataclass
+class _Sweep:
+    """One covariate's sweep, read at any guidance scale (module notes, steps 2-3)."""
+
+    trained: TrainedModel
+    schema: CovariateSchema
+    name: str
+    values: list[Value]
+    key: str  # the measure
+    real_slope: float
+    realism: _Realism
+    per_point: int
+    temperature: Any
+    seed: int
+    batch_size: int
+    streams: int
+
+    def reading(self, scale: float) -> ScaleReading:
+        requested: list[float] = []
+        measured, feats, ratios = [], [], []
+        for stream in range(self.streams):
+            samples, req, _ = sample_at(self.trained, self.schema, self.name, self.values, self.per_point,
+                                        self.temperature, self.seed + stream, self.batch_size, show=False,
+                                        guidance=Guidance(1.0, {self.name: scale}))
+            m = np.asarray(measure(samples, self.trained.voxel_size_mm)[self.key], float)
+            ratios.append(self._ratio(trend([float(v) for v in req], m)["slope"]))
+            requested += [float(v) for v in req]
+            measured.append(m)
+            feats.append(self.realism.features(samples))
+            del samples  # one stream's volumes at a time: at 128³ a pooled set would not fit
+        s = trend(requested, np.concatenate(measured))
+        fd = self.realism.ratio(np.concatenate(feats))
+        return ScaleReading(scale, s["slope"], s["spearman"], self._ratio(s["slope"]), fd, fd <= REALISM_TOLERANCE,
+                            ratios)
+
+    def _ratio(self, slope: float | None) -> float | None:
+        return slope / self.real_slope if slope is not None else None
+
+
+def stream_ratios_at(readings: Sequence[ScaleReading], scale: float) -> list[float]:
+    """Each stream's slope ratio at ``scale``, interpolated linearly between the scales read (the
+    spread says how much one stream alone would have moved the calibration)."""
+    if not readings or not readings[0].stream_ratios:
+        return []
+    out = []
+    for k in range(len(readings[0].stream_ratios)):
+        pts = [(r.scale, r.stream_ratios[k]) for r in readings
+               if len(r.stream_ratios) > k and r.stream_ratios[k] is not None and math.isfinite(r.stream_ratios[k])]
+        if pts:
+            out.append(float(np.interp(scale, [p[0] for p in pts], [p[1] for p in pts])))
+    return out
+
+
 def calibrate_covariate(trained: TrainedModel, schema: CovariateSchema, name: str, real: np.ndarray | RealFeatures,
                         real_table: dict[str, np.ndarray], own: Sequence[Value], scales: Sequence[float] = SCALES,
                         points: int = 9, per_point: int = 8, temperature: Any = 1.0, seed: int = 0,
-                        batch_size: int = 8, progress=None, measure_key: str | None = None) -> CovariateCalibration:
+                        batch_size: int = 8, progress=None, measure_key: str | None = None,
+                        streams: int = 1) -> CovariateCalibration:
     """One covariate's calibration (module notes) against training volumes ``real`` (N, R, R, R; or
     their RealFeatures, when several covariates are calibrated against the same scans),
     their measurements ``real_table`` (``conditional.measure``) and their own values ``own``;
@@ -178,20 +242,17 @@ def calibrate_covariate(trained: TrainedModel, schema: CovariateSchema, name: st
     if key is None or not result.real_slope:
         result.note = "no tissue measure varies with it in the training scans: kept at 1"
         return result
-    values = sweep_points(schema, name, points)
-    realism = _Realism(real, trained.device)
+    sweep = _Sweep(trained, schema, name, sweep_points(schema, name, points), key, result.real_slope,
+                   _Realism(real, trained.device), per_point, temperature, seed, batch_size, streams)
     for scale in sorted(set(float(s) for s in scales) | {1.0}):
-        samples, requested, _ = sample_at(trained, schema, name, values, per_point, temperature, seed, batch_size,
-                                          show=False, guidance=Guidance(1.0, {name: scale}))
-        s = trend([float(v) for v in requested], measure(samples, trained.voxel_size_mm)[key])
-        fd = realism(samples)
-        ratio = s["slope"] / result.real_slope if s["slope"] is not None else None
-        result.readings.append(ScaleReading(scale, s["slope"], s["spearman"], ratio, fd, fd <= REALISM_TOLERANCE))
+        result.readings.append(sweep.reading(scale))
         if progress is not None:
             progress(result.readings[-1])
-        if not result.readings[-1].realistic or (ratio is not None and ratio >= 1.0):
+        last = result.readings[-1]
+        if not last.realistic or (last.slope_ratio is not None and last.slope_ratio >= 1.0):
             break  # beyond here the choice cannot change (module notes, steps 3-4)
     result.scale, result.reached = choose_scale(result.readings)
+    result.stream_ratios_at_scale = stream_ratios_at(result.readings, result.scale) if streams > 1 else []
     if not result.reached:
         ratio = dict(_realistic_points(result.readings, REALISM_TOLERANCE)).get(result.scale)
         result.note = ("no realistic scale reaches the training scans' response: kept "
@@ -213,6 +274,7 @@ class CalibrationOptions:
     per_point: int = 8
     temperature: float = 1.0
     seed: int = 0
+    streams: int = 3
     batch_size: int = 8
     show_progress: bool | None = None
     measures: dict[str, str] = field(default_factory=dict)  # covariate -> measure, where not the best-tracking one
@@ -268,7 +330,8 @@ def calibrate_run(trained: TrainedModel, files: Sequence[str], rows: Sequence[di
         show = _printer(name) if options.show_progress is not False else None
         results.append(calibrate_covariate(trained, schema, name, features, table, [r[name] for r in rows],
                                            options.scales, options.points, options.per_point, options.temperature,
-                                           options.seed, options.batch_size, show, options.measures.get(name)))
+                                           options.seed, options.batch_size, show, options.measures.get(name),
+                                           options.streams))
     record = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step, "weights": trained.weights,
               "guidance": calibrated_guidance(results).to_json(), "data": {"source": data_source, "num_scans": len(files)},
               "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
@@ -295,15 +358,25 @@ def describe(record: dict[str, Any]) -> list[str]:
         lines.append(f"{c['name']}: scale {c['scale']:.3g}{'' if c['reached'] else ' (not reached)'}; read on "
                      f"{c['measure']} (training scans: slope {c['real_slope']:.3g} per unit, Spearman "
                      f"{c['real_spearman']:.2f}); samples' slope ratio by scale {ratios}"
+                     + _spread(c.get("stream_ratios_at_scale") or [])
                      + (f"; {c['note']}" if c["note"] else ""))
     lines.append(f"calibrated guidance {Guidance.from_json(record['guidance'])} for step {record['step']}: "
                  "sample, evaluate and counterfactual use it by default (--guidance auto)")
     return lines
 
 
+def _spread(ratios: Sequence[float]) -> str:
+    if len(ratios) < 2:
+        return ""
+    return (f"; at that scale the {len(ratios)} sample streams alone give slope ratios "
+            f"{min(ratios):.2f}-{max(ratios):.2f}")
+
+
 def _printer(name: str):
     def show(r: ScaleReading) -> None:
         ratio = "n/a" if r.slope_ratio is None else f"{r.slope_ratio:.2f}"
+        if len(r.stream_ratios) > 1:
+            ratio += " (streams " + ", ".join("n/a" if q is None else f"{q:.2f}" for q in r.stream_ratios) + ")"
         print(f"  {name}: scale {r.scale:g}: slope ratio {ratio}, Fréchet {r.frechet_ratio:.2f}x scale 1"
               f"{'' if r.realistic else ' (no longer realistic)'}", file=sys.stderr, flush=True)
     return show
