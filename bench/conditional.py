@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--guidance", default="auto",
                         help="covariate guidance of samples and counterfactuals: W, NAME=W pairs such as "
-                             "age=2,lesion_load=5, calibrated (verydeepvae calibrate-guidance's), or auto: "
-                             "calibrated when measured, else 1 (verydeepvae sample --guidance)")
+                             "age=2,lesion_load=5, calibrated (verydeepvae calibrate-guidance's: the samples' "
+                             "and the counterfactuals' own), or auto: calibrated when measured, else 1 "
+                             "(verydeepvae sample --guidance)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto")
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         guidance, _ = resolve_guidance(args.guidance, schema, trained.run_dir, trained.checkpoint.step, "--guidance")
+        moved, _ = resolve_guidance(args.guidance, schema, trained.run_dir, trained.checkpoint.step, "--guidance",
+                                    "counterfactuals")
     except UserError as error:
         print(f"bench/conditional.py: {error}", file=sys.stderr)
         return 2
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ages = np.array([float(r["age"]) for r in rows])
     result: dict = {"run": str(trained.checkpoint.path), "step": trained.checkpoint.step,
                     "heldout": str(heldout_dir), "num_heldout": len(files), "covariates": schema.names,
-                    "temperature": args.temperature, "guidance": guidance.to_json(), "seed": args.seed}
+                    "temperature": args.temperature, "guidance": guidance.to_json(),
+                    "counterfactual_guidance": moved.to_json(), "seed": args.seed}
 
     # 1. extremes
     low, high = (float(a) for a in args.ages.split(","))
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     first = None
     for i in range(n):
         recon, outs = counterfactual_sweep(trained, schema, volumes[i], rows[i], "age", sweep, args.batch_size,
-                                           guidance)
+                                           moved)
         vent = measure(outs, vox)["ventricle_ml"]
         volumes_ml.append([float(v) for v in vent])
         per_scan.append(float(stats.spearmanr(sweep, vent)[0]) if np.ptp(vent) > 0 else 0.0)
@@ -220,7 +224,8 @@ def _print(r: dict) -> None:
         return "n/a" if v is None else f"{v:.3g}"
 
     print(f"run {r['run']} (step {r['step']}), {r['num_heldout']} held-out phantoms in {r['heldout']}, "
-          f"guidance {Guidance.from_json(r['guidance'])}, seed {r['seed']}")
+          f"guidance {Guidance.from_json(r['guidance'])} (counterfactuals "
+          f"{Guidance.from_json(r.get('counterfactual_guidance', r['guidance']))}), seed {r['seed']}")
     print("| criterion | measured | target | pass |")
     print("|---|---|---|---|")
     for key, e in r["extremes"].items():

@@ -17,6 +17,8 @@ from verydeepvae.data.covariates import Covariate, CovariateSchema
 from verydeepvae.errors import UserError
 from verydeepvae.evaluate import calibration
 from verydeepvae.evaluate.calibration import ScaleReading, choose_scale, real_response
+from verydeepvae.evaluate.counterfactual_calibration import (CounterfactualReading, choose_counterfactual_scale,
+                                                              counterfactual_scales)
 from verydeepvae.guidance import CALIBRATION_FILE, Guidance, read_calibrated, resolve_guidance
 
 
@@ -126,6 +128,51 @@ def test_streams_are_pooled_and_their_spread_reported(monkeypatch):
         assert r.stream_ratios == pytest.approx([0.8 * 0.4 * r.scale, 0.4 * r.scale, 1.2 * 0.4 * r.scale], rel=1e-6)
 
 
+# --- the counterfactuals' own scale ------------------------------------------------------------------
+
+def _cf(scale, ratio, monotonic, kept=True):
+    return CounterfactualReading(scale, ratio, monotonic, kept)
+
+
+def test_the_counterfactual_scale_stops_where_brains_lose_their_monotonic_change():
+    assert choose_counterfactual_scale([_cf(1, 0.5, 16), _cf(1.5, 0.8, 16), _cf(2, 1.2, 15)]) == \
+        (pytest.approx(1.75), True)  # 0.8 -> 1.2 crosses 1 half way
+    assert choose_counterfactual_scale([_cf(1, 0.5, 16), _cf(1.5, 0.7, 15), _cf(2, 0.9, 9, kept=False)]) == (1.5, False)
+    assert choose_counterfactual_scale([_cf(0.4, 1.1, 12)]) == (0.4, True)
+    assert counterfactual_scales(2.5) == [1.0, 1.2, 1.44, 1.728, 2.074, 2.5]
+    assert counterfactual_scales(1.01) == [1.01] and counterfactual_scales(0.4) == [0.4]
+
+
+def test_counterfactual_search_on_a_model_that_reverses_at_strong_guidance(monkeypatch):
+    """Each scan's measure moves by 0.4 x scale per unit from its own value, and above scale 1.6
+    turns back at the top of the range for all but two scans: the search keeps 1.44 (change ratio
+    0.576) and stops at 1.728, never trying the samples' 3."""
+    from verydeepvae.evaluate import counterfactual_calibration as cc
+
+    tried = []
+
+    def sweep(trained, schema, volume, own, name, values, batch_size, guidance):
+        scale = guidance.scale(name)
+        tried.append(scale)
+        out = own[name] + 0.4 * scale * (np.asarray(values) - own[name])
+        if scale > 1.6 and float(volume.mean()) > 1:
+            out[-1] = out[-2] - 1.0
+        return None, out
+
+    monkeypatch.setattr(cc, "counterfactual_sweep", sweep)
+    monkeypatch.setattr(cc, "measure", lambda outs, vox: {"ventricle_ml": outs})
+    schema = CovariateSchema((Covariate("age", "numeric", mean=60.0, sd=10.0, minimum=40.0, maximum=80.0),))
+    volumes = np.stack([np.full((2, 2, 2), float(i)) for i in range(6)])  # scans 0 and 1 never reverse
+    rows = [{"age": 50.0 + 5 * i} for i in range(6)]
+    trained = type("Trained", (), {"voxel_size_mm": 6.0})()
+    result = cc.calibrate_counterfactuals(trained, schema, "age", volumes, rows, "ventricle_ml", 1.0, 3.0, points=5)
+    assert result.values == [40.0, 50.0, 60.0, 70.0, 80.0] and result.scans == 6
+    assert [(r.scale, r.monotonic, r.kept) for r in result.readings] == \
+        [(1.0, 6, True), (1.2, 6, True), (1.44, 6, True), (1.728, 2, False)]
+    assert result.readings[2].change_ratio == pytest.approx(0.576) and set(tried) == {1.0, 1.2, 1.44, 1.728}
+    assert (result.scale, result.reached) == (1.44, False)
+
+
 @pytest.fixture
 def schema():
     return CovariateSchema((Covariate("age", "numeric", mean=60.0, sd=10.0, minimum=40.0, maximum=80.0),
@@ -181,7 +228,7 @@ def run(tmp_path_factory) -> Path:
 
 
 CALIBRATE = ["--points", "3", "--per-point", "2", "--streams", "2", "--scales", "1,2", "--no-progress",
-             "--batch-size", "6"]
+             "--batch-size", "6", "--counterfactual-scans", "3"]
 
 
 @pytest.mark.slow
@@ -201,10 +248,21 @@ def test_calibrate_then_sample_uses_the_calibrated_scales(run, tmp_path, capsys)
     assert 1 <= len(readings) <= 2 and math.isclose(choose_scale(readings)[0], age["scale"], rel_tol=1e-9)
     chosen = Guidance.from_json(record["guidance"])
     assert chosen.scale("age") == pytest.approx(age["scale"], abs=1e-3) and chosen.scale("sex") == 1.0
+    moved = Guidance.from_json(record["counterfactual_guidance"])  # the counterfactuals' own, at most the samples'
+    assert age["counterfactual"]["scans"] == 3 and age["counterfactual"]["readings"][0]["scale"] == min(1.0, age["scale"])
+    assert moved.scale("age") == pytest.approx(age["counterfactual"]["scale"], abs=1e-3)
+    assert age["counterfactual"]["scale"] <= age["scale"] + 1e-9
 
     sample = ["sample", "--checkpoint", str(run), "--num", "2", "--seed", "1", "--condition", "age=80", "--no-progress"]
     assert main(["config", "show", "--checkpoint", str(run)]) == 0
-    assert f"guidance calibrated for this checkpoint: {chosen}" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"guidance calibrated for this checkpoint: {chosen}" in shown
+    assert f"counterfactual guidance calibrated for this checkpoint: {moved}" in shown
+    scan = json.loads((run / "split.json").read_text())["train"][0]
+    assert main(["counterfactual", "--checkpoint", str(run), "--input", scan, "--condition", "age=70", "--no-progress",
+                 "--output-dir", str(tmp_path / "cf")]) == 0
+    assert "calibrated for this checkpoint's counterfactuals" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cf" / "counterfactuals.json").read_text())["guidance"] == moved.to_json()
     assert main([*sample, "--output-dir", str(tmp_path / "auto")]) == 0
     assert "calibrated for this checkpoint" in capsys.readouterr().err
     explicit = f"age={chosen.scale('age')},sex=1"
@@ -223,6 +281,7 @@ def test_calibrate_then_sample_uses_the_calibrated_scales(run, tmp_path, capsys)
                                              (["--measure", "age=height"], "the measures are"),
                                              (["--measure", "weight=gm_ml"], "not conditioned on 'weight'"),
                                              (["--points", "2"], "--points and --max-scans must be >= 3"),
+                                             (["--counterfactual-scans", "-1"], "--counterfactual-scans >= 0"),
                                              (["--streams", "0"], "--streams >= 1")])
 def test_bad_calibration_options_are_one_line(run, tmp_path, capsys, extra, fragment):
     from verydeepvae.cli import main

@@ -132,9 +132,9 @@ class Model:
     def device(self) -> str:
         return self._trained.device
 
-    def _guidance(self, value: GuidanceLike) -> Guidance:
+    def _guidance(self, value: GuidanceLike, use: str = "samples") -> Guidance:
         checkpoint = self._trained.checkpoint
-        return resolve_guidance(value, self.covariates, self._trained.run_dir, checkpoint.step, "guidance")[0]
+        return resolve_guidance(value, self.covariates, self._trained.run_dir, checkpoint.step, "guidance", use)[0]
 
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
                batch_size: int = 4, conditions: Conditions = None, prior: str = "auto",
@@ -223,7 +223,7 @@ class Model:
         from .counterfactual import counterfactual_volumes, value_label
 
         schema = conditional.require_schema(self._trained, "counterfactual")
-        weights = self._guidance(guidance).weights(schema)
+        weights = self._guidance(guidance, "counterfactuals").weights(schema)
         x, affines, names = self._inputs(inputs)
         own = self._scan_covariates(inputs, observed, x.shape[0])
         change = conditional.parse_request(schema, condition or {})

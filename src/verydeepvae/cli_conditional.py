@@ -56,14 +56,14 @@ def add_guidance_option(p: argparse.ArgumentParser, what: str) -> None:
                         "docs/conditional.md")
 
 
-def checked_guidance(args: argparse.Namespace, checkpoint: Any) -> Guidance:
-    """``--guidance`` resolved for a checkpoint (``guidance.resolve_guidance``), with a notice when the
-    run's calibrated scales are used."""
+def checked_guidance(args: argparse.Namespace, checkpoint: Any, use: str = "samples") -> Guidance:
+    """``--guidance`` resolved for a checkpoint's samples or counterfactuals (``guidance.resolve_guidance``),
+    with a notice when the run's calibrated scales are used."""
     from .guidance import resolve_guidance
     from .inference import covariate_schema, run_folder
 
     guidance, notice = resolve_guidance(args.guidance, covariate_schema(checkpoint), run_folder(checkpoint.path),
-                                        checkpoint.step, "--guidance")
+                                        checkpoint.step, "--guidance", use)
     if notice and not getattr(args, "quiet", False):
         _notice(notice)
     return guidance
@@ -181,7 +181,7 @@ def _counterfactual(args: argparse.Namespace) -> int:
     files = input_files(args.input, args.pattern)
     trained = commands.open_model(args)
     schema = require_schema(trained, "counterfactual")
-    guidance = checked_guidance(args, trained.checkpoint)
+    guidance = checked_guidance(args, trained.checkpoint, "counterfactuals")
     sweep = sweep_values(schema, args.sweep) if args.sweep else None
     if not change and sweep is None:
         raise UserError("counterfactual needs --condition NAME=VALUE and/or --sweep NAME=START:STOP:STEP")
@@ -226,6 +226,9 @@ def add_calibrate_command(sub) -> None:
     p.add_argument("--streams", type=int, default=3,
                    help="independent sample streams (seeds --seed, --seed + 1, ...) pooled per scale; their "
                         "spread is reported (one stream can move a steep response's scale by a quarter)")
+    p.add_argument("--counterfactual-scans", type=int, default=16,
+                   help="training scans whose counterfactual sweeps set the counterfactuals' own scale (at most the "
+                        "samples'; the largest that keeps their change monotonic); 0: the samples' scale")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     seed_option(p, "seed of the samples (the same at every scale)")
     p.add_argument("--output", "--output-dir", dest="output_dir", metavar="DIR",
@@ -240,11 +243,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     from .evaluate.calibration import CalibrationOptions, calibrate_run, check_measures, describe, select_scans
     from .data.covariates import parse_assignments
 
-    if args.points < 3 or args.per_point < 1 or args.max_scans < 3 or args.streams < 1:
-        raise UserError(f"--points and --max-scans must be >= 3, --per-point and --streams >= 1, got {args.points}, "
-                        f"{args.max_scans}, {args.per_point} and {args.streams}")
+    if args.points < 3 or args.per_point < 1 or args.max_scans < 3 or args.streams < 1 or args.counterfactual_scans < 0:
+        raise UserError(f"--points and --max-scans must be >= 3, --per-point and --streams >= 1 and "
+                        f"--counterfactual-scans >= 0, got {args.points}, {args.max_scans}, {args.per_point}, "
+                        f"{args.streams} and {args.counterfactual_scans}")
     options = CalibrationOptions(scales=_scales(args.scales), points=args.points, per_point=args.per_point,
-                                 streams=args.streams,
+                                 streams=args.streams, counterfactual_scans=args.counterfactual_scans,
                                  temperature=args.temperature, seed=commands.check_seed(args.seed),
                                  batch_size=args.batch_size, show_progress=commands.progress_setting(args))
     trained = commands.open_model(args)
@@ -277,9 +281,12 @@ def show_schema(checkpoint: Any) -> list[str]:
     schema = covariate_schema(checkpoint)
     if schema is None:
         return ["unconditional model (no covariates)"]
-    calibrated, why = read_calibrated(run_folder(checkpoint.path), checkpoint.step)
-    return [*schema.summary_lines(), f"guidance calibrated for this checkpoint: {calibrated}" if calibrated is not None
-            else f"guidance not calibrated: {why}"]
+    run = run_folder(checkpoint.path)
+    calibrated, why = read_calibrated(run, checkpoint.step)
+    if calibrated is None:
+        return [*schema.summary_lines(), f"guidance not calibrated: {why}"]
+    return [*schema.summary_lines(), f"guidance calibrated for this checkpoint: {calibrated}",
+            f"counterfactual guidance calibrated for this checkpoint: {read_calibrated(run, checkpoint.step, 'counterfactuals')[0]}"]
 
 
 def _notice(text: str) -> None:

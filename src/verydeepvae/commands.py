@@ -240,6 +240,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     trained = open_model(args)
     check_prior(trained.model, args.prior)  # before the output folder is touched
     options.guidance = cli_conditional.checked_guidance(args, trained.checkpoint)
+    options.counterfactual_guidance = cli_conditional.checked_guidance(args, trained.checkpoint, "counterfactuals")
     claim_output(args, "evaluate")
     report = run_evaluation(trained, args.data, args.output_dir, options)
     print(report.summary())

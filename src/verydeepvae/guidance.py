@@ -136,18 +136,26 @@ def _number(value: Any, name: str) -> float:
         raise UserError(f"{name} scales must be numbers >= 0, got {value!r}") from None
 
 
-def read_calibrated(run_dir: str | Path, step: int | None = None) -> tuple[Guidance | None, str]:
-    """The guidance ``calibrate-guidance`` chose for a run, and why there is none (else "").
+USES = ("samples", "counterfactuals")
+
+
+def read_calibrated(run_dir: str | Path, step: int | None = None, use: str = "samples") -> tuple[Guidance | None, str]:
+    """The guidance ``calibrate-guidance`` chose for a run's samples or its ``counterfactuals`` (a
+    scale of their own, evaluate/counterfactual_calibration.py; calibrations made before it gave the
+    samples' to both), and why there is none (else "").
 
     None when the run has no calibration, or when it was made at another step than ``step`` (a
     calibration belongs to one checkpoint: training on changes how strongly the model follows its
     covariates)."""
+    if use not in USES:
+        raise ValueError(f"use must be one of {USES}, got {use!r}")
     path = Path(run_dir) / CALIBRATION_FILE
     if not path.is_file():
         return None, f"the run has no {CALIBRATION_FILE} (verydeepvae calibrate-guidance makes it)"
     try:
         record = json.loads(path.read_text())
-        guidance, made_at = Guidance.from_json(record["guidance"]), record.get("step")
+        key = "counterfactual_guidance" if use == "counterfactuals" and "counterfactual_guidance" in record else "guidance"
+        guidance, made_at = Guidance.from_json(record[key]), record.get("step")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"{path} is not a readable guidance calibration ({type(error).__name__}: {error})") from None
     if step is not None and made_at is not None and int(made_at) != int(step):
@@ -157,8 +165,8 @@ def read_calibrated(run_dir: str | Path, step: int | None = None) -> tuple[Guida
 
 
 def resolve_guidance(value: Any, schema: CovariateSchema | None, run_dir: str | Path, step: int | None = None,
-                     name: str = "--guidance") -> tuple[Guidance, str]:
-    """The guidance to use and a notice ("" if none) for ``value``:
+                     name: str = "--guidance", use: str = "samples") -> tuple[Guidance, str]:
+    """The guidance to use for ``use`` (samples or counterfactuals) and a notice ("" if none) for ``value``:
 
     * ``None`` or ``"auto"``: the run's calibrated guidance when it has one for this step, else 1;
     * ``"calibrated"``: the run's calibrated guidance (an error when there is none);
@@ -170,10 +178,10 @@ def resolve_guidance(value: Any, schema: CovariateSchema | None, run_dir: str | 
         if text == CALIBRATED:
             raise UserError(f"{name} calibrated is for conditional models; this one is unconditional")
         return Guidance(), ""
-    guidance, why = read_calibrated(run_dir, step)
+    guidance, why = read_calibrated(run_dir, step, use)
     if guidance is None:
         if text == CALIBRATED:
             raise UserError(f"{name} calibrated: {why}")
         return Guidance(), ""
     guidance = check_guidance(guidance, schema, f"{name} (from {CALIBRATION_FILE})")
-    return guidance, f"guidance {guidance}, calibrated for this checkpoint ({CALIBRATION_FILE})"
+    return guidance, f"guidance {guidance}, calibrated for this checkpoint's {use} ({CALIBRATION_FILE})"

@@ -79,7 +79,7 @@ def save_trend(requested: Sequence[float], measured: Sequence[float], path: str 
 def save_calibration_figure(results: Sequence, path: str | os.PathLike, tolerance: float) -> None:
     """One panel per calibrated covariate (``evaluate/calibration.py``): the samples' slope ratio to
     the training scans' at each guidance scale (left axis; 1 = the real response; faint lines: each
-    sample stream alone), their Fréchet
+    sample stream alone; purple: the counterfactuals' change ratio and their scale), their Fréchet
     distance relative to scale 1 (right axis, dashed; realistic up to ``tolerance``, dotted), and
     the chosen scale."""
     numeric = [r for r in results if r.readings]
@@ -94,6 +94,12 @@ def save_calibration_figure(results: Sequence, path: str | os.PathLike, toleranc
         ax.plot(scales, ratios, "o-", color="tab:orange", label="slope ratio")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axvline(r.scale, color="tab:green", lw=1, ls=":", label=f"chosen {r.scale:.2g}")
+        cf = getattr(r, "counterfactual", None)
+        if cf is not None and cf.readings:
+            ax.plot([x.scale for x in cf.readings], [np.nan if x.change_ratio is None else x.change_ratio
+                                                     for x in cf.readings], "x-", color="tab:purple", ms=4, lw=0.8,
+                    label="counterfactual change ratio")
+            ax.axvline(cf.scale, color="tab:purple", lw=1, ls=":", label=f"counterfactuals {cf.scale:.2g}")
         twin = ax.twinx()
         twin.plot(scales, [x.frechet_ratio for x in r.readings], "s--", color="tab:blue", ms=3, lw=0.8)
         twin.axhline(tolerance, color="tab:blue", lw=0.8, ls=":")

@@ -31,7 +31,8 @@ Per numeric covariate:
    ratio there).  When nothing in that range reaches 1, the realistic scale whose ratio is closest
    to 1 (in log terms) is kept and the covariate is marked *not reached*.
 
-Categorical covariates keep scale 1 (there is no slope to match).  Nothing here is asserted in tests
+Counterfactuals get a scale of their own, never above the samples' (``counterfactual_calibration.py``
+says why and how).  Categorical covariates keep scale 1 (there is no slope to match).  Nothing here is asserted in tests
 beyond its arithmetic: the figures move with the model and the seed.
 """
 
@@ -54,6 +55,7 @@ from ..guidance import CALIBRATION_FIGURE, CALIBRATION_FILE, Guidance
 from ..inference import TrainedModel
 from ..scan_files import input_files, load_preprocessed
 from .conditional import MEASURES, measure, sample_at, sweep_points, trend
+from .counterfactual_calibration import CounterfactualCalibration, calibrate_counterfactuals, describe_counterfactual
 
 SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
 REALISM_TOLERANCE = 1.5
@@ -86,6 +88,7 @@ class CovariateCalibration:
     readings: list[ScaleReading] = field(default_factory=list)
     stream_ratios_at_scale: list[float] = field(default_factory=list)  # each stream's ratio at ``scale``
     note: str = ""
+    counterfactual: CounterfactualCalibration | None = None  # what ``counterfactual`` uses
 
 
 def choose_scale(readings: Sequence[ScaleReading], tolerance: float = REALISM_TOLERANCE) -> tuple[float, bool]:
@@ -260,9 +263,11 @@ def calibrate_covariate(trained: TrainedModel, schema: CovariateSchema, name: st
     return result
 
 
-def calibrated_guidance(results: Sequence[CovariateCalibration]) -> Guidance:
-    """The Guidance the calibrations chose (every covariate by name; others 1)."""
-    return Guidance(1.0, {r.name: round(float(r.scale), 3) for r in results})
+def calibrated_guidance(results: Sequence[CovariateCalibration], counterfactuals: bool = False) -> Guidance:
+    """The Guidance the calibrations chose for samples, or for ``counterfactuals`` (every covariate
+    by name; others 1)."""
+    return Guidance(1.0, {r.name: round(float(r.counterfactual.scale if counterfactuals and r.counterfactual
+                                                else r.scale), 3) for r in results})
 
 
 @dataclass
@@ -275,6 +280,7 @@ class CalibrationOptions:
     temperature: float = 1.0
     seed: int = 0
     streams: int = 3
+    counterfactual_scans: int = 16  # training scans the counterfactual scale is read on (0: the samples' scale)
     batch_size: int = 8
     show_progress: bool | None = None
     measures: dict[str, str] = field(default_factory=dict)  # covariate -> measure, where not the best-tracking one
@@ -332,8 +338,11 @@ def calibrate_run(trained: TrainedModel, files: Sequence[str], rows: Sequence[di
                                            options.scales, options.points, options.per_point, options.temperature,
                                            options.seed, options.batch_size, show, options.measures.get(name),
                                            options.streams))
+        _counterfactuals(trained, results[-1], volumes, rows, options)
     record = {"checkpoint": str(trained.checkpoint.path), "step": trained.checkpoint.step, "weights": trained.weights,
-              "guidance": calibrated_guidance(results).to_json(), "data": {"source": data_source, "num_scans": len(files)},
+              "guidance": calibrated_guidance(results).to_json(),
+              "counterfactual_guidance": calibrated_guidance(results, counterfactuals=True).to_json(),
+              "data": {"source": data_source, "num_scans": len(files)},
               "options": {k: v for k, v in asdict(options).items() if k != "show_progress"},
               "covariates": [asdict(r) for r in results],
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
@@ -344,6 +353,23 @@ def calibrate_run(trained: TrainedModel, files: Sequence[str], rows: Sequence[di
 
     save_calibration_figure(results, out / CALIBRATION_FIGURE, REALISM_TOLERANCE)
     return record
+
+
+def _counterfactuals(trained: TrainedModel, result: CovariateCalibration, volumes: np.ndarray,
+                     rows: Sequence[dict[str, Value]], options: CalibrationOptions) -> None:
+    """The covariate's counterfactual scale (counterfactual_calibration.py), when it has a sample scale."""
+    n = min(options.counterfactual_scans, len(volumes))
+    if n < 1 or not result.readings or result.measure is None or not result.real_slope:
+        return
+    show = None
+    if options.show_progress is not False:
+        def show(r, scans):
+            ratio = "n/a" if r.change_ratio is None else f"{r.change_ratio:.2f}"
+            print(f"  {result.name} counterfactuals: scale {r.scale:g}: {r.monotonic}/{scans} monotonic, change "
+                  f"ratio {ratio}{'' if r.kept else ' (monotonic change lost)'}", file=sys.stderr, flush=True)
+    result.counterfactual = calibrate_counterfactuals(
+        trained, trained.covariates, result.name, volumes[:n], rows[:n], result.measure, result.real_slope,
+        result.scale, options.points, options.batch_size, show)
 
 
 def describe(record: dict[str, Any]) -> list[str]:
@@ -360,8 +386,11 @@ def describe(record: dict[str, Any]) -> list[str]:
                      f"{c['real_spearman']:.2f}); samples' slope ratio by scale {ratios}"
                      + _spread(c.get("stream_ratios_at_scale") or [])
                      + (f"; {c['note']}" if c["note"] else ""))
-    lines.append(f"calibrated guidance {Guidance.from_json(record['guidance'])} for step {record['step']}: "
-                 "sample, evaluate and counterfactual use it by default (--guidance auto)")
+        if c.get("counterfactual"):
+            lines.append(f"{c['name']}: {describe_counterfactual(c['counterfactual'])}")
+    lines.append(f"calibrated guidance {Guidance.from_json(record['guidance'])} for samples and "
+                 f"{Guidance.from_json(record.get('counterfactual_guidance', record['guidance']))} for counterfactuals "
+                 f"(step {record['step']}): sample, counterfactual and evaluate use them by default (--guidance auto)")
     return lines
 
 

@@ -137,16 +137,19 @@ def counterfactual_sweep(trained: TrainedModel, schema: CovariateSchema, volume:
 def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]],
                         real_table: dict[str, np.ndarray] | None, temperature: Any, seed: int, batch_size: int,
                         points: int = 5, per_point: int = 6, max_counterfactual: int = 8,
-                        show: bool | None = None, guidance: Guidance | float = 1.0
+                        show: bool | None = None, guidance: Guidance | float = 1.0,
+                        counterfactual_guidance: Guidance | float | None = None
                         ) -> tuple[ConditionalSection, dict[str, SweepArrays]]:
     """The section and each covariate's arrays for the figures; ``real_table``: the held-out volumes'
-    measurements on the model grid, or None when tissue is not measured."""
+    measurements on the model grid, or None when tissue is not measured; ``counterfactual_guidance``:
+    the counterfactuals' (None: ``guidance``)."""
     schema = trained.covariates
     vox = trained.voxel_size_mm
     guidance = check_guidance(guidance, schema)
+    moved = guidance if counterfactual_guidance is None else check_guidance(counterfactual_guidance, schema)
     section = ConditionalSection(WHAT, schema.to_json()["covariates"], points, per_point, guidance.to_json(),
                                  measured=real_table is not None, units={k: UNITS[k] for k in MEASURES},
-                                 labels=LABELS)
+                                 labels=LABELS, counterfactual_guidance=moved.to_json())
     if real_table is not None:
         real_table = dict(real_table)
         brain = np.asarray(real_table["brain_ml"], float)
@@ -174,7 +177,7 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
             entry["counterfactual"] = _counterfactuals(trained, heldout, heldout_rows, c.name, values,
                                                        min(max_counterfactual, len(heldout)), batch_size,
                                                        entry.get("measures", {}) if real_table is not None else None,
-                                                       arrays[c.name], guidance)
+                                                       arrays[c.name], moved)
         section.per_covariate[c.name] = entry
     return section, arrays
 

@@ -106,6 +106,7 @@ class ConditionalSection:
     units: dict[str, str]
     labels: dict[str, str]
     per_covariate: dict[str, CovariateEntry] = field(default_factory=dict)
+    counterfactual_guidance: float | JSONObject | None = None  # Guidance.to_json; None: ``guidance``
 
     def to_json(self) -> JSONObject:
         return dict(vars(self))
@@ -129,10 +130,12 @@ class ConditionalSection:
     def markdown(self, figures: dict[str, str]) -> list[str]:
         out = ["## Conditional generation", "", self.what, ""]
         guidance = Guidance.from_json(self.guidance)
-        if not guidance.is_identity:
-            out += [f"Covariate guidance {guidance}: the requested covariate's effect on the decoder scaled that "
-                    "many times (from the population centre for samples, from each scan's own values for "
-                    "counterfactuals).", ""]
+        counterfactual = guidance if self.counterfactual_guidance is None else \
+            Guidance.from_json(self.counterfactual_guidance)
+        if not (guidance.is_identity and counterfactual.is_identity):
+            out += [f"Covariate guidance {guidance} for samples, {counterfactual} for counterfactuals: the requested "
+                    "covariate's effect on the decoder scaled that many times (from the population centre for "
+                    "samples, from each scan's own values for counterfactuals).", ""]
         for name, per in self.per_covariate.items():
             out += [f"### {name} ({per['kind']})", "",
                     f"Samples at {', '.join(fmt(name, v) for v in per['values'])}, {self.per_point} each.", ""]

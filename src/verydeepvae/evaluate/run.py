@@ -52,6 +52,7 @@ class EvaluationOptions:
     prior: str = "auto"  # which prior draws the coarse latents of the samples (VeryDeepVAE.sample)
     voxels: str = "auto"  # how the samples' voxels come from p(x | z) (sampling.VOXELS)
     guidance: Guidance | float = 1.0  # a conditional model's covariate guidance (guidance.py)
+    counterfactual_guidance: Guidance | float | None = None  # its counterfactuals' (None: ``guidance``)
     feature_seed: int = 0
     morphometry: str = "auto"  # auto (when participants.tsv with phantom volumes is found), on, off
     feature_plugin: str | None = None
@@ -133,7 +134,8 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
         "model": _model_facts(trained),
         "data": sel.describe(),
         "options": {**{k: v for k, v in asdict(options).items() if k != "show_progress"},
-                    "guidance": as_guidance(options.guidance).to_json()},
+                    "guidance": as_guidance(options.guidance).to_json(),
+                    "counterfactual_guidance": as_guidance(_counterfactual_guidance(options)).to_json()},
     }
     report["options"]["temperature"] = temperature
     recon, samples = _model_sections(report, trained, heldout, covariates, temperature, options, lap)
@@ -222,7 +224,12 @@ def _conditional(trained: TrainedModel, heldout: np.ndarray, heldout_rows, table
     per_point = options.condition_samples or max(4, options.num_samples // max(1, options.condition_points))
     return conditional_section(trained, heldout, heldout_rows, tables["real"] if tables else None, temperature,
                                options.seed, options.batch_size, options.condition_points, per_point,
-                               options.max_counterfactual, options.show_progress, options.guidance)
+                               options.max_counterfactual, options.show_progress, options.guidance,
+                               _counterfactual_guidance(options))
+
+
+def _counterfactual_guidance(options: EvaluationOptions) -> Guidance | float:
+    return options.guidance if options.counterfactual_guidance is None else options.counterfactual_guidance
 
 
 def _morphometry_if_enabled(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray,
