@@ -109,7 +109,7 @@ def save_calibration_figure(results: Sequence, path: str | os.PathLike, toleranc
         ax.set_ylabel(f"{r.measure} slope / training scans'", fontsize=8)
         ax.set_title(f"{r.name}{'' if r.reached else ' (not reached)'}", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=6, loc="upper left", framealpha=0.6)
         ax.grid(alpha=0.3)
     if not numeric:
         axes[0][0].text(0.5, 0.5, "no numeric covariate", ha="center", va="center")

@@ -365,7 +365,7 @@ def _counterfactuals(trained: TrainedModel, result: CovariateCalibration, volume
     if options.show_progress is not False:
         def show(r, scans):
             ratio = "n/a" if r.change_ratio is None else f"{r.change_ratio:.2f}"
-            print(f"  {result.name} counterfactuals: scale {r.scale:g}: {r.monotonic}/{scans} monotonic, change "
+            print(f"  {result.name} counterfactuals: scale {r.scale:.3g}: {r.monotonic}/{scans} monotonic, change "
                   f"ratio {ratio}{'' if r.kept else ' (monotonic change lost)'}", file=sys.stderr, flush=True)
     result.counterfactual = calibrate_counterfactuals(
         trained, trained.covariates, result.name, volumes[:n], rows[:n], result.measure, result.real_slope,

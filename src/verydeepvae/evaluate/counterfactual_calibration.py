@@ -118,7 +118,7 @@ def calibrate_counterfactuals(trained: TrainedModel, schema: CovariateSchema, na
 def describe_counterfactual(c: dict[str, Any]) -> str:
     """One line about a covariate's counterfactual calibration (its JSON form)."""
     n = c["scans"]
-    readings = ", ".join(f"{r['scale']:g}: {r['monotonic']}/{n} monotonic, change ratio "
+    readings = ", ".join(f"{r['scale']:.3g}: {r['monotonic']}/{n} monotonic, change ratio "
                          + ("n/a" if r["change_ratio"] is None else f"{r['change_ratio']:.2f}")
                          + ("" if r["kept"] else " (monotonic change lost)") for r in c["readings"])
     return (f"counterfactual scale {c['scale']:.3g}{'' if c['reached'] else ' (change ratio 1 not reached)'}; "

@@ -284,7 +284,7 @@ class MemorisationSection:
         first = self.heldout_copies[0]
         num_heldout = len(self.spaces["voxels"]["heldout_distances"])
         return (f"warning: {len(self.heldout_copies)} of the {num_heldout} held-out volumes are copies of training "
-                f"volumes (e.g. {Path(first['heldout_file']).name} = {Path(first['training_file']).name}), so the "
+                f"volumes (e.g. {_short(first['heldout_file'])} = {_short(first['training_file'])}), so the "
                 "held-out readings are partly training readings; a phantom population made with the training "
                 "seed repeats its subjects")
 
@@ -321,6 +321,12 @@ class MemorisationSection:
                        f"{num(e['mannwhitney_p'], 3)} |")
         return out + ["", f"![nearest training distances]({figures.get('nearest_training', '')})",
                       f"![closest samples]({figures.get('closest_samples', '')})", ""]
+
+
+def _short(path: str) -> str:
+    """A file named with its folder (held-out and training copies often share a file name)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
 
 
 @dataclass
