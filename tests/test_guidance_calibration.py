@@ -249,7 +249,8 @@ def test_calibrate_then_sample_uses_the_calibrated_scales(run, tmp_path, capsys)
     chosen = Guidance.from_json(record["guidance"])
     assert chosen.scale("age") == pytest.approx(age["scale"], abs=1e-3) and chosen.scale("sex") == 1.0
     moved = Guidance.from_json(record["counterfactual_guidance"])  # the counterfactuals' own, at most the samples'
-    assert age["counterfactual"]["scans"] == 3 and age["counterfactual"]["readings"][0]["scale"] == min(1.0, age["scale"])
+    assert age["counterfactual"]["scans"] == 3
+    assert age["counterfactual"]["readings"][0]["scale"] == min(1.0, age["scale"])
     assert moved.scale("age") == pytest.approx(age["counterfactual"]["scale"], abs=1e-3)
     assert age["counterfactual"]["scale"] <= age["scale"] + 1e-9
 

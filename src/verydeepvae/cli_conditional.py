@@ -285,8 +285,9 @@ def show_schema(checkpoint: Any) -> list[str]:
     calibrated, why = read_calibrated(run, checkpoint.step)
     if calibrated is None:
         return [*schema.summary_lines(), f"guidance not calibrated: {why}"]
+    moved, _ = read_calibrated(run, checkpoint.step, "counterfactuals")
     return [*schema.summary_lines(), f"guidance calibrated for this checkpoint: {calibrated}",
-            f"counterfactual guidance calibrated for this checkpoint: {read_calibrated(run, checkpoint.step, 'counterfactuals')[0]}"]
+            f"counterfactual guidance calibrated for this checkpoint: {moved}"]
 
 
 def _notice(text: str) -> None:

@@ -154,7 +154,8 @@ def read_calibrated(run_dir: str | Path, step: int | None = None, use: str = "sa
         return None, f"the run has no {CALIBRATION_FILE} (verydeepvae calibrate-guidance makes it)"
     try:
         record = json.loads(path.read_text())
-        key = "counterfactual_guidance" if use == "counterfactuals" and "counterfactual_guidance" in record else "guidance"
+        own = use == "counterfactuals" and "counterfactual_guidance" in record
+        key = "counterfactual_guidance" if own else "guidance"
         guidance, made_at = Guidance.from_json(record[key]), record.get("step")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f"{path} is not a readable guidance calibration ({type(error).__name__}: {error})") from None

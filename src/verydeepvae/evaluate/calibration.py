@@ -32,8 +32,8 @@ Per numeric covariate:
    to 1 (in log terms) is kept and the covariate is marked *not reached*.
 
 Counterfactuals get a scale of their own, never above the samples' (``counterfactual_calibration.py``
-says why and how).  Categorical covariates keep scale 1 (there is no slope to match).  Nothing here is asserted in tests
-beyond its arithmetic: the figures move with the model and the seed.
+says why and how).  Categorical covariates keep scale 1 (there is no slope to match).  Nothing here
+is asserted in tests beyond its arithmetic: the figures move with the model and the seed.
 """
 
 from __future__ import annotations
