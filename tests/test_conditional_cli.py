@@ -296,12 +296,13 @@ def test_the_python_api_samples_what_the_cli_samples(run, tmp_path):
     assert cf.data.shape == (2, 16, 16, 16) and [c["age"] for c in cf.conditions] == [50.0, 90.0]
 
 
-def test_resume_keeps_the_runs_covariates(run, tmp_path):
+def test_resume_keeps_the_runs_covariates(run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     before = (copy / "covariates.json").read_text()
     assert main(["train", *TRAIN, "--output-dir", str(copy), "--max-steps", "8", "--condition-on", "age,sex",
                  "--resume"]) == 0
+    assert f"next: verydeepvae calibrate-guidance --checkpoint {copy}" in capsys.readouterr().out
     assert (copy / "covariates.json").read_text() == before
     assert load_checkpoint(list_checkpoints(copy / "checkpoints")[-1]).step == 8
 
@@ -317,6 +318,7 @@ def test_resume_refuses_other_covariates(run, tmp_path, capsys):
 def test_an_unconditional_checkpoint_is_unchanged_and_takes_no_conditions(tmp_path, capsys):
     out = tmp_path / "plain"
     assert main(["train", *TRAIN, "--output-dir", str(out), "--max-steps", "2"]) == 0
+    assert "calibrate-guidance" not in capsys.readouterr().out
     checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
     assert "covariates" not in checkpoint.meta and checkpoint.config.condition_on is None
     assert not any(".condition." in k for k in checkpoint.tensors) and not (out / "covariates.json").exists()

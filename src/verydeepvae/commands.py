@@ -57,6 +57,9 @@ def train_command(args: argparse.Namespace) -> int:
                    command=args.argv)
     if result.checkpoint is not None:
         print(f"done: step {result.step}; checkpoint {result.checkpoint}; samples in {result.output_dir / 'samples'}")
+        if cfg.condition_on and not getattr(args, "quiet", False):  # how strongly to follow each covariate is measured per model, not guessed
+            print(f"next: verydeepvae calibrate-guidance --checkpoint {result.output_dir} (measures each covariate's "
+                  "guidance scale; sample, counterfactual and evaluate then use it; docs/conditional.md)")
     return 0
 
 
