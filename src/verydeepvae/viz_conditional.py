@@ -94,7 +94,7 @@ def save_calibration_figure(results: Sequence, path: str | os.PathLike, toleranc
         ax.plot(scales, ratios, "o-", color="tab:orange", label="slope ratio")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axvline(r.scale, color="tab:green", lw=1, ls=":", label=f"chosen {r.scale:.2g}")
-        cf = getattr(r, "counterfactual", None)
+        cf = r.counterfactual
         if cf is not None and cf.readings:
             ax.plot([x.scale for x in cf.readings], [np.nan if x.change_ratio is None else x.change_ratio
                                                      for x in cf.readings], "x-", color="tab:purple", ms=4, lw=0.8,

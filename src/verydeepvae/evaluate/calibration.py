@@ -55,7 +55,8 @@ from ..guidance import CALIBRATION_FIGURE, CALIBRATION_FILE, Guidance
 from ..inference import TrainedModel
 from ..scan_files import input_files, load_preprocessed
 from .conditional import MEASURES, measure, sample_at, sweep_points, trend
-from .counterfactual_calibration import CounterfactualCalibration, calibrate_counterfactuals, describe_counterfactual
+from .counterfactual_calibration import (CounterfactualCalibration, calibrate_counterfactuals, describe_counterfactual,
+                                         first_reaching_one)
 
 SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
 REALISM_TOLERANCE = 1.5
@@ -97,11 +98,11 @@ def choose_scale(readings: Sequence[ScaleReading], tolerance: float = REALISM_TO
     if not points:
         return 1.0, False
     scale, ratio = points[0]
-    if ratio >= 1.0:
-        return (scale / ratio if scale == 1.0 else scale), True
-    for (s0, q0), (s1, q1) in zip(points, points[1:]):
-        if q1 >= 1.0:
-            return s0 + (1.0 - q0) / (q1 - q0) * (s1 - s0), True
+    if scale == 1.0 and ratio >= 1.0:
+        return scale / ratio, True
+    reached = first_reaching_one(points)
+    if reached is not None:
+        return reached, True
     positive = [(s, q) for s, q in points if q > 0]
     if not positive:
         return 1.0, False
@@ -199,8 +200,9 @@ class _Sweep:
                                         self.temperature, self.seed + stream, self.batch_size, show=False,
                                         guidance=Guidance(1.0, {self.name: scale}))
             m = np.asarray(measure(samples, self.trained.voxel_size_mm)[self.key], float)
-            ratios.append(self._ratio(trend([float(v) for v in req], m)["slope"]))
-            requested += [float(v) for v in req]
+            values = [float(v) for v in req]
+            ratios.append(self._ratio(trend(values, m)["slope"]))
+            requested += values
             measured.append(m)
             feats.append(self.realism.features(samples))
             del samples  # one stream's volumes at a time: at 128³ a pooled set would not fit

@@ -61,18 +61,26 @@ class CounterfactualCalibration:
     readings: list[CounterfactualReading] = field(default_factory=list)
 
 
+def first_reaching_one(points: Sequence[tuple[float, float]]) -> float | None:
+    """The scale where a ratio first reaches 1 along (scale, ratio) points in ascending scale order,
+    interpolated linearly from the point before (the first point itself when it already does); None
+    if it never does.  Shared with the samples' choice (calibration.choose_scale)."""
+    if points and points[0][1] >= 1.0:
+        return points[0][0]
+    for (s0, q0), (s1, q1) in zip(points, points[1:]):
+        if q1 >= 1.0:
+            return s0 + (1.0 - q0) / (q1 - q0) * (s1 - s0)
+    return None
+
+
 def choose_counterfactual_scale(readings: Sequence[CounterfactualReading]) -> tuple[float, bool]:
     """(scale, reached) from readings in ascending scale order (module notes, step 4)."""
     kept = [(r.scale, r.change_ratio) for r in readings if r.kept and r.change_ratio is not None
             and math.isfinite(r.change_ratio)]
     if not kept:
         return (readings[0].scale if readings else 1.0), False
-    if kept[0][1] >= 1.0:
-        return kept[0][0], True
-    for (s0, q0), (s1, q1) in zip(kept, kept[1:]):
-        if q1 >= 1.0:
-            return s0 + (1.0 - q0) / (q1 - q0) * (s1 - s0), True
-    return kept[-1][0], False
+    reached = first_reaching_one(kept)
+    return (kept[-1][0], False) if reached is None else (reached, True)
 
 
 def counterfactual_scales(sample_scale: float, step: float = STEP) -> list[float]:
