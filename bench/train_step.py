@@ -23,10 +23,11 @@ reach on the same machine with the model's own convolution shapes (each shape ti
 mode's dtype and memory format, weighted by how often the model uses it).
 
 Peak RSS on Linux includes glibc heap fragmentation; the workers, like ``verydeepvae train``, map
-blocks of 16 MiB and more afresh (``process_defaults.py``), and ``MALLOC_MMAP_THRESHOLD_=N`` in the
-environment overrides that.  CPU timings swing with machine load (check ``/proc/loadavg``; the load
-is printed); ``--threads`` sets torch's intra-op threads (default: torch's choice).  The workers get
-the CLI's bounded OpenMP spin unless ``OMP_WAIT_POLICY`` is set (``OMP_WAIT_POLICY=PASSIVE python
+blocks of 16 MiB and more afresh and keep up to 1 GiB free at the top of the heap
+(``process_defaults.py``); ``MALLOC_MMAP_THRESHOLD_=N`` and ``MALLOC_TRIM_THRESHOLD_=N`` in the
+environment override them (``MALLOC_TRIM_THRESHOLD_=131072`` measures the previous default).
+CPU timings swing with machine load (check ``/proc/loadavg``; the load is printed); ``--threads``
+sets torch's intra-op threads (default: torch's choice).  The workers get the CLI's bounded OpenMP spin unless ``OMP_WAIT_POLICY`` is set (``OMP_WAIT_POLICY=PASSIVE python
 bench/train_step.py`` measures the old default).  Mode ``default`` is what ``verydeepvae train``
 chooses on the device (``precision``, ``channels_last`` and ``checkpoint_levels`` auto); it does not
 include the training loop's thread governor, which only acts under contention.  Prints figures only; nothing is asserted.
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.repeats} repeat(s); "
           f"load average before: {open('/proc/loadavg').read().split()[:3]}; "
           f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', '(16 MiB, the CLI default)')}; "
+          f"MALLOC_TRIM_THRESHOLD_={os.environ.get('MALLOC_TRIM_THRESHOLD_', '(1 GiB, the CLI default)')}; "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}",
           flush=True)
     runs: dict[str, list[dict]] = {m: [] for m in modes}

@@ -94,20 +94,25 @@ def test_the_cli_asks_for_a_bounded_openmp_spin_unless_the_user_chose():
     assert _cli_environment({**env, "GOMP_SPINCOUNT": "INFINITE"}) == ["None", "INFINITE"]
 
 
-def test_the_cli_maps_large_blocks_afresh_unless_the_user_set_malloc(monkeypatch):
+def test_the_cli_sets_malloc_thresholds_unless_the_user_set_them(monkeypatch):
     from verydeepvae import process_defaults
 
     calls = []
-    monkeypatch.setattr(process_defaults, "set_mmap_threshold", calls.append)
+    monkeypatch.setattr(process_defaults, "set_mmap_threshold", lambda size: calls.append(("mmap", size)))
+    monkeypatch.setattr(process_defaults, "set_trim_threshold", lambda size: calls.append(("trim", size)))
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     process_defaults.apply_cli_defaults()
-    assert calls == [16 * 1024 * 1024]
+    assert calls == [("mmap", 16 * 1024 * 1024), ("trim", 1024 * 1024 * 1024)]
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "4194304")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")
+    calls.clear()
     process_defaults.apply_cli_defaults()
-    assert calls == [16 * 1024 * 1024]
+    assert calls == []
     if platform.libc_ver()[0] == "glibc":
         monkeypatch.undo()
-        assert process_defaults.set_mmap_threshold(16 * 1024 * 1024)  # glibc accepts it
+        assert process_defaults.set_mmap_threshold(16 * 1024 * 1024)  # glibc accepts both
+        assert process_defaults.set_trim_threshold(1024 * 1024 * 1024)
 
 
 def test_the_package_is_typed():
