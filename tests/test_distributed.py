@@ -45,7 +45,11 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def env_with_debug(debug: Path) -> dict[str, str]:
-    return dict(worker_env(), VERYDEEPVAE_DEBUG_DIR=str(debug))
+    """The workers' environment; TMPDIR inside the test's folder, so torchrun's log folders
+    (``torchelastic_*``) go away with it instead of piling up in the system's /tmp."""
+    scratch = debug.parent / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    return dict(worker_env(), VERYDEEPVAE_DEBUG_DIR=str(debug), TMPDIR=str(scratch))
 
 
 def records(debug: Path, rank: int, kind: str | None = None) -> list[dict]:
