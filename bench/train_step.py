@@ -27,8 +27,9 @@ blocks of 16 MiB and more afresh and keep up to 1 GiB free at the top of the hea
 (``process_defaults.py``); ``MALLOC_MMAP_THRESHOLD_=N`` and ``MALLOC_TRIM_THRESHOLD_=N`` in the
 environment override them (``MALLOC_TRIM_THRESHOLD_=131072`` measures the previous default).
 CPU timings swing with machine load (check ``/proc/loadavg``; the load is printed); ``--threads``
-sets torch's intra-op threads (default: torch's choice).  The workers get the CLI's bounded OpenMP spin unless ``OMP_WAIT_POLICY`` is set (``OMP_WAIT_POLICY=PASSIVE python
-bench/train_step.py`` measures the old default).  Mode ``default`` is what ``verydeepvae train``
+sets torch's intra-op threads (default: torch's choice).  The workers get the CLI's bounded OpenMP
+spin unless ``OMP_WAIT_POLICY`` is set (``OMP_WAIT_POLICY=PASSIVE python bench/train_step.py``
+measures the old default).  Mode ``default`` is what ``verydeepvae train``
 chooses on the device (``precision``, ``channels_last`` and ``checkpoint_levels`` auto); it does not
 include the training loop's thread governor, which only acts under contention.  Prints figures only; nothing is asserted.
 """
