@@ -151,15 +151,17 @@ def test_counterfactual_search_on_a_model_that_reverses_at_strong_guidance(monke
 
     tried = []
 
-    def sweep(trained, schema, volume, own, name, values, batch_size, guidance):
-        scale = guidance.scale(name)
-        tried.append(scale)
-        out = own[name] + 0.4 * scale * (np.asarray(values) - own[name])
-        if scale > 1.6 and float(volume.mean()) > 1:
-            out[-1] = out[-2] - 1.0
-        return None, out
+    def sweeper(trained, schema, volume, own, name, values, batch_size):
+        def sweep(guidance):
+            scale = guidance.scale(name)
+            tried.append(scale)
+            out = own[name] + 0.4 * scale * (np.asarray(values) - own[name])
+            if scale > 1.6 and float(volume.mean()) > 1:
+                out[-1] = out[-2] - 1.0
+            return out
+        return sweep
 
-    monkeypatch.setattr(cc, "counterfactual_sweep", sweep)
+    monkeypatch.setattr(cc, "counterfactual_sweeper", sweeper)
     monkeypatch.setattr(cc, "measure", lambda outs, vox: {"ventricle_ml": outs})
     schema = CovariateSchema((Covariate("age", "numeric", mean=60.0, sd=10.0, minimum=40.0, maximum=80.0),))
     volumes = np.stack([np.full((2, 2, 2), float(i)) for i in range(6)])  # scans 0 and 1 never reverse

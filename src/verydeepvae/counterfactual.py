@@ -51,13 +51,33 @@ def counterfactual_volumes(model: Any, x: np.ndarray, observed: np.ndarray, targ
     ``guidance`` w (``Guidance.weights``) scales the change: the decoder's conditioning moves w times
     as far from the scan's own covariates (model/vae.py ``_film``), so the reconstruction at its own
     values is kept."""
+    codes, c = encode_scan(model, x, observed, mode, device)
+    decode = model.decode_noise if mode == "noise" else model.decode
+    recon = decode(codes, covariates=c).float().cpu()[0, 0].numpy()
+    volumes = decode_counterfactuals(model, codes, c, targets, mode, batch_size, device, guidance)
+    return recon, (volumes if len(volumes) else np.zeros((0,) + recon.shape, np.float32))
+
+
+@torch.no_grad()
+def encode_scan(model: Any, x: np.ndarray, observed: np.ndarray, mode: str = "noise",
+                device: str | torch.device = "cpu") -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(latent codes, covariates (1, dim)) of one volume ``x`` (R, R, R) with its encoded covariates
+    ``observed`` (dim,): what ``decode_counterfactuals`` starts from, so a scan swept several times
+    (at several guidance scales) is encoded once."""
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     x_t = torch.as_tensor(np.asarray(x, np.float32))[None, None].to(device)
     c = torch.as_tensor(np.asarray(observed, np.float32))[None].to(device)
-    codes = model.encode(x_t, covariates=c, as_noise=mode == "noise")
+    return model.encode(x_t, covariates=c, as_noise=mode == "noise"), c
+
+
+@torch.no_grad()
+def decode_counterfactuals(model: Any, codes: list[torch.Tensor], c: torch.Tensor, targets: np.ndarray,
+                           mode: str = "noise", batch_size: int = 4, device: str | torch.device = "cpu",
+                           guidance: GuidanceWeights = 1.0) -> np.ndarray:
+    """Counterfactuals (K, R, R, R) of one encoded scan (``encode_scan``) at each row of ``targets``
+    (K, dim); ``guidance`` as in ``counterfactual_volumes``."""
     decode = model.decode_noise if mode == "noise" else model.decode
-    recon = decode(codes, covariates=c).float().cpu()[0, 0].numpy()
     out = []
     targets = torch.as_tensor(np.asarray(targets, np.float32))
     for start in range(0, len(targets), batch_size):
@@ -65,8 +85,7 @@ def counterfactual_volumes(model: Any, x: np.ndarray, observed: np.ndarray, targ
         expanded = [code.expand(len(chunk), *code.shape[1:]) for code in codes]
         out.append(decode(expanded, covariates=chunk, guidance=guidance,
                           reference=c.expand(len(chunk), -1)).float().cpu()[:, 0].numpy())
-    volumes = np.concatenate(out) if out else np.zeros((0,) + recon.shape, np.float32)
-    return recon, volumes
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 def value_label(name: str, value: Value) -> str:

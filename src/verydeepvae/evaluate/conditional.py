@@ -28,13 +28,13 @@ volumes correlate with most strongly: for the phantom's age, the CSF fraction or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import stats
 
 from .. import conditional
-from ..counterfactual import counterfactual_volumes
+from ..counterfactual import counterfactual_volumes, decode_counterfactuals, encode_scan
 from ..data.covariates import CovariateSchema, Value
 from ..guidance import Guidance, check_guidance
 from ..inference import TrainedModel
@@ -132,6 +132,20 @@ def counterfactual_sweep(trained: TrainedModel, schema: CovariateSchema, volume:
     targets = schema.encode([{**own, name: v} for v in values])
     return counterfactual_volumes(trained.model, volume, schema.encode([own])[0], targets, "noise", batch_size,
                                   trained.device, check_guidance(guidance, schema).weights(schema))
+
+
+def counterfactual_sweeper(trained: TrainedModel, schema: CovariateSchema, volume: np.ndarray, own: dict[str, Value],
+                           name: str, values: Sequence[Value], batch_size: int = 4
+                           ) -> Callable[[Guidance | float], np.ndarray]:
+    """``counterfactual_sweep``'s counterfactuals (K, R, R, R) as a function of the guidance, the scan
+    encoded once: for sweeps of one scan repeated at several scales (counterfactual_calibration.py)."""
+    codes, c = encode_scan(trained.model, volume, schema.encode([own])[0], "noise", trained.device)
+    targets = schema.encode([{**own, name: v} for v in values])
+
+    def at(guidance: Guidance | float) -> np.ndarray:
+        return decode_counterfactuals(trained.model, codes, c, targets, "noise", batch_size, trained.device,
+                                      check_guidance(guidance, schema).weights(schema))
+    return at
 
 
 def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]],

@@ -34,7 +34,7 @@ import numpy as np
 from ..data.covariates import CovariateSchema, Value
 from ..guidance import Guidance
 from ..inference import TrainedModel
-from .conditional import counterfactual_sweep, measure
+from .conditional import counterfactual_sweeper, measure
 
 TOLERATED_LOSS = 1  # scans that may lose their monotonic change against the best scale so far
 STEP = 1.2  # factor between the scales tried
@@ -104,11 +104,12 @@ def calibrate_counterfactuals(trained: TrainedModel, schema: CovariateSchema, na
     result = CounterfactualCalibration(float(sample_scale), scans=len(volumes), values=values)
     direction = math.copysign(1.0, real_slope)
     best = 0
+    sweeps = [counterfactual_sweeper(trained, schema, volume, own, name, values, batch_size)
+              for volume, own in zip(volumes, rows)]  # each scan encoded once, decoded at every scale
     for scale in counterfactual_scales(sample_scale):
         slopes, monotonic = [], 0
-        for volume, own in zip(volumes, rows):
-            _, outs = counterfactual_sweep(trained, schema, volume, own, name, values, batch_size,
-                                           Guidance(1.0, {name: scale}))
+        for sweep in sweeps:
+            outs = sweep(Guidance(1.0, {name: scale}))
             measured = np.asarray(measure(outs, trained.voxel_size_mm)[key], float)
             monotonic += bool(np.all(direction * np.diff(measured) > 0))
             slopes.append(float(np.polyfit(values, measured, 1)[0]))

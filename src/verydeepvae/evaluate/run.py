@@ -135,7 +135,8 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
         "data": sel.describe(),
         "options": {**{k: v for k, v in asdict(options).items() if k != "show_progress"},
                     "guidance": as_guidance(options.guidance).to_json(),
-                    "counterfactual_guidance": as_guidance(_counterfactual_guidance(options)).to_json()},
+                    "counterfactual_guidance": as_guidance(options.guidance if options.counterfactual_guidance is None
+                                                           else options.counterfactual_guidance).to_json()},
     }
     report["options"]["temperature"] = temperature
     recon, samples = _model_sections(report, trained, heldout, covariates, temperature, options, lap)
@@ -225,11 +226,7 @@ def _conditional(trained: TrainedModel, heldout: np.ndarray, heldout_rows, table
     return conditional_section(trained, heldout, heldout_rows, tables["real"] if tables else None, temperature,
                                options.seed, options.batch_size, options.condition_points, per_point,
                                options.max_counterfactual, options.show_progress, options.guidance,
-                               _counterfactual_guidance(options))
-
-
-def _counterfactual_guidance(options: EvaluationOptions) -> Guidance | float:
-    return options.guidance if options.counterfactual_guidance is None else options.counterfactual_guidance
+                               options.counterfactual_guidance)
 
 
 def _morphometry_if_enabled(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray,
