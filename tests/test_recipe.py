@@ -18,7 +18,7 @@ from verydeepvae.errors import ConfigError
 from verydeepvae.train.optim import layer_kl_weights
 from verydeepvae.evaluate.summary import prior_label, quality_row
 from verydeepvae.model import VeryDeepVAE
-from verydeepvae.model.vae import balanced_kl_coefficients
+from verydeepvae.model.vae import balanced_kl_coefficients, free_bits_kl
 from verydeepvae.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,55 @@ def test_a_kl_warm_up_restricted_to_the_finest_level_leaves_the_other_layers_at_
     out = model(x, weights)
     expected = (out.nll + (out.kl_per_layer * weights).sum(1)).mean()
     assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_free_bits_stop_the_kl_gradient_of_a_layer_below_its_allowance_only():
+    kl = torch.tensor([[0.5, 3.0, 10.0], [1.5, 5.0, 30.0]], requires_grad=True)  # batch means 1, 4, 20
+    free_bits_kl(kl, torch.tensor([2.0, 2.0, 25.0])).sum().backward()
+    # layer 0 is under its 2 nats and layer 2 under its 25: no pull towards the prior; layer 1 pays
+    assert kl.grad.tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+    assert free_bits_kl(kl, torch.tensor([2.0, 2.0, 25.0])).mean(0).tolist() == pytest.approx([2.0, 4.0, 25.0])
+    # one number for every layer, as kl_free_bits alone gives
+    assert free_bits_kl(kl, 2.0).mean(0).tolist() == pytest.approx([2.0, 4.0, 20.0])
+
+
+def test_free_bits_per_latent_grow_with_each_layer_size_and_enter_the_loss_not_the_bound():
+    cfg = _tiny(kl_free_bits=2.0, kl_free_bits_per_latent=0.01)
+    model = VeryDeepVAE(cfg)
+    free = model.free_nats(cfg.kl_free_bits, cfg.kl_free_bits_per_latent)
+    assert free == pytest.approx([2.0 + 0.01 * size for size in model.latent_sizes()])
+    assert model.free_nats(2.0) == [2.0] * model.num_layers
+    assert free[-1] > 10 * free[0]  # the finest layer's allowance dwarfs the coarsest's
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, 16)
+    torch.manual_seed(1)
+    plain = model(x)
+    torch.manual_seed(1)
+    freed = model(x, free_bits=free)
+    assert torch.equal(plain.elbo, freed.elbo)  # the bound is the bound
+    kl = plain.kl_per_layer.mean(0) * model.num_voxels  # nats per volume
+    exempt = torch.clamp(torch.tensor(free) - kl, min=0.0) / model.num_voxels
+    assert freed.loss.item() == pytest.approx(plain.loss.item() + exempt.sum().item(), rel=1e-5)
+    with pytest.raises(ConfigError, match="kl_free_bits_per_latent"):
+        _tiny(kl_free_bits_per_latent=-1)
+
+
+def test_training_passes_each_layer_its_allowance(tmp_path, monkeypatch):
+    from verydeepvae.train.loop import train
+
+    seen: list = []
+    forward = VeryDeepVAE.forward
+
+    def recording(self, x, kl_weight=1.0, kl_balance=False, free_bits=0.0, covariates=None):
+        seen.append(free_bits)
+        return forward(self, x, kl_weight, kl_balance, free_bits, covariates)
+
+    monkeypatch.setattr(VeryDeepVAE, "forward", recording)
+    cfg = _tiny(kl_free_bits=1.5, kl_free_bits_per_latent=0.02, max_steps=1, phantom_num=4, validation_every=100,
+                checkpoint_every=100, figures_every=100, subjects_to_plot=0, quality_samples=0,
+                output_dir=str(tmp_path / "run"))
+    train(cfg, show_progress=False)
+    assert seen and seen[0] == pytest.approx(VeryDeepVAE(cfg).free_nats(1.5, 0.02))
 
 
 def test_kl_warmup_resolutions_must_be_resolutions_of_the_model():

@@ -100,6 +100,9 @@ class Config:
     kl_balance: bool = False  # NVAE-style per-layer KL balancing while the KL warm-up runs
     # nats of KL per latent layer and volume exempt from the loss (free bits)
     kl_free_bits: float = field(default=0.0, metadata=at_least(0))
+    # and nats per latent dimension and volume on top of that: an allowance that grows with a layer's
+    # size, so the large 32³ layer is not switched off early (docs/training-recipe.md)
+    kl_free_bits_per_latent: float = field(default=0.0, metadata=at_least(0))
     # fit a Gaussian prior for the coarsest latents (1³-2³, and 1³-4³ where small enough) to the
     # training volumes at the end of training, used for sampling when its samples match the
     # training volumes better (train/fit_prior.py)

@@ -216,14 +216,22 @@ class VeryDeepVAE(nn.Module):
     def latent_dimensions(self) -> int:
         return sum(self.latent_sizes())
 
+    def free_nats(self, per_layer: float, per_latent: float = 0.0) -> list[float]:
+        """Free nats per volume of every latent layer, coarsest first: ``per_layer`` for each, plus
+        ``per_latent`` for each of its latent dimensions, so the large fine layers (131,072
+        dimensions at 32³ in the demo) get an allowance that keeps them in play while the coarse
+        ones (32 dimensions at 1³) keep about ``per_layer``."""
+        return [per_layer + per_latent * size for size in self.latent_sizes()]
+
     # -- training --------------------------------------------------------------------------------
     def forward(self, x01: torch.Tensor, kl_weight: float | torch.Tensor = 1.0, kl_balance: bool = False,
-                free_bits: float = 0.0, covariates: torch.Tensor | None = None) -> ModelOutput:
+                free_bits: float | Sequence[float] = 0.0, covariates: torch.Tensor | None = None) -> ModelOutput:
         """Loss terms of a batch of volumes in [0, 1].  ``kl_weight`` < 1 during a KL warm-up: one
         number, or one per latent layer (coarsest first, as ``layer_levels``); with
         ``kl_balance`` the KL of each layer is weighted by :func:`balanced_kl_coefficients` then;
-        ``free_bits`` (nats per latent layer and volume) exempts that much of each layer's KL from
-        the loss (:func:`free_bits_kl`).  ``elbo`` is always the true bound.  ``covariates``: those of a
+        ``free_bits`` (nats per volume: one number for every latent layer, or one per layer as
+        :meth:`free_nats` gives) exempts that much of each layer's KL from the loss
+        (:func:`free_bits_kl`).  ``elbo`` is always the true bound.  ``covariates``: those of a
         conditional model's volumes."""
         x = self._input(x01)
         film = self._film(covariates, x.shape[0])
@@ -237,8 +245,9 @@ class VeryDeepVAE(nn.Module):
         kl_term = kl
         if kl_balance and bool((torch.as_tensor(kl_weight) < 1.0).any()):
             kl_term = kl * balanced_kl_coefficients(kl.detach() * self.num_voxels, self.latent_sizes())
-        if free_bits > 0.0:
-            kl_term = free_bits_kl(kl_term, free_bits / self.num_voxels)
+        free = torch.as_tensor(free_bits, dtype=kl.dtype, device=kl.device)
+        if bool((free > 0.0).any()):
+            kl_term = free_bits_kl(kl_term, free / self.num_voxels)
         loss = (nll + (kl_weight * kl_term).sum(-1)).mean()
         return ModelOutput(loss=loss, elbo=elbo, nll=nll, kl_per_layer=kl, params=params)
 
@@ -383,6 +392,7 @@ def free_bits_kl(kl: torch.Tensor, threshold: float) -> torch.Tensor:
     """Free bits (Kingma et al. 2016) per latent layer: the batch-mean KL of a layer below
     ``threshold`` (same units as ``kl``, (B, layers)) is not penalised, so a layer can start carrying
     information, and lower its posterior noise, before it pays for it; above it the usual KL applies.
-    Returned per sample (B, layers) with each layer's batch mean replaced by max(mean, threshold)."""
+    Returned per sample (B, layers) with each layer's batch mean replaced by max(mean, threshold);
+    ``threshold``: one number, or one per layer ((layers,) tensor)."""
     mean = kl.mean(0, keepdim=True)
-    return kl - mean + torch.clamp(mean, min=threshold)
+    return kl - mean + torch.maximum(mean, torch.as_tensor(threshold, dtype=kl.dtype, device=kl.device))

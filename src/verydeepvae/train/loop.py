@@ -102,6 +102,7 @@ class _Trainer:
         parts = builder.build(cfg, runtime, bundle, notices, show_progress, restarted, verbosity)
         self.cfg, self.seed, self.memory_plan, self.bundle = parts.cfg, parts.seed, parts.memory_plan, parts.bundle
         self.model, self.ema, self.net = parts.model, parts.ema, parts.net
+        self.free_nats = self.model.free_nats(self.cfg.kl_free_bits, self.cfg.kl_free_bits_per_latent)
         self.optimiser, self.scaler, self.skipper = parts.optimiser, parts.scaler, parts.skipper
         self.sampler, self.steps_per_epoch, self.total_steps = parts.sampler, parts.steps_per_epoch, parts.total_steps
         self.step, self.best, self.history = parts.step, parts.best, parts.history
@@ -238,7 +239,7 @@ class _Trainer:
                 sync = self.net.no_sync()
             with sync:
                 with self._autocast():
-                    out = self.net(x, weight, cfg.kl_balance, cfg.kl_free_bits, covariates=covariates)
+                    out = self.net(x, weight, cfg.kl_balance, self.free_nats, covariates=covariates)
                 loss = out.loss / cfg.grad_accumulation
                 if cfg.l2_reg_coeff:
                     loss = loss + cfg.l2_reg_coeff * _l2_penalty(self.model) / cfg.grad_accumulation

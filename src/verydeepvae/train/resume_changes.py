@@ -57,6 +57,7 @@ NOTICED = {
     "kl_warmup_resolutions": "the KL weight follows the new warm-up from the next step",
     "kl_balance": "the loss changes from the next step",
     "kl_free_bits": "the loss changes from the next step",
+    "kl_free_bits_per_latent": "the loss changes from the next step",
     "output_scale_max": "the likelihood's scale ceiling changes from the next step",
     "precision": "the arithmetic changes from the next step (not bitwise the same as an uninterrupted run)",
     "deterministic": "GPU algorithms change from the next step",
