@@ -388,7 +388,7 @@ def balanced_kl_coefficients(kl: torch.Tensor, sizes: Sequence[int], floor: floa
     return per_dim / per_dim.mean()
 
 
-def free_bits_kl(kl: torch.Tensor, threshold: float) -> torch.Tensor:
+def free_bits_kl(kl: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
     """Free bits (Kingma et al. 2016) per latent layer: the batch-mean KL of a layer below
     ``threshold`` (same units as ``kl``, (B, layers)) is not penalised, so a layer can start carrying
     information, and lower its posterior noise, before it pays for it; above it the usual KL applies.
