@@ -245,9 +245,9 @@ class VeryDeepVAE(nn.Module):
         kl_term = kl
         if kl_balance and bool((torch.as_tensor(kl_weight) < 1.0).any()):
             kl_term = kl * balanced_kl_coefficients(kl.detach() * self.num_voxels, self.latent_sizes())
-        free = torch.as_tensor(free_bits, dtype=kl.dtype, device=kl.device)
-        if bool((free > 0.0).any()):
-            kl_term = free_bits_kl(kl_term, free / self.num_voxels)
+        free = [float(free_bits)] * self.num_layers if isinstance(free_bits, (int, float)) else list(free_bits)
+        if max(free) > 0.0:  # decided in Python: no device sync in the training step
+            kl_term = free_bits_kl(kl_term, kl.new_tensor(free) / self.num_voxels)
         loss = (nll + (kl_weight * kl_term).sum(-1)).mean()
         return ModelOutput(loss=loss, elbo=elbo, nll=nll, kl_per_layer=kl, params=params)
 
