@@ -24,6 +24,10 @@ The statistics of issue 12's "Done when", from a trained run and held-out phanto
    >= 0.9), the mean change per year beside the real slope, each scan's volumes and the largest fall
    between neighbouring ages (a small dip or a reversal?); identity: PSNR of the counterfactual at
    the scan's own age against the input, beside the PSNR of ``reconstruct``'s reconstruction.
+   When the held-out scans are phantoms, the same scans' **true counterfactuals** (each re-rendered
+   at every age with all else kept, ``evaluate/phantom_truth.py``) are measured the same way: the
+   estimator's own monotonic fraction on the truth (the reference for the model's), the true change
+   per year and its correlation with the model's over scans, and the PSNR against the true volumes.
 
 Prints one table with the criteria and writes ``stats.json`` and two figures for the README:
 ``aged_50_to_90.png`` (the first held-out phantom aged along the sweep) and ``samples_by_age.png``
@@ -51,6 +55,7 @@ from verydeepvae.data.phantom import generate_population  # noqa: E402
 # a guided sweep passes only while its samples' Fréchet ratio stays within REALISM_TOLERANCE of the
 # unguided samples' (the bound calibrate-guidance searches within; evaluate/calibration.py says why)
 from verydeepvae.evaluate.calibration import REALISM_TOLERANCE  # noqa: E402
+from verydeepvae.evaluate.phantom_truth import monotonic_fraction, phantom_rows, true_counterfactuals  # noqa: E402
 from verydeepvae.evaluate.conditional import (counterfactual_sweep, mann_whitney, measure, sample_at,  # noqa: E402
                                               sweep_points, trend)
 from verydeepvae.errors import UserError  # noqa: E402
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. counterfactual ageing
     n = min(args.counterfactuals, len(files))
-    per_scan, changes, own_psnr, recon_psnr, volumes_ml = [], [], [], [], []
+    per_scan, changes, own_psnr, recon_psnr, volumes_ml, counterfactuals, recons = [], [], [], [], [], [], []
     first = None
     for i in range(n):
         recon, outs = counterfactual_sweep(trained, schema, volumes[i], rows[i], "age", sweep, args.batch_size,
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         recon_psnr.append(float(np.atleast_1d(psnr(volumes[i][None], plain[None]))[0]))
         if first is None:
             first = (volumes[i], recon, outs, rows[i]["age"])
+        counterfactuals.append(outs)
+        recons.append(recon)
     rho = np.array(per_scan)
     real_slope = result["sweeps"]["age"]["real"]["slope"]
     result["counterfactual"] = {
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "largest_step_back_ml": float(max(0.0, -np.diff(np.asarray(volumes_ml), axis=1).min())),
         "mean_ventricle_change_ml_per_year": float(np.mean(changes)), "real_slope_ml_per_year": real_slope,
         "psnr_at_own_age_db": float(np.mean(own_psnr)), "psnr_reconstruct_db": float(np.mean(recon_psnr)),
+        "truth": _truth(trained, files[:n], sweep, np.stack(counterfactuals), np.stack(recons), changes),
     }
 
     # figures for the README
@@ -209,6 +217,29 @@ def _realism(trained, schema, name, values, samples, heldout, guidance, args) ->
         out["unguided"] = frechet_ratio(plain, heldout, trained.device, args.seed)["frechet_ratio"]
     out["still_brains"] = bool(out["guided"] <= REALISM_TOLERANCE * out.get("unguided", out["guided"]))
     return out
+
+
+def _truth(trained, files, ages: list[float], counterfactuals: np.ndarray, recons: np.ndarray,
+           changes: list[float]) -> dict | None:
+    """The same scans' true counterfactuals (the phantom re-rendered at each age, every other draw
+    kept; evaluate/phantom_truth.py), measured the same way: how often the estimator itself reads
+    the true ventricles as not rising at every step, the true change per year beside the model's
+    (and their correlation over scans), and the PSNR of each counterfactual against the true volume
+    beside that of the unchanged reconstruction (what a counterfactual that moved nothing would get).
+    ``None`` when the held-out scans are not phantoms of this tool."""
+    rows = phantom_rows(files)
+    truth = None if rows is None else true_counterfactuals(rows, "age", ages, trained.preprocess_settings)
+    if truth is None:
+        return None
+    vent = np.stack([measure(t, trained.voxel_size_mm)["ventricle_ml"] for t in truth])
+    true_changes = [float(np.polyfit(ages, v, 1)[0]) for v in vent]
+    return {"fraction_monotonic": monotonic_fraction(vent), "ventricle_ml_per_scan": vent.tolist(),
+            "largest_step_back_ml": float(max(0.0, -np.diff(vent, axis=1).min())),
+            "mean_ventricle_change_ml_per_year": float(np.mean(true_changes)),
+            "change_correlation": float(np.corrcoef(changes, true_changes)[0, 1]) if len(changes) > 2 else None,
+            "psnr_to_truth_db": float(np.mean([psnr(t, c) for t, c in zip(truth, counterfactuals)])),
+            "psnr_unchanged_to_truth_db": float(np.mean([psnr(t, np.broadcast_to(r, t.shape))
+                                                         for t, r in zip(truth, recons)]))}
 
 
 def _reconstruct(trained, volume: np.ndarray, row: dict) -> np.ndarray:
@@ -247,6 +278,13 @@ def _print(r: dict) -> None:
           f"step back {f(c['largest_step_back_ml'])} ml | 1 | |")
     print(f"| identity: PSNR at own age / reconstruct | {f(c['psnr_at_own_age_db'])} / {f(c['psnr_reconstruct_db'])} dB "
           "| equal | |")
+    t = c.get("truth")
+    if t:
+        print(f"| the same scans' true counterfactuals, same measure: monotonic | {f(t['fraction_monotonic'])}; "
+              f"{f(t['mean_ventricle_change_ml_per_year'])} ml/year (correlation with the model's per-scan change "
+              f"{f(t['change_correlation'])}); largest step back {f(t['largest_step_back_ml'])} ml | reference | |")
+        print(f"| counterfactuals against the true volumes: PSNR over the sweep (the unchanged reconstruction's) | "
+              f"{f(t['psnr_to_truth_db'])} ({f(t['psnr_unchanged_to_truth_db'])}) dB | higher than unchanged | |")
 
 
 if __name__ == "__main__":

@@ -377,3 +377,7 @@ def test_the_conditional_benchmark_runs_with_per_covariate_guidance(run, tmp_pat
     assert cf["largest_step_back_ml"] == pytest.approx(max([0.0, *falls]))
     assert "Fréchet ratio to the held-out phantoms" in done.stdout and "guidance age 2 (others 1)" in done.stdout
     assert (out / "aged_50_to_90.png").is_file() and (out / "samples_by_age.png").is_file()
+    truth = cf["truth"]  # held-out phantoms: their true counterfactuals are measured beside the model's
+    assert np.asarray(truth["ventricle_ml_per_scan"]).shape == volumes.shape
+    assert 0.0 <= truth["fraction_monotonic"] <= 1.0 and np.isfinite(truth["psnr_to_truth_db"])
+    assert "true counterfactuals" in done.stdout

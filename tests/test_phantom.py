@@ -196,6 +196,24 @@ def test_age_rises_with_atrophy_and_lesion_load_and_men_have_larger_brains():
     assert scale[male].mean() > scale[~male].mean() + 0.02
 
 
+def test_a_subject_rendered_at_another_age_is_the_same_subject_older():
+    seed = subject_seed(4, 2)
+    own_image, own = generate_volume(seed, 16)
+    again, again_f = generate_volume(seed, 16, age=own["age"])
+    assert abs(again_f["age"] - own["age"]) < 1e-6 and abs(again_f["atrophy"] - own["atrophy"]) < 1e-6
+    assert np.allclose(again, own_image, atol=1e-5)  # its own age: the subject itself
+    ages = [50.0, 65.0, 80.0]
+    older = [generate_volume(seed, 16, age=a)[1] for a in ages]
+    assert [round(f["age"], 6) for f in older] == ages
+    for key in ("atrophy", "ventricle_enlargement_mm", "ventricle_volume_ml", "csf_volume_ml"):
+        assert older[0][key] < older[1][key] < older[2][key], key
+    unchanged = set(own) - {"age", "atrophy", "ventricle_enlargement_mm", "cortical_thinning_mm"} - {
+        k for k in own if k.endswith("_ml")} - {"lesion_count_periventricular", "lesion_count_deep"}
+    assert all(older[0][k] == own[k] for k in unchanged)  # every other factor as drawn
+    with pytest.raises(ValueError, match="outside the phantom's range"):
+        generate_volume(seed, 16, age=95.0)
+
+
 def test_participants_tsv_has_age_and_sex_and_old_tables_are_completed(tmp_path):
     from verydeepvae.data.phantom import CONDITIONABLE, IDENTITY_COLUMNS, complete_participants
 

@@ -91,7 +91,7 @@ from ..console import bar
 from ..errors import ConfigError, DataError
 from ..volume_io import grid_affine, save_nifti
 from . import phantom_render as pr
-from .phantom_demographics import draw_demographics
+from .phantom_demographics import age_noise, atrophy_for_age, draw_demographics
 
 LABELS = {0: "background", 1: "csf", 2: "grey_matter", 3: "white_matter", 4: "lesion", 5: "ventricle"}
 FOV_MM = pr.FOV_MM
@@ -138,16 +138,22 @@ def _clip_normal(rng: np.random.Generator, mean: float, sd: float, lo: float, hi
     return np.clip(rng.normal(mean, sd, size), lo, hi)
 
 
-def sample_factors(rng: np.random.Generator) -> SubjectFactors:
-    """Draw the scalar generating factors of one subject (see the module docstring)."""
+def sample_factors(rng: np.random.Generator, age: float | None = None) -> SubjectFactors:
+    """Draw the scalar generating factors of one subject (see the module docstring).
+
+    ``age`` (years): the same subject's factors had it been that old (every draw kept, so every
+    other factor is unchanged): the atrophy that its own age noise and lesion load give at that age
+    (:func:`~verydeepvae.data.phantom_demographics.atrophy_for_age`), and with it the ventricle
+    enlargement and cortical thinning, each with its own noise as drawn.
+    """
     f: SubjectFactors = {}
     f["brain_scale"] = float(_clip_normal(rng, 0.92, 0.04, 0.82, 1.0))
     for axis, v in zip("xyz", np.exp(rng.normal(0.0, 0.02, 3))):
         f[f"scale_{axis}"] = f["brain_scale"] * float(v)
     f["deformation_mm"] = float(rng.uniform(1.0, 3.0))
     f["atrophy"] = float(rng.beta(2.0, 3.0))
-    f["ventricle_enlargement_mm"] = 6.0 * float(np.clip(f["atrophy"] + rng.normal(0, 0.1), 0, 1))
-    f["cortical_thinning_mm"] = 1.5 * float(np.clip(f["atrophy"] + rng.normal(0, 0.1), 0, 1))
+    widen, thin = float(rng.normal(0, 0.1)), float(rng.normal(0, 0.1))
+    f["ventricle_enlargement_mm"] = f["cortical_thinning_mm"] = 0.0  # set below: keeps the column order
     f["lesion_load"] = float(rng.beta(1.0, 3.0))
     f["lesion_count"] = int(rng.poisson(40.0 * f["lesion_load"]))
     wm = 0.42 * float(np.exp(rng.normal(0, 0.05)))
@@ -161,6 +167,10 @@ def sample_factors(rng: np.random.Generator) -> SubjectFactors:
         f[f"rotation_{axis}_deg"] = float(v)
     for axis, v in zip("xyz", _clip_normal(rng, 0.0, 2.0, -6.0, 6.0, 3)):
         f[f"translation_{axis}_mm"] = float(v)
+    if age is not None:
+        f["atrophy"] = atrophy_for_age(float(age), f["lesion_load"], age_noise(rng))
+    f["ventricle_enlargement_mm"] = 6.0 * float(np.clip(f["atrophy"] + widen, 0, 1))
+    f["cortical_thinning_mm"] = 1.5 * float(np.clip(f["atrophy"] + thin, 0, 1))
     return f
 
 
@@ -193,18 +203,21 @@ def _draw_lesions(rng: np.random.Generator, anat: pr.Anatomy, count: int, load: 
 
 
 def generate_volume(
-    rng_or_seed: int | np.random.Generator, resolution: int, *, return_labels: bool = False
+    rng_or_seed: int | np.random.Generator, resolution: int, *, return_labels: bool = False,
+    age: float | None = None,
 ):
     """One phantom subject in memory.
 
     Returns ``(volume, factors)``, or ``(volume, factors, labels)`` with ``return_labels``:
     volume float32 (R, R, R) in [0, 1], RAS order (use ``grid_affine((R,)*3, voxel_size_mm(R))``);
     labels uint8 with the codes in :data:`LABELS` (largest partial-volume fraction per voxel).
+    ``age`` (years, 45-90) renders the same subject as if it were that old, everything else as drawn
+    (:func:`sample_factors`): the ground truth that counterfactual ageing of this subject should reach.
     """
     resolution = _check_resolution(resolution)
     rng = rng_or_seed if isinstance(rng_or_seed, np.random.Generator) else np.random.default_rng(rng_or_seed)
     anat = pr.anatomy()
-    f = sample_factors(rng)
+    f = sample_factors(rng, age)
     # from a side stream (rng itself does not move): every draw below, hence the image, is unchanged
     f.update(draw_demographics(rng, f["atrophy"], f["lesion_load"], f["brain_scale"]))
     deformation = rng.standard_normal((3,) + (pr.DEFORMATION_GRID,) * 3) * f["deformation_mm"]

@@ -56,6 +56,11 @@ def draw_demographics(rng: np.random.Generator, atrophy: float, lesion_load: flo
     return {"age": age_from(atrophy, lesion_load, noise), "sex": sex_from(brain_scale, uniform)}
 
 
+def age_noise(rng: np.random.Generator) -> float:
+    """The subject's own ``e`` of :func:`age_from`: the number :func:`draw_demographics` will draw from ``rng``."""
+    return float(side_stream(rng).standard_normal())
+
+
 def age_from(atrophy: float, lesion_load: float, noise: float) -> float:
     u_a = _normal_quantile(stats.beta.cdf(atrophy, 2.0, 3.0))
     u_l = _normal_quantile(stats.beta.cdf(lesion_load, 1.0, 3.0))
@@ -63,6 +68,20 @@ def age_from(atrophy: float, lesion_load: float, noise: float) -> float:
     latent = AGE_ATROPHY * u_a + AGE_LESION * u_l + rest * noise
     low, high = AGE_RANGE
     return float(low + (high - low) * stats.norm.cdf(latent))
+
+
+def atrophy_for_age(age: float, lesion_load: float, noise: float) -> float:
+    """The atrophy at which :func:`age_from` gives ``age`` (years, within :data:`AGE_RANGE`) for this lesion
+    load and noise: the inverse that makes a subject's counterfactual at another age.  The ends of the
+    range map to the ends of the atrophy scale (0 and 1)."""
+    low, high = AGE_RANGE
+    if not low <= age <= high:
+        raise ValueError(f"age {age} years is outside the phantom's range {low:g}-{high:g}")
+    latent = _normal_quantile((age - low) / (high - low))
+    rest = math.sqrt(1.0 - AGE_ATROPHY ** 2 - AGE_LESION ** 2)
+    u_l = _normal_quantile(stats.beta.cdf(lesion_load, 1.0, 3.0))
+    u_a = (latent - AGE_LESION * u_l - rest * noise) / AGE_ATROPHY
+    return float(stats.beta.ppf(stats.norm.cdf(u_a), 2.0, 3.0))
 
 
 def sex_from(brain_scale: float, uniform: float) -> str:

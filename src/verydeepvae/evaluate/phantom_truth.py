@@ -1,0 +1,78 @@
+"""Ground-truth counterfactuals of held-out phantoms: what a model's counterfactual ageing should reach.
+
+A phantom subject is fully determined by its seed, and :func:`verydeepvae.data.phantom.generate_volume`
+can render it at another age with every other draw kept (its atrophy, hence ventricle enlargement
+and cortical thinning, set from its own age noise and lesion load).  Measured with the same
+estimator as the model's counterfactuals, these volumes show two things a model alone cannot:
+how much of a counterfactual's non-monotonic step is the *measure's* (the estimator reads the true
+ventricles of a subject growing older as falling now and then, docs/conditional.md), and how close
+each counterfactual image is to the true one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..data.nifti_load import PreprocessSettings, preprocess_volume
+from ..data.phantom import generate_volume, read_participants, voxel_size_mm
+from ..data.phantom_demographics import AGE_RANGE
+
+# the covariates a phantom can be re-rendered at (the phantom's other factors are not causes of anything
+# the generator lets us vary while keeping the subject)
+SUPPORTED = ("age",)
+
+
+def is_phantom_row(row: Mapping[str, object]) -> bool:
+    """Whether a participants.tsv row names a phantom subject that can be re-rendered (its seed and grid)."""
+    try:
+        int(str(row["seed"])), int(str(row["resolution"]))
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def phantom_rows(files: Sequence[str | Path]) -> list[dict[str, str]] | None:
+    """The participants.tsv row of each file (``sub-0001.nii.gz`` -> participant ``sub-0001``), read from
+    the file's folder; ``None`` when a file has no row (not a phantom population written by this tool)."""
+    tables: dict[Path, dict[str, dict[str, str]]] = {}
+    rows = []
+    for f in map(Path, files):
+        if f.parent not in tables:
+            tsv = f.parent / "participants.tsv"
+            found = read_participants(tsv) if tsv.is_file() else []
+            tables[f.parent] = {r.get("participant_id", ""): r for r in found}
+        row = tables[f.parent].get(f.name.split(".")[0])
+        if row is None:
+            return None
+        rows.append(row)
+    return rows
+
+
+def true_counterfactuals(rows: Sequence[Mapping[str, object]], name: str, values: Sequence[float],
+                         settings: PreprocessSettings) -> np.ndarray | None:
+    """Each phantom of ``rows`` re-rendered at every value of covariate ``name``, preprocessed as for
+    training: (N, V, R, R, R) float32 in [0, 1].  ``None`` when ``name`` is not in :data:`SUPPORTED`, a
+    value is outside the phantom's range of it, or a row is not a phantom subject (:func:`is_phantom_row`):
+    real scans have no ground truth."""
+    low, high = AGE_RANGE
+    if name not in SUPPORTED or not rows or not all(is_phantom_row(r) for r in rows):
+        return None
+    if not all(low <= float(v) <= high for v in values):
+        return None
+    R = settings.resolution
+    out = np.empty((len(rows), len(values), R, R, R), dtype=np.float32)
+    for i, row in enumerate(rows):
+        seed, resolution = int(str(row["seed"])), int(str(row["resolution"]))
+        zooms = np.full(3, voxel_size_mm(resolution))
+        for j, value in enumerate(values):
+            image, _ = generate_volume(seed, resolution, age=float(value))
+            out[i, j], _ = preprocess_volume(image, zooms, settings, name=f"phantom {seed} at {name} {value:g}")
+    return out
+
+
+def monotonic_fraction(curves: np.ndarray) -> float:
+    """Fraction of rows of ``curves`` (N, V) that rise strictly at every step."""
+    return float(np.mean(np.all(np.diff(np.asarray(curves, float), axis=1) > 0, axis=1)))
