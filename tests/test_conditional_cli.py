@@ -275,9 +275,13 @@ def test_evaluate_adds_the_conditional_section(run, tmp_path, capsys):
     assert len(age["values"]) == 5 and len(age["requested"]) == 5 * section["per_point"]
     assert "ventricle_ml" in age["measures"] and "slope_ratio" in age["measures"]["ventricle_ml"]
     assert "counterfactual" in age and "measures" in age["counterfactual"]
+    truth = age["counterfactual"]["truth"]  # the held-out scans are phantoms: their true counterfactuals too
+    assert set(truth["monotonic_fraction"]) == set(age["counterfactual"]["measures"])
+    assert np.isfinite(truth["psnr_counterfactual_db"]) and np.isfinite(truth["psnr_unchanged_db"])
     assert section["per_covariate"]["sex"]["values"] == ["F", "M"]
     text = (out / "report.md").read_text()
     assert "## Conditional generation" in text and "counterfactual_age.png" in text
+    assert "true counterfactuals: monotonic" in text
     assert (out / "figures" / "conditional_age_samples.png").is_file()
 
 

@@ -41,7 +41,8 @@ from ..inference import TrainedModel
 from ..sampling import iter_samples
 from . import morphometry
 from .conditional_section import (CategoricalMeasure, ConditionalSection, CounterfactualMeasure, Counterfactuals,
-                                  CovariateEntry, MannWhitney, Measure, NumericMeasure, Trend, fmt)
+                                  CounterfactualTruth, CovariateEntry, MannWhitney, Measure, NumericMeasure, Trend, fmt)
+from .phantom_truth import true_counterfactuals
 
 WHAT = ("Per covariate: samples at values across its range (numeric: evenly spaced between the training scans' "
         "5th and 95th percentiles; categorical: every level), the other covariates drawn from the training scans given "
@@ -152,11 +153,13 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
                         real_table: dict[str, np.ndarray] | None, temperature: Any, seed: int, batch_size: int,
                         points: int = 5, per_point: int = 6, max_counterfactual: int = 8,
                         show: bool | None = None, guidance: Guidance | float = 1.0,
-                        counterfactual_guidance: Guidance | float | None = None
+                        counterfactual_guidance: Guidance | float | None = None,
+                        phantom_rows: list[dict[str, str]] | None = None
                         ) -> tuple[ConditionalSection, dict[str, SweepArrays]]:
     """The section and each covariate's arrays for the figures; ``real_table``: the held-out volumes'
     measurements on the model grid, or None when tissue is not measured; ``counterfactual_guidance``:
-    the counterfactuals' (None: ``guidance``)."""
+    the counterfactuals' (None: ``guidance``); ``phantom_rows``: the held-out scans' participants.tsv rows
+    when they are phantoms (``phantom_truth.phantom_rows``), to measure their true counterfactuals too."""
     schema = trained.covariates
     vox = trained.voxel_size_mm
     guidance = check_guidance(guidance, schema)
@@ -191,17 +194,19 @@ def conditional_section(trained: TrainedModel, heldout: np.ndarray, heldout_rows
             entry["counterfactual"] = _counterfactuals(trained, heldout, heldout_rows, c.name, values,
                                                        min(max_counterfactual, len(heldout)), batch_size,
                                                        entry.get("measures", {}) if real_table is not None else None,
-                                                       arrays[c.name], moved)
+                                                       arrays[c.name], moved, phantom_rows)
         section.per_covariate[c.name] = entry
     return section, arrays
 
 
 def _counterfactuals(trained: TrainedModel, heldout: np.ndarray, heldout_rows: list[dict[str, Value]], name: str,
                      values: Sequence[Value], n: int, batch_size: int, measures: dict[str, Measure] | None,
-                     arrays: SweepArrays, guidance: Guidance | float = 1.0) -> Counterfactuals:
+                     arrays: SweepArrays, guidance: Guidance | float = 1.0,
+                     phantom_rows: list[dict[str, str]] | None = None) -> Counterfactuals:
     """The first ``n`` held-out scans swept along ``values`` of ``name`` (noise mode, ``guidance``): their
     reconstructions' PSNR (dB) and, with ``measures`` (tissue is measured), the measured change
-    against the requested one; the first scan's volumes go into ``arrays`` for the figure."""
+    against the requested one, and with ``phantom_rows`` the same scans' true counterfactuals beside
+    them; the first scan's volumes go into ``arrays`` for the figure."""
     from ..metrics import psnr
 
     recons, sweeps = [], []
@@ -218,9 +223,31 @@ def _counterfactuals(trained: TrainedModel, heldout: np.ndarray, heldout_rows: l
     if measures is not None:
         cf["measures"] = _counterfactual_measures(np.stack(recons), np.stack(sweeps), trained.voxel_size_mm,
                                                   [row[name] for row in heldout_rows[:n]], values, measures)
+        truth = None if phantom_rows is None else true_counterfactuals(phantom_rows[:n], name, values,
+                                                                       trained.preprocess_settings)
+        if truth is not None:
+            cf["truth"] = _truth(truth, np.stack(recons), np.stack(sweeps), trained.voxel_size_mm, measures)
     arrays.cf_input, arrays.cf_recon, arrays.cf_volumes = heldout[0], recons[0], sweeps[0]
     arrays.cf_own = heldout_rows[0][name]
     return cf
+
+
+def _truth(truth: np.ndarray, recons: np.ndarray, sweeps: np.ndarray, vox: float,
+           sample_measures: dict[str, Measure]) -> CounterfactualTruth:
+    """True counterfactuals (N, V, R, R, R) read as the model's: monotonic fraction per measure, and PSNR
+    of the counterfactuals and of the unchanged reconstructions against them."""
+    from ..metrics import psnr
+
+    n, k = truth.shape[:2]
+    flat = measure(truth.reshape((-1,) + truth.shape[2:]), vox)
+    fractions = {}
+    for key in MEASURES:
+        direction = np.sign((sample_measures.get(key, {}).get("real", {}) or {}).get("slope") or 0.0)
+        steps = np.diff(flat[key].reshape(n, k), axis=1)
+        fractions[key] = float(np.mean(np.all(steps * direction >= 0, axis=1))) if direction else None
+    return {"monotonic_fraction": fractions,
+            "psnr_counterfactual_db": float(np.mean([psnr(t, s) for t, s in zip(truth, sweeps)])),
+            "psnr_unchanged_db": float(np.mean([psnr(t, np.broadcast_to(r, t.shape)) for t, r in zip(truth, recons)]))}
 
 
 def _numeric_measures(table, requested, real_table, own, values) -> dict[str, NumericMeasure]:

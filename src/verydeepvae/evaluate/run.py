@@ -151,7 +151,8 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
     lap("morphometry")
     conditional_arrays = None
     if trained.covariates is not None:
-        conditional, conditional_arrays = _conditional(trained, heldout, heldout_rows, tables, temperature, options)
+        conditional, conditional_arrays = _conditional(trained, heldout, heldout_rows, tables, temperature, options,
+                                                       sel.heldout_files)
         report["conditional"] = conditional.to_json()
         lap("conditional")
     report["timings_seconds"] = lap.total()
@@ -219,14 +220,15 @@ def _distances(report: dict[str, Any], extractors, heldout: np.ndarray, samples:
 
 
 def _conditional(trained: TrainedModel, heldout: np.ndarray, heldout_rows, tables, temperature: Any,
-                 options: EvaluationOptions):
+                 options: EvaluationOptions, heldout_files):
     from .conditional import conditional_section
+    from .phantom_truth import phantom_rows
 
     per_point = options.condition_samples or max(4, options.num_samples // max(1, options.condition_points))
     return conditional_section(trained, heldout, heldout_rows, tables["real"] if tables else None, temperature,
                                options.seed, options.batch_size, options.condition_points, per_point,
                                options.max_counterfactual, options.show_progress, options.guidance,
-                               options.counterfactual_guidance)
+                               options.counterfactual_guidance, phantom_rows(heldout_files) if tables else None)
 
 
 def _morphometry_if_enabled(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray,
