@@ -55,7 +55,8 @@ from verydeepvae.data.phantom import generate_population  # noqa: E402
 # a guided sweep passes only while its samples' Fréchet ratio stays within REALISM_TOLERANCE of the
 # unguided samples' (the bound calibrate-guidance searches within; evaluate/calibration.py says why)
 from verydeepvae.evaluate.calibration import REALISM_TOLERANCE  # noqa: E402
-from verydeepvae.evaluate.phantom_truth import monotonic_fraction, phantom_rows, true_counterfactuals  # noqa: E402
+from verydeepvae.evaluate.phantom_truth import (monotonic_fraction, phantom_rows, psnr_against_truth,  # noqa: E402
+                                               true_counterfactuals)
 from verydeepvae.evaluate.conditional import (counterfactual_sweep, mann_whitney, measure, sample_at,  # noqa: E402
                                               sweep_points, trend)
 from verydeepvae.errors import UserError  # noqa: E402
@@ -233,13 +234,12 @@ def _truth(trained, files, ages: list[float], counterfactuals: np.ndarray, recon
         return None
     vent = np.stack([measure(t, trained.voxel_size_mm)["ventricle_ml"] for t in truth])
     true_changes = [float(np.polyfit(ages, v, 1)[0]) for v in vent]
+    moved, unchanged = psnr_against_truth(truth, counterfactuals, recons)
     return {"fraction_monotonic": monotonic_fraction(vent), "ventricle_ml_per_scan": vent.tolist(),
             "largest_step_back_ml": float(max(0.0, -np.diff(vent, axis=1).min())),
             "mean_ventricle_change_ml_per_year": float(np.mean(true_changes)),
             "change_correlation": float(np.corrcoef(changes, true_changes)[0, 1]) if len(changes) > 2 else None,
-            "psnr_to_truth_db": float(np.mean([psnr(t, c) for t, c in zip(truth, counterfactuals)])),
-            "psnr_unchanged_to_truth_db": float(np.mean([psnr(t, np.broadcast_to(r, t.shape))
-                                                         for t, r in zip(truth, recons)]))}
+            "psnr_to_truth_db": moved, "psnr_unchanged_to_truth_db": unchanged}
 
 
 def _reconstruct(trained, volume: np.ndarray, row: dict) -> np.ndarray:

@@ -42,7 +42,7 @@ from ..sampling import iter_samples
 from . import morphometry
 from .conditional_section import (CategoricalMeasure, ConditionalSection, CounterfactualMeasure, Counterfactuals,
                                   CounterfactualTruth, CovariateEntry, MannWhitney, Measure, NumericMeasure, Trend, fmt)
-from .phantom_truth import true_counterfactuals
+from .phantom_truth import psnr_against_truth, true_counterfactuals
 
 WHAT = ("Per covariate: samples at values across its range (numeric: evenly spaced between the training scans' "
         "5th and 95th percentiles; categorical: every level), the other covariates drawn from the training scans given "
@@ -236,8 +236,6 @@ def _truth(truth: np.ndarray, recons: np.ndarray, sweeps: np.ndarray, vox: float
            sample_measures: dict[str, Measure]) -> CounterfactualTruth:
     """True counterfactuals (N, V, R, R, R) read as the model's: monotonic fraction per measure, and PSNR
     of the counterfactuals and of the unchanged reconstructions against them."""
-    from ..metrics import psnr
-
     n, k = truth.shape[:2]
     flat = measure(truth.reshape((-1,) + truth.shape[2:]), vox)
     fractions = {}
@@ -245,9 +243,8 @@ def _truth(truth: np.ndarray, recons: np.ndarray, sweeps: np.ndarray, vox: float
         direction = np.sign((sample_measures.get(key, {}).get("real", {}) or {}).get("slope") or 0.0)
         steps = np.diff(flat[key].reshape(n, k), axis=1)
         fractions[key] = float(np.mean(np.all(steps * direction >= 0, axis=1))) if direction else None
-    return {"monotonic_fraction": fractions,
-            "psnr_counterfactual_db": float(np.mean([psnr(t, s) for t, s in zip(truth, sweeps)])),
-            "psnr_unchanged_db": float(np.mean([psnr(t, np.broadcast_to(r, t.shape)) for t, r in zip(truth, recons)]))}
+    moved, unchanged = psnr_against_truth(truth, sweeps, recons)
+    return {"monotonic_fraction": fractions, "psnr_counterfactual_db": moved, "psnr_unchanged_db": unchanged}
 
 
 def _numeric_measures(table, requested, real_table, own, values) -> dict[str, NumericMeasure]:

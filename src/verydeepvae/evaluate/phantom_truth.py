@@ -20,8 +20,8 @@ from ..data.nifti_load import PreprocessSettings, preprocess_volume
 from ..data.phantom import generate_volume, read_participants, voxel_size_mm
 from ..data.phantom_demographics import AGE_RANGE
 
-# the covariates a phantom can be re-rendered at (the phantom's other factors are not causes of anything
-# the generator lets us vary while keeping the subject)
+# covariates whose counterfactual the phantom can render (another lesion load would redraw the lesions
+# themselves: count and sizes come from it, so "the same brain with more lesions" is not defined yet)
 SUPPORTED = ("age",)
 
 
@@ -76,3 +76,13 @@ def true_counterfactuals(rows: Sequence[Mapping[str, object]], name: str, values
 def monotonic_fraction(curves: np.ndarray) -> float:
     """Fraction of rows of ``curves`` (N, V) that rise strictly at every step."""
     return float(np.mean(np.all(np.diff(np.asarray(curves, float), axis=1) > 0, axis=1)))
+
+
+def psnr_against_truth(truth: np.ndarray, counterfactuals: np.ndarray, recons: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR (dB) over scans and values of the counterfactuals (N, V, R, R, R) against the true volumes
+    of the same shape, and of the unchanged reconstructions (N, R, R, R): what moving nothing would get."""
+    from ..metrics import psnr
+
+    moved = np.mean([psnr(t, c) for t, c in zip(truth, counterfactuals)])
+    unchanged = np.mean([psnr(t, np.broadcast_to(r, t.shape)) for t, r in zip(truth, recons)])
+    return float(moved), float(unchanged)
