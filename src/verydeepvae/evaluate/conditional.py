@@ -238,11 +238,7 @@ def _truth(truth: np.ndarray, recons: np.ndarray, sweeps: np.ndarray, vox: float
     of the counterfactuals and of the unchanged reconstructions against them."""
     n, k = truth.shape[:2]
     flat = measure(truth.reshape((-1,) + truth.shape[2:]), vox)
-    fractions = {}
-    for key in MEASURES:
-        direction = np.sign((sample_measures.get(key, {}).get("real", {}) or {}).get("slope") or 0.0)
-        steps = np.diff(flat[key].reshape(n, k), axis=1)
-        fractions[key] = float(np.mean(np.all(steps * direction >= 0, axis=1))) if direction else None
+    fractions = {key: _monotonic(flat[key].reshape(n, k), key, sample_measures) for key in MEASURES}
     moved, unchanged = psnr_against_truth(truth, sweeps, recons)
     return {"monotonic_fraction": fractions, "psnr_counterfactual_db": moved, "psnr_unchanged_db": unchanged}
 
@@ -279,13 +275,19 @@ def _counterfactual_measures(recons: np.ndarray, sweeps: np.ndarray, vox: float,
     out = {}
     for key in MEASURES:
         change = flat[key].reshape(n, k) - base[key][:, None]
-        direction = np.sign((sample_measures.get(key, {}).get("real", {}) or {}).get("slope") or 0.0)
-        steps = np.diff(flat[key].reshape(n, k), axis=1)
-        monotonic = float(np.mean(np.all(steps * direction >= 0, axis=1))) if direction else None
         out[key] = {"change_vs_requested": trend(requested_change.ravel(), change.ravel()),
-                    "monotonic_fraction": monotonic,
+                    "monotonic_fraction": _monotonic(flat[key].reshape(n, k), key, sample_measures),
                     "mean_change_per_value": change.mean(0).tolist()}
     return out
+
+
+def _monotonic(curves: np.ndarray, key: str, sample_measures: dict[str, Measure]) -> float | None:
+    """Fraction of the sweeps (N, V) of measure ``key`` that never move against the real slope's direction;
+    None when the real slope gives no direction."""
+    direction = np.sign((sample_measures.get(key, {}).get("real", {}) or {}).get("slope") or 0.0)
+    if not direction:
+        return None
+    return float(np.mean(np.all(np.diff(curves, axis=1) * direction >= 0, axis=1)))
 
 
 def _primary(measures: dict[str, NumericMeasure]) -> str | None:

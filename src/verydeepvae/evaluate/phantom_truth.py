@@ -19,6 +19,7 @@ import numpy as np
 from ..data.nifti_load import PreprocessSettings, preprocess_volume
 from ..data.phantom import generate_volume, read_participants, voxel_size_mm
 from ..data.phantom_demographics import AGE_RANGE
+from .data import participant_id
 
 # covariates whose counterfactual the phantom can render (another lesion load would redraw the lesions
 # themselves: count and sizes come from it, so "the same brain with more lesions" is not defined yet)
@@ -34,21 +35,18 @@ def is_phantom_row(row: Mapping[str, object]) -> bool:
     return True
 
 
-def phantom_rows(files: Sequence[str | Path]) -> list[dict[str, str]] | None:
+def phantom_rows(files: Sequence[str | Path], participants: Mapping[str, dict[str, str]] | None = None
+                 ) -> list[dict[str, str]] | None:
     """The participants.tsv row of each file (``sub-0001.nii.gz`` -> participant ``sub-0001``), read from
-    the file's folder; ``None`` when a file has no row (not a phantom population written by this tool)."""
-    tables: dict[Path, dict[str, dict[str, str]]] = {}
-    rows = []
-    for f in map(Path, files):
-        if f.parent not in tables:
-            tsv = f.parent / "participants.tsv"
-            found = read_participants(tsv) if tsv.is_file() else []
-            tables[f.parent] = {r.get("participant_id", ""): r for r in found}
-        row = tables[f.parent].get(f.name.split(".")[0])
-        if row is None:
-            return None
-        rows.append(row)
-    return rows
+    the files' folders unless ``participants`` (participant id -> row, e.g. the evaluation's, already
+    read) is given; ``None`` when a file has no row (not a phantom population written by this tool)."""
+    if participants is None:
+        participants = {}
+        for tsv in sorted({Path(f).parent / "participants.tsv" for f in files}):
+            if tsv.is_file():
+                participants.update({r.get("participant_id", ""): r for r in read_participants(tsv)})
+    rows = [participants.get(participant_id(f)) for f in files]
+    return None if any(r is None for r in rows) else rows
 
 
 def true_counterfactuals(rows: Sequence[Mapping[str, object]], name: str, values: Sequence[float],

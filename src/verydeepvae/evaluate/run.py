@@ -152,7 +152,7 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
     conditional_arrays = None
     if trained.covariates is not None:
         conditional, conditional_arrays = _conditional(trained, heldout, heldout_rows, tables, temperature, options,
-                                                       sel.heldout_files)
+                                                       sel.heldout_files, sel.participants)
         report["conditional"] = conditional.to_json()
         lap("conditional")
     report["timings_seconds"] = lap.total()
@@ -220,15 +220,17 @@ def _distances(report: dict[str, Any], extractors, heldout: np.ndarray, samples:
 
 
 def _conditional(trained: TrainedModel, heldout: np.ndarray, heldout_rows, tables, temperature: Any,
-                 options: EvaluationOptions, heldout_files):
+                 options: EvaluationOptions, heldout_files, participants):
     from .conditional import conditional_section
     from .phantom_truth import phantom_rows
 
+    # participants.tsv was read with the held-out files (EvaluationData.participants): no second read
+    truth_rows = phantom_rows(heldout_files, participants) if tables and participants is not None else None
     per_point = options.condition_samples or max(4, options.num_samples // max(1, options.condition_points))
     return conditional_section(trained, heldout, heldout_rows, tables["real"] if tables else None, temperature,
                                options.seed, options.batch_size, options.condition_points, per_point,
                                options.max_counterfactual, options.show_progress, options.guidance,
-                               options.counterfactual_guidance, phantom_rows(heldout_files) if tables else None)
+                               options.counterfactual_guidance, truth_rows)
 
 
 def _morphometry_if_enabled(trained: TrainedModel, sel: EvaluationData, heldout: np.ndarray,
