@@ -115,6 +115,11 @@ def test_free_bits_per_latent_grow_with_each_layer_size_and_enter_the_loss_not_t
     assert free == pytest.approx([2.0 + 0.01 * size for size in model.latent_sizes()])
     assert model.free_nats(2.0) == [2.0] * model.num_layers
     assert free[-1] > 10 * free[0]  # the finest layer's allowance dwarfs the coarsest's
+    finest = model.latent_shapes()[-1][1]
+    only_finest = model.free_nats(2.0, 0.01, resolutions=[finest])
+    assert only_finest[-1] == pytest.approx(free[-1])  # the finest layer keeps its allowance
+    assert [n for n, (_, side, _, _) in zip(only_finest, model.latent_shapes()) if side != finest] == \
+        pytest.approx([2.0] * sum(s[1] != finest for s in model.latent_shapes()))  # the others keep kl_free_bits
     torch.manual_seed(0)
     x = torch.rand(2, 1, 16, 16, 16)
     torch.manual_seed(1)
@@ -140,16 +145,20 @@ def test_training_passes_each_layer_its_allowance(tmp_path, monkeypatch):
         return forward(self, x, kl_weight, kl_balance, free_bits, covariates)
 
     monkeypatch.setattr(VeryDeepVAE, "forward", recording)
-    cfg = _tiny(kl_free_bits=1.5, kl_free_bits_per_latent=0.02, max_steps=1, phantom_num=4, validation_every=100,
-                checkpoint_every=100, figures_every=100, subjects_to_plot=0, quality_samples=0,
-                output_dir=str(tmp_path / "run"))
+    cfg = _tiny(kl_free_bits=1.5, kl_free_bits_per_latent=0.02, kl_free_bits_per_latent_resolutions=[16],
+                max_steps=1, phantom_num=4, validation_every=100, checkpoint_every=100, figures_every=100,
+                subjects_to_plot=0, quality_samples=0, output_dir=str(tmp_path / "run"))
     train(cfg, show_progress=False)
-    assert seen and seen[0] == pytest.approx(VeryDeepVAE(cfg).free_nats(1.5, 0.02))
+    expected = VeryDeepVAE(cfg).free_nats(1.5, 0.02, [16])
+    assert seen and seen[0] == pytest.approx(expected)
+    assert expected != pytest.approx(VeryDeepVAE(cfg).free_nats(1.5, 0.02))  # the coarser layers get none
 
 
 def test_kl_warmup_resolutions_must_be_resolutions_of_the_model():
     with pytest.raises(ConfigError, match=re.escape("resolutions of this model's levels (16, 8, 4, 2, 1), got 12")):
         _tiny(kl_warmup_steps=10, kl_warmup_resolutions=[12])
+    with pytest.raises(ConfigError, match="kl_free_bits_per_latent_resolutions entries must be resolutions"):
+        _tiny(kl_free_bits_per_latent=0.001, kl_free_bits_per_latent_resolutions=[3])
     assert layer_kl_weights(0, _tiny(kl_warmup_resolutions=[16]), [0]) == 1.0  # no warm-up: no effect
 
 

@@ -54,7 +54,8 @@ def test_honoured_changes_say_what_they_mean(key):
     value = {"bool": not STORED[key] if isinstance(STORED[key], bool) else None}["bool"]
     if value is None:
         value = {"max_steps": 7, "total_epochs": 3, "precision": "bf16", "lr_schedule": "constant",
-                 "skip_threshold": 50.0, "kl_warmup_resolutions": [16]}.get(key)
+                 "skip_threshold": 50.0, "kl_warmup_resolutions": [16],
+                 "kl_free_bits_per_latent_resolutions": [16]}.get(key)
     if value is None:
         value = STORED[key] + 1 if isinstance(STORED[key], int) else (STORED[key] * 0.5 or 0.25)
     notices: list[str] = []

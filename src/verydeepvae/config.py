@@ -103,6 +103,9 @@ class Config:
     # and nats per latent dimension and volume on top of that: an allowance that grows with a layer's
     # size, so the large 32³ layer is not switched off early (docs/training-recipe.md)
     kl_free_bits_per_latent: float = field(default=0.0, metadata=at_least(0))
+    # the resolutions whose latent layers get that per-dimension allowance (None: every layer); [32]
+    # keeps the finest layer in play without changing how the coarser layers divide their work
+    kl_free_bits_per_latent_resolutions: Optional[list[int]] = None
     # fit a Gaussian prior for the coarsest latents (1³-2³, and 1³-4³ where small enough) to the
     # training volumes at the end of training, used for sampling when its samples match the
     # training volumes better (train/fit_prior.py)

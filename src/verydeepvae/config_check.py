@@ -202,12 +202,12 @@ def check_performance(c: Any) -> None:
 
 
 def check_kl_warmup(c: Any) -> None:
-    """kl_warmup_resolutions names resolutions the model has (without a warm-up it has no effect, so
-    ``--set kl_warmup_steps=0`` switches a preset's warm-up off)."""
-    if c.kl_warmup_resolutions is None:
-        return
+    """kl_warmup_resolutions and kl_free_bits_per_latent_resolutions name resolutions the model has
+    (without a warm-up or an allowance they have no effect, so ``--set kl_warmup_steps=0`` switches a
+    preset's warm-up off)."""
     sizes = c.level_resolutions()
-    for size in c.kl_warmup_resolutions:
-        if size not in sizes:
-            raise ConfigError(f"kl_warmup_resolutions entries must be resolutions of this model's levels "
-                              f"({', '.join(str(s) for s in sizes)}), got {size}")
+    for name in ("kl_warmup_resolutions", "kl_free_bits_per_latent_resolutions"):
+        for size in getattr(c, name) or []:
+            if size not in sizes:
+                raise ConfigError(f"{name} entries must be resolutions of this model's levels "
+                                  f"({', '.join(str(s) for s in sizes)}), got {size}")

@@ -216,12 +216,16 @@ class VeryDeepVAE(nn.Module):
     def latent_dimensions(self) -> int:
         return sum(self.latent_sizes())
 
-    def free_nats(self, per_layer: float, per_latent: float = 0.0) -> list[float]:
+    def free_nats(self, per_layer: float, per_latent: float = 0.0,
+                  resolutions: Sequence[int] | None = None) -> list[float]:
         """Free nats per volume of every latent layer, coarsest first: ``per_layer`` for each, plus
         ``per_latent`` for each of its latent dimensions, so the large fine layers (131,072
         dimensions at 32³ in the demo) get an allowance that keeps them in play while the coarse
-        ones (32 dimensions at 1³) keep about ``per_layer``."""
-        return [per_layer + per_latent * size for size in self.latent_sizes()]
+        ones (32 dimensions at 1³) keep about ``per_layer``.  ``resolutions`` (voxels per side)
+        limits the per-dimension part to the layers at those sizes; None gives it to every layer."""
+        sizes = [shape[1] for shape in self.latent_shapes()]
+        return [per_layer + (per_latent * n if resolutions is None or side in resolutions else 0.0)
+                for n, side in zip(self.latent_sizes(), sizes)]
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, x01: torch.Tensor, kl_weight: float | torch.Tensor = 1.0, kl_balance: bool = False,

@@ -102,7 +102,8 @@ class _Trainer:
         parts = builder.build(cfg, runtime, bundle, notices, show_progress, restarted, verbosity)
         self.cfg, self.seed, self.memory_plan, self.bundle = parts.cfg, parts.seed, parts.memory_plan, parts.bundle
         self.model, self.ema, self.net = parts.model, parts.ema, parts.net
-        self.free_nats = self.model.free_nats(self.cfg.kl_free_bits, self.cfg.kl_free_bits_per_latent)
+        self.free_nats = self.model.free_nats(self.cfg.kl_free_bits, self.cfg.kl_free_bits_per_latent,
+                                              self.cfg.kl_free_bits_per_latent_resolutions)
         self.optimiser, self.scaler, self.skipper = parts.optimiser, parts.scaler, parts.skipper
         self.sampler, self.steps_per_epoch, self.total_steps = parts.sampler, parts.steps_per_epoch, parts.total_steps
         self.step, self.best, self.history = parts.step, parts.best, parts.history
