@@ -223,9 +223,8 @@ class VeryDeepVAE(nn.Module):
         dimensions at 32³ in the demo) get an allowance that keeps them in play while the coarse
         ones (32 dimensions at 1³) keep about ``per_layer``.  ``resolutions`` (voxels per side)
         limits the per-dimension part to the layers at those sizes; None gives it to every layer."""
-        sizes = [shape[1] for shape in self.latent_shapes()]
-        return [per_layer + (per_latent * n if resolutions is None or side in resolutions else 0.0)
-                for n, side in zip(self.latent_sizes(), sizes)]
+        return [per_layer + (per_latent * math.prod(shape) if resolutions is None or shape[1] in resolutions else 0.0)
+                for shape in self.latent_shapes()]
 
     # -- training --------------------------------------------------------------------------------
     def forward(self, x01: torch.Tensor, kl_weight: float | torch.Tensor = 1.0, kl_balance: bool = False,
