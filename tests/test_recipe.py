@@ -15,7 +15,7 @@ import torch
 
 from verydeepvae.config import build_config
 from verydeepvae.errors import ConfigError
-from verydeepvae.train.optim import layer_kl_weights
+from verydeepvae.train.optim import free_nats_at, layer_kl_weights
 from verydeepvae.evaluate.summary import prior_label, quality_row
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model.vae import balanced_kl_coefficients, free_bits_kl
@@ -146,12 +146,23 @@ def test_training_passes_each_layer_its_allowance(tmp_path, monkeypatch):
 
     monkeypatch.setattr(VeryDeepVAE, "forward", recording)
     cfg = _tiny(kl_free_bits=1.5, kl_free_bits_per_latent=0.02, kl_free_bits_per_latent_resolutions=[16],
-                max_steps=1, phantom_num=4, validation_every=100, checkpoint_every=100, figures_every=100,
+                kl_free_bits_per_latent_steps=2, max_steps=3, phantom_num=4, validation_every=100, checkpoint_every=100, figures_every=100,
                 subjects_to_plot=0, quality_samples=0, output_dir=str(tmp_path / "run"))
     train(cfg, show_progress=False)
     expected = VeryDeepVAE(cfg).free_nats(1.5, 0.02, [16])
-    assert seen and seen[0] == pytest.approx(expected)
+    assert seen[:2] == [pytest.approx(expected)] * 2
+    assert seen[2] == 1.5  # after kl_free_bits_per_latent_steps only kl_free_bits is left
     assert expected != pytest.approx(VeryDeepVAE(cfg).free_nats(1.5, 0.02))  # the coarser layers get none
+
+
+def test_the_per_latent_allowance_lasts_its_steps_and_no_longer():
+    allowance = [2.5, 9.0]
+    lasting = _tiny(kl_free_bits=2.0, kl_free_bits_per_latent=0.01, kl_free_bits_per_latent_steps=100)
+    assert [free_nats_at(step, lasting, allowance) for step in (0, 99, 100, 5000)] == [allowance] * 2 + [2.0] * 2
+    whole_run = _tiny(kl_free_bits=2.0, kl_free_bits_per_latent=0.01)
+    assert free_nats_at(10**6, whole_run, allowance) == allowance
+    with pytest.raises(ConfigError, match="kl_free_bits_per_latent_steps"):
+        _tiny(kl_free_bits_per_latent_steps=-1)
 
 
 def test_kl_warmup_resolutions_must_be_resolutions_of_the_model():

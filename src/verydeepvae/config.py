@@ -106,6 +106,9 @@ class Config:
     # the resolutions whose latent layers get that per-dimension allowance (None: every layer); [32]
     # keeps the finest layer in play without changing how the coarser layers divide their work
     kl_free_bits_per_latent_resolutions: Optional[list[int]] = None
+    # the steps that allowance lasts (0: the whole run): it is needed while a layer would be switched
+    # off, early on; kept for the whole run it makes the samples more alike (docs/training-recipe.md)
+    kl_free_bits_per_latent_steps: int = field(default=0, metadata=at_least(0))
     # fit a Gaussian prior for the coarsest latents (1³-2³, and 1³-4³ where small enough) to the
     # training volumes at the end of training, used for sampling when its samples match the
     # training volumes better (train/fit_prior.py)

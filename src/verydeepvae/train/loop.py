@@ -1,11 +1,10 @@
 """The training loop: one library function, ``train``, that the CLI and tests call.
 
-Per optimiser step: forward (optionally under bf16/fp16 autocast), backward (optionally
-accumulated over micro-batches), gradient clipping, the skip decision (taken by all ranks
-together), the update, the EMA update and the learning-rate schedule.  Validation, figures and
-checkpoints happen every N steps on rank 0's behalf; everything needed to continue exactly is in
-the checkpoint.  What the loop steps with is built (and restored) by ``builder.py``; a step's
-statistics are named (``stats.py``) and become one tensor only for the all-reduce.
+Per optimiser step: forward (optionally under bf16/fp16 autocast), backward (optionally accumulated over
+micro-batches), gradient clipping, the skip decision (taken by all ranks together), the update, the EMA update
+and the learning-rate schedule. Validation, figures and checkpoints happen every N steps on rank 0's behalf;
+everything needed to continue exactly is in the checkpoint. What the loop steps with is built (and restored)
+by ``builder.py``; a step's statistics are named (``stats.py``) and become one tensor only for the all-reduce.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from ..model import autocast_for
 from ..model.fitted_prior import FittedPriorChoice
 from .. import checkpoint as ckpt
 from . import builder, distributed, run_folder, run_record
-from .optim import layer_kl_weights, lr_factor, update_loss_scale
+from .optim import free_nats_at, layer_kl_weights, lr_factor, update_loss_scale
 from .threads import ThreadGovernor, governor_wanted
 from .precision import configure_backends, out_of_memory_message, resolve_speed_choices
 from .progress import TrainConsole, ending, start_lines, validation_line
@@ -231,6 +230,7 @@ class _Trainer:
         for group in self.optimiser.param_groups:
             group["lr"] = cfg.learning_rate * lr_factor(self.step, cfg, self.total_steps)
         weight = layer_kl_weights(self.step, cfg, self.model.layer_levels, self.device)
+        free_nats = free_nats_at(self.step, cfg, self.free_nats)
         stats = StepStats(0.0, 0.0, 0.0, torch.zeros(self.model.num_layers, dtype=torch.float64))
         finite = True
         for micro in range(cfg.grad_accumulation):
@@ -240,7 +240,7 @@ class _Trainer:
                 sync = self.net.no_sync()
             with sync:
                 with self._autocast():
-                    out = self.net(x, weight, cfg.kl_balance, self.free_nats, covariates=covariates)
+                    out = self.net(x, weight, cfg.kl_balance, free_nats, covariates=covariates)
                 loss = out.loss / cfg.grad_accumulation
                 if cfg.l2_reg_coeff:
                     loss = loss + cfg.l2_reg_coeff * _l2_penalty(self.model) / cfg.grad_accumulation

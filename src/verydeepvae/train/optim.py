@@ -1,9 +1,10 @@
-"""Optimiser, learning-rate schedule, EMA weights and the update-skipping policy."""
+"""Optimiser, learning-rate and KL schedules, EMA weights and the update-skipping policy."""
 
 from __future__ import annotations
 
 import math
 from collections import deque
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -46,6 +47,14 @@ def layer_kl_weights(step: int, cfg: Config, layer_levels: list[int],
     warm, resolutions = set(cfg.kl_warmup_resolutions), cfg.level_resolutions()
     return torch.tensor([weight if resolutions[level] in warm else 1.0 for level in layer_levels], device=device)
 
+
+
+def free_nats_at(step: int, cfg: Config, with_allowance: float | Sequence[float]) -> float | Sequence[float]:
+    """Free nats per layer and volume at this step: ``with_allowance`` (VeryDeepVAE.free_nats, the
+    per-dimension allowance included) for the first ``kl_free_bits_per_latent_steps`` steps (0: for
+    every step), then ``kl_free_bits`` alone for every layer."""
+    ends = cfg.kl_free_bits_per_latent_steps
+    return with_allowance if not ends or step < ends else cfg.kl_free_bits
 
 class EMA:
     """Exponential moving average of the weights, used for validation and sampling.

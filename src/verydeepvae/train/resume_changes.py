@@ -59,6 +59,7 @@ NOTICED = {
     "kl_free_bits": "the loss changes from the next step",
     "kl_free_bits_per_latent": "the loss changes from the next step",
     "kl_free_bits_per_latent_resolutions": "the loss changes from the next step",
+    "kl_free_bits_per_latent_steps": "the loss changes from the next step",
     "output_scale_max": "the likelihood's scale ceiling changes from the next step",
     "precision": "the arithmetic changes from the next step (not bitwise the same as an uninterrupted run)",
     "deterministic": "GPU algorithms change from the next step",
