@@ -48,13 +48,13 @@ def layer_kl_weights(step: int, cfg: Config, layer_levels: list[int],
     return torch.tensor([weight if resolutions[level] in warm else 1.0 for level in layer_levels], device=device)
 
 
-
 def free_nats_at(step: int, cfg: Config, with_allowance: float | Sequence[float]) -> float | Sequence[float]:
     """Free nats per layer and volume at this step: ``with_allowance`` (VeryDeepVAE.free_nats, the
     per-dimension allowance included) for the first ``kl_free_bits_per_latent_steps`` steps (0: for
     every step), then ``kl_free_bits`` alone for every layer."""
     ends = cfg.kl_free_bits_per_latent_steps
     return with_allowance if not ends or step < ends else cfg.kl_free_bits
+
 
 class EMA:
     """Exponential moving average of the weights, used for validation and sampling.
