@@ -27,12 +27,12 @@ from ..errors import Stopped, UserError
 from ..model import autocast_for
 from ..model.fitted_prior import FittedPriorChoice
 from .. import checkpoint as ckpt
-from . import builder, distributed, run_folder, run_record
+from . import builder, distributed, run_folder, run_record, validation
 from .optim import free_nats_at, layer_kl_weights, lr_factor, update_loss_scale
 from .threads import ThreadGovernor, governor_wanted
 from .precision import configure_backends, out_of_memory_message, resolve_speed_choices
 from .progress import TrainConsole, ending, start_lines, validation_line
-from .batches import covariates_of, split_batch, training_batches
+from .batches import split_batch, training_batches
 from .figures import final_samples, training_figures
 from .reporting import Reporter, drop_records_after, to_bits
 from .state import capture_state, process_rng_state, run_meta
@@ -308,39 +308,13 @@ class _Trainer:
             figures["dead"] = int(self.last_quality["dead_levels"])
         self.console.report(self.step, figures, rate)
 
-    @torch.no_grad()
-    def _validation_sums(self) -> ValidationSums:
-        """This rank's share of the validation volumes through the EMA model, summed."""
-        model = self.ema.model
-        model.eval()
-        data = self.bundle.val
-        indices = list(range(self.runtime.rank, len(data), self.runtime.world_size))
-        sums = ValidationSums.zeros(model.num_layers, self.device)
-        limit = self.cfg.max_validation_batches
-        for b, start in enumerate(range(0, len(indices), self.cfg.batch_size)):
-            if limit is not None and b >= limit:
-                break
-            batch = indices[start:start + self.cfg.batch_size]
-            x = torch.stack([data[i] for i in batch]).to(self.device)
-            with self._autocast():
-                out = model(x, covariates=covariates_of(data, batch, self.device))
-            sums.elbo += out.elbo.double().sum()
-            sums.nll += out.nll.double().sum()
-            sums.count += x.shape[0]
-            sums.kl += out.kl_per_layer.double().sum(0)
-        return sums
-
     def _validate(self) -> None:
-        sums = self._validation_sums()
+        sums = validation.local_sums(self.ema.model, self.bundle.val, self.runtime, self.cfg, self.device,
+                                     self._autocast)
         distributed.debug_record(self.runtime, "validation_local", step=self.step, elbo_sum=sums.elbo.item(),
                                  count=sums.count.item())
-        # a mean over every validation volume
         sums = ValidationSums.from_tensor(distributed.all_reduce_sum(sums.to_tensor(), self.runtime))
-        count = max(sums.count.item(), 1.0)
-        elbo, nll = sums.elbo.item() / count, sums.nll.item() / count
-        kl = (sums.kl / count).tolist()
-        values = {**loss_values(elbo, nll, sum(kl)),
-                  **layer_kl_values(kl, self.ema.model.layer_levels, self.cfg.resolution)}
+        elbo, values = validation.validation_values(sums, self.ema.model.layer_levels, self.cfg.resolution)
         self.reporter.scalars(self.step, values, "validation")
         entry = {"step": self.step, "elbo_bits_per_voxel": to_bits(elbo)}
         if self.runtime.is_main and self.quality_on:  # the other ranks go on to the next collective
