@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .config_check import (at_least, between, check_conditioning, check_fields, check_kl_warmup, check_performance,
-                           check_type, greater_than, one_of)
+from .config_check import (LAYER_LISTS, at_least, between, check_conditioning, check_fields,  # noqa: F401 (LAYER_LISTS
+                           check_kl_warmup, check_layers, check_performance, check_type,  # importable from here)
+                           greater_than, one_of)
 from .config_names import LEGACY_IGNORED, LEGACY_RENAMES, legacy_value
 from .config_text import load_yaml, parse_override, read_config_file  # noqa: F401 (importable from here)
 from .config_text import short_repr as _short
@@ -32,10 +32,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto", "half")
 OPTIMISERS = ("adamax", "adamw")
 SCHEDULES = ("cosine", "constant")
 DOWNSAMPLING = ("avgpool", "nearest", "conv")
-MAX_KERNEL = 7
 MAX_RESOLUTION = 1024
-MAX_CHANNELS = 8192
-MAX_LAYERS_PER_LEVEL = 256
 MAX_SEED = 2**32 - 1  # NumPy's limit
 PROBABILITY = between(0, 1, wording="a probability between 0 and 1")
 
@@ -373,26 +370,13 @@ def config_from_dict(values: JSONObject) -> Config:
     return config
 
 
-LAYER_LISTS = (
-    "channels",
-    "channels_hidden",
-    "channels_top_down",
-    "channels_hidden_top_down",
-    "channels_per_latent",
-    "latent_feature_maps_per_resolution",
-    "kernel_sizes_bottom_up",
-    "kernel_sizes_top_down",
-)
-
-
-
 def validate(c: Config) -> None:
     """Every field's declared bounds and kinds (``config_check.py``), then the checks that need
     more than one value; each message names the key."""
     if c.resolution < 2 or c.resolution > MAX_RESOLUTION or c.resolution & (c.resolution - 1):
         raise ConfigError(f"resolution must be a power of two between 2 and {MAX_RESOLUTION} (e.g. 32, 64, 128), "
                           f"got {c.resolution}")
-    _validate_layers(c)
+    check_layers(c)
     check_fields(c)
     try:
         check_device_name(c.device)
@@ -413,37 +397,3 @@ def validate(c: Config) -> None:
         for d in c.CUDA_devices:
             if not d.isdigit():
                 raise ConfigError(f"CUDA_devices must be device indices such as ['0', '1'], got {c.CUDA_devices}")
-
-
-def _validate_layers(c: Config) -> None:
-    """The per-resolution layer lists: one entry per level, each within its bounds."""
-    k = int(math.log2(c.resolution))
-    n = len(c.channels)
-    if not 1 <= n <= k + 1:
-        raise ConfigError(
-            f"channels must have between 1 and {k + 1} entries (log2(resolution)+1 for resolution "
-            f"{c.resolution}; fewer entries put the top of the hierarchy at a coarser resolution), got {n}"
-        )
-    for name in LAYER_LISTS:
-        value = getattr(c, name)
-        if value is None:
-            continue
-        if len(value) != n:
-            raise ConfigError(
-                f"{name} must have {n} entries, one per resolution level like channels "
-                f"({', '.join(str(r) for r in c.level_resolutions())}), got {len(value)}"
-            )
-        lowest = 0 if name == "latent_feature_maps_per_resolution" else 1
-        highest = MAX_LAYERS_PER_LEVEL if name == "latent_feature_maps_per_resolution" else MAX_CHANNELS
-        for i, v in enumerate(value):
-            if not lowest <= v <= highest:
-                raise ConfigError(f"{name}[{i}] must be between {lowest} and {highest}, got {v}")
-    for name in ("kernel_sizes_bottom_up", "kernel_sizes_top_down"):
-        for i, v in enumerate(getattr(c, name)):
-            if v > MAX_KERNEL:
-                raise ConfigError(f"{name}[{i}] must be between 1 and {MAX_KERNEL}, got {v}")
-    if c.latent_feature_maps_per_resolution[-1] < 1:
-        raise ConfigError(
-            "latent_feature_maps_per_resolution must have at least 1 latent layer at the coarsest "
-            f"level (its last entry), got {c.latent_feature_maps_per_resolution}"
-        )

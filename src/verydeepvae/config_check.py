@@ -4,7 +4,8 @@ declared beside each field with the one generic check of them (:func:`check_fiel
 A field of :class:`verydeepvae.config.Config` declares its rule in its metadata
 (``field(default=8, metadata=at_least(1))``); :func:`check_fields` then checks every field alike
 and words every message the same way: ``<key> must be >= 1, got 0``, with ``(or null)`` for a
-field that may be null.  Rules that tie several fields together stay hand-written in ``config.py``.
+field that may be null.  Rules that tie several fields together are hand-written below (``check_*``)
+and called by ``config.validate``.
 """
 
 from __future__ import annotations
@@ -211,3 +212,53 @@ def check_kl_warmup(c: Any) -> None:
             if size not in sizes:
                 raise ConfigError(f"{name} entries must be resolutions of this model's levels "
                                   f"({', '.join(str(s) for s in sizes)}), got {size}")
+
+
+MAX_KERNEL = 7
+MAX_CHANNELS = 8192
+MAX_LAYERS_PER_LEVEL = 256
+# the per-resolution lists of the architecture: one entry per level, finest first
+LAYER_LISTS = (
+    "channels",
+    "channels_hidden",
+    "channels_top_down",
+    "channels_hidden_top_down",
+    "channels_per_latent",
+    "latent_feature_maps_per_resolution",
+    "kernel_sizes_bottom_up",
+    "kernel_sizes_top_down",
+)
+
+
+def check_layers(c: Any) -> None:
+    """The per-resolution layer lists: one entry per level, each within its bounds."""
+    k = int(math.log2(c.resolution))
+    n = len(c.channels)
+    if not 1 <= n <= k + 1:
+        raise ConfigError(
+            f"channels must have between 1 and {k + 1} entries (log2(resolution)+1 for resolution "
+            f"{c.resolution}; fewer entries put the top of the hierarchy at a coarser resolution), got {n}"
+        )
+    for name in LAYER_LISTS:
+        value = getattr(c, name)
+        if value is None:
+            continue
+        if len(value) != n:
+            raise ConfigError(
+                f"{name} must have {n} entries, one per resolution level like channels "
+                f"({', '.join(str(r) for r in c.level_resolutions())}), got {len(value)}"
+            )
+        lowest = 0 if name == "latent_feature_maps_per_resolution" else 1
+        highest = MAX_LAYERS_PER_LEVEL if name == "latent_feature_maps_per_resolution" else MAX_CHANNELS
+        for i, v in enumerate(value):
+            if not lowest <= v <= highest:
+                raise ConfigError(f"{name}[{i}] must be between {lowest} and {highest}, got {v}")
+    for name in ("kernel_sizes_bottom_up", "kernel_sizes_top_down"):
+        for i, v in enumerate(getattr(c, name)):
+            if v > MAX_KERNEL:
+                raise ConfigError(f"{name}[{i}] must be between 1 and {MAX_KERNEL}, got {v}")
+    if c.latent_feature_maps_per_resolution[-1] < 1:
+        raise ConfigError(
+            "latent_feature_maps_per_resolution must have at least 1 latent layer at the coarsest "
+            f"level (its last entry), got {c.latent_feature_maps_per_resolution}"
+        )
