@@ -16,9 +16,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .config_check import (LAYER_LISTS, at_least, between, check_conditioning, check_fields,  # noqa: F401 (LAYER_LISTS
-                           check_kl_warmup, check_layers, check_performance, check_type,  # importable from here)
-                           greater_than, one_of)
+from .config_check import LAYER_LISTS  # noqa: F401 (importable from here, as checkpoint.py does)
+from .config_check import (at_least, between, check_conditioning, check_fields, check_kl_warmup, check_layers,
+                           check_performance, check_type, greater_than, one_of)
 from .config_names import LEGACY_IGNORED, LEGACY_RENAMES, legacy_value
 from .config_text import load_yaml, parse_override, read_config_file  # noqa: F401 (importable from here)
 from .config_text import short_repr as _short
