@@ -147,7 +147,8 @@ def test_training_passes_each_layer_its_allowance(tmp_path, monkeypatch):
     monkeypatch.setattr(VeryDeepVAE, "forward", recording)
     cfg = _tiny(kl_free_bits=1.5, kl_free_bits_per_latent=0.02, kl_free_bits_per_latent_resolutions=[16],
                 kl_free_bits_per_latent_steps=2, max_steps=3, phantom_num=4, validation_every=100,
-                checkpoint_every=100, figures_every=100, subjects_to_plot=0, quality_samples=0, output_dir=str(tmp_path / "run"))
+                checkpoint_every=100, figures_every=100, subjects_to_plot=0, quality_samples=0,
+                output_dir=str(tmp_path / "run"))
     train(cfg, show_progress=False)
     expected = VeryDeepVAE(cfg).free_nats(1.5, 0.02, [16])
     assert seen[:2] == [pytest.approx(expected)] * 2

@@ -1,10 +1,11 @@
 """The training loop: one library function, ``train``, that the CLI and tests call.
 
-Per optimiser step: forward (optionally under bf16/fp16 autocast), backward (optionally accumulated over
-micro-batches), gradient clipping, the skip decision (taken by all ranks together), the update, the EMA update
-and the learning-rate schedule. Validation, figures and checkpoints happen every N steps on rank 0's behalf;
-everything needed to continue exactly is in the checkpoint. What the loop steps with is built (and restored)
-by ``builder.py``; a step's statistics are named (``stats.py``) and become one tensor only for the all-reduce.
+Per optimiser step: forward (optionally under bf16/fp16 autocast), backward (optionally
+accumulated over micro-batches), gradient clipping, the skip decision (taken by all ranks
+together), the update, the EMA update and the learning-rate schedule.  Validation (``validation.py``),
+figures and checkpoints happen every N steps on rank 0's behalf; everything needed to continue
+exactly is in the checkpoint.  What the loop steps with is built (and restored) by ``builder.py``;
+a step's statistics are named (``stats.py``) and become one tensor only for the all-reduce.
 """
 
 from __future__ import annotations
