@@ -17,6 +17,7 @@ from verydeepvae.model import VeryDeepVAE
 from verydeepvae.train import quality
 from verydeepvae.checkpoint import list_checkpoints, load_checkpoint
 from verydeepvae.train.loop import train
+from verydeepvae.train.progress import unused_level_warning, validation_line
 
 LEVELS = ("res16", "res8", "res4", "res2", "res1")  # the tiny preset's latent levels
 FRECHET_KEYS = {"frechet_samples", "frechet_real_vs_real", "frechet_ratio"}
@@ -61,6 +62,52 @@ def test_validation_logs_active_units_per_level_and_the_frechet_ratio(runs):
     history = load_checkpoint(list_checkpoints(runs[8] / "checkpoints")[-1]).meta["validation_history"]
     assert [h["frechet_ratio"] for h in history] == [r["frechet_ratio"] for r in records]
     assert [h["dead_levels"] for h in history] == [r["dead_levels"] for r in records]
+
+
+@pytest.mark.slow
+def test_the_log_names_unused_levels_and_the_end_of_the_run_warns_about_them(runs):
+    log = (runs[8] / "train.log").read_text()
+    lines = [line for line in log.splitlines() if "validation at step" in line]
+    records = _records(runs[8], "quality")
+    assert len(lines) == len(records) == 3
+    for line, r in zip(lines, records):
+        unused = [level for level in LEVELS if r[f"active_units_{level}"] == 0]
+        assert f"dead latent levels {len(unused)}" in line
+        for level in unused:
+            assert f"{level[3:]}³" in line.split("dead latent levels")[1]
+    warned = "warning: training ended with latent level(s)" in log
+    assert warned == (records[-1]["dead_levels"] > 0)
+    assert "training ended with latent level" not in (runs[0] / "train.log").read_text()  # no signal, no claim
+
+
+def test_the_unused_level_warning_names_the_levels_and_the_remedies_not_yet_in_the_configuration():
+    quality = {"active_units_res32": 0.0, "active_units_res16": 812.0, "active_units_res4": 40.0,
+               "active_units_res2": 0.0, "active_units_res1": 1.0, "dead_levels": 2.0}
+    text = unused_level_warning(quality, build_config("demo"))
+    assert "latent level(s) 32³, 2³ unused" in text
+    assert "--set kl_free_bits_per_latent=0.001 --set kl_free_bits_per_latent_resolutions=[32]" in text
+    assert "--set kl_free_bits=2" in text
+    # what the configuration already has is not suggested again; an allowance that ends is not enough
+    cfg = build_config("demo", overrides={"kl_free_bits": 2, "kl_free_bits_per_latent": 0.001,
+                                          "kl_free_bits_per_latent_resolutions": [32]})
+    assert "--set" not in unused_level_warning(quality, cfg)
+    ending_early = build_config("demo", overrides={"kl_free_bits": 2, "kl_free_bits_per_latent": 0.001,
+                                                   "kl_free_bits_per_latent_steps": 1500})
+    assert "kl_free_bits_per_latent_resolutions=[32]" in unused_level_warning(quality, ending_early)
+    # only a coarse level unused: only the coarse remedy
+    coarse = dict(quality, active_units_res32=9000.0, dead_levels=1.0)
+    text = unused_level_warning(coarse, build_config("demo"))
+    assert "level(s) 2³ unused" in text and "--set kl_free_bits=2" in text and "per_latent" not in text
+    assert unused_level_warning(dict(coarse, active_units_res2=8.0, dead_levels=0.0), build_config("demo")) is None
+    # no level in use: the model has not learned to encode yet, and no allowance is the remedy
+    nothing = {k: 0.0 for k in quality} | {"dead_levels": 5.0}
+    text = unused_level_warning(nothing, build_config("demo"))
+    assert "train for more steps" in text and "--set" not in text
+    # the validation line names them too
+    values = {"elbo_bits_per_voxel": 1.7, "nll_bits_per_voxel": 1.6, "kl_bits_per_voxel": 0.1}
+    assert validation_line(450, values, quality).endswith("; dead latent levels 2 (32³, 2³)")
+    assert validation_line(450, values, dict(coarse, active_units_res2=8.0, dead_levels=0.0)).endswith(
+        "; dead latent levels 0")
 
 
 @pytest.mark.slow

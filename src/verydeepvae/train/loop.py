@@ -32,7 +32,7 @@ from . import builder, distributed, run_folder, run_record, validation
 from .optim import free_nats_at, layer_kl_weights, lr_factor, update_loss_scale
 from .threads import ThreadGovernor, governor_wanted
 from .precision import configure_backends, out_of_memory_message, resolve_speed_choices
-from .progress import TrainConsole, ending, start_lines, validation_line
+from .progress import TrainConsole, ending, start_lines, unused_level_warning, validation_line
 from .batches import split_batch, training_batches
 from .figures import final_samples, training_figures
 from .reporting import Reporter, drop_records_after, to_bits
@@ -158,6 +158,8 @@ class _Trainer:
             batches.close()  # shuts the DataLoader's worker processes down now, not at garbage collection
             self.threads.restore()
         self.console.close_bar()
+        if self.runtime.is_main and self.quality_on and (advice := unused_level_warning(self.last_quality, self.cfg)):
+            self.console.warning(advice)
         self._debug_final("finished")
         if self.runtime.is_main:
             final_samples(self.ema.model, self.bundle, self.cfg, self.seed, self.device, self.output_dir)

@@ -168,7 +168,50 @@ def validation_line(step: int, values: dict[str, float], quality: dict[str, floa
         line += f"; Fréchet ratio {quality['frechet_ratio']:.2f}"
     if "dead_levels" in quality:
         line += f"; dead latent levels {int(quality['dead_levels'])}"
+        if quality["dead_levels"]:
+            line += f" ({_level_names(unused_levels(quality))})"
     return line
+
+
+def unused_levels(quality: dict[str, float]) -> list[int]:
+    """Edge lengths of the latent levels with no active unit in a quality signal, finest first."""
+    prefix = "active_units_res"
+    return sorted((int(k[len(prefix):]) for k, v in quality.items() if k.startswith(prefix) and v == 0),
+                  reverse=True)
+
+
+def unused_level_warning(quality: dict[str, float], cfg: Any) -> str | None:
+    """What to tell a person whose run ends with unused latent levels, or None when every level is used.
+
+    An unused level means the samples lack what it would carry (the finest: texture and small
+    structures; the coarsest: global shape).  When no level is used the model has not learned to
+    encode anything yet, and more steps come first.  Otherwise the remedies named are the ones that
+    kept such levels in use in the hour-long phantom runs (README, "The 60-minute recipe"), left out
+    where the configuration already has them."""
+    dead = unused_levels(quality)
+    if not dead:
+        return None
+    text = (f"training ended with latent level(s) {_level_names(dead)} unused (no active unit at the last "
+            "validation): the samples lack what they would carry")
+    levels = [int(k[len("active_units_res"):]) for k in quality if k.startswith("active_units_res")]
+    if len(dead) == len(levels):
+        return text + "; the model encodes nothing yet: train for more steps"
+    finest = max(levels)
+    remedies = []
+    covered = cfg.kl_free_bits_per_latent > 0 and cfg.kl_free_bits_per_latent_steps == 0 and (
+        cfg.kl_free_bits_per_latent_resolutions is None or finest in cfg.kl_free_bits_per_latent_resolutions)
+    if finest in dead and not covered:
+        remedies.append("--set kl_free_bits_per_latent=0.001 --set "
+                        f"kl_free_bits_per_latent_resolutions=[{finest}] (for a {finest}³ layer that dies early)")
+    if any(r < finest for r in dead) and cfg.kl_free_bits == 0:
+        remedies.append("--set kl_free_bits=2 (for the coarse levels)")
+    if remedies:
+        text += "; what kept such levels in use in hour-long phantom runs: " + ", ".join(remedies)
+    return text + "; see the README, \"The 60-minute recipe\""
+
+
+def _level_names(resolutions: Sequence[int]) -> str:
+    return ", ".join(f"{r}³" for r in resolutions)
 
 
 def ending(error: BaseException) -> str:
