@@ -85,15 +85,20 @@ def test_the_unused_level_warning_names_the_levels_and_the_remedies_not_yet_in_t
                "active_units_res2": 0.0, "active_units_res1": 1.0, "dead_levels": 2.0}
     text = unused_level_warning(quality, build_config("demo"))
     assert "latent level(s) 32³, 2³ unused" in text
-    assert "--set kl_free_bits_per_latent=0.001 --set kl_free_bits_per_latent_resolutions=[32]" in text
-    assert "--set kl_free_bits=2" in text
-    # what the configuration already has is not suggested again; an allowance that ends is not enough
-    cfg = build_config("demo", overrides={"kl_free_bits": 2, "kl_free_bits_per_latent": 0.001,
-                                          "kl_free_bits_per_latent_resolutions": [32]})
-    assert "--set" not in unused_level_warning(quality, cfg)
-    ending_early = build_config("demo", overrides={"kl_free_bits": 2, "kl_free_bits_per_latent": 0.001,
-                                                   "kl_free_bits_per_latent_steps": 1500})
-    assert "kl_free_bits_per_latent_resolutions=[32]" in unused_level_warning(quality, ending_early)
+    assert "--set kl_free_bits_per_latent=0.001 (for a 32³ layer" in text and "--set kl_free_bits=2" in text
+
+    def advice(**overrides):
+        return unused_level_warning(quality, build_config("demo", overrides=overrides))
+
+    # what the configuration already has is not suggested again: the next larger allowance is
+    assert "kl_free_bits=2" not in advice(kl_free_bits=2)
+    assert "kl_free_bits_per_latent=0.003" in advice(kl_free_bits=2, kl_free_bits_per_latent=0.001)
+    assert "--set" not in advice(kl_free_bits=2, kl_free_bits_per_latent=0.003)
+    # an allowance at the finest layer alone, or one that ends, is not the one that kept it
+    assert "kl_free_bits_per_latent=0.001" in advice(kl_free_bits_per_latent=0.001,
+                                                     kl_free_bits_per_latent_resolutions=[32])
+    assert "kl_free_bits_per_latent=0.001" in advice(kl_free_bits_per_latent=0.003,
+                                                     kl_free_bits_per_latent_steps=1500)
     # only a coarse level unused: only the coarse remedy
     coarse = dict(quality, active_units_res32=9000.0, dead_levels=1.0)
     text = unused_level_warning(coarse, build_config("demo"))
