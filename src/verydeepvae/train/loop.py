@@ -158,7 +158,8 @@ class _Trainer:
             batches.close()  # shuts the DataLoader's worker processes down now, not at garbage collection
             self.threads.restore()
         self.console.close_bar()
-        if self.runtime.is_main and self.quality_on and (advice := unused_level_warning(self.last_quality, self.cfg)):
+        advice = unused_level_warning(self.last_quality, self.cfg, len(self.bundle.val)) if self.quality_on else None
+        if self.runtime.is_main and advice:
             self.console.warning(advice)
         self._debug_final("finished")
         if self.runtime.is_main:

@@ -173,6 +173,10 @@ def validation_line(step: int, values: dict[str, float], quality: dict[str, floa
     return line
 
 
+# the fewest validation volumes whose posterior means can call a level unused: from 5 (the demo's)
+# the count of a level with a few borderline units flips between readings (the demo's 2³ read unused
+# at its last validation, in use on 192 held-out phantoms)
+MIN_VOLUMES_TO_WARN = 16
 # the allowances per latent dimension (nats; at every layer, for the whole run) that kept a 32³
 # layer which otherwise died in its first steps (training seed 6, README "The 60-minute recipe"); the
 # same allowance at the 32³ layer alone kept seed 7's layer but not seed 6's
@@ -186,8 +190,9 @@ def unused_levels(quality: dict[str, float]) -> list[int]:
                   reverse=True)
 
 
-def unused_level_warning(quality: dict[str, float], cfg: Any) -> str | None:
-    """What to tell a person whose run ends with unused latent levels, or None when every level is used.
+def unused_level_warning(quality: dict[str, float], cfg: Any, volumes: int) -> str | None:
+    """What to tell a person whose run ends with unused latent levels, or None when every level is used
+    or ``volumes`` (the validation volumes the count came from) are too few to tell.
 
     An unused level means the samples lack what it would carry (the finest: texture and small
     structures; the coarsest: global shape).  When no level is used the model has not learned to
@@ -195,7 +200,7 @@ def unused_level_warning(quality: dict[str, float], cfg: Any) -> str | None:
     kept such levels in use in the hour-long phantom runs (README, "The 60-minute recipe"), left out
     where the configuration already has them."""
     dead = unused_levels(quality)
-    if not dead:
+    if not dead or volumes < MIN_VOLUMES_TO_WARN:
         return None
     text = (f"training ended with latent level(s) {_level_names(dead)} unused (no active unit at the last "
             "validation): the samples lack what they would carry")
