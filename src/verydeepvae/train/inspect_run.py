@@ -20,7 +20,7 @@ from ..errors import UserError
 from ..json_types import JSONObject
 from .. import checkpoint as ckpt
 from . import run_folder, run_record
-from .progress import LOG_NAME
+from .progress import LOG_NAME, active_units_by_level
 from .reporting import to_bits
 
 if TYPE_CHECKING:
@@ -149,8 +149,7 @@ def _figures(last: dict[str, MetricsRecord]) -> list[str]:
         lines.append("  last validation: none yet")
     if "quality" in last:
         r = last["quality"]
-        units = ", ".join(f"{k[len('active_units_res'):]}³ {int(v)}" for k, v in r.items()
-                          if k.startswith("active_units_res") and isinstance(v, (int, float)))
+        units = ", ".join(f"{level}³ {int(v)}" for level, v in active_units_by_level(r).items())
         parts = [f"Fréchet ratio {_num(r.get('frechet_ratio'), 2)} (1: as close as real volumes are to each other)"]
         if "dead_levels" in r:
             parts.append(f"dead latent levels {_num(r['dead_levels'], 0)}")

@@ -183,11 +183,16 @@ MIN_VOLUMES_TO_WARN = 16
 FINEST_LAYER_ALLOWANCES = (0.001, 0.003)
 
 
+def active_units_by_level(quality: dict[str, Any]) -> dict[int, float]:
+    """``{edge length: active units}`` from a quality signal's ``active_units_res{r}`` keys (train/quality.py)."""
+    prefix = "active_units_res"
+    return {int(k[len(prefix):]): v for k, v in quality.items()
+            if k.startswith(prefix) and isinstance(v, (int, float))}
+
+
 def unused_levels(quality: dict[str, float]) -> list[int]:
     """Edge lengths of the latent levels with no active unit in a quality signal, finest first."""
-    prefix = "active_units_res"
-    return sorted((int(k[len(prefix):]) for k, v in quality.items() if k.startswith(prefix) and v == 0),
-                  reverse=True)
+    return sorted((r for r, v in active_units_by_level(quality).items() if v == 0), reverse=True)
 
 
 def unused_level_warning(quality: dict[str, float], cfg: Any, volumes: int) -> str | None:
@@ -204,7 +209,7 @@ def unused_level_warning(quality: dict[str, float], cfg: Any, volumes: int) -> s
         return None
     text = (f"training ended with latent level(s) {_level_names(dead)} unused (no active unit at the last "
             "validation): the samples lack what they would carry")
-    levels = [int(k[len("active_units_res"):]) for k in quality if k.startswith("active_units_res")]
+    levels = list(active_units_by_level(quality))
     if len(dead) == len(levels):
         return text + "; the model encodes nothing yet: train for more steps"
     finest = max(levels)
