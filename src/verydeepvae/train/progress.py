@@ -178,8 +178,9 @@ def validation_line(step: int, values: dict[str, float], quality: dict[str, floa
 # at its last validation, in use on 192 held-out phantoms)
 MIN_VOLUMES_TO_WARN = 16
 # the allowances per latent dimension (nats; at every layer, for the whole run) that kept a 32³
-# layer which otherwise died in its first steps (training seed 6, README "The 60-minute recipe"); the
-# same allowance at the 32³ layer alone kept seed 7's layer but not seed 6's
+# layer which otherwise died in its first steps (training seeds 6 and 7 with 0.001, seed 6 with 0.003;
+# README "The 60-minute recipe"); the same allowance at the 32³ layer alone kept seed 7's layer but
+# not seed 6's
 FINEST_LAYER_ALLOWANCES = (0.001, 0.003)
 
 
