@@ -362,3 +362,29 @@ def test_max_restarts_resumes_from_the_newest_checkpoint_after_a_killed_worker(d
     assert final[0][-1]["parameters"] == final[1][-1]["parameters"]
     steps = [r["step"] for r in metrics(out) if r["kind"] == "train"]
     assert steps == list(range(1, 15))  # records of the killed attempt after its checkpoint are replaced
+
+
+@pytest.mark.slow
+def test_two_ranks_start_again_together_when_the_finest_layer_is_unused(data, tmp_path):
+    """The finest layer's check (train/finest_layer.py) is decided on the ranks' mean KL: both ranks
+    leave the first attempt at the same step, rank 0 sets its files aside, both train again."""
+    out, debug = tmp_path / "run", tmp_path / "debug"
+    cmd = torchrun("--nproc_per_node=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}") + \
+        train_args(data, out, "--max-steps", "4", "--set", "log_every=1", "--set", "checkpoint_every=2",
+                   "--set", "validation_every=100", "--set", "figures_every=100", "--set", "quality_samples=0",
+                   "--set", "finest_layer_restart_step=2", "--set", "finest_layer_restart_kl=1e9")
+    result = subprocess.run(cmd, env=env_with_debug(debug), capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("training started again from step 0") == 1
+    final = [records(debug, r, "finished") for r in (0, 1)]
+    assert final[0][-1]["step"] == final[1][-1]["step"] == 4
+    assert final[0][-1]["parameters"] == final[1][-1]["parameters"]
+    for rank in (0, 1):  # steps 1-2 of the first attempt, then 1-4
+        assert [r["step"] for r in records(debug, rank, "train_local")] == [1, 2, 1, 2, 3, 4]
+    first = [p for p in tmp_path.iterdir() if p.name.startswith("run.first-attempt-")]
+    assert len(first) == 1 and "stopped: the finest latent layer" in (first[0] / "train.log").read_text()
+    assert list_checkpoints(first[0] / "checkpoints") == []  # it ended before its step-2 checkpoint
+    assert [r["step"] for r in metrics(out) if r["kind"] == "train"] == [1, 2, 3, 4]
+    checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])
+    assert checkpoint.meta["finest_layer_restart"]["step"] == 2
+    assert checkpoint.meta["config"]["kl_free_bits_per_latent"] == 0.001

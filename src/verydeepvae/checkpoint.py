@@ -72,6 +72,7 @@ class CheckpointMeta(TypedDict, total=False):
     data: RunData
     covariates: JSONObject  # CovariateSchema.to_json(), a conditional model's schema
     fitted_prior: FittedPriorChoice
+    finest_layer_restart: JSONObject  # train/finest_layer.py restart_record, a run that started again
     optimiser: JSONObject  # param_groups, and non-tensor state per parameter index
     scaler: JSONObject | None  # GradScaler.state_dict()
     skipper: JSONObject  # UpdateSkipper.state_dict()

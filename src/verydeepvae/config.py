@@ -106,6 +106,13 @@ class Config:
     # the steps that allowance lasts (0: the whole run): it is needed while a layer would be switched
     # off, early on; kept for the whole run it makes the samples more alike (docs/training-recipe.md)
     kl_free_bits_per_latent_steps: int = field(default=0, metadata=at_least(0))
+    # at this step (0: never), a run whose finest latent layers carried at most
+    # finest_layer_restart_kl bits/voxel of KL over the 50 steps before starts again from step 0 with
+    # kl_free_bits_per_latent=0.001 at every layer, its first attempt set aside: such a layer never
+    # came back in the hour-long phantom runs, and that allowance from the start kept it
+    # (train/finest_layer.py; 500 in the demo preset)
+    finest_layer_restart_step: int = field(default=0, metadata=at_least(0))
+    finest_layer_restart_kl: float = field(default=0.0005, metadata=at_least(0))
     # fit a Gaussian prior for the coarsest latents (1³-2³, and 1³-4³ where small enough) to the
     # training volumes at the end of training, used for sampling when its samples match the
     # training volumes better (train/fit_prior.py)

@@ -50,14 +50,14 @@ def claim_file(path: str | os.PathLike, companions: Iterable[str | os.PathLike] 
     return path
 
 
-def move_aside(folder: Path, entries: Iterable[Path]) -> Path:
-    """Move ``entries`` of ``folder`` into a new sibling folder ``<name>.replaced-<date-time>``."""
+def move_aside(folder: Path, entries: Iterable[Path], label: str = "replaced") -> Path:
+    """Move ``entries`` of ``folder`` into a new sibling folder ``<name>.<label>-<date-time>``."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    target = folder.with_name(f"{folder.name}.replaced-{stamp}")
+    target = folder.with_name(f"{folder.name}.{label}-{stamp}")
     suffix = 1
     while target.exists():
         suffix += 1
-        target = folder.with_name(f"{folder.name}.replaced-{stamp}-{suffix}")
+        target = folder.with_name(f"{folder.name}.{label}-{stamp}-{suffix}")
     target.mkdir(parents=True)
     for entry in entries:
         os.replace(entry, target / entry.name)

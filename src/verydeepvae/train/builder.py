@@ -24,7 +24,7 @@ from ..config import Config
 from ..console import QUIET
 from ..errors import CheckpointError, DataError
 from ..model import VeryDeepVAE
-from . import distributed, memory_plan, resume_changes
+from . import distributed, finest_layer, memory_plan, resume_changes
 from .optim import EMA, UpdateSkipper, build_optimiser
 from .sampler import EpochSampler
 from .state import build_model_with_shared_weights, restore_state
@@ -127,7 +127,8 @@ def _resumed_config(cfg: Config, seed: int, checkpoint: ckpt.Checkpoint, runtime
     checking that it can: the same architecture, and the run's split.json still there."""
     check_same_architecture(cfg, checkpoint)
     split = Path(cfg.output_dir) / "split.json"
-    cfg = resume_changes.apply(cfg, checkpoint.meta["config"], notices)
+    cfg = resume_changes.apply(cfg, checkpoint.meta["config"], notices,
+                               checkpoint.meta.get(finest_layer.RECORD_KEY))
     seed = int(checkpoint.meta.get("seed", seed))  # the run's own (also when it was random)
     # rank 0's folder decides (other nodes may not share its file system and make their own copy)
     split_missing = needs_split and runtime.is_main and not split.is_file()

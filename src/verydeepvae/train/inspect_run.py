@@ -53,6 +53,12 @@ def inspect_run(folder: str | Path) -> list[str]:
     lines += _checkpoints(folder, checkpoints)
     if newest_meta and newest_meta.get("fitted_prior"):
         lines.append(_prior(newest_meta["fitted_prior"]))
+    if newest_meta and newest_meta.get("finest_layer_restart"):
+        restart = newest_meta["finest_layer_restart"]
+        lines.append(f"  started again at step {restart.get('step')}: the finest latent layer carried "
+                     f"{_num(restart.get('kl_bits_per_voxel'))} bits/voxel of KL; kl_free_bits_per_latent "
+                     f"{(config or {}).get('kl_free_bits_per_latent')} since; the first attempt is in "
+                     f"{restart.get('first_attempt')}")
     lines += _figures(last)
     lines.append(_log(folder))
     return lines

@@ -28,7 +28,7 @@ from ..errors import Stopped, UserError
 from ..model import autocast_for
 from ..model.fitted_prior import FittedPriorChoice
 from .. import checkpoint as ckpt
-from . import builder, distributed, run_folder, run_record, validation
+from . import builder, distributed, finest_layer, run_folder, run_record, validation
 from .optim import free_nats_at, layer_kl_weights, lr_factor, update_loss_scale
 from .threads import ThreadGovernor, governor_wanted
 from .precision import configure_backends, out_of_memory_message, resolve_speed_choices
@@ -68,6 +68,7 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
 
         check_before_training(cfg)
     runtime = distributed.setup(cfg, notices)
+    given = list(notices)
     held = None
     try:
         requested = cfg
@@ -77,7 +78,15 @@ def train(cfg: Config, bundle: Any = None, notices: list[str] | None = None,
         restarted = distributed.any_rank(runtime.restart_count > 0, runtime)
         held = distributed.main_first(lambda: run_folder.claim_for_training(cfg, runtime, restarted, notices), runtime,
                                       "checking the output folder")
-        return _Trainer(cfg, runtime, bundle, notices, show_progress, restarted, verbosity, command, requested).run()
+        first = _Trainer(cfg, runtime, bundle, notices, show_progress, restarted, verbosity, command, requested)
+        try:
+            return first.run()
+        except finest_layer.FinestLayerUnused as unused:
+            first.reporter.close()  # its files are moved aside next
+            died = unused
+        cfg, requested, notices, record = finest_layer.second_attempt(died, requested, runtime, given)
+        return _Trainer(cfg, runtime, bundle, notices, show_progress, False, verbosity, command, requested,
+                        record).run()
     finally:
         if held is not None:
             held.release()
@@ -89,7 +98,8 @@ class _Trainer:
 
     def __init__(self, cfg: Config, runtime: distributed.Runtime, bundle: Any, notices: list[str],
                  show_progress: bool | None, restarted: bool = False, verbosity: int = NORMAL,
-                 command: Sequence[str] | None = None, requested: Config | None = None):
+                 command: Sequence[str] | None = None, requested: Config | None = None,
+                 restart: dict[str, Any] | None = None):
         self.requested = requested or cfg  # as asked for: the run record notes what the run chose by itself
         self.command = command
         self.restarted = restarted
@@ -108,6 +118,11 @@ class _Trainer:
         self.sampler, self.steps_per_epoch, self.total_steps = parts.sampler, parts.steps_per_epoch, parts.total_steps
         self.step, self.best, self.history = parts.step, parts.best, parts.history
         self.resumed_from = parts.resumed_from.path if parts.resumed_from is not None else None
+        # the record of an earlier attempt whose finest layer died (train/finest_layer.py), kept in
+        # every checkpoint of this one; the check itself, where it still applies
+        self.restart = restart or (parts.resumed_from.meta.get(finest_layer.RECORD_KEY) if parts.resumed_from else None)
+        self.finest_check = finest_layer.FinestLayerCheck(self.cfg, self.model.layer_levels, self.step,
+                                                          self.total_steps)
         self.device = runtime.device
         self.last_quality: dict[str, float] = {}  # the latest sample-quality signal (rank 0; progress bar)
         self.quality_on = self.cfg.quality_samples > 0
@@ -186,9 +201,11 @@ class _Trainer:
             if change:
                 self.console.notice(f"step {self.step}: {change}")
             window.append(stats)
+            self.finest_check.record(self.step, stats.kl)
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 self._log_train(window)
                 window = []
+            self.finest_check.raise_if_unused(self.step, self.runtime)
             done = self.step == self.total_steps
             if self.stop.signum is None and distributed.launcher_gone(self.runtime):
                 self.stop.signum = signal.SIGTERM  # torchrun died: stop as if it had sent SIGTERM
@@ -371,6 +388,8 @@ class _Trainer:
             tensors, meta = capture_state(self.model, self.ema, self.optimiser, self.scaler, self.skipper, rank_rngs)
             meta.update(run_meta(self.cfg, self.seed, self.runtime.world_size, self.memory_plan.record(), self.best,
                                  self.history, self.ema.updates, self.steps_per_epoch, self.bundle))
+            if self.restart:
+                meta[finest_layer.RECORD_KEY] = self.restart
             if self.step == self.total_steps and self.cfg.fitted_prior and self.ema.model.condition is None:
                 prior_tensors, prior_meta = self._fit_prior()
                 tensors.update(prior_tensors)

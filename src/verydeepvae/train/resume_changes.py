@@ -60,6 +60,10 @@ NOTICED = {
     "kl_free_bits_per_latent": "the loss changes from the next step",
     "kl_free_bits_per_latent_resolutions": "the loss changes from the next step",
     "kl_free_bits_per_latent_steps": "the loss changes from the next step",
+    "finest_layer_restart_step": "the check of the finest latent layer follows the new value if the run has not "
+                                 "passed it",
+    "finest_layer_restart_kl": "the check of the finest latent layer follows the new value if the run has not "
+                               "passed it",
     "output_scale_max": "the likelihood's scale ceiling changes from the next step",
     "precision": "the arithmetic changes from the next step (not bitwise the same as an uninterrupted run)",
     "deterministic": "GPU algorithms change from the next step",
@@ -80,11 +84,13 @@ SILENT = ("log_every", "validation_every", "checkpoint_every", "figures_every", 
           "fitted_prior", "sample_voxels")
 
 
-def apply(configured: Config, stored: JSONObject, notices: list[str]) -> Config:
+def apply(configured: Config, stored: JSONObject, notices: list[str], restart: JSONObject | None = None) -> Config:
     """The configuration a resumed run continues with: refuses what cannot change, keeps what
     belongs to the run, and says what changes.  ``stored`` is the checkpoint's configuration
-    (its architecture has been checked already)."""
+    (its architecture has been checked already); ``restart``, the checkpoint's record of a run
+    that started again with an allowance (train/finest_layer.py)."""
     stored = {**ARCHITECTURE_BEFORE_KEY, **stored}
+    configured = _keep_restart_allowance(configured, stored, restart, notices)
     current = configured.to_dict()
     changed = [k for k in current if k in stored and current[k] != stored[k] and k not in ARCHITECTURE]
     refused = [k for k in changed if k in REFUSED and not (k == "optimiser" and not configured.restore_optimiser)]
@@ -101,3 +107,20 @@ def apply(configured: Config, stored: JSONObject, notices: list[str]) -> Config:
         if NOTICED.get(key):
             notices.append(f"--resume: {key} {stored[key]!r} -> {current[key]!r}: {NOTICED[key]}")
     return dataclasses.replace(configured, **keep) if keep else configured
+
+
+def _keep_restart_allowance(configured: Config, stored: JSONObject, restart: JSONObject | None,
+                            notices: list[str]) -> Config:
+    """The allowance a run gave itself when it started again is part of the run: a command that
+    still asks what it asked then (``restart["asked"]``) continues with the run's; one that asks
+    for another allowance gets it, with the usual notice."""
+    if not restart:
+        return configured
+    asked = restart.get("asked", {})
+    keep = {key: stored[key] for key, value in asked.items()
+            if key in stored and getattr(configured, key) == value and stored[key] != value}
+    if not keep:
+        return configured
+    notices.append(f"--resume keeps the allowance this run took when it started again at step {restart['step']} "
+                   "(its finest latent layer was unused): " + ", ".join(f"{k} {v!r}" for k, v in keep.items()))
+    return dataclasses.replace(configured, **keep)

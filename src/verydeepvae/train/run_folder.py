@@ -128,6 +128,15 @@ def prepare_fresh_run(output_dir: Path, overwrite: bool, notices: list[str]) -> 
     return target
 
 
+def set_aside_first_attempt(output_dir: Path) -> Path:
+    """Move a run's outputs (all but the lock and the data cache) to a sibling folder
+    ``<name>.first-attempt-<date-time>`` before the run starts again from step 0
+    (train/finest_layer.py); returns where they went."""
+    output_dir = Path(output_dir)
+    return move_aside(output_dir, [p for p in sorted(output_dir.iterdir()) if p.name not in KEPT_ON_OVERWRITE],
+                      label="first-attempt")
+
+
 def claim_for_training(cfg, runtime, restarted: bool, notices: list[str]) -> RunLock | None:
     """Global rank 0 only: the folder is writable, no other run trains in it (its lock), and a fresh
     run does not land among an older run's files (``restarted``: torchrun brought the workers back)."""
