@@ -42,6 +42,7 @@ from verydeepvae.process_defaults import apply_cli_defaults
 
 apply_cli_defaults()  # as the CLI does, before anything loads torch (a bounded OpenMP spin, process_defaults.py)
 
+from verydeepvae.checkpoint import read_metadata
 from verydeepvae.config import build_config, parse_override
 from verydeepvae.data.datasets import population_seed
 from verydeepvae.data.phantom import generate_population
@@ -108,8 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     train(cfg, show_progress=sys.stderr.isatty())
     train_seconds = time.perf_counter() - started
 
-    rows = evaluate_checkpoints(run_dir, heldout, out, args, cfg.device, _elapsed_by_step(run_dir / "metrics.jsonl"))
+    restart = restart_record(run_dir)
+    before = first_attempt_seconds(restart)
+    if restart:
+        print(f"the run started again at step {restart['step']} of its first attempt (its finest latent layer was "
+              f"unused; train/finest_layer.py); the minutes include that attempt's {before / 60:.1f}", flush=True)
+    elapsed = {step: seconds + before for step, seconds in _elapsed_by_step(run_dir / "metrics.jsonl").items()}
+    rows = evaluate_checkpoints(run_dir, heldout, out, args, cfg.device, elapsed)
     summary = {"preset": args.preset, "overrides": overrides, "steps": steps, "train_seconds": train_seconds,
+               "first_attempt": restart and {"step": restart["step"], "seconds": before},
                "seconds_per_step_calibrated": seconds_per_step,
                "seconds_per_validation_calibrated": seconds_per_validation, "heldout": str(heldout), "rows": rows}
     (out / "quality.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -177,6 +185,20 @@ def steps_for_budget(seconds: float, evaluations: int, per_step: float, per_vali
     """Training steps that fill ``seconds`` with ``evaluations`` validations among them (the last at
     the end), at least one step per evaluation."""
     return max(evaluations, int((seconds - evaluations * per_validation) / per_step))
+
+
+def restart_record(run_dir: Path) -> dict | None:
+    """The final checkpoint's record of a run that started again (train/finest_layer.py), or None."""
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*.safetensors"))
+    return read_metadata(checkpoints[-1]).get("finest_layer_restart") if checkpoints else None
+
+
+def first_attempt_seconds(restart: dict | None) -> float:
+    """Training seconds of the attempt a run set aside before it started again (0 without one), so
+    the table's minutes count from the start of the command's training."""
+    path = Path(restart["first_attempt"]) / "metrics.jsonl" if restart else None
+    logged = _elapsed_by_step(path) if path is not None and path.is_file() else {}  # none before its first log line
+    return logged[max(logged)] if logged else 0.0
 
 
 def _elapsed_by_step(path: Path) -> dict[int, float]:

@@ -54,6 +54,24 @@ def tiny_train_args(data: Path, run: Path, *extra: str) -> list[str]:
             "--set", "validation_every=2", "--set", "subjects_to_plot=0", "--set", "num_workers=0", *extra]
 
 
+@pytest.fixture
+def free_bits_seen(monkeypatch) -> list:
+    """The ``free_bits`` of every training forward pass (``VeryDeepVAE.forward`` of a model in
+    training mode; validation is left out), in order, while the test runs."""
+    from verydeepvae.model import VeryDeepVAE
+
+    seen: list = []
+    forward = VeryDeepVAE.forward
+
+    def recording(self, x, kl_weight=1.0, kl_balance=False, free_bits=0.0, covariates=None):
+        if self.training:
+            seen.append(free_bits)
+        return forward(self, x, kl_weight, kl_balance, free_bits, covariates)
+
+    monkeypatch.setattr(VeryDeepVAE, "forward", recording)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module's tiny models (``pytestmark = pytest.mark.usefixtures(...)``):

@@ -81,16 +81,8 @@ def test_a_partial_allowance_does_not_count_as_having_it():
         _tiny(finest_layer_restart_kl=-1)
 
 
-def test_a_run_whose_finest_layer_is_unused_starts_again_with_the_allowance(tmp_path, monkeypatch):
-    seen: list = []
-    forward = VeryDeepVAE.forward
-
-    def recording(self, x, kl_weight=1.0, kl_balance=False, free_bits=0.0, covariates=None):
-        if self.training:  # the training steps, not validation
-            seen.append(free_bits)
-        return forward(self, x, kl_weight, kl_balance, free_bits, covariates)
-
-    monkeypatch.setattr(VeryDeepVAE, "forward", recording)
+def test_a_run_whose_finest_layer_is_unused_starts_again_with_the_allowance(tmp_path, free_bits_seen):
+    seen = free_bits_seen
     # a threshold no layer stays under: the first attempt always ends at step 3
     cfg = _run(tmp_path, kl_free_bits=1.0, finest_layer_restart_step=3, finest_layer_restart_kl=1e9)
     result = train(cfg, show_progress=False)
@@ -128,6 +120,20 @@ def test_a_run_whose_finest_layer_is_unused_starts_again_with_the_allowance(tmp_
     assert any("--resume keeps the allowance this run took" in n for n in last["notices"])
     assert load_checkpoint(list_checkpoints(run / "checkpoints")[-1]).meta[finest_layer.RECORD_KEY] == record
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("run.first-attempt-")]) == 1
+
+
+def test_a_resumed_first_attempt_starts_again_from_step_0(tmp_path):
+    """A run extended past the check step (--resume --max-steps) is checked there like any other."""
+    settings = dict(kl_free_bits=1.0, finest_layer_restart_step=3, finest_layer_restart_kl=1e9)
+    assert train(_run(tmp_path, max_steps=2, **settings), show_progress=False).step == 2  # ends before the check
+    result = train(_run(tmp_path, max_steps=6, resume=True, **settings), show_progress=False)
+    assert result.step == 6
+    first = [p for p in tmp_path.iterdir() if p.name.startswith("run.first-attempt-")]
+    assert len(first) == 1 and len(json.loads((first[0] / "run.json").read_text())["sessions"]) == 2
+    session = json.loads((tmp_path / "run" / "run.json").read_text())["sessions"]
+    assert len(session) == 1 and session[0]["start_step"] == 0 and session[0]["resumed_from"] is None
+    assert not any("no checkpoint" in n for n in session[0]["notices"])
+    assert session[0]["config"]["kl_free_bits_per_latent"] == finest_layer.ALLOWANCE
 
 
 def test_a_live_finest_layer_trains_on_undisturbed(tmp_path):

@@ -134,17 +134,10 @@ def test_free_bits_per_latent_grow_with_each_layer_size_and_enter_the_loss_not_t
         _tiny(kl_free_bits_per_latent=-1)
 
 
-def test_training_passes_each_layer_its_allowance(tmp_path, monkeypatch):
+def test_training_passes_each_layer_its_allowance(tmp_path, free_bits_seen):
     from verydeepvae.train.loop import train
 
-    seen: list = []
-    forward = VeryDeepVAE.forward
-
-    def recording(self, x, kl_weight=1.0, kl_balance=False, free_bits=0.0, covariates=None):
-        seen.append(free_bits)
-        return forward(self, x, kl_weight, kl_balance, free_bits, covariates)
-
-    monkeypatch.setattr(VeryDeepVAE, "forward", recording)
+    seen = free_bits_seen
     cfg = _tiny(kl_free_bits=1.5, kl_free_bits_per_latent=0.02, kl_free_bits_per_latent_resolutions=[16],
                 kl_free_bits_per_latent_steps=2, max_steps=3, phantom_num=4, validation_every=100,
                 checkpoint_every=100, figures_every=100, subjects_to_plot=0, quality_samples=0,
@@ -203,11 +196,16 @@ def test_quality_benchmark_runs_on_a_tiny_budget(tmp_path):
     out = tmp_path / "quality"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "quality.py"), "--preset", "tiny", "--steps", "4", "--evaluations", "2",
-         "--heldout-num", "6", "--samples", "6", "--set-size", "2", "--output-dir", str(out), "--set", "phantom_num=10"],
+         "--heldout-num", "6", "--samples", "6", "--set-size", "2", "--output-dir", str(out), "--set", "phantom_num=10",
+         # a threshold no layer stays under: the run starts again after its first step (train/finest_layer.py)
+         "--set", "finest_layer_restart_step=1", "--set", "finest_layer_restart_kl=1e9", "--set", "log_every=1"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((out / "quality.json").read_text())
     assert [row["step"] for row in summary["rows"]] == [2, 4]
+    first = summary["first_attempt"]  # its training time counts in the table's minutes
+    assert first["step"] == 1 and first["seconds"] > 0 and summary["rows"][0]["minutes"] * 60 > first["seconds"]
+    assert "the run started again at step 1" in result.stdout
     assert all(math.isfinite(row["bits_per_voxel"]) for row in summary["rows"])
     assert (out / "learning_curves.png").stat().st_size > 0
     assert "FD x" in result.stdout
