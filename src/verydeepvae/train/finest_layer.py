@@ -1,10 +1,10 @@
 """A run whose finest latent layer dies in its first steps starts again, with an allowance.
 
-Why: in the hour-long phantom runs (README, "The 60-minute recipe") three training seeds of ten
+Why: in the hour-long phantom runs (README, "The 60-minute recipe") three training seeds of twelve
 lost their 32³ layer during its KL warm-up. Its KL read 0.0001 bits/voxel from step 300 on and the
 layer never came back, not even when the allowance was switched on later (a resumed run, 4,200 more
 steps). Trained from step 0 with ``kl_free_bits_per_latent=0.001`` at every layer, all three kept
-the layer (two met every target over their hour); the seven seeds whose layer lived read
+the layer (two met every target over their hour); the nine seeds whose layer lived read
 0.0016-0.026 bits/voxel at step 500 (docs/training-recipe.md). The allowance is not simply always on because it makes a live run's samples more
 alike (seed 4). So the check costs a run whose layer died its first ``finest_layer_restart_step``
 steps once more, and a run whose layer lives nothing.
