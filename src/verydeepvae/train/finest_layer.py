@@ -5,9 +5,9 @@ lost their 32³ layer during its KL warm-up. Its KL read 0.0001 bits/voxel from 
 layer never came back, not even when the allowance was switched on later (a resumed run, 4,200 more
 steps). Trained from step 0 with ``kl_free_bits_per_latent=0.001`` at every layer, all three kept
 the layer (two met every target over their hour); the nine seeds whose layer lived read
-0.0016-0.026 bits/voxel at step 500 (docs/training-recipe.md). The allowance is not simply always on because it makes a live run's samples more
-alike (seed 4). So the check costs a run whose layer died its first ``finest_layer_restart_step``
-steps once more, and a run whose layer lives nothing.
+0.0016-0.026 bits/voxel at step 500 (docs/training-recipe.md). The allowance is not simply always
+on because it makes a live run's samples more alike (seed 4). So the check costs a run whose layer
+died its first ``finest_layer_restart_step`` steps once more, and a run whose layer lives nothing.
 
 The check (``finest_layer_restart_step``, 0: off): at that step, the mean KL of the finest layers
 (those at the model's finest latent resolution) over the last :data:`WINDOW` steps, in bits/voxel
@@ -30,7 +30,7 @@ from ..errors import Stopped
 from ..json_types import JSONObject
 from . import distributed, run_folder
 from .precision import resolve_speed_choices
-from .progress import FINEST_LAYER_ALLOWANCES
+from .progress import FINEST_LAYER_ALLOWANCES, lasting_allowance
 from .reporting import to_bits
 
 WINDOW = 50  # steps whose KL the check averages (one step's KL is noisy)
@@ -52,8 +52,7 @@ class FinestLayerUnused(Stopped):
 
 def has_allowance(cfg: Config) -> bool:
     """Whether ``cfg`` already gives every layer at least the allowance for the whole run."""
-    return (cfg.kl_free_bits_per_latent >= ALLOWANCE and cfg.kl_free_bits_per_latent_resolutions is None
-            and cfg.kl_free_bits_per_latent_steps == 0)
+    return lasting_allowance(cfg) >= ALLOWANCE
 
 
 def restart_config(cfg: Config) -> Config:

@@ -184,6 +184,13 @@ MIN_VOLUMES_TO_WARN = 16
 FINEST_LAYER_ALLOWANCES = (0.001, 0.003)
 
 
+def lasting_allowance(cfg: Any) -> float:
+    """The free nats per latent dimension ``cfg`` gives every layer for the whole run (0 when the
+    allowance is limited to some resolutions or to the first steps)."""
+    everywhere = cfg.kl_free_bits_per_latent_steps == 0 and cfg.kl_free_bits_per_latent_resolutions is None
+    return cfg.kl_free_bits_per_latent if everywhere else 0.0
+
+
 def active_units_by_level(quality: dict[str, Any]) -> dict[int, float]:
     """``{edge length: active units}`` from a quality signal's ``active_units_res{r}`` keys (train/quality.py)."""
     prefix = "active_units_res"
@@ -215,8 +222,7 @@ def unused_level_warning(quality: dict[str, float], cfg: Any, volumes: int) -> s
         return text + "; the model encodes nothing yet: train for more steps"
     finest = max(levels)
     remedies = []
-    everywhere = cfg.kl_free_bits_per_latent_steps == 0 and cfg.kl_free_bits_per_latent_resolutions is None
-    allowance = cfg.kl_free_bits_per_latent if everywhere else 0.0  # lasting, at every layer
+    allowance = lasting_allowance(cfg)
     if finest in dead and allowance < FINEST_LAYER_ALLOWANCES[-1]:
         larger = next(a for a in FINEST_LAYER_ALLOWANCES if a > allowance)
         remedies.append(f"--set kl_free_bits_per_latent={larger:g} (for a {finest}³ layer that dies early)")
