@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import metrics
+from ..console import VERBOSE
 from ..model import VeryDeepVAE
 from ..model.fitted_prior import FittedPrior, FittedPriorChoice, chosen_prior_text
 
@@ -176,6 +177,23 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
             "rule": "of the learned prior and the Gaussians fitted to the top levels, the one whose samples' "
                     "random-CNN Fréchet distance to the training volumes is the smallest"}
     return (fits[best].tensors() if used else {}), meta
+
+
+def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed: int, autocast, console
+                         ) -> tuple[dict[str, torch.Tensor], FittedPriorChoice | dict]:
+    """The final checkpoint's coarse-level prior, fitted for ``model`` (the EMA model, which samples)
+    to the training ``dataset`` under ``autocast()`` (the training precision); the decision is told
+    on ``console`` (train/progress.py).  Nothing when there are too few usable training volumes."""
+    volumes = training_volumes(dataset)
+    if len(volumes) < MIN_VOLUMES:
+        console.say(f"coarse-level prior: the learned one (fewer than {MIN_VOLUMES} usable training volumes to "
+                    "fit another)", VERBOSE)
+        return {}, {}
+    model.eval()
+    with autocast():
+        tensors, meta = fit_and_choose(model, volumes, batch_size, seed)
+    console.say(notice(meta))
+    return tensors, meta
 
 
 def candidate_name(prior: FittedPrior) -> str:

@@ -26,7 +26,6 @@ from ..config import Config
 from ..console import NORMAL, VERBOSE
 from ..errors import Stopped, UserError
 from ..model import autocast_for
-from ..model.fitted_prior import FittedPriorChoice
 from .. import checkpoint as ckpt
 from . import builder, distributed, finest_layer, run_folder, run_record, validation
 from .optim import free_nats_at, layer_kl_weights, lr_factor, update_loss_scale
@@ -391,7 +390,10 @@ class _Trainer:
             if self.restart:
                 meta[finest_layer.RECORD_KEY] = self.restart
             if self.step == self.total_steps and self.cfg.fitted_prior and self.ema.model.condition is None:
-                prior_tensors, prior_meta = self._fit_prior()
+                from . import fit_prior  # only at the end of a run
+
+                prior_tensors, prior_meta = fit_prior.for_final_checkpoint(
+                    self.ema.model, self.bundle.train, self.cfg.batch_size, self.seed, self._autocast, self.console)
                 tensors.update(prior_tensors)
                 if prior_meta:
                     meta["fitted_prior"] = prior_meta
@@ -407,22 +409,6 @@ class _Trainer:
             self.console.say(f"checkpoint {path.name} written" + (" (the best so far)" if is_best else ""), VERBOSE)
         distributed.barrier(self.runtime)
         return path
-
-    def _fit_prior(self) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
-        """The final checkpoint's coarse-level prior (train/fit_prior.py), fitted for the EMA model
-        (the one that samples) under the training precision."""
-        from . import fit_prior
-
-        volumes = fit_prior.training_volumes(self.bundle.train)
-        if len(volumes) < fit_prior.MIN_VOLUMES:
-            self.console.say(f"coarse-level prior: the learned one (fewer than {fit_prior.MIN_VOLUMES} usable "
-                             "training volumes to fit another)", VERBOSE)
-            return {}, {}
-        self.ema.model.eval()
-        with self._autocast():
-            tensors, meta = fit_prior.fit_and_choose(self.ema.model, volumes, self.cfg.batch_size, self.seed)
-        self.console.say(fit_prior.notice(meta))
-        return tensors, meta
 
     def _write_record(self) -> run_record.Session | None:
         """Append this session to the run record (train/run_record.py); every rank describes its
