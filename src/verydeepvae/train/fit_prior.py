@@ -180,7 +180,7 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
 
 
 def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed: int, autocast, console
-                         ) -> tuple[dict[str, torch.Tensor], FittedPriorChoice | dict]:
+                         ) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
     """The final checkpoint's coarse-level prior, fitted for ``model`` (the EMA model, which samples)
     to the training ``dataset`` under ``autocast()`` (the training precision); the decision is told
     on ``console`` (train/progress.py).  Nothing when there are too few usable training volumes."""
