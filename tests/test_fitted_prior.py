@@ -143,41 +143,35 @@ def test_no_active_unit_or_too_many_no_fit(monkeypatch):
         fit_prior.fit(model, volumes, batch_size=2, seed=0, levels=2)
 
 
-def test_the_closest_candidate_is_kept_and_every_distance_recorded(monkeypatch):
+def test_the_deepest_gaussian_is_compared_with_the_learned_prior_and_kept_when_closer(monkeypatch):
     model = _tiny_model()
     volumes = np.random.default_rng(3).random((6,) + (model.resolution,) * 3, dtype=np.float32)
     _some_units_active(monkeypatch, model, volumes)
-    top = model.decoder.num_levels - 1
+    asked = []
 
-    def distances(deepest_wins: bool):
-        def frechet_to(model, prior, *a, **k):
-            if prior == "learned":
-                return 50.0
-            depth = top - min(model.decoder.layer_levels[i] for i in model.fitted_prior.layers) + 1
-            return 10.0 * (4 - depth) if deepest_wins else 10.0 * depth
-        return frechet_to
+    def frechet_to(model, prior, *a, **k):
+        asked.append(prior if prior == "learned" else tuple(model.fitted_prior.layers))
+        return 50.0 if prior == "learned" else 10.0
 
-    monkeypatch.setattr(fit_prior, "frechet_to", distances(deepest_wins=True))
+    monkeypatch.setattr(fit_prior, "frechet_to", frechet_to)
     tensors, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
-    assert meta["used"] and meta["frechet_to_training"] == {"learned": 50.0, "fitted 1³, 2³": 20.0,
-                                                           "fitted 1³, 2³, 4³": 10.0}
+    # one Gaussian, over 1³-4³, is drawn from and compared: no contest between depths
+    assert asked == ["learned", tuple(fit_prior.coarse_layers(model, 3))]
+    assert meta["used"] and meta["frechet_to_training"] == {"learned": 50.0, "fitted 1³, 2³, 4³": 10.0}
     assert model.fitted_prior.layers == fit_prior.coarse_layers(model, 3) == meta["layers"]
     assert tensors["fitted_prior.mean"].numel() == meta["dim"] == model.fitted_prior.dim
     assert "the Gaussian fitted to the 1³, 2³, 4³ latents" in fit_prior.notice(meta)
-    monkeypatch.setattr(fit_prior, "frechet_to", distances(deepest_wins=False))
-    _, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
-    assert model.fitted_prior.layers == fit_prior.coarse_layers(model, 2) == meta["layers"]
     monkeypatch.setattr(fit_prior, "frechet_to", lambda model, prior, *a, **k: 1.0 if prior == "learned" else 5.0)
     tensors, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
     assert tensors == {} and not meta["used"] and model.fitted_prior is None
     assert "sampling uses the learned prior" in fit_prior.notice(meta)
 
 
-def test_deeper_candidates_only_within_the_dimension_cap(monkeypatch):
+def test_a_shallower_gaussian_only_when_the_deeper_exceeds_the_dimension_cap(monkeypatch):
     model = _tiny_model()
-    assert fit_prior.candidate_levels(model) == [2, 3]
+    assert fit_prior.candidate_levels(model) == [3, 2]
     for preset in ("demo", "32", "128"):
-        assert fit_prior.candidate_levels(VeryDeepVAE(build_config(preset=preset))) == [2, 3], preset
+        assert fit_prior.candidate_levels(VeryDeepVAE(build_config(preset=preset))) == [3, 2], preset
     volumes = np.random.default_rng(3).random((6,) + (model.resolution,) * 3, dtype=np.float32)
     monkeypatch.setattr(fit_prior, "ACTIVE_VARIANCE", -1.0)  # every unit active: dims are the layers' sizes
     sizes = model.latent_sizes()
@@ -186,6 +180,11 @@ def test_deeper_candidates_only_within_the_dimension_cap(monkeypatch):
     monkeypatch.setattr(fit_prior, "frechet_to", lambda model, prior, *a, **k: 1.0 if prior == "learned" else 0.5)
     _, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
     assert set(meta["frechet_to_training"]) == {"learned", "fitted 1³, 2³"} and meta["used"]
+    assert model.fitted_prior.layers == fit_prior.coarse_layers(model, 2)
+    monkeypatch.setattr(fit_prior, "MAX_DIMENSIONS", dims[2] - 1)  # neither fits: the learned prior stays
+    tensors, meta = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
+    assert tensors == {} and not meta["used"] and "more than" in meta["not_fitted"]
+    assert model.fitted_prior is None
 
 
 def test_sampling_uses_the_fitted_prior_only_when_asked_or_attached(monkeypatch):
@@ -225,8 +224,7 @@ def test_training_fits_decides_records_and_sampling_follows(tmp_path: Path, monk
     path = ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1]
     checkpoint = ckpt.load_checkpoint(path)
     meta = checkpoint.meta["fitted_prior"]
-    assert meta["used"] is True and set(meta["frechet_to_training"]) == {"learned", "fitted 1³, 2³",
-                                                                         "fitted 1³, 2³, 4³"}
+    assert meta["used"] is True and set(meta["frechet_to_training"]) == {"learned", "fitted 1³, 2³, 4³"}
     assert meta["num_volumes"] == checkpoint.meta["data"]["num_train"]
     assert "fitted_prior.mean" in checkpoint.tensors
     model = load_model(checkpoint)

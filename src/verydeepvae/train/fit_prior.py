@@ -20,14 +20,15 @@ from ..console import VERBOSE
 from ..model import VeryDeepVAE
 from ..model.fitted_prior import FittedPrior, FittedPriorChoice, chosen_prior_text
 
-CANDIDATE_LEVELS = (2, 3)
-"""How many resolution levels, from the top, a fitted Gaussian may cover.  A Gaussian is fitted for
-each, and the one whose samples are closest to the training volumes is kept, or the learned prior
-if it is closer still.  Where a model keeps its global factors decides which wins, and it varies
-with the training seed (docs/training-recipe.md).  The top level alone never helped.  A fourth
-level (1³ to 8³ at 32³) was tried: on the 60-minute model of training seed 4 its samples were the
-most varied (MS-SSIM gap to real pairs +0.023-0.028) and closest to the training volumes, but
-further from held-out ones (Fréchet ratio 1.42-2.11 against 1.15-1.68 with 1³-4³)."""
+CANDIDATE_LEVELS = (3, 2)
+"""How many resolution levels, from the top, the fitted Gaussian covers: the first of these the model
+has room for and whose Gaussian can be fitted (``MAX_DIMENSIONS``), deepest first.  Only that one is
+compared with the learned prior.  Choosing between depths by the samples' distance to the training
+volumes was measured to be noise: one prior of one 60-minute model read 4.7, 14.1 and 7.4 with three
+streams of 128 samples, and on three such models (training seeds 1, 4, 7) held-out readings of the
+1³-4³ Gaussian missed 5 + 1 + 1 targets against 8 + 6 + 0 for the 1³-2³ one, whichever the distance
+favoured (docs/training-recipe.md).  The top level alone never helped; a fourth level (1³ to 8³ at
+32³) gave the most varied samples but Fréchet ratios up to 2.1 on held-out phantoms."""
 
 MAX_DIMENSIONS = 2048
 """A candidate is fitted only if it covers at most this many active units: its Cholesky factor is
@@ -53,7 +54,8 @@ def coarse_layers(model: VeryDeepVAE, levels: int) -> list[int]:
 
 
 def candidate_levels(model: VeryDeepVAE) -> list[int]:
-    """The ``CANDIDATE_LEVELS`` this model has room for: never every level (the finest stay learned)."""
+    """The ``CANDIDATE_LEVELS`` this model has room for, deepest first: never every level (the finest
+    stay learned)."""
     return [n for n in CANDIDATE_LEVELS if n < model.decoder.num_levels]
 
 
@@ -143,40 +145,36 @@ def frechet_to(model: VeryDeepVAE, prior: str, reference_feats: np.ndarray, feat
 
 def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int
                    ) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
-    """Fit a Gaussian per candidate depth, compare each and the learned prior, and decide; returns the
-    checkpoint tensors (empty when the learned prior wins) and the metadata entry.  Leaves
-    ``model.fitted_prior`` as decided."""
-    fits: dict[str, FittedPrior] = {}
-    problem = ""
+    """Fit the Gaussian of the deepest candidate levels that can be fitted, compare its samples and the
+    learned prior's with the training volumes, and decide; returns the checkpoint tensors (empty when
+    the learned prior wins) and the metadata entry.  Leaves ``model.fitted_prior`` as decided."""
     depths = candidate_levels(model)
     residuals = posterior_residuals(model, volumes, batch_size, seed, coarse_layers(model, max(depths))) \
         if depths else None
+    fitted, problem = None, "no level to fit"
     for levels in depths:
         try:
-            candidate = gaussian(model, residuals, coarse_layers(model, levels))
+            fitted = gaussian(model, residuals, coarse_layers(model, levels))
+            break
         except (ValueError, np.linalg.LinAlgError) as error:
             problem = str(error)
-            continue
-        fits[candidate_name(candidate)] = candidate
-    if not fits:  # nothing usable to fit: the learned prior stays
+    if fitted is None:  # nothing usable to fit: the learned prior stays
         model.fitted_prior = None
-        return {}, {"used": False, "num_volumes": int(len(volumes)), "not_fitted": problem or "no level to fit",
+        return {}, {"used": False, "num_volumes": int(len(volumes)), "not_fitted": problem,
                     "frechet_to_training": {}}
     device = model.output_head.conv.weight.device
     features = metrics.RandomConvFeatures(seed=0, input_size=max(16, min(64, model.resolution)), device=device)
     reference = features(volumes)
     distances = {"learned": frechet_to(model, "learned", reference, features, batch_size, seed)}
-    for name, candidate in fits.items():
-        model.fitted_prior = candidate
-        distances[name] = frechet_to(model, "fitted", reference, features, batch_size, seed)
-    best = min(fits, key=lambda name: distances[name])
-    used = distances[best] < distances["learned"]
-    model.fitted_prior = fits[best] if used else None
-    meta = {**fits[best].describe(), "used": bool(used), "num_volumes": int(len(volumes)),
+    model.fitted_prior = fitted
+    distances[candidate_name(fitted)] = frechet_to(model, "fitted", reference, features, batch_size, seed)
+    used = distances[candidate_name(fitted)] < distances["learned"]
+    model.fitted_prior = fitted if used else None
+    meta = {**fitted.describe(), "used": bool(used), "num_volumes": int(len(volumes)),
             "draws_per_volume": DRAWS_PER_VOLUME, "frechet_to_training": distances,
-            "rule": "of the learned prior and the Gaussians fitted to the top levels, the one whose samples' "
-                    "random-CNN Fréchet distance to the training volumes is the smallest"}
-    return (fits[best].tensors() if used else {}), meta
+            "rule": "the Gaussian fitted to the deepest top levels it can cover, if its samples' random-CNN "
+                    "Fréchet distance to the training volumes is smaller than the learned prior's"}
+    return (fitted.tensors() if used else {}), meta
 
 
 def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed: int, autocast, console
