@@ -26,8 +26,8 @@ has room for and whose Gaussian can be fitted (``MAX_DIMENSIONS``), deepest firs
 compared with the learned prior.  Choosing between depths by the samples' distance to the training
 volumes was measured to be noise: one prior of one 60-minute model read 4.7, 14.1 and 7.4 with three
 streams of 128 samples, and on three such models (training seeds 1, 4, 7) held-out readings of the
-1³-4³ Gaussian missed 5 + 1 + 1 targets against 8 + 6 + 0 for the 1³-2³ one, whichever the distance
-favoured (docs/training-recipe.md).  The top level alone never helped; a fourth level (1³ to 8³ at
+1³-4³ Gaussian missed 5 + 1 + 2 of 80 target readings against 8 + 6 + 0 for the 1³-2³ one, whichever
+the distance favoured (docs/training-recipe.md).  The top level alone never helped; a fourth level (1³ to 8³ at
 32³) gave the most varied samples but Fréchet ratios up to 2.1 on held-out phantoms."""
 
 MAX_DIMENSIONS = 2048
