@@ -113,7 +113,7 @@ class Config:
     # (train/finest_layer.py; 500 in the demo preset)
     finest_layer_restart_step: int = field(default=0, metadata=at_least(0))
     finest_layer_restart_kl: float = field(default=0.0005, metadata=at_least(0))
-    # fit a Gaussian prior for the coarsest latents (1³-2³, and 1³-4³ where small enough) to the
+    # fit a Gaussian prior for the coarsest latents (1³-4³, or 1³-2³ where 1³-4³ is too large) to the
     # training volumes at the end of training, used for sampling when its samples match the
     # training volumes better (train/fit_prior.py)
     fitted_prior: bool = True

@@ -167,8 +167,9 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
     reference = features(volumes)
     distances = {"learned": frechet_to(model, "learned", reference, features, batch_size, seed)}
     model.fitted_prior = fitted
-    distances[candidate_name(fitted)] = frechet_to(model, "fitted", reference, features, batch_size, seed)
-    used = distances[candidate_name(fitted)] < distances["learned"]
+    name = candidate_name(fitted)
+    distances[name] = frechet_to(model, "fitted", reference, features, batch_size, seed)
+    used = distances[name] < distances["learned"]
     model.fitted_prior = fitted if used else None
     meta = {**fitted.describe(), "used": bool(used), "num_volumes": int(len(volumes)),
             "draws_per_volume": DRAWS_PER_VOLUME, "frechet_to_training": distances,
