@@ -253,3 +253,25 @@ def test_quality_benchmark_fills_a_wall_clock_budget(tmp_path):
     assert summary["steps"] >= 2 and summary["steps"] % 2 == 0
     assert [row["step"] for row in summary["rows"]] == [summary["steps"] // 2, summary["steps"]]
     assert "s per validation" in result.stdout
+
+
+def test_make_demo_trains_fewer_steps_only_where_float32_on_two_cores_would_overrun_ten_minutes():
+    from verydeepvae.demo_steps import SHORT_STEPS, demo_steps
+
+    assert demo_steps(450, on_gpu=False, native_bf16=False, cores=2)[0] == SHORT_STEPS < 450
+    assert "DEMO_STEPS=450" in demo_steps(450, on_gpu=False, native_bf16=False, cores=2)[1]
+    for fast in ({"on_gpu": True, "native_bf16": False, "cores": 2},
+                 {"on_gpu": False, "native_bf16": True, "cores": 2},
+                 {"on_gpu": False, "native_bf16": False, "cores": 4}):
+        assert demo_steps(450, **fast) == (450, "")  # the preset's steps, nothing said
+    assert demo_steps(100, on_gpu=False, native_bf16=False, cores=1)[0] == 100  # never more than asked
+
+
+def test_the_demo_step_count_is_a_number_the_makefile_can_pass_on():
+    from verydeepvae.demo_steps import SHORT_STEPS
+
+    out = subprocess.run([sys.executable, "-m", "verydeepvae.demo_steps"], capture_output=True, text=True,
+                         check=True)
+    assert int(out.stdout.strip()) in (SHORT_STEPS, build_config("demo").max_steps)
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-m verydeepvae.demo_steps" in makefile and "--set max_steps=$$steps" in makefile
