@@ -4,7 +4,7 @@ The ``demo`` preset's 450 steps take 4-6 minutes on a 2-core CPU with native bfl
 and far less on a GPU or a CPU with more cores.  On 2 cores without native bfloat16 training runs in
 float32 at 1.2-1.5 s/step, and 450 steps plus installation took 12 min 20 s (2-core AMD EPYC
 without AVX512-BF16, 6 December 2026).  There the demo trains :data:`SHORT_STEPS` steps instead,
-the same preset with a shorter schedule: 8 min 54 s.  Its samples are grainier and met the demo's
+the same preset with a shorter schedule: 8 min 54 s and 9 min 18 s.  Its samples are grainier and met the demo's
 targets on 6 of 7 held-out readings (Fréchet ratio 1.63-3.04 against 1.22-2.70 for 450 steps,
 every tissue ratio within 2.72, every level in use); a thinner or point-wise 32³ level saved time
 at a far higher cost (docs/training-recipe.md).  ``verydeepvae train --preset demo`` itself always
