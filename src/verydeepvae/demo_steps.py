@@ -4,10 +4,10 @@ The ``demo`` preset's 450 steps take 4-6 minutes on a 2-core CPU with native bfl
 and far less on a GPU or a CPU with more cores.  On 2 cores without native bfloat16 training runs in
 float32 at 1.2-1.5 s/step, and 450 steps plus installation took 12 min 20 s (2-core AMD EPYC
 without AVX512-BF16, 6 December 2026).  There the demo trains :data:`SHORT_STEPS` steps instead,
-the same preset with a shorter schedule: 8 min 54 s and 9 min 18 s.  Its samples are grainier and met the demo's
-targets on 6 of 7 held-out readings (Fréchet ratio 1.63-3.04 against 1.22-2.70 for 450 steps,
-every tissue ratio within 2.72, every level in use); a thinner or point-wise 32³ level saved time
-at a far higher cost (docs/training-recipe.md).  ``verydeepvae train --preset demo`` itself always
+the same preset with a shorter schedule: 8 min 54 s and 9 min 18 s.  Its samples are grainier
+and met the demo's targets on 6 of 7 held-out readings (Fréchet ratio 1.63-3.04 against 1.22-2.70
+for 450 steps, every tissue ratio within 2.72, every level in use); a thinner or point-wise 32³
+level saved time at a far higher cost (docs/training-recipe.md).  ``verydeepvae train --preset demo`` itself always
 trains the preset's 450; this only chooses what the Makefile asks for.
 
     python -m verydeepvae.demo_steps       # prints the step count; the reason goes to stderr
@@ -42,13 +42,13 @@ def demo_steps(full_steps: int, on_gpu: bool, native_bf16: bool, cores: int) -> 
 
 
 def main() -> int:
-    import torch
-
     from .config import read_preset
+    from .device import resolve_device
     from .train.precision import cpu_has_native_bf16
 
-    steps, reason = demo_steps(int(read_preset("demo")["max_steps"]), torch.cuda.is_available(),
-                               cpu_has_native_bf16(), usable_cores())
+    # the device `verydeepvae train` picks by itself (the Makefile names none)
+    on_gpu = resolve_device("auto").type == "cuda"
+    steps, reason = demo_steps(int(read_preset("demo")["max_steps"]), on_gpu, cpu_has_native_bf16(), usable_cores())
     if reason:
         print(reason, file=sys.stderr)
     print(steps)
