@@ -117,13 +117,13 @@ def test_fit_covers_the_active_units_of_the_coarsest_levels(monkeypatch, levels)
     assert [u.tolist() for u in prior.units] == [a.tolist() for a in active]
     assert 0 < prior.dim < sum(int(np.prod(shapes[i])) for i in layers)
     # the mean and the (shrunk) covariance are those of the same posterior draws, made again with
-    # the same seed, as residuals under the learned prior
+    # the same seed (after each batch's posterior-mean pass), as residuals under the learned prior
     generator = torch.Generator().manual_seed(0)
     rows = []
     for start in (0, 3):
-        for _ in range(fit_prior.DRAWS_PER_VOLUME):
-            es = model.encode(x[start:start + 3], as_noise=True, generator=generator, draw=True)
-            rows.append(torch.cat([es[i].flatten(1)[:, a] for i, a in zip(layers, active)], 1))
+        _, *drawn = model.encode_passes(x[start:start + 3], [False] + [True] * fit_prior.DRAWS_PER_VOLUME,
+                                        num_layers=len(layers), as_noise=True, generator=generator)
+        rows += [torch.cat([es[i].flatten(1)[:, a] for i, a in zip(layers, active)], 1) for es in drawn]
     draws = torch.cat(rows).double()
     assert torch.allclose(prior.mean, draws.mean(0).float(), atol=1e-5)
     shrunk, _ = metrics.ledoit_wolf_covariance(draws.numpy())

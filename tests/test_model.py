@@ -205,6 +205,26 @@ def test_encode_decode_round_trip_matches_posterior_mean_reconstruction():
     assert torch.allclose(model.decode(model.encode(x)), model.reconstruct(x), atol=1e-6)
 
 
+def test_encode_passes_share_one_encoder_pass_and_stopping_early_leaves_the_coarse_layers_unchanged():
+    torch.manual_seed(0)
+    model = VeryDeepVAE(build_config(preset="tiny")).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    means, drawn = model.encode_passes(x, [False, True], num_layers=2, as_noise=True,
+                                       generator=torch.Generator().manual_seed(5))
+    assert len(calls) == 1 and len(means) == len(drawn) == 2  # one bottom-up pass, two short top-down ones
+    full_means = model.encode(x, as_noise=True)
+    assert len(full_means) == model.num_layers > 2 and len(calls) == 2
+    for i in range(2):
+        assert torch.equal(means[i], full_means[i])
+    # the draws of the first pass are those a full draw makes from a generator in the same state
+    full_drawn = model.encode(x, as_noise=True, generator=torch.Generator().manual_seed(5), draw=True)
+    repeat = model.encode_passes(x, [True], num_layers=2, as_noise=True, generator=torch.Generator().manual_seed(5))[0]
+    for i in range(2):
+        assert torch.equal(repeat[i], full_drawn[i]) and not torch.equal(repeat[i], full_means[i])
+
+
 def test_a_mixture_model_trains_and_samples_and_its_setting_is_checked():
     model = VeryDeepVAE(build_config(preset="tiny", overrides={"likelihood_mixtures": 4, "sample_voxels": "draw"}))
     assert model.output_head.conv.out_channels == 12

@@ -67,17 +67,21 @@ class Decoder(nn.Module):
 
     def forward(self, activations: Sequence[torch.Tensor] | None, choices: Sequence[LatentChoice],
                 batch_size: int, generator: torch.Generator | None = None, keep_z: bool = True,
-                film: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+                film: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None, num_layers: int | None = None
                 ) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor]]:
         """Run the hierarchy; returns the final state, the per-layer KLs and the z of every layer
         (an empty list without ``keep_z``: training does not hold on to them).  ``film``: per level
         (index 0 = full resolution) the (scale, shift) of a conditional model (model/condition.py),
-        applied to the state at the start of the level."""
+        applied to the state at the start of the level.  ``num_layers``: stop after that many
+        latent layers, coarsest first (the state returned is then the one below the last of them)."""
+        stop = len(self.layers) if num_layers is None else num_layers
         h = self.h_top.expand(batch_size, -1, -1, -1, -1)
         kls: list[torch.Tensor | None] = []
         zs: list[torch.Tensor] = []
         index = 0
         for level in reversed(range(self.num_levels)):
+            if index >= stop:
+                break
             if level < self.num_levels - 1:
                 h = self.upsamples[str(level)](h)
                 if str(level) in self.biases:
@@ -86,7 +90,7 @@ class Decoder(nn.Module):
                 h = modulate(h, film[level])
             # GELU of the lateral input once per level, not once per latent layer
             e_act = None if activations is None else F.gelu(activations[level])
-            while index < len(self.layers) and self.layer_levels[index] == level:
+            while index < stop and self.layer_levels[index] == level:
                 h, kl, z = self.layers[index](h, e_act, choices[index], generator)
                 kls.append(kl)
                 if keep_z:

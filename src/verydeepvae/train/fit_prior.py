@@ -84,20 +84,19 @@ class Residuals:
 def posterior_residuals(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, layers: list[int]
                         ) -> Residuals:
     """``DRAWS_PER_VOLUME`` posterior draws per volume of each of ``layers`` and the posterior
-    means, as residuals under the learned prior.  Encoded once for every candidate Gaussian."""
+    means, as residuals under the learned prior.  Encoded once for every candidate Gaussian; the
+    top-down passes stop below ``layers`` (``VeryDeepVAE.encode_passes``)."""
     device = model.output_head.conv.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     rows: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     means: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     for start in range(0, len(volumes), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size][:, None])).float().to(device)
-        mean = model.encode(x, as_noise=True)
+        mean, *drawn = model.encode_passes(x, [False] + [True] * DRAWS_PER_VOLUME, num_layers=max(layers) + 1,
+                                           as_noise=True, generator=generator)
         for i in layers:
             means[i].append(mean[i].float().flatten(1).double().cpu())
-        for _ in range(DRAWS_PER_VOLUME):
-            es = model.encode(x, as_noise=True, generator=generator, draw=True)
-            for i in layers:
-                rows[i].append(es[i].float().flatten(1).double().cpu())
+            rows[i].extend(es[i].float().flatten(1).double().cpu() for es in drawn)
     activity = {i: torch.cat(m).var(0, unbiased=False).numpy() for i, m in means.items()}
     return Residuals({i: torch.cat(r).numpy() for i, r in rows.items()}, activity)
 
