@@ -11,15 +11,23 @@ DEMO_STEPS ?= auto
 
 .PHONY: install demo test test-fast bench clean-demo
 
+# pip byte-compiles what it installs one file at a time; compileall does it on every core
+# (87 s -> 75 s for the whole installation on 2 cores).  Its status is not checked: like pip, it
+# meets a few files in third-party packages that are not meant to compile.
+PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
+COMPILE := $(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PIP_INSTALL) "$(TORCH)"
+	$(PIP_INSTALL) -e ".[test]"
+	$(COMPILE)
 	touch $@
 
 # nilearn, the optional [atlas] extra, only for the test that rebuilds the packaged atlas
 $(VENV)/.installed-atlas: $(VENV)/.installed
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,atlas]"
+	$(PIP_INSTALL) -e ".[test,atlas]"
+	$(COMPILE)
 	touch $@
 
 install: $(VENV)/.installed

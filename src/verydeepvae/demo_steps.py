@@ -2,13 +2,14 @@
 
 The ``demo`` preset's 450 steps take 4-6 minutes on a 2-core CPU with native bfloat16 (0.58 s/step)
 and far less on a GPU or a CPU with more cores.  On 2 cores without native bfloat16 training runs in
-float32 at 1.2-1.5 s/step, and 450 steps plus installation took 12 min 20 s (2-core AMD EPYC
-without AVX512-BF16, 6 December 2026).  There the demo trains :data:`SHORT_STEPS` steps instead,
-the same preset with a shorter schedule: 8 min 54 s and 9 min 18 s.  Its samples are grainier
-and met the demo's targets on 6 of 7 held-out readings (Fréchet ratio 1.63-3.04 against 1.22-2.70
-for 450 steps, every tissue ratio within 2.72, every level in use); a thinner or point-wise 32³
-level saved time at a far higher cost (docs/training-recipe.md).  ``verydeepvae train --preset demo`` itself always
-trains the preset's 450; this only chooses what the Makefile asks for.
+float32 at 1.2-2.0 s/step (the same kind of 2-core AMD EPYC without AVX512-BF16, 6 December 2026,
+varied that much from hour to hour), and 450 steps plus installation took 12 min 20 s.  There the
+demo trains :data:`SHORT_STEPS` steps instead, the same preset with a shorter schedule.  300 steps
+took 8 min 54 s and 9 min 18 s on a fast day but 10 min 29 s on a slow one (1.4-1.6 s/step); 250
+leave about a minute to spare at 1.7 s/step.  Their samples are grainier than the full demo's; 250
+steps met the demo's targets on every held-out reading taken (docs/training-recipe.md).
+``verydeepvae train --preset demo`` itself always trains the preset's 450; this only chooses what
+the Makefile asks for.
 
     python -m verydeepvae.demo_steps       # prints the step count; the reason goes to stderr
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-SHORT_STEPS = 300  # 300 x 1.2 s + installation and sampling: about 9 minutes on 2 fp32 cores
+SHORT_STEPS = 250  # 250 x 1.7 s + installation, start-up and sampling: about 9 minutes on 2 slow fp32 cores
 SLOW_CORES = 2  # at or below this many usable cores a float32 CPU is too slow for the full demo
 
 
@@ -37,7 +38,7 @@ def demo_steps(full_steps: int, on_gpu: bool, native_bf16: bool, cores: int) -> 
         return full_steps, ""
     steps = min(SHORT_STEPS, full_steps)
     return steps, (f"make demo: this CPU has {cores} usable core(s) and no native bfloat16, so training runs in "
-                   f"float32 (about 1.2 s/step on 2 cores): the demo trains {steps} of its {full_steps} steps to "
+                   f"float32 (1.2-2.0 s/step on 2 cores): the demo trains {steps} of its {full_steps} steps to "
                    f"stay within 10 minutes (make demo DEMO_STEPS={full_steps} trains them all)")
 
 
