@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.13.0: a CPU build where only that wheel is available, the CUDA build from PyPI elsewhere.
 TORCH ?= torch==2.13.0
 RUN ?= runs/demo
-# the demo's training steps: auto = the preset's 450, or 300 where they would not fit in 10 minutes
+# the demo's training steps: auto = the preset's 450, or 250 where they would not fit in 10 minutes
 # (float32 on a CPU of 2 cores; src/verydeepvae/demo_steps.py)
 DEMO_STEPS ?= auto
 

@@ -6,8 +6,9 @@ float32 at 1.2-2.0 s/step (the same kind of 2-core AMD EPYC without AVX512-BF16,
 varied that much from hour to hour), and 450 steps plus installation took 12 min 20 s.  There the
 demo trains :data:`SHORT_STEPS` steps instead, the same preset with a shorter schedule.  300 steps
 took 8 min 54 s and 9 min 18 s on a fast day but 10 min 29 s on a slow one (1.4-1.6 s/step); 250
-leave about a minute to spare at 1.7 s/step.  Their samples are grainier than the full demo's; 250
-steps met the demo's targets on every held-out reading taken (docs/training-recipe.md).
+took 8 min 43 s in that slow hour.  Their samples are grainier than the full demo's; for the demo's
+training seed, 250 steps met the demo's targets on the four held-out readings taken
+(docs/training-recipe.md).
 ``verydeepvae train --preset demo`` itself always trains the preset's 450; this only chooses what
 the Makefile asks for.
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 
-SHORT_STEPS = 250  # 250 x 1.7 s + installation, start-up and sampling: about 9 minutes on 2 slow fp32 cores
+SHORT_STEPS = 250  # 250 x 1.56 s + installation, start-up and sampling: 8 min 43 s on 2 slow fp32 cores
 SLOW_CORES = 2  # at or below this many usable cores a float32 CPU is too slow for the full demo
 
 
