@@ -414,3 +414,30 @@ def test_one_data_loader_serves_every_epoch_with_augmentation_keyed_by_epoch(tmp
     loop.train(cfg, show_progress=False)  # 9 training volumes, 2 batches per epoch: 3 epochs
     assert created == [1]
     assert sorted(set(keys))[:3] == [0, 1, 2] and keys == sorted(keys)
+
+
+def test_the_step_benchmark_leaves_out_emulated_bf16_by_default_and_runs_it_when_asked(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    from verydeepvae import process_defaults
+    from verydeepvae.train import precision
+
+    monkeypatch.setattr(process_defaults, "apply_cli_defaults", lambda: None)  # no allocator or env changes here
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    default = bench.DEFAULT_MODES.split(",")
+    bf16 = [m for m in default if bench.MODES[m].get("precision") == "bf16"]
+    assert bf16
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    modes, note = bench.modes_to_run(None, "cpu")
+    assert modes == [m for m in default if m not in bf16] and "fp32" in modes
+    assert all(m in note for m in bf16) and "--modes" in note
+    assert bench.modes_to_run("bf16,fp32", "cpu") == (["bf16", "fp32"], "")  # asked for: run
+    assert bench.modes_to_run(None, "cuda") == (default, "")  # a GPU has its own bf16
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    assert bench.modes_to_run(None, "cpu") == (default, "")

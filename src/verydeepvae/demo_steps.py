@@ -7,8 +7,9 @@ varied that much from hour to hour), and 450 steps plus installation took 12 min
 demo trains :data:`SHORT_STEPS` steps instead, the same preset with a shorter schedule.  300 steps
 took 8 min 54 s and 9 min 18 s on a fast day but 10 min 29 s on a slow one (1.4-1.6 s/step); 250
 took 8 min 43 s in that slow hour.  Their samples are grainier than the full demo's; for the demo's
-training seed, 250 steps met the demo's targets on the four held-out readings taken
-(docs/training-recipe.md).
+training seed, 250 steps met the demo's targets on the four held-out readings taken, but other
+training seeds did worse than with 300 (seed 5: Fréchet ratio 5.3-6.1 against 2.6-3.4;
+docs/training-recipe.md).
 ``verydeepvae train --preset demo`` itself always trains the preset's 450; this only chooses what
 the Makefile asks for.
 
