@@ -225,6 +225,16 @@ def test_encode_passes_share_one_encoder_pass_and_stopping_early_leaves_the_coar
         assert torch.equal(repeat[i], full_drawn[i]) and not torch.equal(repeat[i], full_means[i])
 
 
+def test_a_finest_level_without_latent_layers_is_still_decoded_to_full_resolution():
+    cfg = build_config(preset="tiny", overrides={
+        "resolution": 2, "channels": [1, 2], "channels_per_latent": [1, 1], "latent_feature_maps_per_resolution": [0, 1],
+        "kernel_sizes_bottom_up": [1, 1], "kernel_sizes_top_down": [1, 1]})
+    model = VeryDeepVAE(cfg)
+    x = torch.rand(1, 1, 2, 2, 2)
+    assert model(x).params.shape[2:] == x.shape[2:] and model.sample(1).shape == x.shape
+    assert len(model.encode_passes(x, [False], num_layers=1)[0]) == 1
+
+
 def test_a_mixture_model_trains_and_samples_and_its_setting_is_checked():
     model = VeryDeepVAE(build_config(preset="tiny", overrides={"likelihood_mixtures": 4, "sample_voxels": "draw"}))
     assert model.output_head.conv.out_channels == 12

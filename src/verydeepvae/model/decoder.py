@@ -80,7 +80,7 @@ class Decoder(nn.Module):
         zs: list[torch.Tensor] = []
         index = 0
         for level in reversed(range(self.num_levels)):
-            if index >= stop:
+            if num_layers is not None and index >= stop:  # levels without latent layers still run in full
                 break
             if level < self.num_levels - 1:
                 h = self.upsamples[str(level)](h)
