@@ -326,10 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return 0
 
-    unknown = [m.strip() for m in (args.modes or "").split(",") if m.strip() and m.strip() not in MODES]
+    modes, left_out = modes_to_run(args.modes, args.device)
+    unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
-    modes, left_out = modes_to_run(args.modes, args.device)
     print(f"preset {args.preset}, batch size {args.batch_size}, device {args.device}, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up, {args.repeats} repeat(s); "
           f"load average before: {open('/proc/loadavg').read().split()[:3]}; "
