@@ -79,6 +79,17 @@ def test_importing_the_package_changes_nothing_and_loads_no_torch():
     assert result.returncode == 0, result.stderr
 
 
+def test_the_command_line_is_built_without_torch_monai_or_matplotlib():
+    """`verydeepvae --help` and every command's start pay only for what the command uses: building
+    the parser once imported the whole evaluation (MONAI, SciPy, torch), about 6 s on 2 cores."""
+    code = ("import sys; from verydeepvae.cli import build_parser; parser = build_parser(); "
+            "heavy = sorted({'torch', 'monai', 'matplotlib', 'scipy'} & {m.split('.')[0] for m in sys.modules}); "
+            "assert not heavy, heavy; "
+            "assert 'calibrate-guidance' in parser.format_help()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def _cli_environment(env: dict[str, str]) -> list[str]:
     """OMP_WAIT_POLICY and GOMP_SPINCOUNT as a CLI command leaves them, started with ``env``."""
     code = ("import os, sys; from verydeepvae.cli import main; main(['config', 'show', '--preset', 'tiny']); "

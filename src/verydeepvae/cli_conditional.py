@@ -203,7 +203,7 @@ def _counterfactual(args: argparse.Namespace) -> int:
 
 def add_calibrate_command(sub) -> None:
     from .cli_options import command, data_option, model_options, seed_option
-    from .evaluate.calibration import REALISM_TOLERANCE, SCALES
+    from .guidance import REALISM_TOLERANCE, SCALES
 
     p = command(sub, "calibrate-guidance", "measure, per covariate of a conditional model, the guidance scale at "
                                            "which samples respond to it as the training scans do")

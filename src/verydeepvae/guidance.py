@@ -24,6 +24,11 @@ from .errors import UserError
 CALIBRATION_FILE = "guidance_calibration.json"
 CALIBRATION_FIGURE = "guidance_calibration.png"
 CALIBRATED = "calibrated"
+# the scales calibrate-guidance tries, and how much worse than scale 1's a scale's samples may be
+# (Fréchet distance to the training scans) before the search stops; kept here, not in
+# evaluate/calibration.py, so that building the command line does not import the evaluation
+SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
+REALISM_TOLERANCE = 1.5
 
 
 @dataclass(frozen=True)

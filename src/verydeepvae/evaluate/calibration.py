@@ -51,15 +51,12 @@ from .. import metrics
 from ..atomic import write_json
 from ..data.covariates import CovariateSchema, Value
 from ..errors import UserError
-from ..guidance import CALIBRATION_FIGURE, CALIBRATION_FILE, Guidance
+from ..guidance import CALIBRATION_FIGURE, CALIBRATION_FILE, REALISM_TOLERANCE, SCALES, Guidance
 from ..inference import TrainedModel
 from ..scan_files import input_files, load_preprocessed
 from .conditional import MEASURES, measure, sample_at, sweep_points, trend
 from .counterfactual_calibration import (CounterfactualCalibration, calibrate_counterfactuals, describe_counterfactual,
                                          first_reaching_one)
-
-SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0)
-REALISM_TOLERANCE = 1.5
 
 
 @dataclass
