@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from verydeepvae import viz
+from scipy import ndimage
+
+from verydeepvae import slice_board, viz
 
 
 @pytest.fixture
@@ -19,9 +21,7 @@ def figures(monkeypatch):
     def keep(fig, path):
         kept.append(fig)
         fig.canvas.draw()  # lay out as when saving
-        texts = [t.get_text() for ax in fig.axes for t in ax.texts]
-        labels = [ax.get_ylabel() for ax in fig.axes] + [ax.get_title() for ax in fig.axes]
-        fig._seen = {"texts": texts, "labels": labels}
+        fig._seen = {"texts": [t.get_text() for t in fig.texts] + [t.get_text() for ax in fig.axes for t in ax.texts]}
         save(fig, path)
 
     monkeypatch.setattr(viz, "save_figure", keep)
@@ -34,7 +34,8 @@ def _volume(size: int = 16) -> np.ndarray:
 
 
 def _colour_bars(fig) -> list[str]:
-    return [ax.get_ylabel() for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]
+    """The colour bars' labels (wrapped to the bar's height: read as one line)."""
+    return [ax.get_ylabel().replace("\n", " ") for ax in fig.axes if getattr(ax, "_colorbar", None) is not None]
 
 
 def test_a_montage_names_its_planes_slices_orientation_and_intensities(tmp_path, figures):
@@ -43,7 +44,7 @@ def test_a_montage_names_its_planes_slices_orientation_and_intensities(tmp_path,
     seen = figures[0]._seen
     for letter in "LRAPSI":
         assert letter in seen["texts"]
-    assert {"sagittal x=8/16", "coronal y=8/16", "axial z=8/16"} <= set(seen["labels"])
+    assert {"sagittal x=8/16", "coronal y=8/16", "axial z=8/16"} <= set(seen["texts"])
     assert _colour_bars(figures[0]) == [viz.MODEL_INTENSITY]
 
 
@@ -66,10 +67,11 @@ def test_training_reconstructions_show_all_three_planes(tmp_path, figures):
     reporter.figures = tmp_path
     x = torch.from_numpy(np.stack([_volume(), _volume()]))[:, None]
     reporter.reconstruction_figure(3, x, [("reconstruction", x), ("prior above 4³", x)])
-    labels = " ".join(figures[0]._seen["labels"])
+    labels = " ".join(figures[0]._seen["texts"])
     for plane in ("sagittal", "coronal", "axial"):
         assert labels.count(plane) == 2, plane  # one line per plane and subject
-    assert len([ax for ax in figures[0].axes if ax.images]) == 2 * 3 * 3
+    board = figures[0].axes[0].images[0].get_array()
+    assert ndimage.label(~np.ma.getmaskarray(board))[1] == 2 * 3 * 3  # separate panels
 
 
 def test_curves_mark_every_point_so_a_single_one_is_visible(tmp_path, figures):
@@ -83,4 +85,19 @@ def test_interpolation_strip_and_side_by_side_are_labelled(tmp_path, figures):
     viz.save_side_by_side([_volume()], [_volume()], tmp_path / "p.png", "real", "samples")
     for fig in figures:
         assert "S" in fig._seen["texts"] and _colour_bars(fig) == [viz.MODEL_INTENSITY]
-        assert any("axial z=8/16" in label for label in fig._seen["labels"])
+        assert any("axial z=8/16" in label for label in fig._seen["texts"])
+
+
+def test_a_board_puts_every_panel_in_its_cell_and_leaves_the_rest_blank():
+    tall, wide = np.full((6, 2), 1.0), np.full((2, 4), 2.0)
+    mosaic = slice_board.compose([[tall, None], [wide, tall]], gap=1, wide_gap_after=[0])
+    assert mosaic.width == [4, 2] and mosaic.height == [6, 6]
+    assert mosaic.left == [1, 1 + 4 + 3] and mosaic.top == [1, 1 + 6 + 1]
+    image = mosaic.image
+    assert np.isnan(image).sum() == image.size - (12 + 8 + 12)  # nothing but the panels drawn
+    assert np.all(image[1:7, 2:4] == 1.0)  # the tall panel centred in its 4-voxel-wide cell
+    assert np.all(image[10:12, 1:5] == 2.0)  # the wide one centred in its 6-voxel-tall cell
+    assert np.all(np.isnan(image[1:7, 8:10]))  # the empty cell
+    assert np.all(image[8:14, 8:10] == 1.0)
+    with pytest.raises(ValueError):
+        slice_board.compose([])

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from . import slice_board  # noqa: E402
 from .atomic import write_with  # noqa: E402
 
 PLANES = ("sagittal", "coronal", "axial")
@@ -44,35 +45,11 @@ def slice_label(plane: str, shape: Sequence[int]) -> str:
     return f"{plane} {AXIS_NAMES[plane]}={int(shape[axis]) // 2}/{int(shape[axis])}"
 
 
-def orientation_letters(ax, plane: str) -> None:
-    """L/R, A/P, S/I on the four edges of a slice panel."""
-    left, right, top, bottom = ORIENTATION[plane]
-    style = dict(color="yellow", fontsize=5, fontweight="bold", transform=ax.transAxes)
-    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
-    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
-    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
-    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
-
-
-def _panel(ax, image: np.ndarray, vmin: float | None, vmax: float | None, plane: str | None = None):
-    shown = ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if plane is not None:
-        orientation_letters(ax, plane)
-    return shown
-
-
-def _colour_bar(fig, axes, image, label: str | None) -> None:
-    """One colour bar for the whole figure (every panel shares vmin/vmax)."""
-    if label and image is not None:
-        bar = fig.colorbar(image, ax=np.asarray(axes).ravel().tolist(), shrink=0.6, aspect=30, pad=0.01)
-        bar.set_label(label, fontsize=7)
-        bar.ax.tick_params(labelsize=6)
-
-
-def _figure(nrows: int, ncols: int, width: float, height: float):
-    return plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, layout="constrained")
+def _draw(panels, planes, *, panel_inches: float, vmin, vmax, colorbar, **labels):
+    """The figure of ``panels[row][col]``, with the orientation letters of ``planes[row][col]``
+    (None: no letters) and the titles in ``labels`` (see :func:`slice_board.draw`)."""
+    return slice_board.draw(panels, panel_inches=panel_inches, letters=planes, orientation=ORIENTATION,
+                            vmin=vmin, vmax=vmax, colorbar=colorbar, **labels)
 
 
 def save_montage(
@@ -85,22 +62,12 @@ def save_montage(
     colorbar: str | None = MODEL_INTENSITY,
 ) -> None:
     """One row per volume, three columns (sagittal, coronal, axial mid-slices)."""
-    n = len(volumes)
-    if n == 0:
+    if len(volumes) == 0:
         raise ValueError("save_montage needs at least one volume")
-    fig, axes = _figure(n, 3, 6.6, 2.0 * n + (0.4 if suptitle else 0.0))
-    image = None
-    for row, volume in enumerate(volumes):
-        for col, slice_ in enumerate(mid_slices(volume)):
-            ax = axes[row][col]
-            image = _panel(ax, slice_, vmin, vmax, PLANES[col])
-            if row == 0:
-                ax.set_title(slice_label(PLANES[col], np.shape(volume)), fontsize=8)
-        if titles is not None:
-            axes[row][0].set_ylabel(titles[row], fontsize=7)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=9)
-    _colour_bar(fig, axes, image, colorbar)
+    shape = np.shape(volumes[0])
+    fig = _draw([mid_slices(v) for v in volumes], [list(PLANES)] * len(volumes), panel_inches=1.9,
+                vmin=vmin, vmax=vmax, colorbar=colorbar, suptitle=suptitle,
+                col_titles=[slice_label(plane, shape) for plane in PLANES], row_labels=titles)
     save_figure(fig, path)
 
 
@@ -119,18 +86,13 @@ def save_side_by_side(
     n = min(len(left), len(right))
     if n == 0:
         raise ValueError("save_side_by_side needs at least one volume on each side")
-    fig, axes = _figure(n, 6, 10.8, 1.7 * n + 0.5)
-    image = None
-    for row in range(n):
-        for side, volume in enumerate((left[row], right[row])):
-            for col, slice_ in enumerate(mid_slices(volume)):
-                ax = axes[row][3 * side + col]
-                image = _panel(ax, slice_, vmin, vmax, PLANES[col])
-                if row == 0:
-                    label = slice_label(PLANES[col], np.shape(volume))
-                    ax.set_title(f"{(left_title, right_title)[side]}\n{label}" if col == 1 else f"\n{label}",
-                                 fontsize=7)
-    _colour_bar(fig, axes, image, colorbar)
+    titles = []
+    for side, volume in ((left_title, left[0]), (right_title, right[0])):
+        titles += [f"{side if col == 1 else ''}\n{slice_label(plane, np.shape(volume))}"
+                   for col, plane in enumerate(PLANES)]
+    fig = _draw([mid_slices(left[i]) + mid_slices(right[i]) for i in range(n)], [list(PLANES) * 2] * n,
+                panel_inches=1.6, vmin=vmin, vmax=vmax, colorbar=colorbar, col_titles=titles,
+                wide_gap_after=[len(PLANES) - 1])
     save_figure(fig, path)
 
 
@@ -147,25 +109,16 @@ def save_grid(
     """Volumes in a grid (e.g. inputs vs reconstructions): each row of volumes becomes one line of
     panels per plane in ``planes`` (all three by default), each column one volume of the row."""
     indices = [PLANES.index(plane) for plane in planes]
-    nrows, ncols = len(rows) * len(indices), max(len(r) for r in rows)
-    fig, axes = _figure(nrows, ncols, 1.5 * ncols + 0.8, 1.5 * nrows + 0.3)
-    image = None
+    panels, letters, labels = [], [], []
     for i, row in enumerate(rows):
+        slices = [mid_slices(volume) for volume in row]
         for p, index in enumerate(indices):
-            line = i * len(indices) + p
-            for j in range(ncols):
-                ax = axes[line][j]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if j < len(row):
-                    image = _panel(ax, mid_slices(row[j])[index], vmin, vmax, PLANES[index] if j == 0 else None)
-                else:
-                    ax.axis("off")
-                if line == 0 and col_titles is not None and j < len(col_titles):
-                    ax.set_title(col_titles[j], fontsize=7)
+            panels.append([s[index] for s in slices])
+            letters.append([PLANES[index]])  # on the first column only
             name = f"{row_titles[i]}\n" if row_titles is not None and p == 0 else ""
-            axes[line][0].set_ylabel(name + slice_label(PLANES[index], np.shape(row[0])), fontsize=6)
-    _colour_bar(fig, axes, image, colorbar)
+            labels.append(name + slice_label(PLANES[index], np.shape(row[0])))
+    fig = _draw(panels, letters, panel_inches=1.4, vmin=vmin, vmax=vmax, colorbar=colorbar,
+                col_titles=col_titles, row_labels=labels)
     save_figure(fig, path)
 
 
@@ -178,20 +131,11 @@ def save_strip(
 ) -> None:
     """Columns of volumes (e.g. an interpolation), rows sagittal / coronal / axial mid-slices
     (model range [0, 1])."""
-    n = len(volumes)
-    fig, axes = _figure(3, n, 1.3 * n + 0.8, 4.4)
-    image = None
-    for j, volume in enumerate(volumes):
-        for i, slice_ in enumerate(mid_slices(volume)):
-            ax = axes[i][j]
-            image = _panel(ax, slice_, 0.0, 1.0, PLANES[i] if j == 0 else None)
-            if i == 0:
-                ax.set_title(titles[j], fontsize=7)
-            if j == 0:
-                ax.set_ylabel(slice_label(PLANES[i], np.shape(volume)), fontsize=6)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=8)
-    _colour_bar(fig, axes, image, colorbar)
+    slices = [mid_slices(volume) for volume in volumes]
+    shape = np.shape(volumes[0])
+    fig = _draw([[s[i] for s in slices] for i in range(len(PLANES))], [[plane] for plane in PLANES],
+                panel_inches=1.2, vmin=0.0, vmax=1.0, colorbar=colorbar, suptitle=suptitle or None,
+                col_titles=titles, row_labels=[slice_label(plane, shape) for plane in PLANES])
     save_figure(fig, path)
 
 
