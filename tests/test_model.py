@@ -205,6 +205,20 @@ def test_encode_decode_round_trip_matches_posterior_mean_reconstruction():
     assert torch.allclose(model.decode(model.encode(x)), model.reconstruct(x), atol=1e-6)
 
 
+def test_progressive_reconstructions_share_one_encoder_pass_and_match_reconstruct():
+    torch.manual_seed(0)
+    model = VeryDeepVAE(build_config(preset="tiny")).eval()
+    x = torch.rand(2, 1, 16, 16, 16)
+    levels = [None] + list(range(1, model.decoder.num_levels))
+    calls = []
+    model.encoder.register_forward_hook(lambda *_: calls.append(1))
+    together = model.reconstructions(x, levels)
+    assert len(calls) == 1 and len(together) == len(levels) > 2
+    for level, volume in zip(levels, together):
+        assert torch.equal(volume, model.reconstruct(x, prior_from_level=level))
+    assert len(calls) == 1 + len(levels)
+
+
 def test_encode_passes_share_one_encoder_pass_and_stopping_early_leaves_the_coarse_layers_unchanged():
     torch.manual_seed(0)
     model = VeryDeepVAE(build_config(preset="tiny")).eval()

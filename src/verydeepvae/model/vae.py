@@ -313,16 +313,28 @@ class VeryDeepVAE(nn.Module):
         """Reconstruction in [0, 1].  With ``prior_from_level`` = m, latent layers at levels < m
         (resolutions finer than R/2^m) come from the prior at ``temperature`` instead of the
         posterior: the original's "progressive reconstructions"."""
-        choices = []
-        for level in self.decoder.layer_levels:
-            from_prior = prior_from_level is not None and level < prior_from_level
-            choices.append(LatentChoice(use_posterior=not from_prior, posterior_mean=posterior_mean,
-                                        temperature=temperature))
+        return self.reconstructions(x01, [prior_from_level], posterior_mean, temperature, generator, covariates)[0]
+
+    @torch.no_grad()
+    def reconstructions(self, x01: torch.Tensor, prior_from_levels: Sequence[int | None],
+                        posterior_mean: bool = True, temperature: float = 0.0,
+                        generator: torch.Generator | None = None,
+                        covariates: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """:meth:`reconstruct` at each of ``prior_from_levels``, in that order, from one bottom-up
+        pass: a training figure's progressive reconstructions cost one encoder pass per volume,
+        not one per row."""
         film = self._film(covariates, x01.shape[0])
+        out = []
         with self.inference_autocast(x01.device):
             x = self._input(x01)
-            h, _, _ = self.decoder(self.encoder(x), choices, x.shape[0], generator, film=film)
-            return self._to_volume(self.output_head(F.gelu(h)), False, generator)
+            activations = self.encoder(x)
+            for prior_from_level in prior_from_levels:
+                choices = [LatentChoice(use_posterior=prior_from_level is None or level >= prior_from_level,
+                                        posterior_mean=posterior_mean, temperature=temperature)
+                           for level in self.decoder.layer_levels]
+                h, _, _ = self.decoder(activations, choices, x.shape[0], generator, film=film)
+                out.append(self._to_volume(self.output_head(F.gelu(h)), False, generator))
+        return out
 
     @torch.no_grad()
     def encode(self, x01: torch.Tensor, covariates: torch.Tensor | None = None,

@@ -27,12 +27,9 @@ def training_figures(model: VeryDeepVAE, cfg: Config, val: Any, device: torch.de
         if n > 0:
             x = torch.stack([val[i] for i in range(n)]).to(device)
             c = covariates_of(val, range(n), device)
-            rows = [("reconstruction", _one_by_one(model.reconstruct, x, covariates=c))]
-            for level in range(1, model.decoder.num_levels):
-                rows.append((f"prior <{cfg.resolution >> (level - 1)}³",
-                             _one_by_one(model.reconstruct, x, covariates=c, prior_from_level=level,
-                                         temperature=0.0)))
-            reporter.reconstruction_figure(step, x, rows)
+            levels = [None] + list(range(1, model.decoder.num_levels))
+            names = ["reconstruction"] + [f"prior <{cfg.resolution >> (level - 1)}³" for level in levels[1:]]
+            reporter.reconstruction_figure(step, x, list(zip(names, _progressive(model, x, c, levels))))
         generator = torch.Generator(device=device).manual_seed(seed)
         samples = torch.cat([model.sample(1, 1.0, generator=generator)
                              for _ in range(max(1, cfg.subjects_to_plot))])
@@ -61,9 +58,12 @@ def final_samples(model: VeryDeepVAE, bundle: Any, cfg: Config, seed: int, devic
                   extra_record=record, covariates=covariates)
 
 
-def _one_by_one(function, x: torch.Tensor, covariates: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """``function(x, **kwargs)`` one volume at a time (bounded memory), with each volume's
-    ``covariates`` when there are (a conditional model)."""
-    if covariates is not None:
-        return torch.cat([function(x[i:i + 1], covariates=covariates[i:i + 1], **kwargs) for i in range(x.shape[0])])
-    return torch.cat([function(x[i:i + 1], **kwargs) for i in range(x.shape[0])])
+def _progressive(model: VeryDeepVAE, x: torch.Tensor, covariates: torch.Tensor | None,
+                 levels: list[int | None]) -> list[torch.Tensor]:
+    """``model.reconstructions`` of ``x`` at each of ``levels`` (prior from that level on, at
+    temperature 0), one volume at a time (bounded memory), with each volume's ``covariates`` when
+    there are (a conditional model); one (N, 1, D, H, W) tensor per level."""
+    per_volume = [model.reconstructions(x[i:i + 1], levels, temperature=0.0,
+                                        covariates=None if covariates is None else covariates[i:i + 1])
+                  for i in range(x.shape[0])]
+    return [torch.cat([volume[k] for volume in per_volume]) for k in range(len(levels))]
