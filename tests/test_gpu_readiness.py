@@ -115,18 +115,22 @@ def test_resuming_with_another_world_size_says_what_is_not_exact(tmp_path):
 
 
 # -- 3. the figure pass: after the checkpoint, one subject at a time, at the training precision -----
-def test_figures_come_after_the_checkpoint_one_subject_at_a_time_under_autocast(tmp_path, monkeypatch):
+def test_figures_come_after_the_checkpoint_under_autocast_one_volume_per_pass_from_64_cubed(tmp_path, monkeypatch):
     from conftest import write_ellipsoids
 
     from verydeepvae.train import loop
+    from verydeepvae.train.figures import volumes_per_pass
+
+    # 128³ and 64³ volumes one at a time (memory); small ones together (per-layer overhead)
+    assert volumes_per_pass(128) == volumes_per_pass(64) == 1 and volumes_per_pass(32) == 4
 
     seen, in_figures = [], []
-    original_reconstruct, original_sample = VeryDeepVAE.reconstruct, VeryDeepVAE.sample
+    original_reconstructions, original_sample = VeryDeepVAE.reconstructions, VeryDeepVAE.sample
 
-    def reconstruct(self, x, *args, **kwargs):
+    def reconstructions(self, x, *args, **kwargs):
         if in_figures:
-            seen.append(("reconstruct", x.shape[0], torch.is_autocast_enabled("cpu")))
-        return original_reconstruct(self, x, *args, **kwargs)
+            seen.append(("reconstructions", x.shape[0], torch.is_autocast_enabled("cpu")))
+        return original_reconstructions(self, x, *args, **kwargs)
 
     def sample(self, n, *args, **kwargs):
         if in_figures:
@@ -144,18 +148,18 @@ def test_figures_come_after_the_checkpoint_one_subject_at_a_time_under_autocast(
         finally:
             in_figures.clear()
 
-    monkeypatch.setattr(VeryDeepVAE, "reconstruct", reconstruct)
+    monkeypatch.setattr(VeryDeepVAE, "reconstructions", reconstructions)
     monkeypatch.setattr(VeryDeepVAE, "sample", sample)
     monkeypatch.setattr(loop._Trainer, "_figures", figures)
     data = tmp_path / "data"
     write_ellipsoids(data, 20, size=16)
     cfg = build_config(preset="tiny", overrides={
         "data_path": str(data), "output_dir": str(tmp_path / "run"), "max_steps": 2, "precision": "bf16",
-        "figures_every": 2, "checkpoint_every": 2, "subjects_to_plot": 2, "num_workers": 0, "quality_samples": 0})
+        "figures_every": 2, "checkpoint_every": 2, "subjects_to_plot": 2, "num_workers": 0, "quality_samples": 0,
+        "train_fraction": 0.9})  # two validation volumes
     loop.train(cfg, show_progress=False)
     assert checkpoints_at_figures == [["step_00000002.safetensors"]]
-    assert {c[0] for c in seen} == {"reconstruct", "sample"}
-    assert all(n == 1 and autocast for _, n, autocast in seen)
+    assert seen == [("reconstructions", 2, True), ("sample", 2, True)]  # 16³: both subjects in one pass
     assert (tmp_path / "run" / "figures" / "samples_step_00000002.png").exists()
 
 

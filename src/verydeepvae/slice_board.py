@@ -88,7 +88,7 @@ def draw(panels: Sequence[Sequence[np.ndarray | None]], *, panel_inches: float,
          col_titles: Sequence[str | None] | None = None, row_labels: Sequence[str | None] | None = None,
          suptitle: str | None = None, colorbar: str | None = None, vmin: float | None = 0.0,
          vmax: float | None = 1.0, wide_gap_after: Sequence[int] = ()):
-    """A figure of the panels (grey scale, ``vmin``..``vmax``; None: the panels' own range), with
+    """A figure of the panels (grey scale, ``vmin``..``vmax``, shared; None: all panels' range), with
     column titles above (font 7), row labels rotated on the left (font 6), the four orientation
     letters of ``orientation[letters[row][col]]`` (left, right, top, bottom) on a panel's edges, an
     optional suptitle (font 9) and one colour bar labelled ``colorbar`` on the right.  Returns

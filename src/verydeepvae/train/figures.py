@@ -14,25 +14,37 @@ from .batches import covariates_of
 from .reporting import Reporter
 
 
+VOXELS_PER_PASS = 4 * 32 ** 3  # the figures' volumes per forward pass: 4 at 32³, one at 64³ and above
+
+
+def volumes_per_pass(resolution: int) -> int:
+    """How many volumes a figure's forward pass takes at once: one from 64³ up, where a batch of
+    ``subjects_to_plot`` full-precision volumes can need more memory than the training step itself
+    (at 128³, 4 reconstructions in fp32 hold ~12.7 GiB); several below, where a pass of one small
+    volume is mostly per-layer overhead (at 32³ on 2 CPU cores, a subject's six reconstruction rows
+    took 3.1 s alone and 4 subjects' 1.6-2.1 s together)."""
+    return max(1, VOXELS_PER_PASS // resolution ** 3)
+
+
 @torch.no_grad()
 def training_figures(model: VeryDeepVAE, cfg: Config, val: Any, device: torch.device, seed: int,
                      reporter: Reporter, step: int) -> Path:
-    """Reconstructions and samples of ``model`` (the EMA one), one subject at a time under the
-    training precision: a batch of ``subjects_to_plot`` full-precision volumes can need more memory
-    than the training step itself (at 128³, 4 reconstructions in fp32 hold ~12.7 GiB).  Returns
-    the sample figure's path."""
+    """Reconstructions and samples of ``model`` (the EMA one) under the training precision,
+    :func:`volumes_per_pass` volumes at a time.  Returns the sample figure's path."""
     model = model.eval()
     n = min(cfg.subjects_to_plot, len(val))
+    per_pass = volumes_per_pass(cfg.resolution)
     with autocast_for(cfg.precision, device):
         if n > 0:
             x = torch.stack([val[i] for i in range(n)]).to(device)
             c = covariates_of(val, range(n), device)
             levels = [None] + list(range(1, model.decoder.num_levels))
             names = ["reconstruction"] + [f"prior <{cfg.resolution >> (level - 1)}³" for level in levels[1:]]
-            reporter.reconstruction_figure(step, x, list(zip(names, _progressive(model, x, c, levels))))
+            reporter.reconstruction_figure(step, x, list(zip(names, _progressive(model, x, c, levels, per_pass))))
         generator = torch.Generator(device=device).manual_seed(seed)
-        samples = torch.cat([model.sample(1, 1.0, generator=generator)
-                             for _ in range(max(1, cfg.subjects_to_plot))])
+        wanted = max(1, cfg.subjects_to_plot)
+        samples = torch.cat([model.sample(min(per_pass, wanted - start), 1.0, generator=generator)
+                             for start in range(0, wanted, per_pass)])
     return reporter.sample_figure(step, samples, 1.0)
 
 
@@ -59,11 +71,11 @@ def final_samples(model: VeryDeepVAE, bundle: Any, cfg: Config, seed: int, devic
 
 
 def _progressive(model: VeryDeepVAE, x: torch.Tensor, covariates: torch.Tensor | None,
-                 levels: list[int | None]) -> list[torch.Tensor]:
+                 levels: list[int | None], per_pass: int) -> list[torch.Tensor]:
     """``model.reconstructions`` of ``x`` at each of ``levels`` (prior from that level on, at
-    temperature 0), one volume at a time (bounded memory), with each volume's ``covariates`` when
+    temperature 0), ``per_pass`` volumes at a time (bounded memory), with their ``covariates`` when
     there are (a conditional model); one (N, 1, D, H, W) tensor per level."""
-    per_volume = [model.reconstructions(x[i:i + 1], levels, temperature=0.0,
-                                        covariates=None if covariates is None else covariates[i:i + 1])
-                  for i in range(x.shape[0])]
-    return [torch.cat([volume[k] for volume in per_volume]) for k in range(len(levels))]
+    passes = [model.reconstructions(x[i:i + per_pass], levels, temperature=0.0,
+                                    covariates=None if covariates is None else covariates[i:i + per_pass])
+              for i in range(0, x.shape[0], per_pass)]
+    return [torch.cat([rows[k] for rows in passes]) for k in range(len(levels))]
