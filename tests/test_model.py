@@ -217,6 +217,11 @@ def test_progressive_reconstructions_share_one_encoder_pass_and_match_reconstruc
     for level, volume in zip(levels, together):
         assert torch.equal(volume, model.reconstruct(x, prior_from_level=level))
     assert len(calls) == 1 + len(levels)
+    # drawn from the prior: the same random stream as one reconstruct per level
+    drawn = model.reconstructions(x, levels[1:], temperature=1.0, generator=torch.Generator().manual_seed(4))
+    one_by_one = torch.Generator().manual_seed(4)
+    for level, volume in zip(levels[1:], drawn):
+        assert torch.equal(volume, model.reconstruct(x, prior_from_level=level, temperature=1.0, generator=one_by_one))
 
 
 def test_encode_passes_share_one_encoder_pass_and_stopping_early_leaves_the_coarse_layers_unchanged():

@@ -91,9 +91,9 @@ def compute_reconstructions(model: VeryDeepVAE, volumes: np.ndarray, device: str
         p, s, m = (np.atleast_1d(f(xs, recon)) for f in (psnr, ssim3d, mae))
         progressive = []
         if start < MAX_FIGURE_ROWS:
-            progressive = [model.reconstruct(x, prior_from_level=lv, temperature=temperature,
-                                             generator=figure_generator, covariates=c).float().cpu()[:, 0].numpy()
-                           for lv in range(1, model.decoder.num_levels)]
+            progressive = [r.float().cpu()[:, 0].numpy() for r in model.reconstructions(
+                x, list(range(1, model.decoder.num_levels)), temperature=temperature, generator=figure_generator,
+                covariates=c)]
         yield ReconstructedBatch(start, xs, recon, terms, p, s, m, progressive)
 
 
