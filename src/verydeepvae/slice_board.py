@@ -84,13 +84,13 @@ def _lines(texts: Sequence[str | None] | None) -> int:
 
 
 def draw(panels: Sequence[Sequence[np.ndarray | None]], *, panel_inches: float,
-         letters: Sequence[Sequence[str | None]] | None = None, orientation: dict | None = None,
+         letters: Sequence[Sequence[Sequence[str] | None]] | None = None,
          col_titles: Sequence[str | None] | None = None, row_labels: Sequence[str | None] | None = None,
          suptitle: str | None = None, colorbar: str | None = None, vmin: float | None = 0.0,
          vmax: float | None = 1.0, wide_gap_after: Sequence[int] = ()):
     """A figure of the panels (grey scale, ``vmin``..``vmax``, shared; None: all panels' range), with
     column titles above (font 7), row labels rotated on the left (font 6), the four orientation
-    letters of ``orientation[letters[row][col]]`` (left, right, top, bottom) on a panel's edges, an
+    letters ``letters[row][col]`` (left, right, top, bottom; None: none) on a panel's edges, an
     optional suptitle (font 9) and one colour bar labelled ``colorbar`` on the right.  Returns
     the figure, unsaved: a bare :class:`Figure`, outside pyplot's figure manager, that ``savefig``
     renders with Agg whatever the backend."""
@@ -121,9 +121,9 @@ def draw(panels: Sequence[Sequence[np.ndarray | None]], *, panel_inches: float,
             ax.text(mosaic.left[0] - 0.5 - pad, mosaic.centre(i, 0)[1], label, rotation=90, ha="right",
                     va="center", fontsize=6)
     for i, row in enumerate(letters or ()):
-        for j, key in enumerate(row):
-            if key is not None and panels[i][j] is not None:
-                _letters(ax, mosaic, i, j, np.shape(panels[i][j]), orientation[key])
+        for j, names in enumerate(row):
+            if names is not None and panels[i][j] is not None:
+                _letters(ax, mosaic, i, j, np.shape(panels[i][j]), names)
     if suptitle:
         fig.text(0.5, 1 - 0.04 / fig_h, suptitle, ha="center", va="top", fontsize=9)
     if colorbar:

@@ -48,8 +48,9 @@ def slice_label(plane: str, shape: Sequence[int]) -> str:
 def _draw(panels, planes, *, panel_inches: float, vmin, vmax, colorbar, **labels):
     """The figure of ``panels[row][col]``, with the orientation letters of ``planes[row][col]``
     (None: no letters) and the titles in ``labels`` (see :func:`slice_board.draw`)."""
-    return slice_board.draw(panels, panel_inches=panel_inches, letters=planes, orientation=ORIENTATION,
-                            vmin=vmin, vmax=vmax, colorbar=colorbar, **labels)
+    letters = [[None if plane is None else ORIENTATION[plane] for plane in row] for row in planes]
+    return slice_board.draw(panels, panel_inches=panel_inches, letters=letters, vmin=vmin, vmax=vmax,
+                            colorbar=colorbar, **labels)
 
 
 def save_montage(
