@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 # torch 2.13.0: a CPU build where only that wheel is available, the CUDA build from PyPI elsewhere.
 TORCH ?= torch==2.13.0
 RUN ?= runs/demo
-# the demo's training steps: auto = the preset's 450, or 250 where they would not fit in 10 minutes
-# (float32 on a CPU of 2 cores; src/verydeepvae/demo_steps.py)
+# the demo's training steps: auto = the preset's 450, or as many as fit in 10 minutes counted from
+# make's start, installation included, at this CPU's measured speed (src/verydeepvae/demo_steps.py)
 DEMO_STEPS ?= auto
+STARTED := $(shell date +%s)
 
 .PHONY: install demo test test-fast bench clean-demo
 
@@ -35,7 +36,7 @@ install: $(VENV)/.installed
 ## Train the demo model on the built-in phantom population, then sample from it.
 demo: install
 	@steps="$(DEMO_STEPS)"; \
-	if [ "$$steps" = auto ]; then steps=$$($(PY) -m verydeepvae.demo_steps) || exit 1; fi; \
+	if [ "$$steps" = auto ]; then steps=$$($(PY) -m verydeepvae.demo_steps --started $(STARTED)) || exit 1; fi; \
 	echo "$(VENV)/bin/verydeepvae train --preset demo --set max_steps=$$steps --output $(RUN) --overwrite"; \
 	$(VENV)/bin/verydeepvae train --preset demo --set max_steps=$$steps --output $(RUN) --overwrite
 	$(VENV)/bin/verydeepvae sample --checkpoint $(RUN) --num 8 --temperature 0.8 --output $(RUN)/samples_t0.8

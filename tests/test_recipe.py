@@ -255,23 +255,40 @@ def test_quality_benchmark_fills_a_wall_clock_budget(tmp_path):
     assert "s per validation" in result.stdout
 
 
-def test_make_demo_trains_fewer_steps_only_where_float32_on_two_cores_would_overrun_ten_minutes():
-    from verydeepvae.demo_steps import SHORT_STEPS, demo_steps
+def test_make_demo_trains_as_many_steps_as_fit_in_the_time_left():
+    from verydeepvae.demo_steps import LOOP_OVERHEAD, MIN_STEPS, STEP_ROUNDING, planned_steps
 
-    assert demo_steps(450, on_gpu=False, native_bf16=False, cores=2)[0] == SHORT_STEPS < 450
-    assert "DEMO_STEPS=450" in demo_steps(450, on_gpu=False, native_bf16=False, cores=2)[1]
-    for fast in ({"on_gpu": True, "native_bf16": False, "cores": 2},
-                 {"on_gpu": False, "native_bf16": True, "cores": 2},
-                 {"on_gpu": False, "native_bf16": False, "cores": 4}):
-        assert demo_steps(450, **fast) == (450, "")  # the preset's steps, nothing said
-    assert demo_steps(100, on_gpu=False, native_bf16=False, cores=1)[0] == 100  # never more than asked
+    assert planned_steps(450, None, 0.0) == (450, "")  # nothing timed (a GPU): the preset's steps, nothing said
+    assert planned_steps(450, 0.5, 400.0) == (450, "")  # they fit: nothing said
+    steps, reason = planned_steps(450, 1.2, 400.0)
+    assert MIN_STEPS < steps < 450 and steps % STEP_ROUNDING == 0
+    assert steps * 1.2 * LOOP_OVERHEAD <= 400.0 < (steps + STEP_ROUNDING) * 1.2 * LOOP_OVERHEAD  # the most that fit
+    assert "1.20 s" in reason and f"{steps} of its 450 steps fit" in reason and "DEMO_STEPS=450" in reason
+    faster, _ = planned_steps(450, 1.0, 400.0)
+    assert faster > steps  # a faster machine trains more
+    steps, reason = planned_steps(450, 2.5, 300.0)  # not even the fewest fit: those, and how far past
+    assert steps == MIN_STEPS and "past the 10-minute budget" in reason
+    assert planned_steps(450, 1.0, -50.0)[0] == MIN_STEPS  # the time already spent: still the fewest
+    assert planned_steps(100, 2.5, 10.0)[0] == 100  # never more than the preset asks for
+
+
+def test_the_demo_probe_times_real_training_steps():
+    from verydeepvae.demo_steps import seconds_per_training_step
+
+    cfg = build_config("tiny")
+    seconds = seconds_per_training_step(cfg, torch.device("cpu"), steps=2)
+    assert 0.0 < seconds < 60.0
 
 
 def test_the_demo_step_count_is_a_number_the_makefile_can_pass_on():
-    from verydeepvae.demo_steps import SHORT_STEPS
+    from verydeepvae.demo_steps import MIN_STEPS
 
-    out = subprocess.run([sys.executable, "-m", "verydeepvae.demo_steps"], capture_output=True, text=True,
-                         check=True)
-    assert int(out.stdout.strip()) in (SHORT_STEPS, build_config("demo").max_steps)
+    full = build_config("demo").max_steps
+    out = subprocess.run([sys.executable, "-m", "verydeepvae.demo_steps", "--started", "0"], capture_output=True,
+                         text=True, check=True)  # started in 1970: no time left, the fewest steps
+    if torch.cuda.is_available():  # a GPU is not timed: the preset's steps
+        assert int(out.stdout.strip()) == full
+    else:
+        assert int(out.stdout.strip()) == MIN_STEPS and "past the 10-minute budget" in out.stderr
     makefile = (ROOT / "Makefile").read_text()
-    assert "-m verydeepvae.demo_steps" in makefile and "--set max_steps=$$steps" in makefile
+    assert "-m verydeepvae.demo_steps --started $(STARTED)" in makefile and "--set max_steps=$$steps" in makefile

@@ -1,57 +1,112 @@
 """How many steps ``make demo`` trains here, so that the quick start stays within 10 minutes.
 
-The ``demo`` preset's 450 steps take 4-6 minutes on a 2-core CPU with native bfloat16 (0.58 s/step)
-and far less on a GPU or a CPU with more cores.  On 2 cores without native bfloat16 training runs in
-float32 at 1.2-2.0 s/step (the same kind of 2-core AMD EPYC without AVX512-BF16, 6 December 2026,
-varied that much from hour to hour), and 450 steps plus installation took 12 min 20 s.  There the
-demo trains :data:`SHORT_STEPS` steps instead, the same preset with a shorter schedule.  300 steps
-took 8 min 54 s and 9 min 18 s on a fast day but 10 min 29 s on a slow one (1.4-1.6 s/step); 250
-took 8 min 43 s in that slow hour.  Their samples are grainier than the full demo's; for the demo's
-training seed, 250 steps met the demo's targets on the four held-out readings taken, but other
-training seeds did worse than with 300 (seed 5: Fréchet ratio 5.3-6.1 against 2.6-3.4;
-docs/training-recipe.md).
-``verydeepvae train --preset demo`` itself always trains the preset's 450; this only chooses what
-the Makefile asks for.
+A CPU's speed decides it, and it is measured, not guessed: the same kind of 2-core AMD EPYC
+without native bfloat16 trained the demo at 1.2 s/step one day and 2.1 s/step another (float32),
+and ``make demo`` took 10 min 57 s with a fixed 250 steps on the slow day (7 December 2026,
+docs/training-recipe.md).  So on a CPU this times :data:`PROBE_STEPS` training steps of the
+``demo`` preset (as ``verydeepvae train`` would run them: its precision and memory format), and
+trains as many steps as fit in what is left of :data:`BUDGET_SECONDS` since ``make`` started,
+after :data:`RESERVE_SECONDS` for what follows the steps: never more than the preset's 450, never
+fewer than :data:`MIN_STEPS`.  On a GPU the preset's steps fit with room to spare and nothing is
+timed.  The count is printed; ``make demo DEMO_STEPS=N`` trains exactly N, for a model that does
+not depend on the hour.  ``verydeepvae train --preset demo`` itself always trains the preset's 450.
 
-    python -m verydeepvae.demo_steps       # prints the step count; the reason goes to stderr
+    python -m verydeepvae.demo_steps [--started EPOCH_SECONDS]   # the step count; the reason to stderr
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import math
+import statistics
 import sys
+import time
 
-SHORT_STEPS = 250  # 250 x 1.56 s + installation, start-up and sampling: 8 min 43 s on 2 slow fp32 cores
-SLOW_CORES = 2  # at or below this many usable cores a float32 CPU is too slow for the full demo
+BUDGET_SECONDS = 600.0  # the quick start's promise: `make demo` within 10 minutes, installation included
+RESERVE_SECONDS = 95.0
+"""What ``make demo`` spends after this command besides the steps, measured on the slow day: the
+start of training (17 s), its two validations (6 s), the end of training (the fitted prior, the last
+checkpoint, figures and samples: 30-35 s), ``verydeepvae sample`` (10-12 s), and 25 s of margin."""
+LOOP_OVERHEAD = 1.08
+"""The training loop's seconds per step over the probe's: data loading, logging, checkpoints and
+the hour's drift (2.07 s/step in the loop against 1.88-1.95 s measured alone, the same slow hour)."""
+MIN_STEPS = 200
+"""The fewest steps trained, however slow the machine: 200 steps still met every demo target for
+the demo's training seed (Fréchet ratio 2.21-2.71, tissue ratios within 2.32, no dead level, on four
+held-out readings); fewer were not measured."""
+PROBE_STEPS = 4  # timed after one untimed step (the first pays for oneDNN's kernel choices)
+STEP_ROUNDING = 10  # steps are a multiple of the preset's logging period
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def demo_steps(full_steps: int, on_gpu: bool, native_bf16: bool, cores: int) -> tuple[int, str]:
-    """(steps, reason): the preset's ``full_steps`` unless training would run in float32 on a CPU
-    with at most :data:`SLOW_CORES` cores, then :data:`SHORT_STEPS` (never more than ``full_steps``)."""
-    if on_gpu or native_bf16 or cores > SLOW_CORES:
+def planned_steps(full_steps: int, seconds_per_step: float | None, seconds_left: float) -> tuple[int, str]:
+    """(steps, reason): the preset's ``full_steps`` where they fit (or where nothing was timed:
+    ``seconds_per_step`` None), else as many as fit in ``seconds_left`` at ``seconds_per_step`` (the
+    probe's) times :data:`LOOP_OVERHEAD`, rounded down to :data:`STEP_ROUNDING` and at least
+    :data:`MIN_STEPS`.  The reason is empty when all the preset's steps are trained."""
+    if seconds_per_step is None:
         return full_steps, ""
-    steps = min(SHORT_STEPS, full_steps)
-    return steps, (f"make demo: this CPU has {cores} usable core(s) and no native bfloat16, so training runs in "
-                   f"float32 (1.2-2.0 s/step on 2 cores): the demo trains {steps} of its {full_steps} steps to "
-                   f"stay within 10 minutes (make demo DEMO_STEPS={full_steps} trains them all)")
+    per_step = seconds_per_step * LOOP_OVERHEAD
+    fit = int(max(seconds_left, 0.0) / per_step) // STEP_ROUNDING * STEP_ROUNDING
+    if fit >= full_steps:
+        return full_steps, ""
+    steps = min(max(fit, MIN_STEPS), full_steps)
+    speed = f"a demo training step takes {seconds_per_step:.2f} s on this machine (measured)"
+    if steps > fit:
+        over = math.ceil((steps * per_step - seconds_left) / 10.0) * 10
+        return steps, (f"make demo: {speed}, so it trains {steps} of its {full_steps} steps, the fewest that give "
+                       f"recognisable brains, and will run about {over} s past the 10-minute budget "
+                       f"(make demo DEMO_STEPS=N trains N)")
+    return steps, (f"make demo: {speed}, so {steps} of its {full_steps} steps fit in the 10 minutes "
+                   f"(make demo DEMO_STEPS={full_steps} trains them all)")
 
 
-def main() -> int:
-    from .config import read_preset
+def seconds_per_training_step(cfg, device, steps: int = PROBE_STEPS) -> float:
+    """Mean seconds of ``steps`` training steps (forward, backward, clipping, the update and the
+    EMA) of a fresh model of ``cfg`` on random volumes at ``cfg.batch_size``, after one untimed step.
+    ``cfg``'s speed choices must already be resolved (``train.precision.resolve_speed_choices``)."""
+    import torch
+
+    from .model import VeryDeepVAE, autocast_for
+    from .train.optim import EMA, build_optimiser
+
+    model = VeryDeepVAE(cfg).to(device)
+    optimiser, ema = build_optimiser(model, cfg), EMA(model, cfg.ema_rate)
+    r = cfg.resolution
+    x = torch.rand(cfg.batch_size, 1, r, r, r, generator=torch.Generator().manual_seed(0)).to(device)
+    times = []
+    for i in range(steps + 1):
+        start = time.perf_counter()
+        with autocast_for(cfg.precision, device):
+            loss = model(x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimiser.step()
+        optimiser.zero_grad(set_to_none=True)
+        ema.update(model)
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.fmean(times)  # a slow step counts: the loop's own average includes them
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m verydeepvae.demo_steps", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--started", type=float, default=None,
+                        help="when `make demo` started (seconds since the epoch); default: now")
+    args = parser.parse_args(argv)
+    started = time.time() if args.started is None else args.started
+
+    from .process_defaults import apply_cli_defaults
+
+    apply_cli_defaults()  # the bounded OpenMP spin `verydeepvae train` runs with, before torch loads
+    from .config import build_config
     from .device import resolve_device
-    from .train.precision import cpu_has_native_bf16
+    from .train.precision import resolve_speed_choices
 
-    # the device `verydeepvae train` picks by itself (the Makefile names none)
-    on_gpu = resolve_device("auto").type == "cuda"
-    steps, reason = demo_steps(int(read_preset("demo")["max_steps"]), on_gpu, cpu_has_native_bf16(), usable_cores())
+    device = resolve_device("auto")  # the device `verydeepvae train` picks by itself (the Makefile names none)
+    cfg = resolve_speed_choices(build_config("demo"), device, [])
+    timed = seconds_per_training_step(cfg, device) if device.type == "cpu" else None
+    seconds_left = BUDGET_SECONDS - (time.time() - started) - RESERVE_SECONDS
+    steps, reason = planned_steps(int(cfg.max_steps), timed, seconds_left)
     if reason:
         print(reason, file=sys.stderr)
     print(steps)
