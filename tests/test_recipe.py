@@ -256,13 +256,13 @@ def test_quality_benchmark_fills_a_wall_clock_budget(tmp_path):
 
 
 def test_make_demo_trains_as_many_steps_as_fit_in_the_time_left():
-    from verydeepvae.demo_steps import LOOP_OVERHEAD, MIN_STEPS, STEP_ROUNDING, planned_steps
+    from verydeepvae.demo_steps import MIN_STEPS, STEP_ROUNDING, planned_steps
 
     assert planned_steps(450, None, 0.0) == (450, "")  # nothing timed (a GPU): the preset's steps, nothing said
     assert planned_steps(450, 0.5, 400.0) == (450, "")  # they fit: nothing said
     steps, reason = planned_steps(450, 1.2, 400.0)
     assert MIN_STEPS < steps < 450 and steps % STEP_ROUNDING == 0
-    assert steps * 1.2 * LOOP_OVERHEAD <= 400.0 < (steps + STEP_ROUNDING) * 1.2 * LOOP_OVERHEAD  # the most that fit
+    assert steps * 1.2 <= 400.0 < (steps + STEP_ROUNDING) * 1.2  # the most that fit
     assert "1.20 s" in reason and f"{steps} of its 450 steps fit" in reason and "DEMO_STEPS=450" in reason
     faster, _ = planned_steps(450, 1.0, 400.0)
     assert faster > steps  # a faster machine trains more
