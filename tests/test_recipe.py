@@ -259,7 +259,8 @@ def test_make_demo_trains_as_many_steps_as_fit_in_the_time_left():
     from verydeepvae.demo_steps import MIN_STEPS, STEP_ROUNDING, planned_steps
 
     assert planned_steps(450, None, 0.0) == (450, "")  # nothing timed (a GPU): the preset's steps, nothing said
-    assert planned_steps(450, 0.5, 400.0) == (450, "")  # they fit: nothing said
+    steps, reason = planned_steps(450, 0.5, 400.0)  # they fit: all of them, and the measurement said
+    assert steps == 450 and "0.50 s" in reason and "all 450 steps fit" in reason
     steps, reason = planned_steps(450, 1.2, 400.0)
     assert MIN_STEPS < steps < 450 and steps % STEP_ROUNDING == 0
     assert steps * 1.2 <= 400.0 < (steps + STEP_ROUNDING) * 1.2  # the most that fit

@@ -39,15 +39,15 @@ STEP_ROUNDING = 10  # steps are a multiple of the preset's logging period
 def planned_steps(full_steps: int, seconds_per_step: float | None, seconds_left: float) -> tuple[int, str]:
     """(steps, reason): the preset's ``full_steps`` where they fit (or where nothing was timed:
     ``seconds_per_step`` None), else as many as fit in ``seconds_left`` at ``seconds_per_step``,
-    rounded down to :data:`STEP_ROUNDING` and at least :data:`MIN_STEPS`.  The reason is empty when
-    all the preset's steps are trained."""
+    rounded down to :data:`STEP_ROUNDING` and at least :data:`MIN_STEPS`.  The reason (empty when
+    nothing was timed) says how long a step took and what that allows."""
     if seconds_per_step is None:
         return full_steps, ""
-    fit = int(max(seconds_left, 0.0) / seconds_per_step) // STEP_ROUNDING * STEP_ROUNDING
-    if fit >= full_steps:
-        return full_steps, ""
-    steps = min(max(fit, MIN_STEPS), full_steps)
+    fit = int(max(seconds_left, 0.0) / max(seconds_per_step, 1e-9)) // STEP_ROUNDING * STEP_ROUNDING
     speed = f"a demo training step takes {seconds_per_step:.2f} s on this machine (measured)"
+    if fit >= full_steps:
+        return full_steps, f"make demo: {speed}, so all {full_steps} steps fit in the 10 minutes"
+    steps = min(max(fit, MIN_STEPS), full_steps)
     if steps > fit:
         return steps, (f"make demo: {speed}, so it trains {steps} of its {full_steps} steps, the fewest that give "
                        f"recognisable brains, and may run past the 10-minute budget (make demo DEMO_STEPS=N "
