@@ -278,7 +278,7 @@ def test_the_demo_probe_times_real_training_steps():
 
     cfg = build_config("tiny")
     seconds = seconds_per_training_step(cfg, torch.device("cpu"), steps=2)
-    assert 0.0 < seconds < 60.0
+    assert math.isfinite(seconds) and seconds > 0.0
 
 
 def test_the_demo_step_count_is_a_number_the_makefile_can_pass_on():
