@@ -114,7 +114,7 @@ def test_resuming_with_another_world_size_says_what_is_not_exact(tmp_path):
     assert any("saved by 8 process(es) and resumes with 1" in n for n in notices)
 
 
-# -- 3. the figure pass: after the checkpoint, one subject at a time, at the training precision -----
+# -- 3. the figure pass: after the checkpoint, one volume per pass from 64³ up, at the training precision --
 def test_figures_come_after_the_checkpoint_under_autocast_one_volume_per_pass_from_64_cubed(tmp_path, monkeypatch):
     from conftest import write_ellipsoids
 
