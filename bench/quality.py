@@ -12,7 +12,8 @@ population made with another seed, and prints one table plus a learning-curve fi
 Columns: held-out negative ELBO (bits/voxel), resolution levels without an active latent unit,
 ratios to the real-vs-real baseline of the random-CNN Fréchet distance and MMD (n/a when the
 unbiased real-vs-real MMD² is not positive, which happens with small sets), sample MS-SSIM
-minus real-pair MS-SSIM, 1-Wasserstein ratios of the tissue volumes (samples vs real over real vs
+minus real-pair MS-SSIM, the samples' voxel-to-voxel roughness over the real volumes' and their fine
+correlation minus the real volumes' (metrics/texture.py: grain reads > 1 and < 0), 1-Wasserstein ratios of the tissue volumes (samples vs real over real vs
 real, matched set sizes) and the memorisation ratio (median nearest-training distance of samples
 over that of held-out volumes) and what drew the samples' coarse latents: the learned prior or
 the Gaussian fitted at the end of training (model/fitted_prior.py).  A checkpoint that samples
@@ -211,10 +212,12 @@ def _elapsed_by_step(path: Path) -> dict[int, float]:
 
 
 COLUMNS = [("step", "{:>6d}"), ("minutes", "{:>7.1f}"), ("bits_per_voxel", "{:>6.3f}"), ("dead_levels", "{:>12}"),
-           ("frechet_ratio", "{:>7.2f}"), ("mmd_ratio", "{:>7.2f}"), ("ms_ssim_gap", "{:>+7.3f}")] + \
+           ("frechet_ratio", "{:>7.2f}"), ("mmd_ratio", "{:>7.2f}"), ("ms_ssim_gap", "{:>+7.3f}"),
+           ("roughness_ratio", "{:>6.2f}"), ("fine_correlation_gap", "{:>+6.2f}")] + \
           [(f"w1_ratio_{t}", "{:>6.2f}") for t in TISSUES] + [("memorisation_ratio", "{:>6.2f}"), ("prior", "{:>13}")]
 HEADERS = {"step": "step", "minutes": "min", "bits_per_voxel": "bits", "dead_levels": "dead levels",
            "frechet_ratio": "FD x", "mmd_ratio": "MMD x", "ms_ssim_gap": "MSSSIM", "memorisation_ratio": "mem",
+           "roughness_ratio": "rough", "fine_correlation_gap": "fine",
            "prior": "prior",
            **{f"w1_ratio_{t}": t.split("_")[0][:6] for t in TISSUES}}
 

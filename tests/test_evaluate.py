@@ -215,6 +215,8 @@ def test_report_on_the_runs_own_split(report, run):
     for key in ("psnr_db", "ssim", "mae"):
         assert math.isfinite(r["reconstruction"][key]["mean"])
     assert r["diversity"]["samples"]["num_volumes"] == 6 and r["diversity"]["real"]["num_volumes"] == 4
+    assert r["texture"]["real"]["num_volumes"] == 4  # phantoms always have an interior; samples may not yet
+    assert r["texture"]["samples"] is None or 1 <= r["texture"]["samples"]["num_volumes"] <= 6
     for name in ("random_cnn", "intensity"):
         assert r["distances"][name]["frechet"]["real_vs_real"] >= 0
         assert "samples_vs_real_half" in r["distances"][name]["mmd"]
@@ -294,7 +296,7 @@ def test_held_out_copies_of_training_volumes_are_flagged(run, tmp_path, capsys):
 def test_evaluate_is_reproducible(run, trained, report, tmp_path):
     options = EvaluationOptions(num_samples=6, num_pairs=10, baseline_repeats=3, show_progress=False)
     again = run_evaluation(trained, None, tmp_path, options).data
-    for section in ("likelihood", "reconstruction", "diversity", "distances", "memorisation"):
+    for section in ("likelihood", "reconstruction", "diversity", "texture", "distances", "memorisation"):
         assert json.dumps(again[section], sort_keys=True, default=str) == \
             json.dumps(report.data[section], sort_keys=True, default=str), section
 

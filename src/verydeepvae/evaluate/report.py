@@ -12,7 +12,7 @@ import numpy as np
 from .. import viz
 from ..atomic import write_text, write_with
 from ..sampling import DRAWN
-from .population import DistancesSection, DiversitySection, MemorisationSection, MorphometrySection
+from .population import DistancesSection, DiversitySection, MemorisationSection, MorphometrySection, TextureSection
 from .conditional_section import ConditionalSection
 from .sections import LikelihoodSection, ReconstructionSection
 from .text import num
@@ -164,6 +164,7 @@ def sections(report: dict[str, Any]) -> dict[str, Any]:
     return {"likelihood": LikelihoodSection.from_json(report["likelihood"]),
             "reconstruction": ReconstructionSection.from_json(report["reconstruction"]),
             "diversity": DiversitySection.from_json(report["diversity"]),
+            "texture": TextureSection.from_json(report.get("texture")),
             "distances": DistancesSection.from_json(report["distances"]),
             "memorisation": MemorisationSection.from_json(report["memorisation"]),
             "morphometry": MorphometrySection.from_json(report.get("morphometry", {"skipped": "not computed"})),
@@ -173,7 +174,7 @@ def sections(report: dict[str, Any]) -> dict[str, Any]:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """A few headline lines for the console."""
     parts = sections(report)
-    lines = [line for name in ("likelihood", "reconstruction", "diversity", "distances", "memorisation")
+    lines = [line for name in ("likelihood", "reconstruction", "diversity", "texture", "distances", "memorisation")
              for line in parts[name].console_lines()]
     if "conditional" in parts:
         lines += parts["conditional"].console_lines()
@@ -185,7 +186,7 @@ def markdown(report: dict[str, Any]) -> str:
     parts = sections(report)
     figures = report.get("figures", {})
     out = _header(report) + ["## Summary", "", "| measure | model / samples | reference |", "|---|---|---|"]
-    for name in ("likelihood", "reconstruction", "diversity", "distances", "memorisation", "morphometry"):
+    for name in ("likelihood", "reconstruction", "diversity", "texture", "distances", "memorisation", "morphometry"):
         out += parts[name].summary_rows()
     out.append("")
     out += parts["likelihood"].markdown(figures) + parts["reconstruction"].markdown(figures)
@@ -194,7 +195,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"![held-out real volumes beside samples]({figures.get('samples_vs_real', '')})", "",
             f"![samples]({figures.get('samples', '')}) ![real]({figures.get('real', '')})", "",
             parts["diversity"].what + ".", ""]
-    out += parts["diversity"].markdown() + parts["distances"].markdown()
+    out += parts["diversity"].markdown() + parts["texture"].markdown() + parts["distances"].markdown()
     out += parts["memorisation"].markdown(figures) + parts["morphometry"].markdown(figures)
     if "conditional" in parts:
         out += parts["conditional"].markdown(figures)

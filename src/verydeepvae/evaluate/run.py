@@ -181,7 +181,7 @@ def check_set_size(options: EvaluationOptions, num_heldout: int | None = None) -
 def _model_sections(report: dict[str, Any], trained: TrainedModel, heldout: np.ndarray,
                     covariates: np.ndarray | None, temperature: Any, options: EvaluationOptions,
                     lap: _Laps) -> tuple[np.ndarray, np.ndarray]:
-    """Likelihood, reconstruction, samples and diversity into ``report``; returns the
+    """Likelihood, reconstruction, samples, diversity and texture into ``report``; returns the
     reconstructions and the samples, (N, R, R, R) each in the model range [0, 1]."""
     show = options.show_progress
     report["likelihood"] = compute.likelihood_section(trained, heldout, options.batch_size, options.seed, show,
@@ -202,6 +202,8 @@ def _model_sections(report: dict[str, Any], trained: TrainedModel, heldout: np.n
     lap("sampling")
     report["diversity"] = compute.diversity_section(samples, heldout, options.num_pairs, options.seed).to_json()
     lap("diversity")
+    report["texture"] = compute.texture_section(samples, heldout).to_json()
+    lap("texture")
     return recon, samples
 
 

@@ -13,6 +13,9 @@ Each figure is a ratio or gap against the real-vs-real reference the report comp
   held-out volume (< 1: samples closer to the training set than unseen brains are);
 * ``heldout_copies``: held-out volumes that are voxel copies of training volumes (should be 0; if
   not, every other figure is partly a training-set figure);
+* ``roughness_ratio``, ``fine_correlation_gap``: the samples' median voxel-to-voxel roughness over the
+  real volumes', and their median fine correlation minus the real volumes' (metrics/texture.py;
+  grain: ratio > 1 and gap < 0; too smooth: ratio < 1 and gap > 0);
 * ``dead_levels``: resolutions (edge length) none of whose latent units is active;
 * ``prior``: what drew the samples' coarse latents, "learned" or "fitted 1³-4³" (model/fitted_prior.py).
 
@@ -78,6 +81,10 @@ def quality_row(report: dict[str, Any]) -> dict[str, Any]:
     samples = _num(_get(report, "diversity", "samples", "mean"))
     real = _num(_get(report, "diversity", "real", "mean"))
     row["ms_ssim_samples"], row["ms_ssim_real"], row["ms_ssim_gap"] = samples, real, samples - real
+    rough = [_num(_get(report, "texture", who, "roughness", "median")) for who in ("samples", "real")]
+    corr = [_num(_get(report, "texture", who, "fine_correlation", "median")) for who in ("samples", "real")]
+    row["roughness_ratio"] = rough[0] / rough[1] if rough[1] > 0 else math.nan
+    row["fine_correlation_gap"] = corr[0] - corr[1]
     features = _get(report, "morphometry", "comparison", "features") or {}
     for tissue in TISSUES:
         entry = features.get(tissue) or {}
