@@ -12,10 +12,11 @@ population made with another seed, and prints one table plus a learning-curve fi
 Columns: held-out negative ELBO (bits/voxel), resolution levels without an active latent unit,
 ratios to the real-vs-real baseline of the random-CNN Fréchet distance and MMD (n/a when the
 unbiased real-vs-real MMD² is not positive, which happens with small sets), sample MS-SSIM
-minus real-pair MS-SSIM, the samples' voxel-to-voxel roughness over the real volumes' and their fine
-correlation minus the real volumes' (metrics/texture.py: grain reads > 1 and < 0), 1-Wasserstein ratios of the tissue volumes (samples vs real over real vs
-real, matched set sizes) and the memorisation ratio (median nearest-training distance of samples
-over that of held-out volumes) and what drew the samples' coarse latents: the learned prior or
+minus real-pair MS-SSIM, the samples' voxel-to-voxel roughness over the real volumes' and their
+fine correlation minus the real volumes' (metrics/texture.py: grain reads > 1 and < 0),
+1-Wasserstein ratios of the tissue volumes (samples vs real over real vs real, matched set sizes)
+and the memorisation ratio (median nearest-training distance of samples over that of held-out
+volumes) and what drew the samples' coarse latents: the learned prior or
 the Gaussian fitted at the end of training (model/fitted_prior.py).  A checkpoint that samples
 with the fitted Gaussian is read twice, once with the learned prior, so the curve shows what the
 extra steps gave apart from the change of prior (the figure marks the fitted reading with a

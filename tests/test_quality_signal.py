@@ -21,6 +21,7 @@ from verydeepvae.train.progress import unused_level_warning, validation_line
 
 LEVELS = ("res16", "res8", "res4", "res2", "res1")  # the tiny preset's latent levels
 FRECHET_KEYS = {"frechet_samples", "frechet_real_vs_real", "frechet_ratio"}
+TEXTURE_KEYS = {"roughness_ratio", "fine_correlation_gap"}  # computed with the Fréchet keys, from the same samples
 
 
 def _records(run: Path, kind: str) -> list[dict]:
@@ -52,6 +53,7 @@ def test_validation_logs_active_units_per_level_and_the_frechet_ratio(runs):
     for r in records:
         assert math.isfinite(r["frechet_ratio"]) and r["frechet_ratio"] > 0
         assert r["frechet_ratio"] == pytest.approx(r["frechet_samples"] / r["frechet_real_vs_real"])
+        assert TEXTURE_KEYS <= set(r)  # NaN is allowed: an untrained model's samples may have no interior
         for level in LEVELS:
             assert r[f"active_units_{level}"] >= 0
         assert 0 <= r["dead_levels"] <= len(LEVELS)
@@ -133,6 +135,10 @@ def test_the_unused_level_warning_names_the_levels_and_the_remedies_not_yet_in_t
     assert validation_line(450, values, quality).endswith("; dead latent levels 2 (32³, 2³)")
     assert validation_line(450, values, dict(coarse, active_units_res2=8.0, dead_levels=0.0)).endswith(
         "; dead latent levels 0")
+    textured = dict(quality, frechet_ratio=2.5, roughness_ratio=1.27, fine_correlation_gap=-0.265)
+    assert "; Fréchet ratio 2.50; texture: roughness 1.27x real, fine correlation -0.27 from real; dead latent" in \
+        validation_line(450, values, textured)
+    assert "texture" not in validation_line(450, values, dict(textured, roughness_ratio=math.nan))
 
 
 @pytest.mark.slow
@@ -165,7 +171,8 @@ def test_sample_quality_on_random_volumes_returns_the_documented_keys():
     volumes = rng.uniform(0, 1, (6, 16, 16, 16)).astype(np.float32)
     torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
     out = quality.sample_quality(model, volumes, volumes, num_samples=8, batch_size=4, device="cpu", seed=3)
-    assert set(out) == {f"active_units_{level}" for level in LEVELS} | {"dead_levels", "seconds"} | FRECHET_KEYS
+    assert set(out) == {f"active_units_{level}" for level in LEVELS} | {"dead_levels", "seconds"} | FRECHET_KEYS | \
+        TEXTURE_KEYS
     assert all(isinstance(v, float) and math.isfinite(v) for v in out.values())
     assert out["frechet_ratio"] > 0 and out["frechet_real_vs_real"] > 0
     # the global RNG streams are untouched, the model's mode restored, the result reproducible

@@ -13,7 +13,8 @@ from scipy import ndimage
 from verydeepvae.evaluate import compute
 from verydeepvae.evaluate.report import markdown, summary_lines
 from verydeepvae.evaluate.summary import quality_row
-from verydeepvae.metrics import texture_statistics
+from verydeepvae.metrics import texture_comparison, texture_statistics, texture_summary
+from verydeepvae.train.quality import texture_against
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "evaluation-example" / "report.json"
 
@@ -98,5 +99,21 @@ def test_reports_carry_texture_and_older_reports_still_read():
     assert any(line.startswith("texture (samples vs real)") for line in summary_lines(new))
     row = quality_row(new)
     t = new["texture"]
-    assert row["roughness_ratio"] == pytest.approx(t["samples"]["roughness"]["median"] / t["real"]["roughness"]["median"])
+    ratio = t["samples"]["roughness"]["median"] / t["real"]["roughness"]["median"]
+    assert row["roughness_ratio"] == pytest.approx(ratio)
     assert row["fine_correlation_gap"] < 0  # grain against structured texture
+
+
+def test_the_training_signal_reads_grain_as_rough_and_uncorrelated():
+    real = np.stack([_structured(seed) for seed in range(4)])
+    grain = np.stack([_grainy(0.08, seed) for seed in range(4)])
+    same = texture_against(real, real)
+    assert same["roughness_ratio"] == pytest.approx(1.0) and same["fine_correlation_gap"] == pytest.approx(0.0)
+    grainy = texture_against(grain, real)
+    assert grainy["roughness_ratio"] > 1 and grainy["fine_correlation_gap"] < 0
+    smooth = texture_against(np.stack([_smooth()] * 4), real)
+    assert smooth["roughness_ratio"] < 1 and smooth["fine_correlation_gap"] > 0
+    assert all(np.isnan(v) for v in texture_against(np.zeros((2, 16, 16, 16)), real).values())
+    assert all(np.isnan(v) for v in texture_against(np.full((2, 16, 16, 16), np.nan), real).values())
+    # the report's summary and comparison give the same figures as the training signal
+    assert texture_comparison(texture_summary(grain), texture_summary(real)) == grainy

@@ -20,9 +20,9 @@ from ..console import bar
 from ..errors import UserError
 from ..inference import BACKGROUND_LEVEL, LN2, TrainedModel, elbo_terms
 from ..json_types import JSONObject
-from .population import (TEXTURE_NOTE, Distance, DiversitySection, FeatureDescription, NearestTraining, TextureOfSet,
-                         TextureSection, TextureSpread)
+from .population import Distance, DiversitySection, FeatureDescription, NearestTraining
 from .sections import LikelihoodSection, ReconstructionSection, Stats
+from .texture_section import TEXTURE_NOTE, TextureSection
 
 ACTIVE_THRESHOLD = M.ACTIVE_THRESHOLD
 
@@ -128,21 +128,7 @@ def diversity_section(samples: np.ndarray, heldout: np.ndarray, num_pairs: int, 
 
 def texture_section(samples: np.ndarray, heldout: np.ndarray) -> TextureSection:
     """Roughness and fine correlation (metrics/texture.py) of the samples and of the held-out volumes."""
-    return TextureSection(what=TEXTURE_NOTE, samples=_texture_of_set(samples), real=_texture_of_set(heldout))
-
-
-def _texture_of_set(volumes: np.ndarray) -> TextureOfSet | None:
-    stats = M.texture_statistics(volumes)
-    rough, corr = np.asarray(stats["roughness"]), np.asarray(stats["fine_correlation"])
-    keep = np.isfinite(rough) & np.isfinite(corr)
-    if not keep.any():
-        return None
-
-    def spread(values: np.ndarray) -> TextureSpread:
-        p10, median, p90 = np.percentile(values[keep], [10, 50, 90])
-        return {"median": float(median), "p10": float(p10), "p90": float(p90)}
-
-    return {"num_volumes": int(keep.sum()), "roughness": spread(rough), "fine_correlation": spread(corr)}
+    return TextureSection(what=TEXTURE_NOTE, samples=M.texture_summary(samples), real=M.texture_summary(heldout))
 
 
 # --- feature distances ----------------------------------------------------------------------------

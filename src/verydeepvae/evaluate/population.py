@@ -1,6 +1,7 @@
 """The report's sections that compare the population of samples with real volumes: diversity,
-texture, feature distances, memorisation and tissue volumes.  Like ``sections.py``: a small dataclass per
-section with its JSON form (the keys ``report.json`` has always had) and how it reads."""
+feature distances, memorisation and tissue volumes (texture: ``texture_section.py``).  Like
+``sections.py``: a small dataclass per section with its JSON form (the keys ``report.json`` has
+always had) and how it reads."""
 
 from __future__ import annotations
 
@@ -188,78 +189,6 @@ class DiversitySection:
         return out + ["", f"Settings for {'×'.join(map(str, st['volume_shape']))} volumes: {st['num_scales']} scales, "
                           f"{st['kernel_size']}-voxel Gaussian window (sigma {st['kernel_sigma']}), weights "
                           f"{', '.join(num(w) for w in st['weights'])}: {st['note']}.", ""]
-
-
-class TextureSpread(TypedDict):
-    """One texture statistic over a set of volumes: median and 10th-90th percentile."""
-
-    median: float
-    p10: float
-    p90: float
-
-
-class TextureOfSet(TypedDict):
-    """metrics.texture_statistics summarised over one set of volumes (those with an interior)."""
-
-    num_volumes: int
-    roughness: TextureSpread
-    fine_correlation: TextureSpread
-
-
-TEXTURE_NOTE = (
-    "Texture inside the brain (voxels above 0.05, holes filled, eroded by 2 voxels): roughness = mean absolute "
-    "difference between face neighbours (model intensity); fine correlation = correlation between face neighbours "
-    "of the volume minus its 1-voxel Gaussian blur. Independent grain (voxels drawn from p(x | z)) gives a fine "
-    "correlation near 0, often with more roughness than real volumes have; a smooth output (the mean of p(x | z)) "
-    "low roughness and a high fine correlation; the goal is to match the real volumes on both")
-
-
-@dataclass
-class TextureSection:
-    """Texture of samples and of real volumes (metrics/texture.py); None: no volume with an interior."""
-
-    what: str
-    samples: TextureOfSet | None
-    real: TextureOfSet | None
-
-    def to_json(self) -> JSONObject:
-        return dict(vars(self))
-
-    @classmethod
-    def from_json(cls, data: JSONObject | None) -> TextureSection:
-        data = data or {}  # reports written before the section existed
-        return cls(data.get("what", ""), data.get("samples"), data.get("real"))
-
-    @property
-    def measured(self) -> bool:
-        return bool(self.samples and self.real)
-
-    def _medians(self, name: str) -> str:
-        return f"{num(self.samples[name]['median'], 3)} vs {num(self.real[name]['median'], 3)}"
-
-    def summary_rows(self) -> list[str]:
-        if not self.measured:
-            return []
-        return [f"| texture: roughness / fine correlation (medians) | {num(self.samples['roughness']['median'], 3)} / "
-                f"{num(self.samples['fine_correlation']['median'], 3)} | {num(self.real['roughness']['median'], 3)} / "
-                f"{num(self.real['fine_correlation']['median'], 3)} real |"]
-
-    def console_lines(self) -> list[str]:
-        if not self.measured:
-            return []
-        return [f"texture (samples vs real): roughness {self._medians('roughness')}, "
-                f"fine correlation {self._medians('fine_correlation')}"]
-
-    def markdown(self) -> list[str]:
-        if not self.measured:
-            return []
-        out = [self.what + ".", "", "| volumes | n | roughness, median (10th-90th percentile) | "
-               "fine correlation, median (10th-90th percentile) |", "|---|---|---|---|"]
-        for name, e in (("samples", self.samples), ("real", self.real)):
-            cells = [f"{num(e[k]['median'], 3)} ({num(e[k]['p10'], 3)}-{num(e[k]['p90'], 3)})"
-                     for k in ("roughness", "fine_correlation")]
-            out.append(f"| {name} | {e['num_volumes']} | {cells[0]} | {cells[1]} |")
-        return out + [""]
 
 
 @dataclass

@@ -12,9 +12,10 @@ import numpy as np
 from .. import viz
 from ..atomic import write_text, write_with
 from ..sampling import DRAWN
-from .population import DistancesSection, DiversitySection, MemorisationSection, MorphometrySection, TextureSection
+from .population import DistancesSection, DiversitySection, MemorisationSection, MorphometrySection
 from .conditional_section import ConditionalSection
 from .sections import LikelihoodSection, ReconstructionSection
+from .texture_section import TextureSection
 from .text import num
 
 FIGURE_ROWS = 6

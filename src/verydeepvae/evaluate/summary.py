@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..metrics.texture import texture_comparison
+
 TISSUES = ("gm_ml", "wm_ml", "csf_ml", "ventricle_ml", "lesion_ml", "brain_ml")
 
 
@@ -81,10 +83,7 @@ def quality_row(report: dict[str, Any]) -> dict[str, Any]:
     samples = _num(_get(report, "diversity", "samples", "mean"))
     real = _num(_get(report, "diversity", "real", "mean"))
     row["ms_ssim_samples"], row["ms_ssim_real"], row["ms_ssim_gap"] = samples, real, samples - real
-    rough = [_num(_get(report, "texture", who, "roughness", "median")) for who in ("samples", "real")]
-    corr = [_num(_get(report, "texture", who, "fine_correlation", "median")) for who in ("samples", "real")]
-    row["roughness_ratio"] = rough[0] / rough[1] if rough[1] > 0 else math.nan
-    row["fine_correlation_gap"] = corr[0] - corr[1]
+    row.update(texture_comparison(_get(report, "texture", "samples"), _get(report, "texture", "real")))
     features = _get(report, "morphometry", "comparison", "features") or {}
     for tissue in TISSUES:
         entry = features.get(tissue) or {}

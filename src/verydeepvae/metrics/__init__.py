@@ -15,7 +15,8 @@ dicts. Modules, by job:
 * ``likelihood``: :func:`active_units` (streaming: :class:`RunningVariance`,
   :func:`active_units_from_variances`);
 * ``tissue``: :func:`tissue_volumes`, :func:`tissue_volume_table`, :func:`wasserstein_by_feature`;
-* ``texture``: :func:`texture_statistics` (voxel-to-voxel roughness and its fine structure).
+* ``texture``: :func:`texture_statistics` (voxel-to-voxel roughness and its fine structure),
+  :func:`texture_summary`, :func:`texture_comparison`.
 
 Naming: distances on random-3D-CNN features are "Fréchet distance on random-3D-CNN features" and
 "MMD on random-3D-CNN features", never FID/KID, which imply pretrained Inception/Med3D networks.
@@ -34,7 +35,7 @@ from .features import (
 from .likelihood import ACTIVE_THRESHOLD, RunningVariance, active_units, active_units_from_variances
 from .memorisation import memorisation_summary, nearest_neighbour_distances
 from .reconstruction import mae, psnr, ssim3d
-from .texture import texture_statistics
+from .texture import texture_comparison, texture_statistics, texture_summary
 from .tissue import TISSUE_CLASSES, tissue_volume_table, tissue_volumes, wasserstein_by_feature
 
 __all__ = [
@@ -63,7 +64,9 @@ __all__ = [
     "real_vs_real_baseline",
     "ssim3d",
     "standardize_features",
+    "texture_comparison",
     "texture_statistics",
+    "texture_summary",
     "tissue_volume_table",
     "tissue_volumes",
     "wasserstein_by_feature",

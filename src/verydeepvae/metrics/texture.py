@@ -3,7 +3,7 @@
 Why two numbers: a model whose voxels are drawn independently from p(x | z) can vary from voxel to
 voxel as much as real brains do while its texture is grain, not anatomy; the mean of p(x | z) is
 too smooth. Both are over the interior of the foreground (voxels above ``foreground``, holes
-filled, eroded by ``erosion`` voxels so that the blur below never reaches the background; a pair
+filled, eroded by ``erosion`` voxels so that the blur below hardly reaches the background; a pair
 counts when both voxels are inside), along the three axes:
 
 * ``roughness``: mean absolute intensity difference between face neighbours, in intensity units
@@ -22,6 +22,9 @@ neighbour statistic; it is two scipy filters and a few array reductions.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -74,3 +77,34 @@ def texture_statistics(volumes: ArrayLike, foreground: float = FOREGROUND, blur_
     values = np.array([_texture_of(v, foreground, blur_voxels, erosion) for v in batch], dtype=np.float64)
     return {"roughness": per_volume_result(values[:, 0], single),
             "fine_correlation": per_volume_result(values[:, 1], single)}
+
+
+def texture_summary(volumes: ArrayLike, **options: Any) -> dict[str, Any] | None:
+    """Each statistic of :func:`texture_statistics` over the volumes that have an interior: ``{"num_volumes":
+    n, "roughness": {"median", "p10", "p90"}, "fine_correlation": {...}}`` (10th and 90th
+    percentiles), or None when no volume has one.  ``options`` go to :func:`texture_statistics`."""
+    stats = texture_statistics(volumes, **options)
+    rough, corr = np.atleast_1d(stats["roughness"]), np.atleast_1d(stats["fine_correlation"])
+    keep = np.isfinite(rough) & np.isfinite(corr)
+    if not keep.any():
+        return None
+
+    def spread(values: np.ndarray) -> dict[str, float]:
+        p10, median, p90 = np.percentile(values[keep], [10, 50, 90])
+        return {"median": float(median), "p10": float(p10), "p90": float(p90)}
+
+    return {"num_volumes": int(keep.sum()), "roughness": spread(rough), "fine_correlation": spread(corr)}
+
+
+def texture_comparison(samples: dict[str, Any] | None, real: dict[str, Any] | None) -> dict[str, float]:
+    """``roughness_ratio`` (samples' median roughness over the real volumes') and
+    ``fine_correlation_gap`` (samples' median fine correlation minus the real volumes') from two
+    :func:`texture_summary` results (or their JSON form); NaN where either is missing.  Grain reads
+    a ratio above 1 and a negative gap, an over-smooth output a ratio below 1 and a positive gap."""
+    def median(summary: dict[str, Any] | None, name: str) -> float:
+        value = (summary or {}).get(name, {}).get("median")
+        return float(value) if isinstance(value, (int, float)) else math.nan
+
+    rough_s, rough_r = median(samples, "roughness"), median(real, "roughness")
+    return {"roughness_ratio": rough_s / rough_r if rough_r > 0 else math.nan,
+            "fine_correlation_gap": median(samples, "fine_correlation") - median(real, "fine_correlation")}

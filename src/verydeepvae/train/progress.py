@@ -166,6 +166,9 @@ def validation_line(step: int, values: dict[str, float], quality: dict[str, floa
             f"(reconstruction {values['nll_bits_per_voxel']:.4f}, KL {values['kl_bits_per_voxel']:.4f})")
     if math.isfinite(quality.get("frechet_ratio", math.nan)):
         line += f"; Fréchet ratio {quality['frechet_ratio']:.2f}"
+    rough, fine = quality.get("roughness_ratio", math.nan), quality.get("fine_correlation_gap", math.nan)
+    if math.isfinite(rough) and math.isfinite(fine):
+        line += f"; texture: roughness {rough:.2f}x real, fine correlation {fine:+.2f} from real"
     if "dead_levels" in quality:
         line += f"; dead latent levels {int(quality['dead_levels'])}"
         if quality["dead_levels"]:

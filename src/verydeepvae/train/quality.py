@@ -1,4 +1,4 @@
-"""A cheap sample-quality signal for every validation: active latent units and a Fréchet ratio.
+"""A cheap sample-quality signal for every validation: active latent units, a Fréchet ratio and texture.
 
 The ELBO alone does not show whether *samples* improve; ``verydeepvae evaluate`` does, but it is
 a separate, heavy run.  :func:`sample_quality` is the few-second version the training loop logs at
@@ -47,6 +47,12 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
       each other; larger is worse.  With few volumes (8 by default) it is noisy and only the trend
       means something.  Needs ``num_samples`` >= 4 and 4 reference volumes, else these keys are
       absent; non-finite samples give NaN.
+    * ``roughness_ratio`` (the samples' median voxel-to-voxel roughness over the real volumes') and
+      ``fine_correlation_gap`` (their median fine correlation minus the real volumes'), as
+      ``evaluate.summary.quality_row`` gives them (``metrics.texture_statistics``): grain reads a
+      ratio above 1 and a negative gap, an over-smooth output a ratio below 1 and a positive gap;
+      both move towards 1 and 0 as the samples take on the real texture.  With the Fréchet keys;
+      NaN when no sample or no real volume has a brain interior to measure.
     * ``seconds``: the wall time of this call.
 
     Cheap: ``num_samples`` prior samples, one encoder pass over at most 64 validation volumes and a
@@ -136,7 +142,15 @@ def _frechet(model, reference, num_samples, batch_size, device, seed) -> dict[st
     samples = np.concatenate([
         model.sample(min(batch_size, num_samples - start), 1.0, generator=generator).float().cpu()[:, 0].numpy()
         for start in range(0, num_samples, batch_size)])
-    return frechet_ratio(samples, reference, device, seed)
+    return {**frechet_ratio(samples, reference, device, seed), **texture_against(samples, reference)}
+
+
+def texture_against(samples: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """``roughness_ratio`` and ``fine_correlation_gap`` (``metrics.texture_comparison``) of ``samples``
+    against ``reference``, both (N, R, R, R) in [0, 1]; NaN for non-finite samples."""
+    if not np.isfinite(samples).all():
+        return {"roughness_ratio": math.nan, "fine_correlation_gap": math.nan}
+    return metrics.texture_comparison(metrics.texture_summary(samples), metrics.texture_summary(reference))
 
 
 def frechet_ratio(samples: np.ndarray, reference: np.ndarray, device: torch.device | str = "cpu",
