@@ -9,8 +9,8 @@ counts when both voxels are inside), along the three axes:
 * ``roughness``: mean absolute intensity difference between face neighbours, in intensity units
   (the model range [0, 1]);
 * ``fine_correlation``: Pearson correlation between face neighbours of the volume's fine residual,
-  the volume minus its Gaussian blur (``blur_voxels`` sigma). Independent grain gives about -0.1
-  (white noise, high-passed so, is anticorrelated at one voxel); smooth volumes give high values;
+  the volume minus its Gaussian blur (``blur_voxels`` sigma). Independent grain gives slightly less
+  than 0 (white noise, high-passed so, is anticorrelated at one voxel); smooth volumes give high values;
   sulci, tissue boundaries and lesions lie between.
 
 Measured at 32³ (48 held-out phantoms of population 6 and 48 samples of a 270-step demo model,
