@@ -9,7 +9,8 @@ on that machine) and answers with as many steps as fit in what is left of :data:
 since ``make`` started, after :data:`RESERVE_SECONDS` for what follows the steps: never more than
 the preset's 450, never fewer than :data:`MIN_STEPS`.  On a GPU the preset's steps fit with room to
 spare and nothing is timed.  The count is printed; ``make demo DEMO_STEPS=N`` trains exactly N, for
-a model that does not depend on the hour.  ``verydeepvae train --preset demo`` itself always trains the preset's 450.
+a model that does not depend on the hour.  ``verydeepvae train --preset demo`` itself always trains
+the preset's 450.
 
     python -m verydeepvae.demo_steps [--started EPOCH_SECONDS]   # the step count; the reason to stderr
 """

@@ -54,21 +54,23 @@ class TextureSection:
     def measured(self) -> bool:
         return bool(self.samples and self.real)
 
-    def _medians(self, name: str) -> str:
-        return f"{num(self.samples[name]['median'], 3)} vs {num(self.real[name]['median'], 3)}"
+    @staticmethod
+    def _median(of: TextureOfSet, name: str) -> str:
+        return num(of[name]["median"], 3)
 
     def summary_rows(self) -> list[str]:
         if not self.measured:
             return []
-        return [f"| texture: roughness / fine correlation (medians) | {num(self.samples['roughness']['median'], 3)} / "
-                f"{num(self.samples['fine_correlation']['median'], 3)} | {num(self.real['roughness']['median'], 3)} / "
-                f"{num(self.real['fine_correlation']['median'], 3)} real |"]
+        s, r, m = self.samples, self.real, self._median
+        return [f"| texture: roughness / fine correlation (medians) | {m(s, 'roughness')} / "
+                f"{m(s, 'fine_correlation')} | {m(r, 'roughness')} / {m(r, 'fine_correlation')} real |"]
 
     def console_lines(self) -> list[str]:
         if not self.measured:
             return []
-        return [f"texture (samples vs real): roughness {self._medians('roughness')}, "
-                f"fine correlation {self._medians('fine_correlation')}"]
+        s, r, m = self.samples, self.real, self._median
+        return [f"texture (samples vs real): roughness {m(s, 'roughness')} vs {m(r, 'roughness')}, "
+                f"fine correlation {m(s, 'fine_correlation')} vs {m(r, 'fine_correlation')}"]
 
     def markdown(self) -> list[str]:
         if not self.measured:
