@@ -290,6 +290,33 @@ def test_sample_voxels_says_whether_samples_draw_their_voxels(tmp_path):
         build_config(preset="tiny", overrides={"sample_voxels": "sharp"})
 
 
+def test_mean_and_draw_of_the_same_latents(tmp_path, monkeypatch):
+    drawing = VeryDeepVAE(build_config(preset="tiny", overrides={"sample_voxels": "draw"}))
+    mean, drawn = drawing.sample_mean_and_draw(2, 1.0, generator=torch.Generator().manual_seed(3))
+    # the same latents as sample() with the same seed: the draw is the files', the mean the smooth readout's
+    assert torch.equal(drawn, drawing.sample(2, 1.0, generator=torch.Generator().manual_seed(3)))
+    assert torch.equal(mean, drawing.sample(2, 1.0, generator=torch.Generator().manual_seed(3), draw_voxels=False))
+    batches = list(sampling.iter_sample_batches(drawing, 3, 1.0, 3, 2, show_progress=False, means=True))
+    assert [b.start for b in batches] == [0, 2] and all(b.means.shape == b.volumes.shape for b in batches)
+    plain = np.concatenate([v for _, v in sampling.iter_samples(drawing, 3, 1.0, 3, 2, show_progress=False)])
+    assert np.array_equal(np.concatenate([b.volumes for b in batches]), plain)  # asking for means moves nothing
+    assert np.array_equal(batches[0].means, mean[:, 0].numpy())
+    # mean readouts have no second picture to show
+    smooth = next(sampling.iter_sample_batches(drawing, 1, show_progress=False, voxels="mean", means=True))
+    assert smooth.means is None
+    # samples.png of drawn samples: each sample's mean beside its draw, one row per file
+    shown = {}
+    monkeypatch.setattr(sampling.viz, "save_side_by_side",
+                        lambda left, right, path, *titles, **kw: shown.update(left=left, right=right, **kw))
+    paths = sampling.write_samples(drawing, tmp_path / "d", 3, seed=3, batch_size=2, show_progress=False)
+    assert len(shown["left"]) == len(shown["right"]) == 3 and shown["row_labels"] == [p.name for p in paths]
+    assert np.array_equal(shown["left"][0], mean[0, 0].numpy())
+    assert np.array_equal(shown["right"][2], plain[2]) and "voxels drawn" in shown["suptitle"]
+    shown.clear()
+    sampling.write_samples(drawing, tmp_path / "m", 1, voxels="mean", show_progress=False)
+    assert shown == {} and (tmp_path / "m" / "samples.png").exists()  # the plain montage
+
+
 def test_loss_is_per_voxel():
     model = VeryDeepVAE(build_config(preset="tiny"))
     out = model(torch.rand(1, 1, 16, 16, 16))

@@ -18,7 +18,7 @@ from verydeepvae.errors import ConfigError
 from verydeepvae.train.optim import free_nats_at, layer_kl_weights
 from verydeepvae.evaluate.summary import prior_label, quality_row
 from verydeepvae.model import VeryDeepVAE
-from verydeepvae.model.vae import balanced_kl_coefficients, free_bits_kl
+from verydeepvae.model.kl_objective import balanced_kl_coefficients, free_bits_kl
 from verydeepvae.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -340,7 +340,7 @@ def test_a_full_disk_while_writing_a_checkpoint_or_latents_is_one_line(run, tmp_
 def test_sigterm_during_sample_leaves_a_record_of_the_complete_volumes(run, tmp_path, monkeypatch, capsys):
     import verydeepvae.sampling as sampling
 
-    original = sampling.iter_samples
+    original = sampling.iter_sample_batches
 
     def interrupted(*args, **kwargs):
         for k, item in enumerate(original(*args, **kwargs)):
@@ -348,7 +348,7 @@ def test_sigterm_during_sample_leaves_a_record_of_the_complete_volumes(run, tmp_
                 raise Interrupted(15)
             yield item
 
-    monkeypatch.setattr(sampling, "iter_samples", interrupted)
+    monkeypatch.setattr(sampling, "iter_sample_batches", interrupted)
     out = tmp_path / "s"
     assert main(["sample", "--checkpoint", str(run), "--output-dir", str(out), "--num", "4", "--batch-size", "2",
                  "--no-progress"]) == 143

@@ -6,7 +6,7 @@ what a caller asks for (temperature, which prior) and the writer of a folder of 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -73,19 +73,21 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
     if intensity_reference is not None:
         low_high = reference_range(intensity_reference, "")
     paths: list[Path] = []
-    previews = []
+    previews, preview_means = [], []
     affine = grid_affine((model.resolution,) * 3, voxel_size_mm)
     record = {"num": num, "seed": seed, "temperature": temperature, "voxel_size_mm": voxel_size_mm,
               "prior": describe_prior(model, prior), "voxels": describe_voxels(model, voxels),
               "intensity": intensity_record(low_high, "median clamp values of the training files")}
     record.update(extra_record or {})
     try:
-        for start, volumes in iter_samples(model, num, temperature, seed, batch_size, device, show_progress,
-                                           covariates=covariates, prior=prior, guidance=guidance,
-                                           references=references, voxels=voxels):
+        for start, volumes, means in iter_sample_batches(model, num, temperature, seed, batch_size, device,
+                                                         show_progress, covariates, prior, guidance, references,
+                                                         voxels, means=True):
             for i, volume in enumerate(volumes):
                 if len(previews) < MAX_FIGURE_ROWS:
                     previews.append(volume)
+                    if means is not None:
+                        preview_means.append(means[i])
                 if low_high is not None:
                     volume = to_data_intensity(volume, *low_high)
                 path = output_dir / f"sample_{start + i:04d}.nii.gz"
@@ -96,11 +98,31 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
         raise Stopped(f"interrupted after {len(paths)} of {num} volumes; {output_dir / 'samples.json'} lists the "
                       f"{len(paths)} complete ones (volumes are written atomically)",
                       exit_code=getattr(error, "exit_code", 130)) from None
-    viz.save_montage(previews, output_dir / "samples.png", titles=[p.name for p in paths[: len(previews)]],
-                     suptitle=f"prior samples, temperature {temperature}, seed {seed}"
-                              + (", voxels drawn" if draws(model, voxels) else ""))
+    save_samples_figure(previews, preview_means, output_dir / "samples.png", [p.name for p in paths[: len(previews)]],
+                f"prior samples, temperature {temperature}, seed {seed}")
     write_json(output_dir / "samples.json", {**record, "files": [p.name for p in paths]})
     return paths
+
+
+class SampleBatch(NamedTuple):
+    """One batch of prior samples: the index of its first volume, the volumes (B, R, R, R) float32
+    in [0, 1], and, when asked for and the voxels are drawn, the mean of p(x | z) of the same
+    latents (else None)."""
+    start: int
+    volumes: np.ndarray
+    means: np.ndarray | None
+
+
+def save_samples_figure(volumes: list[np.ndarray], means: list[np.ndarray], path: Path, names: list[str],
+                title: str) -> None:
+    """``samples.png``: the samples' mid-slices; for samples whose voxels are drawn, each beside the
+    mean of p(x | z) of the same latents, so the anatomy the model places (ventricles, grey/white
+    contrast) is seen at a glance next to the voxel-level uncertainty the draw adds."""
+    if not means:
+        viz.save_montage(volumes, path, titles=names, suptitle=title)
+        return
+    viz.save_side_by_side(means, volumes, path, "mean of p(x | z)", "voxels drawn (the files)", row_labels=names,
+                          suptitle=f"{title}, voxels drawn")
 
 
 def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
@@ -116,9 +138,22 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
     One generator seeded with ``seed`` drives every batch, so the volumes depend only on the seed,
     the temperature and the batch size (and, for a conditional model, ``covariates`` (num, dim):
     each volume's encoded covariates; without them the model draws the training scans')."""
+    for batch in iter_sample_batches(model, num, temperature, seed, batch_size, device, show_progress,
+                                     covariates, prior, guidance, references, voxels):
+        yield batch.start, batch.volumes
+
+
+def iter_sample_batches(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,
+                        batch_size: int = 4, device: str | torch.device = "cpu", show_progress: bool | None = True,
+                        covariates: np.ndarray | torch.Tensor | None = None, prior: str = "auto",
+                        guidance: GuidanceWeights = 1.0, references: np.ndarray | torch.Tensor | None = None,
+                        voxels: str = "auto", means: bool = False) -> Iterator[SampleBatch]:
+    """:func:`iter_samples`' batches as :class:`SampleBatch`; with ``means`` a batch whose voxels are
+    drawn carries the mean of p(x | z) of the same latents too (the volumes are the same either way)."""
     model = model.to(device).eval()
     check_prior(model, prior)
     draw = voxels_draw(voxels)
+    with_means = means and draws(model, voxels)
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if covariates is not None:
         covariates = torch.as_tensor(np.asarray(covariates, dtype=np.float32))
@@ -129,11 +164,18 @@ def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[flo
             count = min(batch_size, num - start)
             given = None if covariates is None else covariates[start:start + count].to(device)
             around = None if references is None else references[start:start + count].to(device)
-            volumes = model.sample(count, temperature, generator=generator, covariates=given, prior=prior,
-                                   guidance=guidance, reference=around, draw_voxels=draw)
-            volumes = volumes.float().cpu()[:, 0].numpy()
-            yield start, volumes
+            chosen = dict(generator=generator, covariates=given, prior=prior, guidance=guidance, reference=around)
+            if with_means:
+                mean, volumes = model.sample_mean_and_draw(count, temperature, **chosen)
+            else:
+                mean, volumes = None, model.sample(count, temperature, draw_voxels=draw, **chosen)
+            yield SampleBatch(start, _numpy(volumes), None if mean is None else _numpy(mean))
             shown.update(count)
+
+
+def _numpy(volumes: torch.Tensor) -> np.ndarray:
+    """(B, 1, R, R, R) tensor -> (B, R, R, R) float32 array."""
+    return volumes.float().cpu()[:, 0].numpy()
 
 
 def check_prior(model: VeryDeepVAE, prior: str) -> None:

@@ -81,9 +81,12 @@ def save_side_by_side(
     vmin: float | None = 0.0,
     vmax: float | None = 1.0,
     colorbar: str | None = MODEL_INTENSITY,
+    row_labels: Sequence[str] | None = None,
+    suptitle: str | None = None,
 ) -> None:
-    """Two populations in one picture: row i shows left[i] and right[i] side by side, each as its
-    three mid-slices, so real and generated brains are judged at the same scale and contrast."""
+    """Two populations (or two readouts of the same volumes) in one picture: row i shows left[i] and
+    right[i] side by side, each as its three mid-slices, so both are judged at the same scale and
+    contrast."""
     n = min(len(left), len(right))
     if n == 0:
         raise ValueError("save_side_by_side needs at least one volume on each side")
@@ -93,7 +96,8 @@ def save_side_by_side(
                    for col, plane in enumerate(PLANES)]
     fig = _draw([mid_slices(left[i]) + mid_slices(right[i]) for i in range(n)], [list(PLANES) * 2] * n,
                 panel_inches=1.6, vmin=vmin, vmax=vmax, colorbar=colorbar, col_titles=titles,
-                wide_gap_after=[len(PLANES) - 1])
+                wide_gap_after=[len(PLANES) - 1], row_labels=None if row_labels is None else list(row_labels)[:n],
+                suptitle=suptitle)
     save_figure(fig, path)
 
 

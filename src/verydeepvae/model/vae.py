@@ -22,6 +22,7 @@ from .condition import ConditionEmbedding, embedding_width
 from .decoder import Decoder
 from .encoder import Encoder
 from .fitted_prior import FittedPrior
+from .kl_objective import balanced_kl_coefficients, free_bits_kl
 from .latent_layer import LatentChoice
 from .likelihood import build_likelihood
 
@@ -285,6 +286,29 @@ class VeryDeepVAE(nn.Module):
         ``fitted_prior`` (an error without one), "auto" the fitted one when there is one.
         ``guidance``: the covariates' effect scaled around ``reference`` (default: the population
         centre; ``_film``)."""
+        draw = self.draws_voxels if draw_voxels is None else draw_voxels
+        with self.inference_autocast(self.output_head.conv.weight.device):
+            params = self._prior_output(n, temperature, generator, covariates, prior, guidance, reference)
+            return self._to_volume(params, draw, generator)
+
+    @torch.no_grad()
+    def sample_mean_and_draw(self, n: int, temperature: float | Sequence[float] = 1.0,
+                             generator: torch.Generator | None = None, covariates: torch.Tensor | None = None,
+                             prior: str = "auto", guidance: GuidanceWeights = 1.0,
+                             reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean of p(x | z), a draw from p(x | z)) of the same n prior samples z, each (n, 1, R, R, R)
+        in [0, 1]: the anatomy the model places beside the voxel-level uncertainty it leaves, for a
+        figure that shows both.  The draw equals ``sample(..., draw_voxels=True)`` with the same
+        generator state (the mean consumes no randomness)."""
+        with self.inference_autocast(self.output_head.conv.weight.device):
+            params = self._prior_output(n, temperature, generator, covariates, prior, guidance, reference)
+            return self._to_volume(params, False, None), self._to_volume(params, True, generator)
+
+    def _prior_output(self, n: int, temperature: float | Sequence[float], generator: torch.Generator | None,
+                      covariates: torch.Tensor | None, prior: str, guidance: GuidanceWeights,
+                      reference: torch.Tensor | None) -> torch.Tensor:
+        """The output head's parameters of p(x | z) for n latents drawn top-down from the prior
+        (``sample``'s arguments)."""
         temps = self.layer_temperatures(temperature)
         fitted = self.prior_in_use(prior)
         given = fitted.choices(n, temps, generator) if fitted is not None else {}
@@ -292,10 +316,8 @@ class VeryDeepVAE(nn.Module):
         if self.condition is not None and covariates is None:
             covariates = self.draw_covariates(n, generator)
         film = self._film(covariates, n, guidance, reference)
-        draw = self.draws_voxels if draw_voxels is None else draw_voxels
-        with self.inference_autocast(self.output_head.conv.weight.device):
-            h, _, _ = self.decoder(None, choices, n, generator, film=film)
-            return self._to_volume(self.output_head(F.gelu(h)), draw, generator)
+        h, _, _ = self.decoder(None, choices, n, generator, film=film)
+        return self.output_head(F.gelu(h))
 
     def prior_in_use(self, prior: str = "auto") -> FittedPrior | None:
         """The fitted prior ``sample`` draws the coarse layers from under ``prior`` (None: the learned one)."""
@@ -408,23 +430,3 @@ def autocast_for(precision: str, device: torch.device | str):
     if precision == "bf16" or (precision == "fp16" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
-
-
-def balanced_kl_coefficients(kl: torch.Tensor, sizes: Sequence[int], floor: float = 1e-3) -> torch.Tensor:
-    """NVAE-style KL balancing (Vahdat & Kautz 2020): per-layer multipliers (mean 1) proportional to
-    each layer's KL per latent dimension (batch mean, plus ``floor`` nats), from the per-layer KL
-    ``kl`` (B, layers) in nats per volume and the layers' numbers of latent dimensions ``sizes``.  A layer that carries little information per unit
-    pays little for more, so layers the optimiser would otherwise switch off early (the coarse ones,
-    whose decoder path is longest) stay in play during the warm-up."""
-    per_dim = kl.mean(0).clamp_min(0.0) / kl.new_tensor([float(s) for s in sizes]) + floor
-    return per_dim / per_dim.mean()
-
-
-def free_bits_kl(kl: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
-    """Free bits (Kingma et al. 2016) per latent layer: the batch-mean KL of a layer below
-    ``threshold`` (same units as ``kl``, (B, layers)) is not penalised, so a layer can start carrying
-    information, and lower its posterior noise, before it pays for it; above it the usual KL applies.
-    Returned per sample (B, layers) with each layer's batch mean replaced by max(mean, threshold);
-    ``threshold``: one number, or one per layer ((layers,) tensor)."""
-    mean = kl.mean(0, keepdim=True)
-    return kl - mean + torch.maximum(mean, torch.as_tensor(threshold, dtype=kl.dtype, device=kl.device))
