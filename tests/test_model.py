@@ -317,6 +317,28 @@ def test_mean_and_draw_of_the_same_latents(tmp_path, monkeypatch):
     assert shown == {} and (tmp_path / "m" / "samples.png").exists()  # the plain montage
 
 
+def test_training_sample_figure_shows_the_mean_beside_each_draw(tmp_path, monkeypatch):
+    from verydeepvae.train.figures import training_figures
+    from verydeepvae.train.reporting import Reporter
+
+    seen = []
+    monkeypatch.setattr(sampling.viz, "save_side_by_side", lambda left, right, path, *a, **kw: seen.append(
+        (np.stack(left), np.stack(right), kw["suptitle"])))
+    models = {}
+    for voxels in ("draw", "mean"):
+        cfg = build_config(preset="tiny", overrides={"sample_voxels": voxels, "subjects_to_plot": 2})
+        model = models[voxels] = VeryDeepVAE(cfg)
+        reporter = Reporter(tmp_path / voxels, enabled=True)
+        path = training_figures(model, cfg, [], torch.device("cpu"), 5, reporter, 3)  # no validation volumes
+        reporter.flush()
+        assert path == tmp_path / voxels / "figures" / "samples_step_00000003.png"
+    mean, drawn = models["draw"].sample_mean_and_draw(2, 1.0, generator=torch.Generator().manual_seed(5))
+    assert len(seen) == 1  # only the drawing model pairs; the mean model's figure is the plain montage
+    assert np.array_equal(seen[0][0], mean[:, 0].numpy()) and np.array_equal(seen[0][1], drawn[:, 0].numpy())
+    assert seen[0][2] == "prior samples, step 3, temperature 1.0, voxels drawn"
+    assert (tmp_path / "mean" / "figures" / "samples_step_00000003.png").is_file()
+
+
 def test_loss_is_per_voxel():
     model = VeryDeepVAE(build_config(preset="tiny"))
     out = model(torch.rand(1, 1, 16, 16, 16))

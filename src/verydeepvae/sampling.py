@@ -98,8 +98,9 @@ def write_samples(model: VeryDeepVAE, output_dir: str | Path, num: int,
         raise Stopped(f"interrupted after {len(paths)} of {num} volumes; {output_dir / 'samples.json'} lists the "
                       f"{len(paths)} complete ones (volumes are written atomically)",
                       exit_code=getattr(error, "exit_code", 130)) from None
-    save_samples_figure(previews, preview_means, output_dir / "samples.png", [p.name for p in paths[: len(previews)]],
-                f"prior samples, temperature {temperature}, seed {seed}")
+    viz.save_samples_figure(previews, preview_means, output_dir / "samples.png",
+                            [p.name for p in paths[: len(previews)]],
+                            f"prior samples, temperature {temperature}, seed {seed}")
     write_json(output_dir / "samples.json", {**record, "files": [p.name for p in paths]})
     return paths
 
@@ -111,18 +112,6 @@ class SampleBatch(NamedTuple):
     start: int
     volumes: np.ndarray
     means: np.ndarray | None
-
-
-def save_samples_figure(volumes: list[np.ndarray], means: list[np.ndarray], path: Path, names: list[str],
-                title: str) -> None:
-    """``samples.png``: the samples' mid-slices; for samples whose voxels are drawn, each beside the
-    mean of p(x | z) of the same latents, so the anatomy the model places (ventricles, grey/white
-    contrast) is seen at a glance next to the voxel-level uncertainty the draw adds."""
-    if not means:
-        viz.save_montage(volumes, path, titles=names, suptitle=title)
-        return
-    viz.save_side_by_side(means, volumes, path, "mean of p(x | z)", "voxels drawn (the files)", row_labels=names,
-                          suptitle=f"{title}, voxels drawn")
 
 
 def iter_samples(model: VeryDeepVAE, num: int, temperature: float | Sequence[float] = 1.0, seed: int = 0,

@@ -43,9 +43,20 @@ def training_figures(model: VeryDeepVAE, cfg: Config, val: Any, device: torch.de
             reporter.reconstruction_figure(step, x, list(zip(names, _progressive(model, x, c, levels, per_pass))))
         generator = torch.Generator(device=device).manual_seed(seed)
         wanted = max(1, cfg.subjects_to_plot)
-        samples = torch.cat([model.sample(min(per_pass, wanted - start), 1.0, generator=generator)
-                             for start in range(0, wanted, per_pass)])
-    return reporter.sample_figure(step, samples, 1.0)
+        passes = [_prior_samples(model, min(per_pass, wanted - start), generator)
+                  for start in range(0, wanted, per_pass)]
+    samples = torch.cat([drawn for _, drawn in passes])
+    means = None if passes[0][0] is None else torch.cat([mean for mean, _ in passes])
+    return reporter.sample_figure(step, samples, 1.0, means)
+
+
+def _prior_samples(model: VeryDeepVAE, n: int, generator: torch.Generator
+                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(the mean of p(x | z) or None, the samples) of n prior draws at temperature 1: the mean
+    beside the draw when the model draws its voxels (as ``samples.png`` shows them), else None."""
+    if model.draws_voxels:
+        return model.sample_mean_and_draw(n, 1.0, generator=generator)
+    return None, model.sample(n, 1.0, generator=generator)
 
 
 def final_samples(model: VeryDeepVAE, bundle: Any, cfg: Config, seed: int, device: torch.device,

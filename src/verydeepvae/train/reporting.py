@@ -65,11 +65,15 @@ class Reporter:
                       row_titles=[f"subject {i}" for i in range(len(grid))])
         return path
 
-    def sample_figure(self, step: int, samples: torch.Tensor, temperature: float) -> Path:
+    def sample_figure(self, step: int, samples: torch.Tensor, temperature: float,
+                      means: torch.Tensor | None = None) -> Path:
+        """``samples_step_XXXXXXXX.png`` of ``samples`` (N, 1, R, R, R); with ``means`` (the mean of
+        p(x | z) of the same latents, when the voxels are drawn) each beside its sample."""
         path = self.figures / f"samples_step_{step:08d}.png"
-        volumes = [s[0].cpu().numpy() for s in samples]
-        viz.save_montage(volumes, path, titles=[f"sample {i}" for i in range(len(volumes))],
-                         suptitle=f"prior samples, step {step}, temperature {temperature}")
+        volumes = [s[0].float().cpu().numpy() for s in samples]
+        shown_means = [] if means is None else [m[0].float().cpu().numpy() for m in means]
+        viz.save_samples_figure(volumes, shown_means, path, [f"sample {i}" for i in range(len(volumes))],
+                                f"prior samples, step {step}, temperature {temperature}")
         return path
 
     def curves_figure(self) -> None:
