@@ -242,7 +242,7 @@ def test_quality_benchmark_fills_a_wall_clock_budget(tmp_path):
     """--minutes: a calibration run with one validation, then a run whose length it chose."""
     out = tmp_path / "quality"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "quality.py"), "--preset", "tiny", "--minutes", "0.3",
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--preset", "tiny", "--minutes", "0.15",
          "--evaluations", "2", "--heldout-num", "6", "--samples", "6", "--output-dir", str(out),
          "--set", "phantom_num=10"],
         capture_output=True, text=True, timeout=600)

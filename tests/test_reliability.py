@@ -141,7 +141,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, 
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path):
-    """Ten SIGKILLs, each a random number of steps into a resumed run and a random fraction of a step
+    """Eight SIGKILLs, each a random number of steps into a resumed run and a random fraction of a step
     later (checkpoint writes, every 3 steps, included), then a run to the end: every checkpoint on
     disk stays readable, progress survives and every step is trained.  The kills are counted in
     logged steps, not seconds, so the same test holds on a faster machine and costs few steps."""
@@ -155,14 +155,14 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path):
             "--output-dir", str(run), "--max-steps", str(total), "--resume", "--no-progress",
             "--set", "checkpoint_every=3", "--set", "num_workers=0", "--set", "subjects_to_plot=0",
             "--set", "validation_every=50", "--set", "log_every=1",
-            "--set", "augment=false"]  # MONAI's import is a third of a start-up, and 11 starts
+            "--set", "augment=false"]  # MONAI's import is a third of a start-up, and 9 starts
     env = dict(os.environ, OMP_NUM_THREADS="1")
     rng = random.Random(1234)
     starts: list[int] = []
     deadline = time.monotonic() + 300
     kills = 0
     log = run / "metrics.jsonl"
-    while kills < 10 and time.monotonic() < deadline:
+    while kills < 8 and time.monotonic() < deadline:
         before = ckpt.newest_loadable(run / "checkpoints")
         starts.append(before.step if before else 0)
         target = _lines(log) + rng.randint(1, 6)
@@ -177,7 +177,7 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path):
         kills += 1
         for path in ckpt.list_checkpoints(run / "checkpoints"):
             ckpt.load_checkpoint(path)  # every checkpoint on disk is always readable
-    assert kills >= 10, f"only {kills} kills fitted in the time budget"
+    assert kills >= 8, f"only {kills} kills fitted in the time budget"
     assert starts == sorted(starts) and starts[-1] > 0  # progress survived the kills
     finished = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
