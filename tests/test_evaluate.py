@@ -315,3 +315,27 @@ def test_evaluate_user_errors_exit_2(run, tmp_path, capsys, args, fragment):
                  *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and fragment in err[0], err
+
+
+def test_drawn_samples_are_pictured_beside_their_mean(trained, tmp_path, monkeypatch):
+    """--voxels draw: the report's sample figure shows each drawn sample beside the mean of p(x | z) of
+    the same latents, and asking for those means moves no sample."""
+    from verydeepvae import viz
+    from verydeepvae.evaluate.report import FIGURE_ROWS, write_figures
+    from verydeepvae.evaluate.run import compute_report
+    from verydeepvae.sampling import iter_sample_batches
+
+    options = EvaluationOptions(num_samples=FIGURE_ROWS + 2, num_pairs=10, baseline_repeats=3, show_progress=False,
+                                voxels="draw", seed=4)
+    result = compute_report(trained, None, options)
+    arrays = result["arrays"]
+    batches = list(iter_sample_batches(trained.model, FIGURE_ROWS + 2, 1.0, 4, options.batch_size, "cpu", False,
+                                       voxels="draw", means=True))
+    assert np.array_equal(arrays["samples"], np.concatenate([b.volumes for b in batches]))
+    assert len(arrays["sample_means"]) == FIGURE_ROWS  # only what the figure shows is kept
+    assert np.array_equal(np.stack(arrays["sample_means"]), np.concatenate([b.means for b in batches])[:FIGURE_ROWS])
+    pictured = []
+    monkeypatch.setattr(viz, "save_side_by_side", lambda left, right, path, *a, **kw: pictured.append(
+        (path.name, len(left), kw.get("suptitle"))))
+    write_figures(result["report"], arrays, tmp_path)
+    assert ("samples.png", FIGURE_ROWS, "prior samples, temperature 1.0, voxels drawn") in pictured

@@ -49,13 +49,15 @@ def write_figures(report: dict[str, Any], arrays: dict[str, Any], folder: Path) 
 
 
 def _volume_figures(temperature: Any, arrays: dict[str, Any], folder: Path, voxels: str = "") -> dict[str, str]:
-    """Samples, held-out volumes, the two side by side, and reconstructions with their differences
-    (``voxels``: how the samples' voxels came from p(x | z), named in the title when drawn)."""
+    """Samples (drawn ones beside their mean of p(x | z) when ``arrays["sample_means"]`` has them),
+    held-out volumes, the two side by side, and reconstructions with their differences (``voxels``:
+    how the samples' voxels came from p(x | z), named in the title when drawn)."""
     drawn = ", voxels drawn" if voxels.startswith(DRAWN) else ""
     samples, heldout, recon = arrays["samples"], arrays["heldout"], arrays["recon"]
-    viz.save_montage(list(samples[:FIGURE_ROWS]), folder / "samples.png",
-                     titles=[f"sample {i}" for i in range(min(FIGURE_ROWS, len(samples)))],
-                     suptitle=f"prior samples, temperature {temperature}{drawn}")
+    means = list(arrays.get("sample_means") or [])
+    viz.save_samples_figure(list(samples[:FIGURE_ROWS]), means[:FIGURE_ROWS], folder / "samples.png",
+                            [f"sample {i}" for i in range(min(FIGURE_ROWS, len(samples)))],
+                            f"prior samples, temperature {temperature}{'' if means else drawn}")
     names = arrays["heldout_names"]
     viz.save_montage(list(heldout[:FIGURE_ROWS]), folder / "real.png", titles=names[:FIGURE_ROWS],
                      suptitle="held-out real volumes (preprocessed)")

@@ -17,11 +17,12 @@ from ..data.nifti_load import VolumeMeta
 from ..errors import UserError
 from ..guidance import Guidance, as_guidance
 from ..inference import TrainedModel
-from ..sampling import check_temperature, describe_prior, describe_voxels, fitted_levels, iter_samples
+from ..sampling import check_temperature, describe_prior, describe_voxels, fitted_levels, iter_sample_batches
 from ..scan_files import load_preprocessed
 from . import compute, morphometry
 from .data import EvaluationData, participant_id, select_data
 from .population import DistancesSection, MemorisationSection, MorphometrySection
+from .report import FIGURE_ROWS
 
 FORMAT = "verydeepvae-evaluation-1"
 TRAIN_CHUNK = 32
@@ -139,7 +140,7 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
                                                            else options.counterfactual_guidance).to_json()},
     }
     report["options"]["temperature"] = temperature
-    recon, samples = _model_sections(report, trained, heldout, covariates, temperature, options, lap)
+    recon, samples, sample_means = _model_sections(report, trained, heldout, covariates, temperature, options, lap)
     feats = _distances(report, extractors, heldout, samples, options)
     lap("distances")
     memorisation, closest = _memorisation(trained, sel, heldout, samples, feats, extractors, cache_root, options,
@@ -157,7 +158,8 @@ def compute_report(trained: TrainedModel, data_path: str | Path | None, options:
         lap("conditional")
     report["timings_seconds"] = lap.total()
     report["software"] = _software()
-    arrays = {"samples": samples, "heldout": heldout, "recon": recon, "closest": closest, "tables": tables,
+    arrays = {"samples": samples, "sample_means": sample_means, "heldout": heldout, "recon": recon,
+              "closest": closest, "tables": tables,
               "conditional": conditional_arrays,
               "heldout_names": [participant_id(f) for f in sel.heldout_files]}
     return {"report": report, "arrays": arrays}
@@ -180,9 +182,11 @@ def check_set_size(options: EvaluationOptions, num_heldout: int | None = None) -
 
 def _model_sections(report: dict[str, Any], trained: TrainedModel, heldout: np.ndarray,
                     covariates: np.ndarray | None, temperature: Any, options: EvaluationOptions,
-                    lap: _Laps) -> tuple[np.ndarray, np.ndarray]:
+                    lap: _Laps) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Likelihood, reconstruction, samples, diversity and texture into ``report``; returns the
-    reconstructions and the samples, (N, R, R, R) each in the model range [0, 1]."""
+    reconstructions and the samples, (N, R, R, R) each in the model range [0, 1], and, when the
+    samples' voxels are drawn, the mean of p(x | z) of the first :data:`FIGURE_ROWS` (for the
+    figure; else empty)."""
     show = options.show_progress
     report["likelihood"] = compute.likelihood_section(trained, heldout, options.batch_size, options.seed, show,
                                                       covariates).to_json()
@@ -190,9 +194,14 @@ def _model_sections(report: dict[str, Any], trained: TrainedModel, heldout: np.n
     reconstruction, recon = compute.reconstruction_section(trained, heldout, options.batch_size, show, covariates)
     report["reconstruction"] = reconstruction.to_json()
     lap("reconstruction")
-    samples = np.concatenate([v for _, v in iter_samples(trained.model, options.num_samples, temperature,
-                                                         options.seed, options.batch_size, trained.device, show,
-                                                         prior=options.prior, voxels=options.voxels)])
+    chunks, means = [], []
+    for batch in iter_sample_batches(trained.model, options.num_samples, temperature, options.seed,
+                                     options.batch_size, trained.device, show, prior=options.prior,
+                                     voxels=options.voxels, means=True):
+        chunks.append(batch.volumes)
+        if batch.means is not None:
+            means.extend(batch.means[:FIGURE_ROWS - len(means)])
+    samples = np.concatenate(chunks)
     voxels = describe_voxels(trained.model, options.voxels)
     report["samples"] = {"num": len(samples), "temperature": temperature, "seed": options.seed,
                          "batch_size": options.batch_size, "prior": describe_prior(trained.model, options.prior),
@@ -204,7 +213,7 @@ def _model_sections(report: dict[str, Any], trained: TrainedModel, heldout: np.n
     lap("diversity")
     report["texture"] = compute.texture_section(samples, heldout).to_json()
     lap("texture")
-    return recon, samples
+    return recon, samples, means
 
 
 def _distances(report: dict[str, Any], extractors, heldout: np.ndarray, samples: np.ndarray,
