@@ -12,9 +12,10 @@ import torch
 def balanced_kl_coefficients(kl: torch.Tensor, sizes: Sequence[int], floor: float = 1e-3) -> torch.Tensor:
     """NVAE-style KL balancing (Vahdat & Kautz 2020): per-layer multipliers (mean 1) proportional to
     each layer's KL per latent dimension (batch mean, plus ``floor`` nats), from the per-layer KL
-    ``kl`` (B, layers) in nats per volume and the layers' numbers of latent dimensions ``sizes``.  A layer that carries little information per unit
-    pays little for more, so layers the optimiser would otherwise switch off early (the coarse ones,
-    whose decoder path is longest) stay in play during the warm-up."""
+    ``kl`` (B, layers) in nats per volume and the layers' numbers of latent dimensions ``sizes``.
+    A layer that carries little information per unit pays little for more, so layers the optimiser
+    would otherwise switch off early (the coarse ones, whose decoder path is longest) stay in play
+    during the warm-up."""
     per_dim = kl.mean(0).clamp_min(0.0) / kl.new_tensor([float(s) for s in sizes]) + floor
     return per_dim / per_dim.mean()
 
