@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..config import Config
 from ..model import VeryDeepVAE, autocast_for
+from ..sampling import iter_sample_batches, write_samples
 from .batches import covariates_of
 from .reporting import Reporter
 
@@ -41,22 +43,11 @@ def training_figures(model: VeryDeepVAE, cfg: Config, val: Any, device: torch.de
             levels = [None] + list(range(1, model.decoder.num_levels))
             names = ["reconstruction"] + [f"prior <{cfg.resolution >> (level - 1)}³" for level in levels[1:]]
             reporter.reconstruction_figure(step, x, list(zip(names, _progressive(model, x, c, levels, per_pass))))
-        generator = torch.Generator(device=device).manual_seed(seed)
         wanted = max(1, cfg.subjects_to_plot)
-        passes = [_prior_samples(model, min(per_pass, wanted - start), generator)
-                  for start in range(0, wanted, per_pass)]
-    samples = torch.cat([drawn for _, drawn in passes])
-    means = None if passes[0][0] is None else torch.cat([mean for mean, _ in passes])
+        batches = list(iter_sample_batches(model, wanted, 1.0, seed, per_pass, device, False, means=True))
+    samples = np.concatenate([batch.volumes for batch in batches])
+    means = None if batches[0].means is None else np.concatenate([batch.means for batch in batches])
     return reporter.sample_figure(step, samples, 1.0, means)
-
-
-def _prior_samples(model: VeryDeepVAE, n: int, generator: torch.Generator
-                   ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(the mean of p(x | z) or None, the samples) of n prior draws at temperature 1: the mean
-    beside the draw when the model draws its voxels (as ``samples.png`` shows them), else None."""
-    if model.draws_voxels:
-        return model.sample_mean_and_draw(n, 1.0, generator=generator)
-    return None, model.sample(n, 1.0, generator=generator)
 
 
 def final_samples(model: VeryDeepVAE, bundle: Any, cfg: Config, seed: int, device: torch.device,
@@ -64,8 +55,6 @@ def final_samples(model: VeryDeepVAE, bundle: Any, cfg: Config, seed: int, devic
     """``<run>/samples``: ``max(1, subjects_to_plot)`` prior samples of the EMA model, at temperature
     1, written as ``verydeepvae sample`` writes them (a conditional run's covariates drawn from the
     training scans' and recorded per volume)."""
-    from ..sampling import write_samples
-
     num = max(1, cfg.subjects_to_plot)
     covariates, record = None, None
     schema = getattr(bundle, "covariates", None)

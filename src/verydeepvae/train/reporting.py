@@ -65,14 +65,13 @@ class Reporter:
                       row_titles=[f"subject {i}" for i in range(len(grid))])
         return path
 
-    def sample_figure(self, step: int, samples: torch.Tensor, temperature: float,
-                      means: torch.Tensor | None = None) -> Path:
-        """``samples_step_XXXXXXXX.png`` of ``samples`` (N, 1, R, R, R); with ``means`` (the mean of
+    def sample_figure(self, step: int, samples: np.ndarray, temperature: float,
+                      means: np.ndarray | None = None) -> Path:
+        """``samples_step_XXXXXXXX.png`` of ``samples`` (N, R, R, R); with ``means`` (the mean of
         p(x | z) of the same latents, when the voxels are drawn) each beside its sample."""
         path = self.figures / f"samples_step_{step:08d}.png"
-        volumes = [s[0].float().cpu().numpy() for s in samples]
-        shown_means = [] if means is None else [m[0].float().cpu().numpy() for m in means]
-        viz.save_samples_figure(volumes, shown_means, path, [f"sample {i}" for i in range(len(volumes))],
+        viz.save_samples_figure(list(samples), [] if means is None else list(means), path,
+                                [f"sample {i}" for i in range(len(samples))],
                                 f"prior samples, step {step}, temperature {temperature}")
         return path
 
