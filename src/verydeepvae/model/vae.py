@@ -173,13 +173,18 @@ class VeryDeepVAE(nn.Module):
                 start = end
         moved = reference.clone()
         before = self.condition(moved)
-        guided = list(before)
+        steps = []
         for start, end, w in runs:
             moved[:, start:end] = covariates[:, start:end]
             after = self.condition(moved)
-            guided = [(gs + w * (s - s0), gb + w * (b - b0))
-                      for (gs, gb), (s, b), (s0, b0) in zip(guided, after, before)]
+            steps.append((w - 1.0, [(s - s0, b - b0) for (s, b), (s0, b0) in zip(after, before)]))
             before = after
+        # F(c) + sum (w - 1) step rather than F(ref) + sum w step: equal in exact arithmetic, but a
+        # step of weight 1 (or one that moves nothing) then adds an exact zero, so every covariate
+        # at scale 1 gives the model as trained bit for bit, as _is_identity's shortcut does.
+        guided = list(before)
+        for extra, step in steps:
+            guided = [(gs + extra * ds, gb + extra * db) for (gs, gb), (ds, db) in zip(guided, step)]
         return guided
 
     def draw_covariates(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
