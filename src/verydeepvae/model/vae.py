@@ -31,7 +31,11 @@ GuidanceWeights = float | Sequence[float] | torch.Tensor
 
 
 def _is_identity(guidance: GuidanceWeights) -> bool:
-    """Whether ``guidance`` leaves the model as trained (every weight 1)."""
+    """Whether ``guidance`` leaves the model as trained (every weight 1).  A plain number (what every
+    training step passes) is compared without a tensor: reading a tensor's value back would break
+    torch.compile's graph in the middle of the forward pass."""
+    if isinstance(guidance, (int, float)):
+        return guidance == 1.0
     return bool(torch.all(torch.as_tensor(guidance, dtype=torch.float32) == 1.0))
 
 
