@@ -265,6 +265,14 @@ def test_bf16_on_a_cpu_without_native_bf16_is_announced(tmp_path, monkeypatch):
     assert any("no native bfloat16" in n for n in notices)
 
 
+def test_the_training_forward_pass_compiles_as_one_graph():
+    """torch.compile traces the whole forward pass of a training step without a break (a break
+    splits the compiled step in pieces and runs Python between them at every step)."""
+    _, model, x = _model()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 @pytest.mark.slow
 def test_compiled_training_saves_checkpoints_an_uncompiled_model_resumes(tmp_path):
     from verydeepvae.train.loop import train
