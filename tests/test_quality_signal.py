@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -186,20 +187,24 @@ def test_sample_quality_on_random_volumes_returns_the_documented_keys():
     assert set(few) == {"seconds"}
 
 
+class Fake:
+    """A dataset of constant 4³ volumes: ``volume(i)`` (unaugmented) is base + i, or NaN when i is
+    broken; an item (``[i]``, "augmented") is -1."""
+
+    def __init__(self, base: float, n: int, broken: frozenset = frozenset()):
+        self.base, self.n, self.broken = base, n, broken
+
+    def __len__(self):
+        return self.n
+
+    def volume(self, i):  # the unaugmented volume
+        return np.full((4, 4, 4), np.nan if i in self.broken else self.base + i, np.float32)
+
+    def __getitem__(self, i):  # an "augmented" one, which must not be used for training volumes
+        return torch.full((1, 4, 4, 4), -1.0)
+
+
 def test_reference_volumes_are_validation_first_then_unaugmented_training_volumes():
-    class Fake:
-        def __init__(self, base: float, n: int, broken: frozenset = frozenset()):
-            self.base, self.n, self.broken = base, n, broken
-
-        def __len__(self):
-            return self.n
-
-        def volume(self, i):  # the unaugmented volume
-            return np.full((4, 4, 4), np.nan if i in self.broken else self.base + i, np.float32)
-
-        def __getitem__(self, i):  # an "augmented" one, which must not be used
-            return torch.full((1, 4, 4, 4), -1.0)
-
     val, tr = Fake(100, 3), Fake(0, 10)
     ref = quality.reference_volumes(val, tr, 8, seed=1)
     assert ref.shape == (8, 4, 4, 4) and ref.dtype == np.float32
@@ -211,6 +216,47 @@ def test_reference_volumes_are_validation_first_then_unaugmented_training_volume
     patchy = quality.reference_volumes(val, Fake(0, 10, frozenset(range(0, 10, 2))), 8, seed=1)
     assert patchy.shape[0] == 8 and np.isfinite(patchy).all()
     assert quality.reference_volumes(val, Fake(0, 2), 8, seed=1).shape[0] == 5
+
+
+def test_active_units_are_counted_over_validation_topped_up_with_unaugmented_training_volumes():
+    val = Fake(100, 3)
+    items = quality.active_unit_volumes(val, Fake(0, 30, frozenset({0, 1, 2, 3})), 16, seed=1)
+    assert len(items) == 16
+    assert [float(x[0, 0, 0, 0]) for x in items[:3]] == [-1.0] * 3  # the validation items, as validation reads them
+    topped = [float(x[0, 0, 0, 0]) for x in items[3:]]
+    assert all(x.shape == (1, 4, 4, 4) for x in items[3:]) and len(set(topped)) == 13
+    assert all(4 <= v < 30 for v in topped)  # unaugmented, and the non-finite ones passed over
+    again = quality.active_unit_volumes(val, Fake(0, 30, frozenset({0, 1, 2, 3})), 16, seed=1)
+    assert [float(x[0, 0, 0, 0]) for x in again[3:]] == topped  # the same ones at every validation
+    assert quality.active_unit_volumes(Fake(100, 20), Fake(0, 30), 16, seed=1).n == 20  # enough: validation itself
+    assert len(quality.active_unit_volumes(val, Fake(0, 5), 16, seed=1)) == 8  # all there are
+    # a conditional run: each training volume with its covariates
+    conditional = Fake(0, 30)
+    conditional.covariates = torch.arange(30.0)[:, None]
+    pairs = quality.active_unit_volumes([(torch.zeros(1, 4, 4, 4), torch.tensor([-1.0]))], conditional, 4, seed=1)
+    assert all(float(v[0, 0, 0, 0]) == float(c[0]) for v, c in pairs[1:])
+
+
+def test_a_level_used_by_few_volumes_is_not_read_as_unused(monkeypatch):
+    """The validation signal counts active units over at least 16 volumes: a level whose posterior
+    mean varies over the training volumes is alive even when the 2 validation volumes agree."""
+    cfg = build_config("tiny", overrides={"quality_samples": 0})
+    model = VeryDeepVAE(cfg)
+    shapes = [z.shape[1:] for z in model.encode(torch.zeros(1, 1, 16, 16, 16))]
+    # every latent the volume's mean brightness: a unit varies exactly when the volumes' brightness does
+    monkeypatch.setattr(model, "encode", lambda x: [x.mean((1, 2, 3, 4)).view(-1, 1, 1, 1, 1).expand(-1, *s)
+                                                    for s in shapes])
+
+    class Volumes(list):
+        def volume(self, i):
+            return self[i][0].numpy()
+
+    val = Volumes([torch.full((1, 16, 16, 16), 0.5)] * 2)
+    train = Volumes(torch.full((1, 16, 16, 16), float(c)) for c in np.linspace(0, 1, 20))
+    values, _ = quality.validation_signal(model, SimpleNamespace(val=val, train=train), cfg, torch.device("cpu"), 0,
+                                          None)
+    assert quality.sample_quality(model, val, np.zeros((0, 1, 1, 1)), 0, 4, "cpu", 0)["dead_levels"] == len(LEVELS)
+    assert values["dead_levels"] == 0
 
 
 def test_quality_samples_must_not_be_negative():

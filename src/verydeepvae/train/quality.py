@@ -22,6 +22,11 @@ from .. import metrics
 # the most validation volumes encoded for the active-unit count: enough for the variance of a
 # posterior mean, and a bound on the cost with large validation sets
 ACTIVE_UNITS_MAX_VOLUMES = 64
+# the fewest volumes the count encodes (validation ones first, then training ones): over fewer, a
+# level in use too often reads unused.  The 450-step demo's 2³ level (5 of 64 units active over 48
+# held-out phantoms) read unused in 15 % of random sets of 5 of its training phantoms (the demo
+# validates on 5), 7 % of sets of 8, and none of 16 or more (forty-sixth session).
+ACTIVE_UNITS_MIN_VOLUMES = 16
 FRECHET_REPEATS = 5  # random real half splits averaged over (evaluate's baseline_repeats default)
 
 
@@ -57,7 +62,7 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
 
     Cheap: ``num_samples`` prior samples, one encoder pass over at most 64 validation volumes and a
     small random CNN (no pretrained network, features at <= 64³); 1-2 s for 8 samples at 32³
-    (demo preset, 5 validation volumes) on one CPU core; the texture adds about 0.05 s there and
+    (demo preset, 16 volumes encoded) on one CPU core; the texture adds about 0.05 s there and
     0.4 s per volume (samples and reference volumes) at 128³.  At 128³ drawing the samples costs
     noticeably more (a full-resolution decoder pass per sample), and in a distributed run the
     other ranks wait for rank 0 at their next collective meanwhile; set ``quality_samples=0`` in
@@ -102,6 +107,28 @@ def reference_volumes(validation: Sequence[Any], train: Sequence[Any], num: int,
     if not picked:
         return np.zeros((0, 1, 1, 1), np.float32)
     return np.stack(picked).astype(np.float32, copy=False)
+
+
+def active_unit_volumes(validation: Sequence[Any], train: Sequence[Any], num: int, seed: int) -> Sequence[Any]:
+    """What the active-unit count encodes: ``validation`` itself when it has ``num`` items, else its
+    items topped up to ``num`` with unaugmented training volumes ((1, R, R, R) tensors, paired with
+    their covariates when ``train`` has them, as a conditional model's validation items are),
+    picked in the order of a ``default_rng(seed)`` permutation -- the same ones at every
+    validation; volumes with non-finite values are passed over.  Whether a unit is used is a
+    property of the encoder, so training volumes serve as well as unseen ones here (the evaluation
+    report counts over held-out volumes)."""
+    if len(validation) >= num or len(train) == 0:
+        return validation
+    items = [validation[i] for i in range(len(validation))]
+    covariates = getattr(train, "covariates", None)
+    for i in np.random.default_rng(seed).permutation(len(train)):
+        if len(items) == num:
+            break
+        volume = _volume(train, int(i))
+        if np.isfinite(volume).all():
+            volume = torch.from_numpy(volume)[None]
+            items.append(volume if covariates is None else (volume, covariates[int(i)]))
+    return items
 
 
 def _volume(dataset: Any, index: int) -> np.ndarray:
@@ -191,9 +218,11 @@ def _as_input(item: Any) -> torch.Tensor:
 
 def validation_signal(model: Any, bundle: Any, cfg: Any, device: torch.device, seed: int,
                       reference: np.ndarray | None) -> tuple[dict[str, float], np.ndarray]:
-    """:func:`sample_quality` at a validation of a training run: over the validation volumes that
-    validation itself uses, against ``reference`` real volumes (read from the run's data on the
-    first call; the same ones every time).  Returns (the values, the reference volumes)."""
+    """:func:`sample_quality` at a validation of a training run: active units over the validation
+    volumes that validation itself uses (topped up with training volumes to 16,
+    :func:`active_unit_volumes`), the Fréchet ratio and texture against ``reference`` real volumes
+    (read from the run's data on the first call; the same ones every time).  Returns (the values,
+    the reference volumes)."""
     from torch.utils.data import Subset
 
     val = bundle.val
@@ -206,6 +235,6 @@ def validation_signal(model: Any, bundle: Any, cfg: Any, device: torch.device, s
         from ..data.datasets import WithCovariates
 
         val = WithCovariates(val)  # (volume, covariates) items: encoding needs both
-    values = sample_quality(model, Subset(val, range(used)), reference, cfg.quality_samples, cfg.batch_size,
-                            device, seed)
+    encoded = active_unit_volumes(Subset(val, range(used)), bundle.train, ACTIVE_UNITS_MIN_VOLUMES, seed)
+    values = sample_quality(model, encoded, reference, cfg.quality_samples, cfg.batch_size, device, seed)
     return values, reference
