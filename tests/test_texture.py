@@ -90,7 +90,8 @@ def test_texture_section_compares_samples_with_real_volumes():
 
 def test_reports_carry_texture_and_older_reports_still_read():
     old = json.loads(EXAMPLE.read_text())
-    old.pop("texture", None)  # written before the section existed
+    old.pop("texture", None)  # written before the section existed, and so before its timing
+    old.get("timings_seconds", {}).pop("texture", None)
     assert "texture" not in markdown(old) and all("texture" not in line for line in summary_lines(old))
     assert np.isnan(quality_row(old)["roughness_ratio"]) and np.isnan(quality_row(old)["fine_correlation_gap"])
     real = np.stack([_structured(seed) for seed in range(4)])
