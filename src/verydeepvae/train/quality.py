@@ -98,12 +98,7 @@ def reference_volumes(validation: Sequence[Any], train: Sequence[Any], num: int,
     rng = np.random.default_rng(seed)
     picked: list[np.ndarray] = []
     for dataset in (validation, train):
-        for i in rng.permutation(len(dataset)):
-            if len(picked) == num:
-                break
-            volume = _volume(dataset, int(i))
-            if np.isfinite(volume).all():
-                picked.append(volume)
+        picked += [volume for _, volume in _finite_volumes(dataset, rng.permutation(len(dataset)), num - len(picked))]
     if not picked:
         return np.zeros((0, 1, 1, 1), np.float32)
     return np.stack(picked).astype(np.float32, copy=False)
@@ -121,14 +116,24 @@ def active_unit_volumes(validation: Sequence[Any], train: Sequence[Any], num: in
         return validation
     items = [validation[i] for i in range(len(validation))]
     covariates = getattr(train, "covariates", None)
-    for i in np.random.default_rng(seed).permutation(len(train)):
-        if len(items) == num:
-            break
-        volume = _volume(train, int(i))
-        if np.isfinite(volume).all():
-            volume = torch.from_numpy(volume)[None]
-            items.append(volume if covariates is None else (volume, covariates[int(i)]))
+    order = np.random.default_rng(seed).permutation(len(train))
+    for i, volume in _finite_volumes(train, order, num - len(items)):
+        volume = torch.from_numpy(volume)[None]
+        items.append(volume if covariates is None else (volume, covariates[i]))
     return items
+
+
+def _finite_volumes(dataset: Any, order: np.ndarray, num: int) -> list[tuple[int, np.ndarray]]:
+    """The first ``num`` volumes of ``dataset`` in ``order`` with only finite values, as (index,
+    unaugmented (R, R, R) volume) pairs: read one by one, so no more than needed are loaded."""
+    found: list[tuple[int, np.ndarray]] = []
+    for i in order:
+        if len(found) >= num:
+            break
+        volume = _volume(dataset, int(i))
+        if np.isfinite(volume).all():
+            found.append((int(i), volume))
+    return found
 
 
 def _volume(dataset: Any, index: int) -> np.ndarray:
