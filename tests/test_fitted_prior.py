@@ -224,11 +224,17 @@ def test_training_fits_decides_records_and_sampling_follows(tmp_path: Path, monk
     path = ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1]
     checkpoint = ckpt.load_checkpoint(path)
     meta = checkpoint.meta["fitted_prior"]
-    assert meta["used"] is True and set(meta["frechet_to_training"]) == {"learned", "fitted 1³, 2³, 4³"}
+    # with the configured default of 8 leading components of the 8³ and 16³ layers, fewer when the
+    # volumes cannot give 8
+    count = min(8, checkpoint.meta["data"]["num_train"] - 1)
+    assert meta["components"]["count"] == count and meta["components"]["shapes"] == [[4, 8, 8, 8], [4, 16, 16, 16]]
+    assert meta["used"] is True and set(meta["frechet_to_training"]) == {
+        "learned", f"fitted 1³, 2³, 4³ + {count} components of 8³, 16³"}
     assert meta["num_volumes"] == checkpoint.meta["data"]["num_train"]
-    assert "fitted_prior.mean" in checkpoint.tensors
+    assert "fitted_prior.mean" in checkpoint.tensors and "fitted_prior.components.basis" in checkpoint.tensors
     model = load_model(checkpoint)
     assert model.fitted_prior is not None and model.fitted_prior.layers == meta["layers"]
+    assert model.fitted_prior.components.layers == meta["components"]["layers"]
     assert load_model(checkpoint, use_ema=False).fitted_prior is None  # fitted for the EMA weights only
     from verydeepvae.train.inspect_run import inspect_run
 

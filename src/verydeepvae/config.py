@@ -117,6 +117,10 @@ class Config:
     # training volumes at the end of training, used for sampling when its samples match the
     # training volumes better (train/fit_prior.py)
     fitted_prior: bool = True
+    # with it, this many leading components of the layers below it (8³ to 32³ in the demo), which carry
+    # global factors such as brain size that the learned prior averages away (model/leading_components.py;
+    # 0: none)
+    fitted_prior_components: int = field(default=8, metadata=at_least(0))
     # fp32, bf16, fp16 (CUDA), auto (bf16 where native, fp16 on CUDA 7.x, else fp32) or half (what the
     # original's half_precision: true becomes: fp16 on CUDA, bf16 elsewhere; train/precision.py)
     precision: str = field(default="auto", metadata=one_of(PRECISIONS))

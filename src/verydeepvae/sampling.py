@@ -18,7 +18,7 @@ from .console import bar
 from .errors import Stopped, UserError
 from .inference import intensity_record, reference_range, to_data_intensity
 from .model import VeryDeepVAE
-from .model.fitted_prior import resolutions
+from .model.fitted_prior import levels_text, resolutions
 from .model.vae import GuidanceWeights
 from .volume_io import grid_affine, save_nifti
 
@@ -218,4 +218,8 @@ def describe_prior(model: VeryDeepVAE, prior: str = "auto") -> str:
     fitted = model.prior_in_use(prior)
     if fitted is None:
         return "learned prior"
-    return f"fitted Gaussian for the {fitted.levels_text()} latents (model/fitted_prior.py)"
+    text = f"fitted Gaussian for the {levels_text(fitted.shapes)} latents"
+    if fitted.components is not None:
+        text += (f" and {fitted.components.count} leading components of the "
+                 f"{levels_text(fitted.components.shapes)} latents")
+    return text + " (model/fitted_prior.py)"

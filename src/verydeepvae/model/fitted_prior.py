@@ -25,17 +25,22 @@ Fitting the active units only keeps the Gaussian small enough to estimate from a
 volumes: over all units of 1³-2³ the inactive ones made Ledoit-Wolf shrink by 0.85, washing out
 the active ones' correlations.  The other units are drawn N(0, 1), as the learned prior would draw
 them.  Checkpoints of the earlier form (latents, whole layers) load and sample as before.
+
+Since the forty-seventh session it may carry the leading components of the layers just below it
+(model/leading_components.py): global factors the encoder stores in the 16³ latents, which the
+learned prior averages away.  Checkpoints without them sample as before.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence, TypedDict
+from typing import NotRequired, Sequence, TypedDict
 
 import torch
 
 from .latent_layer import LatentChoice
+from .leading_components import ComponentsLayout, LeadingComponents
 
 TENSOR_PREFIX = "fitted_prior."
 
@@ -48,6 +53,7 @@ class FittedPriorLayout(TypedDict):
     dim: int
     noise: bool  # absent in checkpoints of the earlier form: latents of whole layers
     units: list[int]  # per layer, how many of its units the Gaussian covers (with ``noise``)
+    components: NotRequired[ComponentsLayout]  # the layers below, drawn along leading components
 
 
 class FittedPriorChoice(TypedDict, total=False):
@@ -60,6 +66,7 @@ class FittedPriorChoice(TypedDict, total=False):
     dim: int
     noise: bool
     units: list[int]
+    components: ComponentsLayout
     used: bool
     num_volumes: int
     draws_per_volume: int
@@ -83,7 +90,12 @@ def chosen_prior_text(meta: FittedPriorChoice) -> str:
     if not meta.get("used"):
         return "the learned prior"
     shapes = meta.get("shapes")
-    return f"the Gaussian fitted to the {levels_text(shapes)} latents" if shapes else "the fitted Gaussian"
+    text = f"the Gaussian fitted to the {levels_text(shapes)} latents" if shapes else "the fitted Gaussian"
+    components = meta.get("components")
+    if components:
+        text += (f" and {components['count']} leading components of the {levels_text(components['shapes'])} "
+                 "latents")
+    return text
 
 
 @dataclass
@@ -95,18 +107,24 @@ class FittedPrior:
     # per layer, the flat indices (int64) of the units covered; None: every unit of every layer
     units: list[torch.Tensor] | None = None
     noise: bool = False  # over standardised residuals under the learned prior, not over latents
+    components: LeadingComponents | None = None  # the layers below, drawn along leading components
 
     @property
     def dim(self) -> int:
         return int(self.mean.numel())
 
     def levels_text(self) -> str:
-        return levels_text(self.shapes)
+        """"1³, 2³, 4³" (with components: "1³, 2³, 4³ + 8 components of 8³, 16³")."""
+        text = levels_text(self.shapes)
+        if self.components is not None:
+            text += f" + {self.components.count} components of {levels_text(self.components.shapes)}"
+        return text
 
     def to(self, device: torch.device | str) -> "FittedPrior":
         units = None if self.units is None else [u.to(device) for u in self.units]
+        components = None if self.components is None else self.components.to(device)
         return FittedPrior(self.layers, self.shapes, self.mean.to(device), self.scale_tril.to(device), units,
-                           self.noise)
+                           self.noise, components)
 
     def unit_counts(self) -> list[int]:
         """How many units of each covered layer the Gaussian draws."""
@@ -141,15 +159,22 @@ class FittedPrior:
     def choices(self, n: int, temperatures: Sequence[float], generator: torch.Generator | None = None
                 ) -> dict[int, LatentChoice]:
         """:meth:`draw` as the decoder's latent choices: given latents, or with ``noise`` given
-        residuals, which the learned prior turns into latents (``LatentChoice.noise``)."""
+        residuals, which the learned prior turns into latents (``LatentChoice.noise``); then the
+        leading components' layers, as residuals."""
         drawn = self.draw(n, temperatures, generator)
-        return {layer: LatentChoice(noise=d) if self.noise else LatentChoice(z=d) for layer, d in drawn.items()}
+        choices = {layer: LatentChoice(noise=d) if self.noise else LatentChoice(z=d) for layer, d in drawn.items()}
+        if self.components is not None:
+            choices.update({layer: LatentChoice(noise=d)
+                            for layer, d in self.components.draw(n, temperatures, generator).items()})
+        return choices
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {TENSOR_PREFIX + "mean": self.mean.detach().cpu().contiguous(),
                TENSOR_PREFIX + "scale_tril": self.scale_tril.detach().cpu().contiguous()}
         for layer, units in zip(self.layers, self.units or []):
             out[f"{TENSOR_PREFIX}units.{layer}"] = units.detach().cpu().to(torch.int64).contiguous()
+        if self.components is not None:
+            out.update(self.components.tensors())
         return out
 
     def describe(self) -> FittedPriorLayout:
@@ -157,6 +182,8 @@ class FittedPrior:
                                      "dim": self.dim}
         if self.noise:
             layout.update(noise=True, units=self.unit_counts())
+        if self.components is not None:
+            layout["components"] = self.components.describe()
         return layout
 
     @classmethod
@@ -168,7 +195,8 @@ class FittedPrior:
         units = None
         if info.get("noise"):
             units = [tensors[f"{TENSOR_PREFIX}units.{layer}"].long() for layer in layers]
-        prior = cls(layers, shapes, mean, tril, units, bool(info.get("noise")))
+        components = LeadingComponents.from_tensors(tensors, info["components"]) if info.get("components") else None
+        prior = cls(layers, shapes, mean, tril, units, bool(info.get("noise")), components)
         counts = prior.unit_counts()
         if len(shapes) != len(layers) or mean.shape != (sum(counts),) or tril.shape != (mean.numel(), mean.numel()) \
                 or any(u.numel() and (u.min() < 0 or u.max() >= math.prod(s)) for u, s in zip(units or [], shapes)):

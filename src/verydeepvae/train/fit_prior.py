@@ -1,6 +1,7 @@
 """At the end of training: fit the Gaussian prior of the coarsest latent layers
-(model/fitted_prior.py) to the training volumes' aggregate posterior, and keep it only if its
-samples are closer to the training volumes than the learned prior's.
+(model/fitted_prior.py) to the training volumes' aggregate posterior, with the leading components of
+the layers below it (model/leading_components.py), and keep it only if its samples are closer to the
+training volumes than the learned prior's.
 
 Both the fit and the choice use training volumes only (no validation or held-out data), so the
 choice is part of training, like early stopping on the training loss would be.  The decision and
@@ -10,7 +11,7 @@ its two distances go into the checkpoint's metadata (``fitted_prior``) and the r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from .. import metrics
 from ..console import VERBOSE
 from ..model import VeryDeepVAE
 from ..model.fitted_prior import FittedPrior, FittedPriorChoice, chosen_prior_text
+from ..model.leading_components import LeadingComponents
 
 CANDIDATE_LEVELS = (3, 2)
 """How many resolution levels, from the top, the fitted Gaussian covers: the first of these the model
@@ -38,6 +40,12 @@ demo model of training seed 4 had 10 active units at 1³-2³ and 115 at 1³-4³.
 ACTIVE_VARIANCE = 0.01
 """A unit is active when its posterior mean, as a standardised residual under the learned prior,
 varies across the training volumes with at least this variance (the usual active-unit rule)."""
+
+MAX_COMPONENT_DIMENSIONS = 1 << 21
+"""The leading components cover whole levels below the Gaussian, coarsest first, up to this many
+latent dimensions: the posterior means of 256 training volumes then take at most 2 GiB (float32).
+8³ to 32³ in the demo (204,800) and the 32 preset (1,761,280); 8³ and 16³ in the 64 and 128
+presets (450,560), whose 32³ level alone has 3.9 million."""
 
 MAX_VOLUMES = 256  # training volumes encoded for the fit (evenly spaced over the training set)
 MIN_VOLUMES = 16  # fewer training volumes: no fit (neither the Gaussian nor the comparison would mean much)
@@ -66,14 +74,58 @@ def fit(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, lev
     return gaussian(model, posterior_residuals(model, volumes, batch_size, seed, layers), layers)
 
 
+def component_layers(model: VeryDeepVAE, levels: int) -> list[int]:
+    """Indices of the decoder layers the leading components cover below a Gaussian of the ``levels``
+    coarsest levels: whole levels, coarsest first, within ``MAX_COMPONENT_DIMENSIONS``.  The finest
+    level is included when it fits: a short run may keep brain size there rather than at 16³ (demo
+    training seed 1; docs/training-recipe.md)."""
+    top = model.decoder.num_levels - 1
+    sizes = model.latent_sizes()
+    chosen: list[int] = []
+    for level in range(top - levels, -1, -1):
+        layers = [i for i, lv in enumerate(model.decoder.layer_levels) if lv == level]
+        if sum(sizes[i] for i in chosen + layers) > MAX_COMPONENT_DIMENSIONS:
+            break
+        chosen += layers
+    return chosen
+
+
+def leading_components(model: VeryDeepVAE, residuals: "Residuals", layers: list[int], count: int
+                       ) -> LeadingComponents:
+    """The ``count`` leading principal components of the posterior-mean residuals of ``layers``
+    across the training volumes (fewer when there are not enough volumes).  Found from the volumes'
+    N x N Gram matrix, not an SVD of the N x D data: D runs to millions, N to 256."""
+    device = model.output_head.conv.weight.device
+    x = torch.cat([torch.from_numpy(residuals.means[i]) for i in layers], 1)  # (N, D) float32
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("non-finite posterior latents")
+    mean = x.double().mean(0)
+    x = x - mean.float()
+    gram = torch.zeros(len(x), len(x), dtype=torch.float64)
+    for block in x.split(1 << 16, dim=1):
+        gram += block.double() @ block.double().T
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    k = max(0, min(count, len(x) - 1, int((values > 1e-9 * values[-1].clamp_min(1e-30)).sum())))
+    values, vectors = values.flip(0)[:k], vectors.flip(1)[:, :k]
+    singular = values.sqrt()
+    # (D, k), orthonormal columns: each is the volumes' residuals weighted by an eigenvector
+    basis = torch.cat([(block.T.double() @ vectors / singular).float() for block in x.split(1 << 16, dim=1)])
+    scales = (singular / max(len(x) - 1, 1) ** 0.5).float()
+    shapes = model.latent_shapes()
+    return LeadingComponents(list(layers), [shapes[i] for i in layers], mean.float().to(device), basis.to(device),
+                             scales.to(device))
+
+
 @dataclass
 class Residuals:
     """Standardised posterior residuals, (z - prior mean) / prior std, of some layers: ``draws``
     {layer: (N * DRAWS_PER_VOLUME, layer size) float64}; ``activity`` {layer: (layer size,)}, the
-    variance across volumes of each unit's posterior-mean residual."""
+    variance across volumes of each unit's posterior-mean residual; ``means`` {layer: (N, layer
+    size) float32}, the posterior-mean residuals of the layers asked for them."""
 
     draws: dict[int, np.ndarray]
     activity: dict[int, np.ndarray]
+    means: dict[int, np.ndarray]
 
     def active(self, layer: int) -> np.ndarray:
         """Flat indices of the layer's active units (``ACTIVE_VARIANCE``)."""
@@ -81,24 +133,27 @@ class Residuals:
 
 
 @torch.no_grad()
-def posterior_residuals(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, layers: list[int]
-                        ) -> Residuals:
+def posterior_residuals(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, layers: list[int],
+                        mean_layers: Sequence[int] = ()) -> Residuals:
     """``DRAWS_PER_VOLUME`` posterior draws per volume of each of ``layers`` and the posterior
-    means, as residuals under the learned prior.  Encoded once for every candidate Gaussian; the
-    top-down passes stop below ``layers`` (``VeryDeepVAE.encode_passes``)."""
+    means, as residuals under the learned prior, and the posterior means alone of ``mean_layers``.
+    Encoded once for every candidate Gaussian; the top-down passes stop below the finest layer asked
+    for (``VeryDeepVAE.encode_passes``)."""
     device = model.output_head.conv.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     rows: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
-    means: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    means: dict[int, list[torch.Tensor]] = {i: [] for i in [*layers, *mean_layers]}
     for start in range(0, len(volumes), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size][:, None])).float().to(device)
-        mean, *drawn = model.encode_passes(x, [False] + [True] * DRAWS_PER_VOLUME, num_layers=max(layers) + 1,
+        mean, *drawn = model.encode_passes(x, [False] + [True] * DRAWS_PER_VOLUME, num_layers=max(means) + 1,
                                            as_noise=True, generator=generator)
+        for i in means:
+            means[i].append(mean[i].float().flatten(1).cpu())
         for i in layers:
-            means[i].append(mean[i].float().flatten(1).double().cpu())
             rows[i].extend(es[i].float().flatten(1).double().cpu() for es in drawn)
-    activity = {i: torch.cat(m).var(0, unbiased=False).numpy() for i, m in means.items()}
-    return Residuals({i: torch.cat(r).numpy() for i, r in rows.items()}, activity)
+    activity = {i: torch.cat(means[i]).double().var(0, unbiased=False).numpy() for i in layers}
+    return Residuals({i: torch.cat(r).numpy() for i, r in rows.items()}, activity,
+                     {i: torch.cat(means[i]).numpy() for i in mean_layers})
 
 
 def gaussian(model: VeryDeepVAE, residuals: Residuals, layers: list[int]) -> FittedPrior:
@@ -142,18 +197,24 @@ def frechet_to(model: VeryDeepVAE, prior: str, reference_feats: np.ndarray, feat
     return float(metrics.frechet_distance(z(sample_feats), z(reference_feats)))
 
 
-def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int
+def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int, components: int = 0
                    ) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
-    """Fit the Gaussian of the deepest candidate levels that can be fitted, compare its samples and the
-    learned prior's with the training volumes, and decide; returns the checkpoint tensors (empty when
-    the learned prior wins) and the metadata entry.  Leaves ``model.fitted_prior`` as decided."""
+    """Fit the Gaussian of the deepest candidate levels that can be fitted, with ``components``
+    leading components of the levels below it (0: none), compare its samples and the learned
+    prior's with the training volumes, and decide; returns the checkpoint tensors (empty when the
+    learned prior wins) and the metadata entry.  Leaves ``model.fitted_prior`` as decided."""
     depths = candidate_levels(model)
-    residuals = posterior_residuals(model, volumes, batch_size, seed, coarse_layers(model, max(depths))) \
+    below = sorted({i for levels in depths for i in component_layers(model, levels)}) if components else []
+    residuals = posterior_residuals(model, volumes, batch_size, seed, coarse_layers(model, max(depths)),
+                                    [i for i in below if i not in coarse_layers(model, max(depths))]) \
         if depths else None
     fitted, problem = None, "no level to fit"
     for levels in depths:
         try:
             fitted = gaussian(model, residuals, coarse_layers(model, levels))
+            layers = component_layers(model, levels) if components else []
+            if layers:
+                fitted.components = leading_components(model, residuals, layers, components)
             break
         except (ValueError, np.linalg.LinAlgError) as error:
             problem = str(error)
@@ -172,13 +233,14 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
     model.fitted_prior = fitted if used else None
     meta = {**fitted.describe(), "used": bool(used), "num_volumes": int(len(volumes)),
             "draws_per_volume": DRAWS_PER_VOLUME, "frechet_to_training": distances,
-            "rule": "the Gaussian fitted to the deepest top levels it can cover, if its samples' random-CNN "
-                    "Fréchet distance to the training volumes is smaller than the learned prior's"}
+            "rule": "the Gaussian fitted to the deepest top levels it can cover (with the leading components of "
+                    "the levels below), if its samples' random-CNN Fréchet distance to the training volumes is "
+                    "smaller than the learned prior's"}
     return (fitted.tensors() if used else {}), meta
 
 
-def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed: int, autocast, console
-                         ) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
+def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed: int, autocast, console,
+                         components: int = 0) -> tuple[dict[str, torch.Tensor], FittedPriorChoice]:
     """The final checkpoint's coarse-level prior, fitted for ``model`` (the EMA model, which samples)
     to the training ``dataset`` under ``autocast()`` (the training precision); the decision is told
     on ``console`` (train/progress.py).  Nothing when there are too few usable training volumes."""
@@ -189,7 +251,7 @@ def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed
         return {}, {}
     model.eval()
     with autocast():
-        tensors, meta = fit_and_choose(model, volumes, batch_size, seed)
+        tensors, meta = fit_and_choose(model, volumes, batch_size, seed, components)
     console.say(notice(meta))
     return tensors, meta
 

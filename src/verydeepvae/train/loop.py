@@ -393,7 +393,8 @@ class _Trainer:
                 from . import fit_prior  # only at the end of a run
 
                 prior_tensors, prior_meta = fit_prior.for_final_checkpoint(
-                    self.ema.model, self.bundle.train, self.cfg.batch_size, self.seed, self._autocast, self.console)
+                    self.ema.model, self.bundle.train, self.cfg.batch_size, self.seed, self._autocast, self.console,
+                    self.cfg.fitted_prior_components)
                 tensors.update(prior_tensors)
                 if prior_meta:
                     meta["fitted_prior"] = prior_meta
