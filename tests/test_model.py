@@ -242,6 +242,12 @@ def test_encode_passes_share_one_encoder_pass_and_stopping_early_leaves_the_coar
     repeat = model.encode_passes(x, [True], num_layers=2, as_noise=True, generator=torch.Generator().manual_seed(5))[0]
     for i in range(2):
         assert torch.equal(repeat[i], full_drawn[i]) and not torch.equal(repeat[i], full_means[i])
+    # one stop per pass: the means run deeper than the draws, which are those of the short pass
+    deep, short = model.encode_passes(x, [False, True], num_layers=[4, 2], as_noise=True,
+                                      generator=torch.Generator().manual_seed(5))
+    assert len(deep) == 4 and len(short) == 2
+    assert all(torch.equal(deep[i], full_means[i]) for i in range(4))
+    assert all(torch.equal(short[i], repeat[i]) for i in range(2))
 
 
 def test_a_finest_level_without_latent_layers_is_still_decoded_to_full_resolution():

@@ -379,13 +379,14 @@ class VeryDeepVAE(nn.Module):
         return self.encode_passes(x01, [draw], covariates=covariates, as_noise=as_noise, generator=generator)[0]
 
     @torch.no_grad()
-    def encode_passes(self, x01: torch.Tensor, draws: Sequence[bool], num_layers: int | None = None,
+    def encode_passes(self, x01: torch.Tensor, draws: Sequence[bool],
+                      num_layers: int | Sequence[int | None] | None = None,
                       covariates: torch.Tensor | None = None, as_noise: bool = False,
                       generator: torch.Generator | None = None) -> list[list[torch.Tensor]]:
         """Several :meth:`encode` results of the same volumes from one bottom-up pass: one top-down
         pass per entry of ``draws`` (True: posterior draws, False: posterior means), in that order
         and from the same ``generator``, each stopping after the ``num_layers`` coarsest layers
-        (None: every layer).  Fitting a prior to the top of the hierarchy needs only its coarse
+        (None: every layer; or one such number per pass).  Fitting a prior to the top of the hierarchy needs only its coarse
         layers, three times per volume (train/fit_prior.py): for the 32³ demo's 95 training volumes,
         one encoder pass and three short top-down ones take 5.5 s on 2 CPU cores, three full
         :meth:`encode` calls 36 s."""
@@ -394,10 +395,11 @@ class VeryDeepVAE(nn.Module):
         with self.inference_autocast(x01.device):
             x = self._input(x01)
             activations = self.encoder(x)
-            for draw in draws:
+            stops = list(num_layers) if isinstance(num_layers, Sequence) else [num_layers] * len(draws)
+            for draw, stop in zip(draws, stops, strict=True):
                 choices = [LatentChoice(posterior_mean=not draw, return_noise=as_noise)] * self.num_layers
                 passes.append(self.decoder(activations, choices, x.shape[0], generator, film=film,
-                                           num_layers=num_layers)[2])
+                                           num_layers=stop)[2])
         return passes
 
     @torch.no_grad()

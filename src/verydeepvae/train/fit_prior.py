@@ -137,15 +137,17 @@ def posterior_residuals(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int
                         mean_layers: Sequence[int] = ()) -> Residuals:
     """``DRAWS_PER_VOLUME`` posterior draws per volume of each of ``layers`` and the posterior
     means, as residuals under the learned prior, and the posterior means alone of ``mean_layers``.
-    Encoded once for every candidate Gaussian; the top-down passes stop below the finest layer asked
-    for (``VeryDeepVAE.encode_passes``)."""
+    Encoded once for every candidate Gaussian; each top-down pass stops below the finest layer it
+    is needed for (``VeryDeepVAE.encode_passes``)."""
     device = model.output_head.conv.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     rows: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
     means: dict[int, list[torch.Tensor]] = {i: [] for i in [*layers, *mean_layers]}
     for start in range(0, len(volumes), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(volumes[start:start + batch_size][:, None])).float().to(device)
-        mean, *drawn = model.encode_passes(x, [False] + [True] * DRAWS_PER_VOLUME, num_layers=max(means) + 1,
+        # the draws stop below ``layers``, so the Gaussian's draws do not depend on ``mean_layers``
+        stops = [max(means) + 1] + [max(layers) + 1] * DRAWS_PER_VOLUME
+        mean, *drawn = model.encode_passes(x, [False] + [True] * DRAWS_PER_VOLUME, num_layers=stops,
                                            as_noise=True, generator=generator)
         for i in means:
             means[i].append(mean[i].float().flatten(1).cpu())
