@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from verydeepvae.config import build_config
+from verydeepvae.errors import ConfigError
 from verydeepvae.model import VeryDeepVAE
 from verydeepvae.model.fitted_prior import FittedPrior
 from verydeepvae.model.leading_components import LeadingComponents
@@ -132,3 +133,10 @@ def test_fit_and_choose_attaches_records_and_samples_with_the_components(monkeyp
     # components=0 keeps the Gaussian alone, as before
     _, plain = fit_prior.fit_and_choose(model, volumes, batch_size=3, seed=0)
     assert "components" not in plain and model.fitted_prior.components is None
+
+
+def test_the_number_of_components_is_configured_and_checked():
+    assert build_config(preset="demo").fitted_prior_components == 8
+    assert build_config(preset="demo", overrides={"fitted_prior_components": 0}).fitted_prior_components == 0
+    with pytest.raises(ConfigError, match="fitted_prior_components"):
+        build_config(preset="demo", overrides={"fitted_prior_components": -1})

@@ -27,8 +27,8 @@ the active ones' correlations.  The other units are drawn N(0, 1), as the learne
 them.  Checkpoints of the earlier form (latents, whole layers) load and sample as before.
 
 Since the forty-seventh session it may carry the leading components of the layers just below it
-(model/leading_components.py): global factors the encoder stores in the 16³ latents, which the
-learned prior averages away.  Checkpoints without them sample as before.
+(model/leading_components.py): global factors the encoder stores in the 16³ or 32³ latents, which
+the learned prior averages away.  Checkpoints without them sample as before.
 """
 
 from __future__ import annotations

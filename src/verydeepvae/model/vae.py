@@ -386,10 +386,10 @@ class VeryDeepVAE(nn.Module):
         """Several :meth:`encode` results of the same volumes from one bottom-up pass: one top-down
         pass per entry of ``draws`` (True: posterior draws, False: posterior means), in that order
         and from the same ``generator``, each stopping after the ``num_layers`` coarsest layers
-        (None: every layer; or one such number per pass).  Fitting a prior to the top of the hierarchy needs only its coarse
-        layers, three times per volume (train/fit_prior.py): for the 32³ demo's 95 training volumes,
-        one encoder pass and three short top-down ones take 5.5 s on 2 CPU cores, three full
-        :meth:`encode` calls 36 s."""
+        (None: every layer), or after one such number per pass.  Fitting a prior to the top of the
+        hierarchy needs only its coarse layers, three times per volume (train/fit_prior.py): for the
+        32³ demo's 95 training volumes, one encoder pass and three short top-down ones take 5.5 s on
+        2 CPU cores, three full :meth:`encode` calls 36 s."""
         film = self._film(covariates, x01.shape[0])
         passes = []
         with self.inference_autocast(x01.device):

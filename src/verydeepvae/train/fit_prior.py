@@ -43,7 +43,8 @@ varies across the training volumes with at least this variance (the usual active
 
 MAX_COMPONENT_DIMENSIONS = 1 << 21
 """The leading components cover whole levels below the Gaussian, coarsest first, up to this many
-latent dimensions: the posterior means of 256 training volumes then take at most 2 GiB (float32).
+latent dimensions: the posterior means of 256 training volumes then take at most 2 GiB (float32),
+twice that while the components are found.
 8³ to 32³ in the demo (204,800) and the 32 preset (1,761,280); 8³ and 16³ in the 64 and 128
 presets (450,560), whose 32³ level alone has 3.9 million."""
 
@@ -100,7 +101,7 @@ def leading_components(model: VeryDeepVAE, residuals: "Residuals", layers: list[
     if not bool(torch.isfinite(x).all()):
         raise ValueError("non-finite posterior latents")
     mean = x.double().mean(0)
-    x = x - mean.float()
+    x.sub_(mean.float())  # in place: x is already a copy, and the largest array here
     gram = torch.zeros(len(x), len(x), dtype=torch.float64)
     for block in x.split(1 << 16, dim=1):
         gram += block.double() @ block.double().T
@@ -215,8 +216,9 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
         try:
             fitted = gaussian(model, residuals, coarse_layers(model, levels))
             layers = component_layers(model, levels) if components else []
-            if layers:
-                fitted.components = leading_components(model, residuals, layers, components)
+            found = leading_components(model, residuals, layers, components) if layers else None
+            if found is not None and found.count:  # no direction varies: the learned prior draws those layers
+                fitted.components = found
             break
         except (ValueError, np.linalg.LinAlgError) as error:
             problem = str(error)
