@@ -207,10 +207,11 @@ def fit_and_choose(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, see
     prior's with the training volumes, and decide; returns the checkpoint tensors (empty when the
     learned prior wins) and the metadata entry.  Leaves ``model.fitted_prior`` as decided."""
     depths = candidate_levels(model)
-    below = sorted({i for levels in depths for i in component_layers(model, levels)}) if components else []
-    residuals = posterior_residuals(model, volumes, batch_size, seed, coarse_layers(model, max(depths)),
-                                    [i for i in below if i not in coarse_layers(model, max(depths))]) \
-        if depths else None
+    deepest = coarse_layers(model, max(depths)) if depths else []
+    # every layer some depth's components would cover, beyond the deepest Gaussian's own
+    below = sorted({i for levels in depths for i in component_layers(model, levels)} - set(deepest)) \
+        if components else []
+    residuals = posterior_residuals(model, volumes, batch_size, seed, deepest, below) if depths else None
     fitted, problem = None, "no level to fit"
     for levels in depths:
         try:
