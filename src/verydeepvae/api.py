@@ -151,8 +151,9 @@ class Model:
         per covariate (``{"age": 2, "lesion_load": 5}``, others 1, or the CLI's ``"age=2,lesion_load=5"``);
         "calibrated" the scales ``verydeepvae calibrate-guidance`` measured for this checkpoint, "auto"
         (default) those when measured, else 1.
-        ``voxels``: "auto" (as the run's ``sample_voxels`` setting says), "mean" or "draw" (each voxel
-        drawn from p(x | z); ``verydeepvae sample --voxels``)."""
+        ``voxels``: "auto" (as the run's ``sample_voxels`` setting says), "mean", "draw" (each voxel
+        drawn from p(x | z), neighbours correlated as in the training volumes when the run measured
+        it) or "independent" (drawn, each voxel on its own); ``verydeepvae sample --voxels``."""
         if n < 1 or batch_size < 1:
             raise UserError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
         weights = self._guidance(guidance).weights(self.covariates)

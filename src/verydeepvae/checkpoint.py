@@ -26,6 +26,7 @@ from .json_types import JSONObject
 if TYPE_CHECKING:  # names for the metadata's parts, without importing NIfTI reading here
     from .data.nifti_load import IntensityReference
     from .model.fitted_prior import FittedPriorChoice
+    from .model.voxel_noise import VoxelNoiseRecord
 
 FORMAT = "verydeepvae-checkpoint-1"
 META_KEY = "verydeepvae"
@@ -56,8 +57,8 @@ class RngState(TypedDict, total=False):
 
 class CheckpointMeta(TypedDict, total=False):
     """A checkpoint's JSON metadata: ``format`` and ``step``, the run facts of train/state.py's
-    ``run_meta`` and the optimiser state of its ``capture_state``, and ``fitted_prior`` on a final
-    checkpoint that fitted one.  Checkpoints of earlier versions may lack any key but the first two."""
+    ``run_meta`` and the optimiser state of its ``capture_state``, and ``fitted_prior`` and
+    ``voxel_noise`` on a final checkpoint that fitted them.  Checkpoints of earlier versions may lack any key but the first two."""
 
     format: str
     step: int
@@ -72,6 +73,7 @@ class CheckpointMeta(TypedDict, total=False):
     data: RunData
     covariates: JSONObject  # CovariateSchema.to_json(), a conditional model's schema
     fitted_prior: FittedPriorChoice
+    voxel_noise: VoxelNoiseRecord
     finest_layer_restart: JSONObject  # train/finest_layer.py restart_record, a run that started again
     optimiser: JSONObject  # param_groups, and non-tensor state per parameter index
     scaler: JSONObject | None  # GradScaler.state_dict()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .config import SAMPLE_VOXELS
+from .config import VOXEL_CHOICES
 
 
 class Formatter(argparse.HelpFormatter):
@@ -66,9 +66,11 @@ def seed_option(p: argparse.ArgumentParser, text: str = "random seed") -> None:
 
 def voxels_option(p: argparse.ArgumentParser) -> None:
     """--voxels: how a sample's voxels come from p(x | z) (VeryDeepVAE.draws_voxels)."""
-    p.add_argument("--voxels", choices=["auto", *SAMPLE_VOXELS], default="auto",
+    p.add_argument("--voxels", choices=list(VOXEL_CHOICES), default="auto",
                    help="how a sample's voxels come from p(x | z): auto = as the run's sample_voxels setting "
-                        "says (draw for the demo preset, else mean); mean = smooth; draw = with the model's texture")
+                        "says (draw for the demo preset, else mean); mean = smooth; draw = with the model's texture, "
+                        "neighbouring voxels correlated as measured on the training volumes; independent = drawn, "
+                        "each voxel on its own")
 
 
 def progress_option(p: argparse.ArgumentParser) -> None:

@@ -28,6 +28,9 @@ from .json_types import JSONObject
 
 LIKELIHOODS = ("discretised_logistic", "gaussian")
 SAMPLE_VOXELS = ("mean", "draw")
+# what sampling commands accept (--voxels): the run's own setting, either of those, or drawn with each
+# voxel on its own, ignoring the neighbour correlation measured at the end of training (sampling.py)
+VOXEL_CHOICES = ("auto", *SAMPLE_VOXELS, "independent")
 PRECISIONS = ("fp32", "bf16", "fp16", "auto", "half")
 OPTIMISERS = ("adamax", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -121,6 +124,10 @@ class Config:
     # global factors such as brain size that the learned prior averages away (model/leading_components.py;
     # 0: none)
     fitted_prior_components: int = field(default=8, metadata=at_least(0))
+    # measure, at the end of training, how the training volumes' deviations from p(x | z) correlate
+    # between neighbouring voxels, so that drawn voxels follow it instead of being independent grain
+    # (model/voxel_noise.py; sampling's --voxels independent draws them as before)
+    fit_voxel_noise: bool = True
     # fp32, bf16, fp16 (CUDA), auto (bf16 where native, fp16 on CUDA 7.x, else fp32) or half (what the
     # original's half_precision: true becomes: fp16 on CUDA, bf16 elsewhere; train/precision.py)
     precision: str = field(default="auto", metadata=one_of(PRECISIONS))

@@ -25,6 +25,7 @@ from .device import resolve_device
 from .errors import CheckpointError, UserError
 from .model import VeryDeepVAE
 from .model.fitted_prior import FittedPrior
+from .model.voxel_noise import VoxelNoise
 
 if TYPE_CHECKING:
     from .data.nifti_load import IntensityReference
@@ -75,6 +76,12 @@ def load_model(checkpoint: ckpt.Checkpoint, use_ema: bool = True,
             model.fitted_prior = FittedPrior.from_tensors(checkpoint.tensors, prior)
         except (KeyError, ValueError, TypeError) as error:
             raise CheckpointError(f"checkpoint {checkpoint.path} has a damaged fitted prior ({error})") from None
+    noise = checkpoint.meta.get("voxel_noise")
+    if use_ema and noise:  # measured for the EMA weights too (model/voxel_noise.py)
+        try:
+            model.voxel_noise = VoxelNoise.from_record(noise)
+        except (KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(f"checkpoint {checkpoint.path} has a damaged voxel-noise record ({error})") from None
     model = model.to(device).eval()
     if model.fitted_prior is not None:
         model.fitted_prior = model.fitted_prior.to(device)

@@ -13,7 +13,7 @@ import torch
 
 from . import viz
 from .atomic import write_json
-from .config import SAMPLE_VOXELS
+from .config import VOXEL_CHOICES
 from .console import bar
 from .errors import Stopped, UserError
 from .inference import intensity_record, reference_range, to_data_intensity
@@ -143,6 +143,7 @@ def iter_sample_batches(model: VeryDeepVAE, num: int, temperature: float | Seque
     check_prior(model, prior)
     draw = voxels_draw(voxels)
     with_means = means and draws(model, voxels)
+    correlated = voxels != "independent"
     generator = torch.Generator(device=device).manual_seed(int(seed))
     if covariates is not None:
         covariates = torch.as_tensor(np.asarray(covariates, dtype=np.float32))
@@ -153,7 +154,8 @@ def iter_sample_batches(model: VeryDeepVAE, num: int, temperature: float | Seque
             count = min(batch_size, num - start)
             given = None if covariates is None else covariates[start:start + count].to(device)
             around = None if references is None else references[start:start + count].to(device)
-            chosen = dict(generator=generator, covariates=given, prior=prior, guidance=guidance, reference=around)
+            chosen = dict(generator=generator, covariates=given, prior=prior, guidance=guidance, reference=around,
+                          correlated_voxels=correlated)
             if with_means:
                 mean, volumes = model.sample_mean_and_draw(count, temperature, **chosen)
             else:
@@ -175,16 +177,18 @@ def check_prior(model: VeryDeepVAE, prior: str) -> None:
         raise UserError(str(error)) from None
 
 
-VOXELS = ("auto", *SAMPLE_VOXELS)
+VOXELS = VOXEL_CHOICES
 """How a sample's voxels come from p(x | z): "auto" as the run's ``sample_voxels`` says
-(``VeryDeepVAE.draws_voxels``), "mean" or "draw"."""
+(``VeryDeepVAE.draws_voxels``), "mean", "draw" (with the neighbour correlation measured at the end
+of training, model/voxel_noise.py, when the model has one) or "independent" (drawn, each voxel on its
+own: the draws before that measurement existed)."""
 
 
 def voxels_draw(voxels: str) -> bool | None:
     """``VeryDeepVAE.sample``'s ``draw_voxels`` for a :data:`VOXELS` choice (None: the model's default)."""
     if voxels not in VOXELS:
         raise UserError(f"voxels must be one of {', '.join(VOXELS)}, got {voxels!r}")
-    return None if voxels == "auto" else voxels == "draw"
+    return None if voxels == "auto" else voxels in ("draw", "independent")
 
 
 def draws(model: VeryDeepVAE, voxels: str = "auto") -> bool:
@@ -202,7 +206,11 @@ def describe_voxels(model: VeryDeepVAE, voxels: str = "auto") -> str:
     if not draws(model, voxels):
         return "the mean of p(x | z)"
     mixtures = getattr(model.likelihood, "num_mixtures", 1)
-    return f"{DRAWN}, a mixture of {mixtures} discretised logistics" if mixtures > 1 else DRAWN
+    text = f"{DRAWN}, a mixture of {mixtures} discretised logistics" if mixtures > 1 else DRAWN
+    if model.voxel_noise is not None and voxels != "independent":
+        return text + (f", neighbours correlated as in the training volumes ({model.voxel_noise.text()} along "
+                       "depth / height / width; model/voxel_noise.py)")
+    return text + ", independently" if model.voxel_noise is not None else text
 
 
 def fitted_levels(model: VeryDeepVAE, prior: str = "auto") -> list[int]:

@@ -74,18 +74,54 @@ class DiscretisedLogistic(nn.Module):
             return mean
         return (log_weights.exp() * mean).sum(1, keepdim=True)
 
-    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One draw per voxel (a component by its weight, then its logistic), on the bin centres."""
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None,
+               scores: torch.Tensor | None = None) -> torch.Tensor:
+        """One draw per voxel (a component by its weight, then its logistic), on the bin centres.
+        ``scores`` (B, 1, R, R, R), standard normal: the voxel's cumulative probability is Φ(scores)
+        instead of independent per voxel (model/voxel_noise.py); each voxel's distribution is the
+        same.  A mixture is then inverted as a whole (by bisection), so that its component, too,
+        follows the scores."""
         log_weights, mean, log_scale = self._split(params)
+        k = self.num_bins - 1
+        if scores is not None and log_weights is not None:
+            x = self._mixture_quantile(log_weights, mean, log_scale, normal_cdf(scores.float()))
+            return (torch.round((x + 1) * k / 2) * 2 / k - 1).clamp(-1, 1)
         if log_weights is not None:
             gumbel = -torch.log(-torch.log(
                 torch.rand(log_weights.shape, device=mean.device, generator=generator).clamp(1e-5, 1 - 1e-5)))
             pick = (log_weights + gumbel).argmax(1, keepdim=True)
             mean, log_scale = mean.gather(1, pick), log_scale.gather(1, pick)
-        u = torch.rand(mean.shape, device=mean.device, generator=generator).clamp(1e-5, 1 - 1e-5)
+        if scores is None:
+            u = torch.rand(mean.shape, device=mean.device, generator=generator)
+        else:
+            u = normal_cdf(scores.float())
+        u = u.clamp(1e-5, 1 - 1e-5)
         x = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
-        k = self.num_bins - 1
         return (torch.round((x.clamp(-1, 1) + 1) * k / 2) * 2 / k - 1).clamp(-1, 1)
+
+    @staticmethod
+    def _mixture_quantile(log_weights: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
+                          u: torch.Tensor, iterations: int = 24) -> torch.Tensor:
+        """The x in [-1, 1] where the mixture's cumulative probability is u (B, 1, ...), by bisection:
+        24 halvings of [-1, 1] leave 1.2e-7, far below a bin (2/255); probability below -1 or above
+        1 lands on the end, as a clamped draw would."""
+        weights, inv_scale = log_weights.exp(), torch.exp(-log_scale)
+        low, high = torch.full_like(u, -1.0), torch.full_like(u, 1.0)
+        for _ in range(iterations):
+            middle = 0.5 * (low + high)
+            below = (weights * torch.sigmoid((middle - mean) * inv_scale)).sum(1, keepdim=True) < u
+            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        return 0.5 * (low + high)
+
+    def normal_scores(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Φ⁻¹ of each voxel's cumulative probability under p(x | z) at x in [-1, 1] (the continuous
+        logistic or mixture at the value, not the bin): N(0, 1) per voxel when x is drawn from the
+        model; (B, 1, R, R, R) float32."""
+        log_weights, mean, log_scale = self._split(params)
+        cdf = torch.sigmoid((x.float() - mean) * torch.exp(-log_scale))
+        if log_weights is not None:
+            cdf = (log_weights.exp() * cdf).sum(1, keepdim=True)
+        return normal_quantile(cdf)
 
     def _split(self, params: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(log weights (B, K, ...) or None for one component, means, log-scales), float32."""
@@ -112,13 +148,43 @@ class Gaussian(nn.Module):
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return self._split(params)[0].clamp(-1.0, 1.0)
 
-    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, params: torch.Tensor, generator: torch.Generator | None = None,
+               scores: torch.Tensor | None = None) -> torch.Tensor:
         mean, std = self._split(params)
+        if scores is not None:  # model/voxel_noise.py: the same N(0, 1) per voxel, correlated between them
+            return (mean + std * scores.float()).clamp(-1.0, 1.0)
         return gaussian.draw(mean, std, 1.0, generator).clamp(-1.0, 1.0)
+
+    @staticmethod
+    def _mixture_quantile(log_weights: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
+                          u: torch.Tensor, iterations: int = 24) -> torch.Tensor:
+        """The x in [-1, 1] where the mixture's cumulative probability is u (B, 1, ...), by bisection:
+        24 halvings of [-1, 1] leave 1.2e-7, far below a bin (2/255); probability below -1 or above
+        1 lands on the end, as a clamped draw would."""
+        weights, inv_scale = log_weights.exp(), torch.exp(-log_scale)
+        low, high = torch.full_like(u, -1.0), torch.full_like(u, 1.0)
+        for _ in range(iterations):
+            middle = 0.5 * (low + high)
+            below = (weights * torch.sigmoid((middle - mean) * inv_scale)).sum(1, keepdim=True) < u
+            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+        return 0.5 * (low + high)
+
+    def normal_scores(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        mean, std = self._split(params)
+        return (x.float() - mean) / std
 
     def _split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         params = _dense_float(params)
         return params[:, 0:1], gaussian.std_from_raw(params[:, 1:2]) + 1e-3
+
+
+def normal_cdf(g: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.erf(g * (1.0 / math.sqrt(2.0))))
+
+
+def normal_quantile(u: torch.Tensor) -> torch.Tensor:
+    """Φ⁻¹(u), u clamped to [1e-6, 1 - 1e-6] so that the scores stay finite (|g| <= 4.75)."""
+    return math.sqrt(2.0) * torch.erfinv(2.0 * u.clamp(1e-6, 1.0 - 1e-6) - 1.0)
 
 
 def _dense_float(params: torch.Tensor) -> torch.Tensor:

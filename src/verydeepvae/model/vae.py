@@ -25,6 +25,7 @@ from .fitted_prior import FittedPrior
 from .kl_objective import balanced_kl_coefficients, free_bits_kl
 from .latent_layer import LatentChoice
 from .likelihood import build_likelihood
+from .voxel_noise import VoxelNoise
 
 # a covariate guidance scale: one for every covariate, or one per covariate dimension (dim,)
 GuidanceWeights = float | Sequence[float] | torch.Tensor
@@ -82,6 +83,9 @@ class VeryDeepVAE(nn.Module):
         # a Gaussian for the coarsest layers fitted after training (model/fitted_prior.py), set by
         # inference.load_model when the checkpoint's training run chose it; None: the learned prior
         self.fitted_prior: FittedPrior | None = None
+        # how drawn voxels' deviations correlate between neighbours (model/voxel_noise.py), fitted
+        # after training and set by inference.load_model; None: each voxel drawn independently
+        self.voxel_noise: VoxelNoise | None = None
 
     # -- speed/memory modes (Config's performance section) ---------------------------------------
     def set_checkpoint_levels(self, levels: Sequence[int], nested: Sequence[int] | None = None) -> None:
@@ -285,10 +289,11 @@ class VeryDeepVAE(nn.Module):
     def sample(self, n: int, temperature: float | Sequence[float] = 1.0,
                generator: torch.Generator | None = None, draw_voxels: bool | None = None,
                covariates: torch.Tensor | None = None, prior: str = "auto", guidance: GuidanceWeights = 1.0,
-               reference: torch.Tensor | None = None) -> torch.Tensor:
+               reference: torch.Tensor | None = None, correlated_voxels: bool = True) -> torch.Tensor:
         """n volumes in [0, 1] from the prior.  With ``draw_voxels`` each voxel is drawn from p(x | z)
         too, else the output is p(x | z)'s mean; None: as the configuration's ``sample_voxels`` says
-        (:attr:`draws_voxels`).  A conditional model samples
+        (:attr:`draws_voxels`); drawn voxels follow :attr:`voxel_noise` when there is one and
+        ``correlated_voxels``, else each is drawn independently.  A conditional model samples
         p(x | covariates); without ``covariates`` it first draws them from the training scans'
         (:meth:`draw_covariates`), i.e. it samples the training population.  ``prior``: "learned"
         draws every layer from its learned prior, "fitted" the coarsest layers from
@@ -298,20 +303,22 @@ class VeryDeepVAE(nn.Module):
         draw = self.draws_voxels if draw_voxels is None else draw_voxels
         with self.inference_autocast(self.output_head.conv.weight.device):
             params = self._prior_output(n, temperature, generator, covariates, prior, guidance, reference)
-            return self._to_volume(params, draw, generator)
+            return self._to_volume(params, draw, generator, correlated_voxels)
 
     @torch.no_grad()
     def sample_mean_and_draw(self, n: int, temperature: float | Sequence[float] = 1.0,
                              generator: torch.Generator | None = None, covariates: torch.Tensor | None = None,
                              prior: str = "auto", guidance: GuidanceWeights = 1.0,
-                             reference: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                             reference: torch.Tensor | None = None, correlated_voxels: bool = True
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean of p(x | z), a draw from p(x | z)) of the same n prior samples z, each (n, 1, R, R, R)
         in [0, 1]: the anatomy the model places beside the voxel-level uncertainty it leaves, for a
         figure that shows both.  The draw equals ``sample(..., draw_voxels=True)`` with the same
         generator state (the mean consumes no randomness)."""
         with self.inference_autocast(self.output_head.conv.weight.device):
             params = self._prior_output(n, temperature, generator, covariates, prior, guidance, reference)
-            return self._to_volume(params, False, None), self._to_volume(params, True, generator)
+            return (self._to_volume(params, False, None),
+                    self._to_volume(params, True, generator, correlated_voxels))
 
     def _prior_output(self, n: int, temperature: float | Sequence[float], generator: torch.Generator | None,
                       covariates: torch.Tensor | None, prior: str, guidance: GuidanceWeights,
@@ -428,9 +435,26 @@ class VeryDeepVAE(nn.Module):
             h, _, _ = self.decoder(None, choices, first.shape[0], film=film)
             return self._to_volume(self.output_head(F.gelu(h)), False, None)
 
-    def _to_volume(self, params: torch.Tensor, draw: bool, generator: torch.Generator | None) -> torch.Tensor:
-        x = self.likelihood.sample(params, generator) if draw else self.likelihood.mean(params)
-        return ((x + 1.0) / 2.0).float()
+    def _to_volume(self, params: torch.Tensor, draw: bool, generator: torch.Generator | None,
+                   correlated: bool = True) -> torch.Tensor:
+        """p(x | z)'s mean, or a draw from it (whose voxels follow :attr:`voxel_noise` if ``correlated``),
+        mapped to [0, 1]."""
+        if not draw:
+            return ((self.likelihood.mean(params) + 1.0) / 2.0).float()
+        scores = None
+        if correlated and self.voxel_noise is not None:
+            scores = self.voxel_noise.scores((params.shape[0], 1, *params.shape[2:]), generator, params.device)
+        return ((self.likelihood.sample(params, generator, scores) + 1.0) / 2.0).float()
+
+    @torch.no_grad()
+    def posterior_output(self, x01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The output head's parameters of p(x | z) for z drawn from the posterior of ``x01``
+        (B, 1, R, R, R) in [0, 1], as in training (an unconditional model's)."""
+        with self.inference_autocast(x01.device):
+            x = self._input(x01)
+            choices = [LatentChoice()] * self.num_layers
+            h, _, _ = self.decoder(self.encoder(x), choices, x.shape[0], generator, keep_z=False)
+            return self.output_head(F.gelu(h))
 
 
 def autocast_for(precision: str, device: torch.device | str):

@@ -53,6 +53,11 @@ def inspect_run(folder: str | Path) -> list[str]:
     lines += _checkpoints(folder, checkpoints)
     if newest_meta and newest_meta.get("fitted_prior"):
         lines.append(_prior(newest_meta["fitted_prior"]))
+    if newest_meta and newest_meta.get("voxel_noise"):
+        noise = newest_meta["voxel_noise"]
+        shown = " / ".join(_num(v, 2) for v in noise.get("correlations", []))
+        lines.append(f"  drawn voxels: neighbour correlation {shown} (depth / height / width), measured on "
+                     f"{noise.get('num_volumes')} training volumes")
     if newest_meta and newest_meta.get("finest_layer_restart"):
         restart = newest_meta["finest_layer_restart"]
         lines.append(f"  started again at step {restart.get('step')}: the finest latent layer carried "

@@ -398,6 +398,13 @@ class _Trainer:
                 tensors.update(prior_tensors)
                 if prior_meta:
                     meta["fitted_prior"] = prior_meta
+            if self.step == self.total_steps and self.cfg.fit_voxel_noise and self.ema.model.condition is None:
+                from . import fit_voxel_noise  # only at the end of a run
+
+                noise = fit_voxel_noise.for_final_checkpoint(self.ema.model, self.bundle.train, self.cfg.batch_size,
+                                                             self.seed, self._autocast, self.console)
+                if noise:
+                    meta["voxel_noise"] = noise
             try:
                 path = ckpt.save_checkpoint(self.ckpt_dir, self.step, tensors, meta)
             except OSError as error:

@@ -81,7 +81,7 @@ SILENT = ("log_every", "validation_every", "checkpoint_every", "figures_every", 
           "max_validation_batches", "quality_samples", "cache_dir", "num_workers",
           "visualise_training_pipeline_before_starting", "output_dir", "device", "CUDA_devices",
           "threads_per_rank", "resume", "overwrite", "checkpoint_levels", "channels_last", "compile",
-          "fitted_prior", "fitted_prior_components", "sample_voxels")
+          "fitted_prior", "fitted_prior_components", "fit_voxel_noise", "sample_voxels")
 
 
 def apply(configured: Config, stored: JSONObject, notices: list[str], restart: JSONObject | None = None) -> Config:
