@@ -97,18 +97,30 @@ def _ball_volumes(noise: VoxelNoise, count: int = 6, size: int = 24, scale: floa
     return ((x_11 + 1) / 2).clamp(0, 1)[:, 0].numpy().astype(np.float32), params
 
 
+class _Described:
+    """Stands in for a model whose p(x | z) for the posterior is known: ``params`` for every volume."""
+
+    def __init__(self, params: torch.Tensor):
+        self.params = params
+        self.likelihood = DiscretisedLogistic()
+        self.output_head = SimpleNamespace(conv=SimpleNamespace(weight=torch.zeros(1)))
+
+    def __call__(self, x01: torch.Tensor) -> SimpleNamespace:  # VeryDeepVAE.forward's ModelOutput.params
+        return SimpleNamespace(params=self.params[: len(x01)])
+
+
 def test_the_measurement_finds_the_correlation_the_volumes_were_made_with():
     truth = VoxelNoise((0.15, 0.45, 0.3))
     volumes, params = _ball_volumes(truth)
-    fake = SimpleNamespace(output_head=SimpleNamespace(conv=SimpleNamespace(weight=torch.zeros(1))),
-                           likelihood=DiscretisedLogistic(),
-                           posterior_output=lambda x01, generator: params[: len(x01)])
+    fake = _Described(params)
     found = fit_voxel_noise.measure(fake, volumes, 6, seed=0)
     for measured, made in zip(found.correlations, truth.correlations):
         assert measured == pytest.approx(made, abs=0.04)
     independent, params = _ball_volumes(VoxelNoise((0.0, 0.0, 0.0)))
-    fake.posterior_output = lambda x01, generator: params[: len(x01)]
+    fake = _Described(params)
     assert max(fit_voxel_noise.measure(fake, independent, 6, seed=0).correlations) < 0.04
+    with pytest.raises(ValueError, match="no neighbouring voxels inside the brain"):  # empty volumes
+        fit_voxel_noise.measure(fake, np.zeros_like(independent), 6, seed=0)
 
 
 def test_records_round_trip_and_damaged_ones_are_refused():

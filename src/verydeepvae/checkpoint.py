@@ -58,7 +58,8 @@ class RngState(TypedDict, total=False):
 class CheckpointMeta(TypedDict, total=False):
     """A checkpoint's JSON metadata: ``format`` and ``step``, the run facts of train/state.py's
     ``run_meta`` and the optimiser state of its ``capture_state``, and ``fitted_prior`` and
-    ``voxel_noise`` on a final checkpoint that fitted them.  Checkpoints of earlier versions may lack any key but the first two."""
+    ``voxel_noise`` on a final checkpoint that fitted them.  Checkpoints of earlier versions may lack
+    any key but the first two."""
 
     format: str
     step: int

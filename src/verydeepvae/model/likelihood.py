@@ -155,20 +155,6 @@ class Gaussian(nn.Module):
             return (mean + std * scores.float()).clamp(-1.0, 1.0)
         return gaussian.draw(mean, std, 1.0, generator).clamp(-1.0, 1.0)
 
-    @staticmethod
-    def _mixture_quantile(log_weights: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor,
-                          u: torch.Tensor, iterations: int = 24) -> torch.Tensor:
-        """The x in [-1, 1] where the mixture's cumulative probability is u (B, 1, ...), by bisection:
-        24 halvings of [-1, 1] leave 1.2e-7, far below a bin (2/255); probability below -1 or above
-        1 lands on the end, as a clamped draw would."""
-        weights, inv_scale = log_weights.exp(), torch.exp(-log_scale)
-        low, high = torch.full_like(u, -1.0), torch.full_like(u, 1.0)
-        for _ in range(iterations):
-            middle = 0.5 * (low + high)
-            below = (weights * torch.sigmoid((middle - mean) * inv_scale)).sum(1, keepdim=True) < u
-            low, high = torch.where(below, middle, low), torch.where(below, high, middle)
-        return 0.5 * (low + high)
-
     def normal_scores(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mean, std = self._split(params)
         return (x.float() - mean) / std

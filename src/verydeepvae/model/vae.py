@@ -25,7 +25,7 @@ from .fitted_prior import FittedPrior
 from .kl_objective import balanced_kl_coefficients, free_bits_kl
 from .latent_layer import LatentChoice
 from .likelihood import build_likelihood
-from .voxel_noise import VoxelNoise
+from .voxel_noise import VoxelNoise, draw_voxels
 
 # a covariate guidance scale: one for every covariate, or one per covariate dimension (dim,)
 GuidanceWeights = float | Sequence[float] | torch.Tensor
@@ -83,9 +83,8 @@ class VeryDeepVAE(nn.Module):
         # a Gaussian for the coarsest layers fitted after training (model/fitted_prior.py), set by
         # inference.load_model when the checkpoint's training run chose it; None: the learned prior
         self.fitted_prior: FittedPrior | None = None
-        # how drawn voxels' deviations correlate between neighbours (model/voxel_noise.py), fitted
-        # after training and set by inference.load_model; None: each voxel drawn independently
-        self.voxel_noise: VoxelNoise | None = None
+        # how drawn voxels correlate between neighbours, measured after training (model/voxel_noise.py)
+        self.voxel_noise: VoxelNoise | None = None  # set by inference.load_model; None: independent
 
     # -- speed/memory modes (Config's performance section) ---------------------------------------
     def set_checkpoint_levels(self, levels: Sequence[int], nested: Sequence[int] | None = None) -> None:
@@ -292,14 +291,12 @@ class VeryDeepVAE(nn.Module):
                reference: torch.Tensor | None = None, correlated_voxels: bool = True) -> torch.Tensor:
         """n volumes in [0, 1] from the prior.  With ``draw_voxels`` each voxel is drawn from p(x | z)
         too, else the output is p(x | z)'s mean; None: as the configuration's ``sample_voxels`` says
-        (:attr:`draws_voxels`); drawn voxels follow :attr:`voxel_noise` when there is one and
-        ``correlated_voxels``, else each is drawn independently.  A conditional model samples
-        p(x | covariates); without ``covariates`` it first draws them from the training scans'
-        (:meth:`draw_covariates`), i.e. it samples the training population.  ``prior``: "learned"
-        draws every layer from its learned prior, "fitted" the coarsest layers from
-        ``fitted_prior`` (an error without one), "auto" the fitted one when there is one.
-        ``guidance``: the covariates' effect scaled around ``reference`` (default: the population
-        centre; ``_film``)."""
+        (:attr:`draws_voxels`), neighbours correlated by :attr:`voxel_noise` if ``correlated_voxels``.
+        A conditional model samples p(x | covariates); without ``covariates`` it first draws them from
+        the training scans' (:meth:`draw_covariates`), i.e. it samples the training population.
+        ``prior``: "learned" draws every layer from its learned prior, "fitted" the coarsest layers
+        from ``fitted_prior`` (an error without one), "auto" the fitted one when there is one.
+        ``guidance``: the covariates' effect scaled around ``reference`` (default: the population centre; ``_film``)."""
         draw = self.draws_voxels if draw_voxels is None else draw_voxels
         with self.inference_autocast(self.output_head.conv.weight.device):
             params = self._prior_output(n, temperature, generator, covariates, prior, guidance, reference)
@@ -317,8 +314,7 @@ class VeryDeepVAE(nn.Module):
         generator state (the mean consumes no randomness)."""
         with self.inference_autocast(self.output_head.conv.weight.device):
             params = self._prior_output(n, temperature, generator, covariates, prior, guidance, reference)
-            return (self._to_volume(params, False, None),
-                    self._to_volume(params, True, generator, correlated_voxels))
+            return self._to_volume(params, False, None), self._to_volume(params, True, generator, correlated_voxels)
 
     def _prior_output(self, n: int, temperature: float | Sequence[float], generator: torch.Generator | None,
                       covariates: torch.Tensor | None, prior: str, guidance: GuidanceWeights,
@@ -437,24 +433,10 @@ class VeryDeepVAE(nn.Module):
 
     def _to_volume(self, params: torch.Tensor, draw: bool, generator: torch.Generator | None,
                    correlated: bool = True) -> torch.Tensor:
-        """p(x | z)'s mean, or a draw from it (whose voxels follow :attr:`voxel_noise` if ``correlated``),
-        mapped to [0, 1]."""
-        if not draw:
-            return ((self.likelihood.mean(params) + 1.0) / 2.0).float()
-        scores = None
-        if correlated and self.voxel_noise is not None:
-            scores = self.voxel_noise.scores((params.shape[0], 1, *params.shape[2:]), generator, params.device)
-        return ((self.likelihood.sample(params, generator, scores) + 1.0) / 2.0).float()
-
-    @torch.no_grad()
-    def posterior_output(self, x01: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The output head's parameters of p(x | z) for z drawn from the posterior of ``x01``
-        (B, 1, R, R, R) in [0, 1], as in training (an unconditional model's)."""
-        with self.inference_autocast(x01.device):
-            x = self._input(x01)
-            choices = [LatentChoice()] * self.num_layers
-            h, _, _ = self.decoder(self.encoder(x), choices, x.shape[0], generator, keep_z=False)
-            return self.output_head(F.gelu(h))
+        """p(x | z)'s mean, or a draw (neighbours following :attr:`voxel_noise` if ``correlated``), in [0, 1]."""
+        noise = self.voxel_noise if correlated else None
+        x = draw_voxels(self.likelihood, params, generator, noise) if draw else self.likelihood.mean(params)
+        return ((x + 1.0) / 2.0).float()
 
 
 def autocast_for(precision: str, device: torch.device | str):

@@ -23,7 +23,7 @@ from .fit_prior import training_volumes
 
 MAX_VOLUMES = 64
 """Training volumes measured (evenly spaced over the set).  On the 450-step demo model 48, 64 and all
-95 gave 0.24 / 0.42 / 0.36, 0.27 / 0.44 / 0.39 and 0.28 / 0.43 / 0.38; 64 took 6 s of the end of
+95 gave 0.24 / 0.42 / 0.36, 0.27 / 0.44 / 0.39 and 0.28 / 0.43 / 0.38; 64 took 3 s of the end of
 training on 2 CPU cores."""
 
 MIN_VOLUMES = 4  # fewer: no measurement (the draws stay independent)
@@ -35,20 +35,18 @@ def measure(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int)
     (N, R, R, R) in [0, 1] under ``model``'s p(x | z), z from the posterior, inside each volume's
     brain interior; negative correlations count as 0 (independent draws)."""
     device = model.output_head.conv.weight.device
-    generator = torch.Generator(device=device).manual_seed(seed)
     moments = np.zeros((3, 6))  # per axis: count, Σa, Σb, Σab, Σa², Σb²
-    for start in range(0, len(volumes), batch_size):
-        batch = np.ascontiguousarray(volumes[start:start + batch_size][:, None], dtype=np.float32)
-        x01 = torch.from_numpy(batch).to(device)
-        params = model.posterior_output(x01, generator)
-        scores = model.likelihood.normal_scores(params, x01 * 2.0 - 1.0)[:, 0].double().cpu().numpy()
-        for volume, score in zip(batch[:, 0], scores):
-            inside = interior(volume)
-            for axis in range(3):
-                a, b = np.moveaxis(score, axis, 0)[1:], np.moveaxis(score, axis, 0)[:-1]
-                both = np.moveaxis(inside, axis, 0)[1:] & np.moveaxis(inside, axis, 0)[:-1]
-                a, b = a[both], b[both]
-                moments[axis] += (a.size, a.sum(), b.sum(), (a * b).sum(), (a * a).sum(), (b * b).sum())
+    # the posterior draws of the training step (VeryDeepVAE.forward), from the seed's random stream
+    # without disturbing the caller's
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(volumes), batch_size):
+            batch = np.ascontiguousarray(volumes[start:start + batch_size][:, None], dtype=np.float32)
+            x01 = torch.from_numpy(batch).to(device)
+            params = model(x01).params
+            scores = model.likelihood.normal_scores(params, x01 * 2.0 - 1.0)[:, 0].double().cpu().numpy()
+            for volume, score in zip(batch[:, 0], scores):
+                _add_neighbour_moments(moments, score, interior(volume))
     correlations = []
     for count, sa, sb, sab, saa, sbb in moments:
         if count < 2:
@@ -58,6 +56,16 @@ def measure(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int)
         value = cov / np.sqrt(max(var_a * var_b, 1e-30))
         correlations.append(float(np.clip(value, 0.0, 1.0 - 1e-6)))
     return VoxelNoise(tuple(correlations))  # type: ignore[arg-type]
+
+
+def _add_neighbour_moments(moments: np.ndarray, score: np.ndarray, inside: np.ndarray) -> None:
+    """Add the sums of the face-neighbour pairs of ``score`` (R, R, R) with both voxels ``inside``,
+    one row of ``moments`` per axis."""
+    for axis in range(3):
+        moved, mask = np.moveaxis(score, axis, 0), np.moveaxis(inside, axis, 0)
+        both = mask[1:] & mask[:-1]
+        a, b = moved[1:][both], moved[:-1][both]
+        moments[axis] += (a.size, a.sum(), b.sum(), (a * b).sum(), (a * a).sum(), (b * b).sum())
 
 
 def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed: int, autocast, console
