@@ -63,6 +63,8 @@ def test_the_checkpoint_records_the_schema_and_standardisation_round_trips(run):
 
     trained = open_trained(run, device="cpu")
     assert trained.model.covariate_dim == 3 and len(trained.model.covariate_bank) == len(split["train"])
+    # the voxel noise is measured for a conditional model too, each volume given its covariates
+    assert trained.model.voxel_noise is not None and checkpoint.meta["voxel_noise"]["num_volumes"] >= 4
     np.testing.assert_allclose(trained.covariates.encode([{"age": ages.mean(), "sex": "M"}]), [[0.0, 0.0, 1.0]],
                                atol=1e-5)
 

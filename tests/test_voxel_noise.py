@@ -104,8 +104,10 @@ class _Described:
         self.params = params
         self.likelihood = DiscretisedLogistic()
         self.output_head = SimpleNamespace(conv=SimpleNamespace(weight=torch.zeros(1)))
+        self.covariates_seen: list = []
 
-    def __call__(self, x01: torch.Tensor) -> SimpleNamespace:  # VeryDeepVAE.forward's ModelOutput.params
+    def __call__(self, x01: torch.Tensor, covariates=None) -> SimpleNamespace:  # VeryDeepVAE.forward's output
+        self.covariates_seen.append(covariates)
         return SimpleNamespace(params=self.params[: len(x01)])
 
 
@@ -121,6 +123,10 @@ def test_the_measurement_finds_the_correlation_the_volumes_were_made_with():
     assert max(fit_voxel_noise.measure(fake, independent, 6, seed=0).correlations) < 0.04
     with pytest.raises(ValueError, match="no neighbouring voxels inside the brain"):  # empty volumes
         fit_voxel_noise.measure(fake, np.zeros_like(independent), 6, seed=0)
+    # a conditional model is given each volume's covariates, batch by batch
+    fake, covariates = _Described(params), np.arange(12, dtype=np.float32).reshape(6, 2)
+    fit_voxel_noise.measure(fake, independent, 4, seed=0, covariates=covariates)
+    assert [c.tolist() for c in fake.covariates_seen] == [covariates[:4].tolist(), covariates[4:].tolist()]
 
 
 def test_records_round_trip_and_damaged_ones_are_refused():

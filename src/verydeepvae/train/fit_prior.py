@@ -269,8 +269,15 @@ def candidate_name(prior: FittedPrior) -> str:
 def training_volumes(dataset: Any, limit: int = MAX_VOLUMES) -> np.ndarray:
     """Up to ``limit`` training volumes (N, R, R, R), evenly spaced over the set: unaugmented where
     the dataset can give them (``VolumeDataset.volume``), else its items as they come."""
+    return training_items(dataset, limit)[0]
+
+
+def training_items(dataset: Any, limit: int = MAX_VOLUMES) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`training_volumes` and, for a conditional run's dataset (``VolumeDataset.covariates``),
+    the encoded covariates of the same volumes (N, dim) float32; else None."""
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).astype(int))
-    volumes = []
+    table = getattr(dataset, "covariates", None)
+    volumes, kept = [], []
     for i in picks:
         item = dataset.volume(int(i)) if hasattr(dataset, "volume") else dataset[int(i)]
         if isinstance(item, (tuple, list)):  # (volume, covariates)
@@ -278,7 +285,9 @@ def training_volumes(dataset: Any, limit: int = MAX_VOLUMES) -> np.ndarray:
         item = np.asarray(item, dtype=np.float32)
         if np.isfinite(item).all():  # a damaged item would poison the fit and the comparison
             volumes.append(item.reshape(item.shape[-3:]))
-    return np.stack(volumes) if volumes else np.zeros((0, 0, 0, 0), np.float32)
+            kept.append(int(i))
+    covariates = None if table is None else np.asarray(table, dtype=np.float32)[kept].reshape(len(kept), -1)
+    return (np.stack(volumes) if volumes else np.zeros((0, 0, 0, 0), np.float32)), covariates
 
 
 def notice(meta: FittedPriorChoice) -> str:

@@ -5,8 +5,9 @@ Each training volume is passed through the model with its latents drawn from the
 training; every voxel's cumulative probability under p(x | z) is turned into a normal score
 (N(0, 1) if the voxels were drawn independently from the model), and the scores' Pearson
 correlation between face neighbours inside the brain (``metrics.texture.interior``, the texture
-metric's region) is taken along each axis, pooled over the volumes.  Training volumes only, like the
-fitted prior (train/fit_prior.py); training itself is unchanged.
+metric's region) is taken along each axis, pooled over the volumes (a conditional model's given
+each volume's covariates).  Training volumes only, like the fitted prior (train/fit_prior.py);
+training itself is unchanged.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from ..metrics.texture import interior
 from ..model import VeryDeepVAE
 from ..model.voxel_noise import VoxelNoise, VoxelNoiseRecord
-from .fit_prior import training_volumes
+from .fit_prior import training_items
 
 MAX_VOLUMES = 64
 """Training volumes measured (evenly spaced over the set).  On the 450-step demo model 48, 64 and all
@@ -30,10 +31,12 @@ MIN_VOLUMES = 4  # fewer: no measurement (the draws stay independent)
 
 
 @torch.no_grad()
-def measure(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int) -> VoxelNoise:
+def measure(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int,
+            covariates: np.ndarray | None = None) -> VoxelNoise:
     """The face-neighbour correlations (depth, height, width) of the normal scores of ``volumes``
-    (N, R, R, R) in [0, 1] under ``model``'s p(x | z), z from the posterior, inside each volume's
-    brain interior; negative correlations count as 0 (independent draws)."""
+    (N, R, R, R) in [0, 1] under ``model``'s p(x | z), z from the posterior (a conditional model's
+    given each volume's encoded ``covariates`` (N, dim)), inside each volume's brain interior;
+    negative correlations count as 0 (independent draws)."""
     device = model.output_head.conv.weight.device
     moments = np.zeros((3, 6))  # per axis: count, Σa, Σb, Σab, Σa², Σb²
     # the posterior draws of the training step (VeryDeepVAE.forward), from the seed's random stream
@@ -43,7 +46,8 @@ def measure(model: VeryDeepVAE, volumes: np.ndarray, batch_size: int, seed: int)
         for start in range(0, len(volumes), batch_size):
             batch = np.ascontiguousarray(volumes[start:start + batch_size][:, None], dtype=np.float32)
             x01 = torch.from_numpy(batch).to(device)
-            params = model(x01).params
+            given = None if covariates is None else torch.from_numpy(covariates[start:start + batch_size]).to(device)
+            params = model(x01, covariates=given).params
             scores = model.likelihood.normal_scores(params, x01 * 2.0 - 1.0)[:, 0].double().cpu().numpy()
             for volume, score in zip(batch[:, 0], scores):
                 _add_neighbour_moments(moments, score, interior(volume))
@@ -74,13 +78,13 @@ def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed
     training precision), set it on ``model`` (the EMA model, which samples) and return the
     checkpoint's record (empty when there are too few usable training volumes); the result is told
     on ``console``."""
-    volumes = training_volumes(dataset, MAX_VOLUMES)
-    if len(volumes) < MIN_VOLUMES:
+    volumes, covariates = training_items(dataset, MAX_VOLUMES)
+    if len(volumes) < MIN_VOLUMES or (model.condition is not None and covariates is None):
         return {}
     model.eval()
     try:
         with autocast():
-            noise = measure(model, volumes, batch_size, seed)
+            noise = measure(model, volumes, batch_size, seed, None if model.condition is None else covariates)
     except ValueError as error:  # e.g. empty volumes: the draws stay independent
         console.say(f"drawn voxels: independent ({error})")
         return {}

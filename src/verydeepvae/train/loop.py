@@ -398,7 +398,7 @@ class _Trainer:
                 tensors.update(prior_tensors)
                 if prior_meta:
                     meta["fitted_prior"] = prior_meta
-            if self.step == self.total_steps and self.cfg.fit_voxel_noise and self.ema.model.condition is None:
+            if self.step == self.total_steps and self.cfg.fit_voxel_noise:
                 from . import fit_voxel_noise  # only at the end of a run
 
                 noise = fit_voxel_noise.for_final_checkpoint(self.ema.model, self.bundle.train, self.cfg.batch_size,
