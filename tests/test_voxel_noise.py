@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -150,7 +151,7 @@ def test_training_measures_records_and_sampling_follows(tmp_path: Path, capsys):
     data = tmp_path / "data"
     write_ellipsoids(data, 8)
     run = tmp_path / "run"
-    assert main(tiny_train_args(data, run, "--max-steps", "4")) == 0
+    assert main(tiny_train_args(data, run, "--max-steps", "4", "--set", "sample_voxels=draw")) == 0
     out = capsys.readouterr().out
     assert "drawn voxels: neighbour correlation" in out
     path = ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1]
@@ -159,6 +160,13 @@ def test_training_measures_records_and_sampling_follows(tmp_path: Path, capsys):
     assert len(record["correlations"]) == 3 and record["num_volumes"] == checkpoint.meta["data"]["num_train"]
     model = load_model(checkpoint)
     assert model.voxel_noise == VoxelNoise.from_record(record)
+    # the run's own final samples were drawn with the stored (rounded) correlations: sampling the
+    # checkpoint again with the same seed gives the same files
+    assert main(["sample", "--checkpoint", str(run), "--num", "1", "--output", str(tmp_path / "again"),
+                 "--no-progress"]) == 0
+    first, again = (np.asarray(nib.load(folder / "sample_0000.nii.gz").dataobj) for folder in
+                    (run / "samples", tmp_path / "again"))
+    np.testing.assert_array_equal(first, again)
     assert load_model(checkpoint, use_ema=False).voxel_noise is None  # measured for the EMA weights
     assert "correlated as in the training volumes" in describe_voxels(model, "draw")
     assert describe_voxels(model, "independent").endswith("independently")

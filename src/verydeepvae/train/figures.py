@@ -54,7 +54,8 @@ def final_samples(model: VeryDeepVAE, bundle: Any, cfg: Config, seed: int, devic
                   output_dir: Path) -> None:
     """``<run>/samples``: ``max(1, subjects_to_plot)`` prior samples of the EMA model, at temperature
     1, written as ``verydeepvae sample`` writes them (a conditional run's covariates drawn from the
-    training scans' and recorded per volume)."""
+    training scans' and recorded per volume), in the training precision as that command computes
+    them, so that the same seed gives the same volumes."""
     num = max(1, cfg.subjects_to_plot)
     covariates, record = None, None
     schema = getattr(bundle, "covariates", None)
@@ -64,10 +65,11 @@ def final_samples(model: VeryDeepVAE, bundle: Any, cfg: Config, seed: int, devic
         conditions = resolve(schema, [{} for _ in range(num)], seed)
         covariates = conditions.vectors
         record = {"conditions": conditions.record([f"sample_{i:04d}.nii.gz" for i in range(num)])}
-    write_samples(model, output_dir / "samples", num=num,
-                  temperature=1.0, seed=seed, voxel_size_mm=float(bundle.voxel_size_mm),
-                  batch_size=cfg.batch_size, device=device, show_progress=False,
-                  extra_record=record, covariates=covariates)
+    with autocast_for(cfg.precision, device):
+        write_samples(model, output_dir / "samples", num=num,
+                      temperature=1.0, seed=seed, voxel_size_mm=float(bundle.voxel_size_mm),
+                      batch_size=cfg.batch_size, device=device, show_progress=False,
+                      extra_record=record, covariates=covariates)
 
 
 def _progressive(model: VeryDeepVAE, x: torch.Tensor, covariates: torch.Tensor | None,

@@ -88,7 +88,8 @@ def for_final_checkpoint(model: VeryDeepVAE, dataset: Any, batch_size: int, seed
     except ValueError as error:  # e.g. empty volumes: the draws stay independent
         console.say(f"drawn voxels: independent ({error})")
         return {}
-    model.voxel_noise = noise
+    record = noise.record(len(volumes))
+    model.voxel_noise = VoxelNoise.from_record(record)  # as stored: the run's samples equal later ones
     console.say(f"drawn voxels: neighbour correlation {noise.text()} (depth / height / width), measured on "
                 f"{len(volumes)} training volumes (model/voxel_noise.py)")
-    return noise.record(len(volumes))
+    return record
