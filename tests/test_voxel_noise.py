@@ -182,7 +182,7 @@ def test_training_measures_records_and_sampling_follows(tmp_path: Path, capsys):
         written[voxels] = [p.read_bytes() for p in sorted(folder.glob("sample_*.nii.gz"))]
         assert json.loads((folder / "samples.json").read_text())["voxels"] == describe_voxels(model, voxels)
     assert written["draw"] != written["independent"]
-    # the same latents: only the voxels' draw differs (sampling consumes the same generator for the latents)
+    # the choice touches only the voxels' draw: the latents, and so the mean of p(x | z), are the same
     generator = torch.Generator().manual_seed(0)
     mean_a, _ = model.sample_mean_and_draw(2, generator=generator)
     generator = torch.Generator().manual_seed(0)
