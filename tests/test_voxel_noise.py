@@ -146,12 +146,17 @@ def test_voxel_choices():
     assert voxels_draw("auto") is None
 
 
+def _tiny_run(tmp_path: Path, volumes: int, *settings: str) -> Path:
+    """A run folder of the tiny preset trained on ``volumes`` ellipsoids with ``settings``."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_ellipsoids(data, volumes)
+    assert main(tiny_train_args(data, run, *settings)) == 0
+    return run
+
+
 @pytest.mark.slow
 def test_training_measures_records_and_sampling_follows(tmp_path: Path, capsys):
-    data = tmp_path / "data"
-    write_ellipsoids(data, 8)
-    run = tmp_path / "run"
-    assert main(tiny_train_args(data, run, "--max-steps", "4", "--set", "sample_voxels=draw")) == 0
+    run = _tiny_run(tmp_path, 8, "--max-steps", "4", "--set", "sample_voxels=draw")
     out = capsys.readouterr().out
     assert "drawn voxels: neighbour correlation" in out
     path = ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1]
@@ -192,10 +197,7 @@ def test_training_measures_records_and_sampling_follows(tmp_path: Path, capsys):
 
 @pytest.mark.slow
 def test_switched_off_or_damaged(tmp_path: Path, capsys):
-    data = tmp_path / "data"
-    write_ellipsoids(data, 6)
-    run = tmp_path / "run"
-    assert main(tiny_train_args(data, run, "--max-steps", "2", "--set", "fit_voxel_noise=false")) == 0
+    run = _tiny_run(tmp_path, 6, "--max-steps", "2", "--set", "fit_voxel_noise=false")
     path = ckpt.list_checkpoints(ckpt.checkpoint_dir(run))[-1]
     checkpoint = ckpt.load_checkpoint(path)
     assert "voxel_noise" not in checkpoint.meta and load_model(checkpoint).voxel_noise is None

@@ -82,21 +82,19 @@ class DiscretisedLogistic(nn.Module):
         same.  A mixture is then inverted as a whole (by bisection), so that its component, too,
         follows the scores."""
         log_weights, mean, log_scale = self._split(params)
-        k = self.num_bins - 1
         if scores is not None and log_weights is not None:
             x = self._mixture_quantile(log_weights, mean, log_scale, normal_cdf(scores.float()))
-            return (torch.round((x + 1) * k / 2) * 2 / k - 1).clamp(-1, 1)
-        if log_weights is not None:
-            gumbel = -torch.log(-torch.log(
-                torch.rand(log_weights.shape, device=mean.device, generator=generator).clamp(1e-5, 1 - 1e-5)))
-            pick = (log_weights + gumbel).argmax(1, keepdim=True)
-            mean, log_scale = mean.gather(1, pick), log_scale.gather(1, pick)
-        if scores is None:
-            u = torch.rand(mean.shape, device=mean.device, generator=generator)
         else:
-            u = normal_cdf(scores.float())
-        u = u.clamp(1e-5, 1 - 1e-5)
-        x = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
+            if log_weights is not None:
+                gumbel = -torch.log(-torch.log(
+                    torch.rand(log_weights.shape, device=mean.device, generator=generator).clamp(1e-5, 1 - 1e-5)))
+                pick = (log_weights + gumbel).argmax(1, keepdim=True)
+                mean, log_scale = mean.gather(1, pick), log_scale.gather(1, pick)
+            u = torch.rand(mean.shape, device=mean.device, generator=generator) if scores is None \
+                else normal_cdf(scores.float())
+            u = u.clamp(1e-5, 1 - 1e-5)
+            x = mean + torch.exp(log_scale) * (torch.log(u) - torch.log1p(-u))
+        k = self.num_bins - 1
         return (torch.round((x.clamp(-1, 1) + 1) * k / 2) * 2 / k - 1).clamp(-1, 1)
 
     @staticmethod
