@@ -187,6 +187,61 @@ def test_sample_quality_on_random_volumes_returns_the_documented_keys():
     assert set(few) == {"seconds"}
 
 
+def _balls(n: int, size: int = 16) -> np.ndarray:
+    """``n`` noisy bright balls in a dark background, (n, size, size, size) in [0, 1]: an interior to measure in."""
+    rng = np.random.default_rng(1)
+    grid = np.indices((size,) * 3) - (size - 1) / 2
+    ball = (np.sqrt((grid ** 2).sum(0)) < size * 0.4).astype(np.float32)
+    return np.clip(ball * (0.6 + 0.1 * rng.standard_normal((n, size, size, size))), 0, 1).astype(np.float32)
+
+
+def test_the_signal_draws_voxels_with_the_noise_measured_on_the_encoded_volumes(monkeypatch):
+    """A model that draws its voxels is sampled, within the signal, with the voxel noise of the first
+    16 encoded volumes (as the final model is with that of the training volumes); its own is back after."""
+    from verydeepvae.model.voxel_noise import VoxelNoise
+    from verydeepvae.train.fit_voxel_noise import measure
+
+    torch.manual_seed(0)
+    model = VeryDeepVAE(build_config("tiny", overrides={"sample_voxels": "draw"}))
+    volumes = _balls(20)
+    own = VoxelNoise((0.5, 0.5, 0.5))
+    model.voxel_noise = own
+    seen = []
+    sample = model.sample
+    monkeypatch.setattr(model, "sample", lambda *a, **k: (seen.append(model.voxel_noise), sample(*a, **k))[1])
+    torch_state = torch.get_rng_state()
+    out = quality.sample_quality(model, volumes, volumes, num_samples=8, batch_size=4, device="cpu", seed=3)
+    model.eval()
+    with torch.no_grad():
+        expected = measure(model, volumes[:quality.NOISE_VOLUMES], 4, seed=3)
+    assert seen and all(noise == expected for noise in seen) and expected != own
+    assert model.voxel_noise is own and torch.equal(torch.get_rng_state(), torch_state)
+    assert {"roughness_ratio", "fine_correlation_gap"} <= set(out)
+    # nothing to measure in (no brain), or a model that outputs the mean: its own noise stays
+    seen.clear()
+    quality.sample_quality(model, np.zeros_like(volumes), volumes, num_samples=8, batch_size=4, device="cpu", seed=3)
+    model.draws_voxels = False
+    quality.sample_quality(model, volumes, volumes, num_samples=8, batch_size=4, device="cpu", seed=3)
+    assert seen == [own] * 4 and model.voxel_noise is own
+
+
+def test_a_conditional_models_signal_measures_the_voxel_noise_with_each_volumes_covariates(monkeypatch):
+    from verydeepvae.train import fit_voxel_noise
+
+    torch.manual_seed(0)
+    model = VeryDeepVAE(build_config("tiny", overrides={"sample_voxels": "draw"}), 2)
+    model.set_covariate_bank(torch.zeros(3, 2))
+    volumes = _balls(6)
+    covariates = np.arange(12, dtype=np.float32).reshape(6, 2) / 12
+    items = [(torch.from_numpy(v)[None], torch.from_numpy(c)) for v, c in zip(volumes, covariates)]
+    given = []
+    measure = fit_voxel_noise.measure
+    monkeypatch.setattr(fit_voxel_noise, "measure", lambda *a, **k: (given.append(a[4]), measure(*a, **k))[1])
+    out = quality.sample_quality(model, items, volumes, num_samples=8, batch_size=4, device="cpu", seed=3)
+    assert len(given) == 1 and np.array_equal(given[0], covariates)
+    assert math.isfinite(out["roughness_ratio"]) and model.voxel_noise is None
+
+
 class Fake:
     """A dataset of constant 4³ volumes: ``volume(i)`` (unaugmented) is base + i, or NaN when i is
     broken; an item (``[i]``, "augmented") is -1."""

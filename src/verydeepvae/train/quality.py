@@ -28,6 +28,10 @@ ACTIVE_UNITS_MAX_VOLUMES = 64
 # validates on 5), 7 % of sets of 8, and none of 16 or more (forty-sixth session).
 ACTIVE_UNITS_MIN_VOLUMES = 16
 FRECHET_REPEATS = 5  # random real half splits averaged over (evaluate's baseline_repeats default)
+# the encoded volumes (the first ones) on which the voxel noise of the signal's draws is measured: a
+# trend, not the final measurement; on the 450-step demo model 16 training volumes gave correlations
+# of 0.23 / 0.41 / 0.43 against 0.27 / 0.44 / 0.39 from the 64 the end of training uses (forty-ninth session)
+NOISE_VOLUMES = 16
 
 
 def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray, num_samples: int,
@@ -49,9 +53,13 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
       with a random half A of the real set and divided by the distance between the real halves A
       and B of the same size (``metrics.matched_to_baseline``, mean over 5 splits), so set-size
       effects cancel: 1 means the samples are as close to real volumes as real volumes are to
-      each other; larger is worse.  With few volumes (8 by default) it is noisy and only the trend
-      means something.  Needs ``num_samples`` >= 4 and 4 reference volumes, else these keys are
-      absent; non-finite samples give NaN.
+      each other; larger is worse.  When the model draws its voxels (``sample_voxels: draw``) they
+      are drawn with the neighbour correlation of the first 16 ``validation`` volumes' deviations
+      from p(x | z) (:data:`NOISE_VOLUMES`, ``train/fit_voxel_noise.measure``), as the final
+      model's samples are with that of the training volumes, so the signal reads the texture those
+      samples will have (with the model's own noise when it cannot be measured).  With few volumes
+      (8 by default) it is noisy and only the trend means something.  Needs ``num_samples`` >= 4
+      and 4 reference volumes, else these keys are absent; non-finite samples give NaN.
     * ``roughness_ratio`` (the samples' median voxel-to-voxel roughness over the real volumes') and
       ``fine_correlation_gap`` (their median fine correlation minus the real volumes'), as
       ``evaluate.summary.quality_row`` gives them (``metrics.texture_statistics``): grain reads a
@@ -82,7 +90,8 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
         with torch.no_grad():
             out.update(_active_units(model, validation, batch_size, device))
             if num_samples >= 4 and len(reference) >= 4:
-                out.update(_frechet(model, reference, num_samples, batch_size, device, seed))
+                with _measured_voxel_noise(model, validation, batch_size, seed):
+                    out.update(_frechet(model, reference, num_samples, batch_size, device, seed))
     finally:
         model.train(was_training)
     out["seconds"] = time.perf_counter() - started
@@ -152,13 +161,7 @@ def _active_units(model, validation, batch_size, device) -> dict[str, float]:
     # as the evaluation report: float64 moments, float32 for very many latent units (memory)
     dtype = torch.float64 if model.latent_dimensions() <= 20_000_000 else torch.float32
     stats = [metrics.RunningVariance(dtype) for _ in range(model.num_layers)]
-    for start in range(0, n, batch_size):
-        items = [validation[i] for i in range(start, min(n, start + batch_size))]
-        covariates = None
-        if items and isinstance(items[0], tuple):  # (volume, covariates) of a conditional model
-            covariates = torch.stack([torch.as_tensor(c) for _, c in items]).to(device)
-            items = [v for v, _ in items]
-        x = torch.stack([_as_input(item) for item in items]).to(device)
+    for x, covariates in _batches(validation, n, batch_size, device):
         for s, z in zip(stats, model.encode(x, covariates=covariates) if covariates is not None else model.encode(x)):
             s.update(z)
     levels = sorted(set(model.layer_levels))
@@ -168,6 +171,46 @@ def _active_units(model, validation, batch_size, device) -> dict[str, float]:
     out = {f"active_units_res{model.resolution >> level}": float(active[level]) for level in levels}
     out["dead_levels"] = float(sum(1 for level in levels if active[level] == 0))
     return out
+
+
+def _batches(items: Sequence[Any], n: int, batch_size: int, device: torch.device):
+    """The first ``n`` of ``items`` as (x (B, 1, R, R, R) float32, covariates (B, dim) or None) batches."""
+    for start in range(0, n, batch_size):
+        batch = [items[i] for i in range(start, min(n, start + batch_size))]
+        covariates = None
+        if batch and isinstance(batch[0], tuple):  # (volume, covariates) of a conditional model
+            covariates = torch.stack([torch.as_tensor(c) for _, c in batch]).to(device)
+            batch = [v for v, _ in batch]
+        yield torch.stack([_as_input(item) for item in batch]).to(device), covariates
+
+
+@contextlib.contextmanager
+def _measured_voxel_noise(model, validation, batch_size, seed):
+    """Within the block, ``model.voxel_noise`` is the one measured on the first :data:`NOISE_VOLUMES`
+    of ``validation`` (when the model draws its voxels and there are enough finite ones); the
+    model's own is restored after."""
+    from .fit_voxel_noise import MIN_VOLUMES, measure
+
+    kept = model.voxel_noise
+    n = min(len(validation), NOISE_VOLUMES)
+    if model.draws_voxels and n >= MIN_VOLUMES:
+        device = model.output_head.conv.weight.device
+        batches = list(_batches(validation, n, batch_size, device))
+        x = torch.cat([b[0] for b in batches])
+        given = torch.cat([b[1] for b in batches]).float().cpu().numpy() if batches[0][1] is not None else None
+        finite = torch.isfinite(x).flatten(1).all(1).cpu().numpy()
+        if finite.sum() >= MIN_VOLUMES:
+            volumes = x[:, 0].float().cpu().numpy()[finite]
+            try:
+                with model.inference_autocast(device):
+                    model.voxel_noise = measure(model, volumes, batch_size, seed,
+                                                None if given is None else given[finite])
+            except ValueError:  # no brain interior to measure in: the model's own (during training none)
+                pass
+    try:
+        yield
+    finally:
+        model.voxel_noise = kept
 
 
 def _frechet(model, reference, num_samples, batch_size, device, seed) -> dict[str, float]:
