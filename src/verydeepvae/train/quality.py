@@ -71,7 +71,8 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
     Cheap: ``num_samples`` prior samples, one encoder pass over at most 64 validation volumes and a
     small random CNN (no pretrained network, features at <= 64³); 1-2 s for 8 samples at 32³
     (demo preset, 16 volumes encoded) on one CPU core; the texture adds about 0.05 s there and
-    0.4 s per volume (samples and reference volumes) at 128³.  At 128³ drawing the samples costs
+    0.4 s per volume (samples and reference volumes) at 128³, and measuring the voxel noise (a
+    forward pass over 16 volumes) 1.3-1.6 s at 32³ on 2 CPU cores (2.1 s -> 3.5 s per validation).  At 128³ drawing the samples costs
     noticeably more (a full-resolution decoder pass per sample), and in a distributed run the
     other ranks wait for rank 0 at their next collective meanwhile; set ``quality_samples=0`` in
     the configuration to turn the signal off.
