@@ -53,13 +53,11 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
       with a random half A of the real set and divided by the distance between the real halves A
       and B of the same size (``metrics.matched_to_baseline``, mean over 5 splits), so set-size
       effects cancel: 1 means the samples are as close to real volumes as real volumes are to
-      each other; larger is worse.  When the model draws its voxels (``sample_voxels: draw``) they
-      are drawn with the neighbour correlation of the first 16 ``validation`` volumes' deviations
-      from p(x | z) (:data:`NOISE_VOLUMES`, ``train/fit_voxel_noise.measure``), as the final
-      model's samples are with that of the training volumes, so the signal reads the texture those
-      samples will have (with the model's own noise when it cannot be measured).  With few volumes
-      (8 by default) it is noisy and only the trend means something.  Needs ``num_samples`` >= 4
-      and 4 reference volumes, else these keys are absent; non-finite samples give NaN.
+      each other; larger is worse.  Drawn voxels follow the voxel noise of ``validation``
+      (:func:`_measured_voxel_noise`), as the final samples follow the training volumes'.  With
+      few volumes (8 by default) it is noisy and only the trend means something.  Needs
+      ``num_samples`` >= 4 and 4 reference volumes, else these keys are absent; non-finite
+      samples give NaN.
     * ``roughness_ratio`` (the samples' median voxel-to-voxel roughness over the real volumes') and
       ``fine_correlation_gap`` (their median fine correlation minus the real volumes'), as
       ``evaluate.summary.quality_row`` gives them (``metrics.texture_statistics``): grain reads a
@@ -71,11 +69,10 @@ def sample_quality(model: Any, validation: Sequence[Any], reference: np.ndarray,
     Cheap: ``num_samples`` prior samples, one encoder pass over at most 64 validation volumes and a
     small random CNN (no pretrained network, features at <= 64³); 1-2 s for 8 samples at 32³
     (demo preset, 16 volumes encoded) on one CPU core; the texture adds about 0.05 s there and
-    0.4 s per volume (samples and reference volumes) at 128³, and measuring the voxel noise (a
-    forward pass over 16 volumes) 1.3-1.6 s at 32³ on 2 CPU cores (2.1 s -> 3.5 s per validation).  At 128³ drawing the samples costs
-    noticeably more (a full-resolution decoder pass per sample), and in a distributed run the
-    other ranks wait for rank 0 at their next collective meanwhile; set ``quality_samples=0`` in
-    the configuration to turn the signal off.
+    0.4 s per volume (samples and reference volumes) at 128³, the voxel noise 1.3-1.6 s at 32³ on
+    2 cores.  At 128³ drawing the samples costs more (a decoder pass per sample), and in a
+    distributed run the other ranks wait for rank 0 at their next collective meanwhile; set
+    ``quality_samples=0`` in the configuration to turn the signal off.
 
     Runs under ``torch.no_grad()`` in eval mode (the mode is restored).  Randomness comes only from
     a ``torch.Generator`` and numpy ``default_rng`` seeded with ``seed`` -- the same samples' noise
@@ -188,8 +185,11 @@ def _batches(items: Sequence[Any], n: int, batch_size: int, device: torch.device
 @contextlib.contextmanager
 def _measured_voxel_noise(model, validation, batch_size, seed):
     """Within the block, ``model.voxel_noise`` is the one measured on the first :data:`NOISE_VOLUMES`
-    of ``validation`` (when the model draws its voxels and there are enough finite ones); the
-    model's own is restored after."""
+    of ``validation`` (``train/fit_voxel_noise.measure``: the neighbour correlation of their
+    deviations from p(x | z)), when the model draws its voxels and there are enough finite ones,
+    so that the signal reads the texture the final samples will have; the model's own is restored
+    after (and kept when nothing can be measured).  Costs a forward pass over those volumes: 2.1 s
+    -> 3.5 s per validation of the demo model on 2 CPU cores."""
     from .fit_voxel_noise import MIN_VOLUMES, measure
 
     kept = model.voxel_noise
