@@ -195,17 +195,15 @@ def _measured_voxel_noise(model, validation, batch_size, seed):
     kept = model.voxel_noise
     n = min(len(validation), NOISE_VOLUMES)
     if model.draws_voxels and n >= MIN_VOLUMES:
-        device = model.output_head.conv.weight.device
-        batches = list(_batches(validation, n, batch_size, device))
-        x = torch.cat([b[0] for b in batches])
-        given = torch.cat([b[1] for b in batches]).float().cpu().numpy() if batches[0][1] is not None else None
-        finite = torch.isfinite(x).flatten(1).all(1).cpu().numpy()
+        x, covariates = next(_batches(validation, n, n, torch.device("cpu")))  # all n in one batch
+        volumes = x[:, 0].numpy()
+        finite = np.isfinite(volumes).reshape(n, -1).all(1)
+        given = None if covariates is None else covariates.float().numpy()[finite]
         if finite.sum() >= MIN_VOLUMES:
-            volumes = x[:, 0].float().cpu().numpy()[finite]
+            device = model.output_head.conv.weight.device
             try:
                 with model.inference_autocast(device):
-                    model.voxel_noise = measure(model, volumes, batch_size, seed,
-                                                None if given is None else given[finite])
+                    model.voxel_noise = measure(model, volumes[finite], batch_size, seed, given)
             except ValueError:  # no brain interior to measure in: the model's own (during training none)
                 pass
     try:
